@@ -1,0 +1,117 @@
+"""JSON artifacts: atomic writing with provenance, and validated loading.
+
+Every artifact is a JSON object with `schema_version`, `kind`, `created_at` (UTC ISO-8601), `command` (the
+producing command line) and `config` (the resolved Config), plus the fields its kind defines.  Writing goes
+to a temporary file in the same directory followed by os.replace, so a reader never sees half a file.
+Loading checks the common fields and the kind's required fields and raises `ArtifactError` naming the file
+and the field.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from config import Config, UserError
+
+SCHEMA_VERSION = 1
+COMMON_FIELDS: Dict[str, Any] = {'schema_version': int, 'kind': str, 'created_at': str, 'command': str,
+                                 'config': dict}
+FieldType = Union[type, Tuple[type, ...]]
+
+
+class ArtifactError(UserError, ValueError):
+    """A missing, corrupt or incompatible artifact; the message names the file and the field."""
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, 'tolist'):  # numpy arrays and scalars, torch tensors
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f'not JSON-serializable: {type(o).__name__}')
+
+
+def _check_finite(obj: Any, where: str) -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f'{where}: non-finite number {obj} cannot go into a JSON artifact')
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f'{where}.{k}')
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_finite(v, f'{where}[{i}]')
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory and os.replace: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_artifact(path: Path, kind: str, payload: Mapping[str, Any], config: Optional[Config],
+                   command: str, created_at: Optional[str] = None) -> Dict[str, Any]:
+    """Write `payload` plus the provenance fields as JSON, atomically; returns the written object.
+
+    `created_at` may be fixed by the caller (e.g. for byte-identical reruns); default: now (UTC).
+    """
+    obj: Dict[str, Any] = {
+        'schema_version': SCHEMA_VERSION,
+        'kind': kind,
+        'created_at': created_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
+        'command': command,
+        'config': config.to_dict() if config is not None else {},
+    }
+    clash = set(obj) & set(payload)
+    if clash:
+        raise ValueError(f'artifact {kind}: payload may not set reserved fields {sorted(clash)}')
+    obj.update(payload)
+    _check_finite(dict(payload), f'{path}')
+    text = json.dumps(obj, indent=1, default=_default, allow_nan=False)
+    atomic_write_bytes(Path(path), (text + '\n').encode())
+    return json.loads(text)
+
+
+def load_artifact(path: Path, kind: Optional[str] = None,
+                  fields: Optional[Mapping[str, FieldType]] = None) -> Dict[str, Any]:
+    """Read and validate an artifact; `fields` maps required top-level fields to their JSON types."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f'{path}: artifact file does not exist (run the step that writes it first)')
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f'{path}: not valid JSON ({e})') from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f'{path}: expected a JSON object at the top level')
+    for name, tp in {**COMMON_FIELDS, **(fields or {})}.items():
+        if name not in obj:
+            raise ArtifactError(f'{path}: missing field {name!r}')
+        if tp is float:
+            tp = (int, float)
+        if not isinstance(obj[name], tp) or (isinstance(obj[name], bool) and tp in (int, (int, float))):
+            want = tp.__name__ if isinstance(tp, type) else '/'.join(t.__name__ for t in tp)
+            raise ArtifactError(f'{path}: field {name!r} should be {want}, got {type(obj[name]).__name__}')
+    if obj['schema_version'] != SCHEMA_VERSION:
+        raise ArtifactError(f'{path}: field "schema_version" is {obj["schema_version"]}, this code reads '
+                            f'{SCHEMA_VERSION}; rerun the step that wrote it')
+    if kind is not None and obj['kind'] != kind:
+        raise ArtifactError(f'{path}: field "kind" is {obj["kind"]!r}, expected {kind!r}')
+    return obj

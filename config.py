@@ -1,0 +1,303 @@
+"""The one configuration of the pipeline: defaults, strict overrides, and the flags every step shares.
+
+Resolution order: dataclass defaults < `--config FILE` (JSON, nested by section) < `--set section.key=value`
+< explicit flags (`--model`, `--link`, ...).  An unknown section or key, or a value of the wrong type, is a
+`ConfigError` naming it.  The resolved `Config` is frozen and embedded in every artifact.
+
+Relative paths (results_dir, data_root, checkpoints) are resolved against the repository root, so a step
+gives the same result when run from the root or from inside `pipeline/`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, field, flag or value); step scripts print it and exit 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file, key, flag or value that is not acceptable; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = 'RepVGG-A0'  # architecture (RepVGG-A0..B3g4; 'A0' works too)
+    width_multiplier: Optional[Tuple[float, float, float, float]] = (0.5, 0.5, 0.5, 1.0)  # stage widths; None = arch default
+    small_input: bool = False  # stage0 stride 1 (for 32x32 inputs)
+    input_size: int = 96  # input resolution in pixels (images are resized to input_size x input_size)
+    checkpoint: Optional[str] = None  # base checkpoint (official train-time layout); None = train/reuse our own
+    adapt_bn: bool = False  # let per-domain training adapt BN statistics (then saved with alpha)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = 'fashion-mnist'  # fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic
+    data_root: str = 'data'  # where dataset files are looked up / downloaded
+    num_domains: int = 10  # number of Non-IID domains K
+    partition: str = 'class-slices'  # class-slices | dirichlet
+    dirichlet_alpha: float = 0.5  # concentration of the Dirichlet label skew (smaller = more skewed)
+    samples_per_domain: int = 0  # cap per domain (0 = all samples the partition assigns)
+    val_fraction: float = 0.15  # share of a domain's samples in its validation split
+    test_fraction: float = 0.15  # share of a domain's samples in its held-out test split
+    synthetic_samples: int = 2000  # size of the synthetic dataset (tests)
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 128  # images per training batch
+    base_epochs: int = 3  # epochs of base-model training when no checkpoint is given
+    base_lr: float = 0.05  # SGD learning rate of base training (cosine schedule)
+    base_train_samples: int = 0  # cap on base-training samples (0 = whole train set)
+    alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
+    alpha_lr: float = 0.01  # Adam learning rate for alpha
+    eval_batch_size: int = 256  # images per evaluation batch
+
+
+@dataclass(frozen=True)
+class LutConfig:
+    batch_sizes: Tuple[int, ...] = (1,)  # batch sizes measured in the LUT
+    warmup: int = 5  # untimed runs before timing each entry
+    repeats: int = 20  # timed runs per entry
+    threads: int = 0  # torch threads for measurement (0 = leave torch's default)
+    client_profile: str = 'jetson-tx2'  # device profile of the simulated edge device (pseudo mode)
+    link: str = '4g'  # link preset: 3g | 4g | wifi | ethernet
+    bandwidth_mbps: Optional[float] = None  # explicit uplink bandwidth in Mbit/s (overrides the preset)
+    rtt_ms: Optional[float] = None  # explicit round-trip time in ms (overrides the preset)
+    feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
+    validation_samples: int = 20  # whole configurations compared end to end in LUT validation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 1  # batch B of the cost model (frames per pipeline step)
+    objective: str = 'throughput'  # throughput | latency | weighted
+    omega: float = 0.5  # weight of latency in the weighted objective (0..1)
+    steps: int = 300  # Adam steps per restart of the relaxed solvers
+    restarts: int = 4  # random restarts of the relaxed solvers
+    lr: float = 0.1  # Adam learning rate of the relaxed solvers
+    tau_start: float = 2.0  # initial softmax / smooth-max temperature
+    tau_end: float = 0.02  # final temperature (geometric annealing)
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    epsilon: float = 1.0  # allowed accuracy drop below A_ref, in accuracy points
+    epsilon_sweep: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # epsilons of the Pareto front
+    throughput_target: float = 0.0  # throughput goal in frames/s (0 = maximize)
+    edge_memory_budget_mb: float = 0.0  # edge weight-memory goal in MB (0 = none)
+    roofline_weight: float = 0.01  # weight of the roofline tie-breaker
+    solver: str = 'both'  # gd | milp | both
+    sensitivity: str = 'measured'  # measured | importance
+    max_rounds: int = 5  # progressive pruning rounds at most
+    epochs_per_round: int = 1  # alpha fine-tuning epochs per round
+    milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
+
+
+@dataclass(frozen=True)
+class RealConfig:
+    host: str = '127.0.0.1'  # address the server listens on (other than loopback needs --allow_remote)
+    port: int = 6006  # TCP port of the server session
+    token: Optional[str] = None  # shared secret for HMAC authentication (or env HYPERREPVGG_TOKEN)
+    connect_timeout_s: float = 60.0  # how long the server waits for the worker to connect
+    io_timeout_s: float = 120.0  # timeout of one request/response
+    max_frame_mb: float = 512.0  # largest accepted frame in MB
+    probe_sizes_kb: Tuple[int, ...] = (1, 16, 64, 256, 1024)  # link-probe payload sizes in KB
+    run_samples: int = 0  # test samples streamed in a real run (0 = whole test split)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lut: LutConfig = field(default_factory=LutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    real: RealConfig = field(default_factory=RealConfig)
+    results_dir: str = 'results'  # where artifacts are written (relative = to the repository root)
+    device: str = 'cpu'  # torch device for server-side compute: cpu | cuda | cuda:N
+    seed: int = 0  # seed of every random choice
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def path(self, *parts: str) -> Path:
+        """A path under results_dir."""
+        return resolve_path(self.results_dir).joinpath(*parts)
+
+
+def resolve_path(p: str) -> Path:
+    """Relative paths are relative to the repository root."""
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a JSON (or string, from --set) value to the annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ('none', 'null')):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(',') if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f'{where}: expected a list, got {value!r}')
+        inner = args[0]
+        items = tuple(_coerce(v, inner, f'{where}[{i}]') for i, v in enumerate(value))
+        if args[-1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f'{where}: expected {len(args)} values, got {len(items)}')
+        return items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ('true', '1', 'yes', 'false', '0', 'no'):
+            return value.lower() in ('true', '1', 'yes')
+        raise ConfigError(f'{where}: expected true/false, got {value!r}')
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f'{where}: expected an integer, got {value!r}')
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f'{where}: expected an integer, got {value!r}')
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f'{where}: expected a number, got {value!r}')
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f'{where}: expected a string, got {value!r}')
+    raise ConfigError(f'{where}: unsupported type {tp}')  # pragma: no cover - config schema bug
+
+
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _replace(cfg: Any, key_path: List[str], value: Any, where: str) -> Any:
+    """Return a copy of dataclass `cfg` with the field at key_path set (strictly typed)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    head = key_path[0]
+    if head not in names:
+        raise ConfigError(f'{where}: unknown key {head!r}; valid keys: {", ".join(sorted(names))}')
+    tp = _hints(type(cfg))[head]
+    if len(key_path) == 1:
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f'{where}: section {head!r} needs an object of keys')
+            sub = getattr(cfg, head)
+            for k, v in value.items():
+                sub = _replace(sub, [k], v, f'{where}.{k}')
+            return dataclasses.replace(cfg, **{head: sub})
+        return dataclasses.replace(cfg, **{head: _coerce(value, tp, where)})
+    if not dataclasses.is_dataclass(tp):
+        raise ConfigError(f'{where}: {head!r} is not a section')
+    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), key_path[1:], value, where)})
+
+
+def apply_overrides(cfg: Config, overrides: Dict[str, Any], source: str) -> Config:
+    """Apply nested {section: {key: value}} or flat {'section.key': value} overrides; strict."""
+    for key, value in overrides.items():
+        cfg = _replace(cfg, key.split('.'), value, f'{source}: {key}')
+    return cfg
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    p = resolve_path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f'--config: file {p} does not exist') from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'--config: {p} is not valid JSON ({e})') from None
+    if isinstance(data, dict) and 'config' in data and 'schema_version' in data:
+        data = data['config']  # an artifact: reuse the config it recorded
+    if not isinstance(data, dict):
+        raise ConfigError(f'--config: {p} must hold a JSON object')
+    return data
+
+
+# Flags shared by every step script: flag -> config key.
+COMMON_FLAGS: Dict[str, Tuple[str, str]] = {
+    'results_dir': ('results_dir', 'artifact directory, relative to the repository root (default: results)'),
+    'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3 (default: RepVGG-A0)'),
+    'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic (default: fashion-mnist)'),
+    'data_root': ('data.data_root', 'dataset directory, relative to the repository root (default: data)'),
+    'device': ('device', 'torch device for server-side compute: cpu | cuda (default: cpu)'),
+    'seed': ('seed', 'random seed (default: 0)'),
+}
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--config, --set and the common flags of DESIGN.md section 3."""
+    g = parser.add_argument_group('common configuration')
+    g.add_argument('--config', metavar='FILE', help='JSON config file (nested by section) or an artifact whose '
+                   'config to reuse (default: none, built-in defaults)')
+    g.add_argument('--set', metavar='SECTION.KEY=VALUE', action='append', default=[],
+                   help='override one config key, repeatable, e.g. --set optim.steps=500 (default: none)')
+    for flag, (_, help_text) in COMMON_FLAGS.items():
+        g.add_argument(f'--{flag}', default=None, help=help_text)
+
+
+def resolve_config(args: argparse.Namespace, flag_keys: Optional[Dict[str, str]] = None) -> Config:
+    """Build the frozen Config from defaults, --config, --set and flags (common + `flag_keys`)."""
+    cfg = Config()
+    if getattr(args, 'config', None):
+        cfg = apply_overrides(cfg, load_config_file(args.config), f'--config {args.config}')
+    for item in getattr(args, 'set', []) or []:
+        if '=' not in item:
+            raise ConfigError(f'--set {item!r}: expected SECTION.KEY=VALUE')
+        key, value = item.split('=', 1)
+        cfg = apply_overrides(cfg, {key.strip(): value}, '--set')
+    mapping = {flag: key for flag, (key, _) in COMMON_FLAGS.items()}
+    mapping.update(flag_keys or {})
+    for flag, key in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            cfg = apply_overrides(cfg, {key: value}, f'--{flag}')
+    return cfg
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """The command that produced an artifact, as it could be retyped."""
+    import shlex
+    parts = [Path(sys.argv[0]).name] + list(sys.argv[1:] if argv is None else argv)
+    return ' '.join(shlex.quote(p) for p in parts)
+
+
+def run_cli(main: typing.Callable[[Optional[Sequence[str]]], Optional[int]]) -> None:
+    """Run a step's main(); bad input (UserError) prints 'error: ...' to stderr and exits 2, no traceback."""
+    try:
+        code = main(None)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print('interrupted; finished work is kept and the step resumes on the next run', file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)

@@ -483,7 +483,7 @@ class HyperRepVGG(RepVGG):
         bad = branches - frozenset(block.available())
         if not branches or bad:
             raise ValueError('block {} ({}): kept branches must be a non-empty subset of {}, got {}'.format(
-                k, block.spec.name, ''.join(block.available()), ''.join(sorted(branches))))
+                k, block.spec.name, ''.join(block.available()), ''.join(sorted(branches, key=BRANCHES.index))))
         for i, b in enumerate(BRANCHES):
             block.kept[i] = b in branches
         if block.layout not in layouts_for(branches):

@@ -47,6 +47,8 @@ class DataConfig:
     partition: str = 'class-slices'  # class-slices | dirichlet
     dirichlet_alpha: float = 0.5  # concentration of the Dirichlet label skew (smaller = more skewed)
     samples_per_domain: int = 0  # cap per domain (0 = all samples the partition assigns)
+    min_classes_per_domain: int = 3  # class-slices: a domain's window covers at least this many classes
+    corruption_severity: int = 2  # severity level 1..3 of every domain's corruption (table in data/domains.py)
     val_fraction: float = 0.15  # share of a domain's samples in its validation split
     test_fraction: float = 0.15  # share of a domain's samples in its held-out test split
     synthetic_samples: int = 2000  # size of the synthetic dataset (tests)

@@ -1,0 +1,1 @@
+"""Datasets, Non-IID domains and corruptions (server side; see data/datasets.py and data/domains.py)."""

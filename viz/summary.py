@@ -1,0 +1,368 @@
+"""Step-4 inputs as plain records, and the paper table (summary.md / summary.json) built from them.
+
+`load_*` functions read the step 0-3 artifacts (through artifacts.load_artifact, so a missing file or field
+is an ArtifactError naming it) and return the records below; `summary_rows` / `summary_markdown` are pure.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from artifacts import ArtifactError, load_artifact
+
+log = logging.getLogger(__name__)
+
+JOINT_DIR = 'joint_optimization'
+JOINT_RE = re.compile(r'^domain_(.+)_joint\.json$')
+BASELINE_KEYS = ('best_plain_split', 'edge_only', 'server_only')
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Predicted (or measured) stage times of one configuration, ms per batch, and its throughput."""
+    edge_ms: float
+    link_ms: float
+    server_ms: float
+    latency_ms: float
+    throughput_fps: float
+    bottleneck: str
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    epsilon: float  # allowed accuracy drop, points
+    accuracy_pct: float  # accuracy of the point, % (which split: DomainResult.accuracy_source)
+    throughput_fps: float  # predicted throughput, frames/s
+    lam: Optional[int] = None
+    branches_pruned: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    """One domain's step-3 outcome, accuracies in %."""
+    domain: str
+    a_ref_pct: float
+    final_acc_pct: float
+    epsilon: float
+    lam: int
+    num_blocks: int
+    gammas: Tuple[int, ...]
+    alpha: Tuple[Dict[str, float], ...]  # per block: alpha of the branches the block has
+    kept: Tuple[Tuple[str, ...], ...]  # per block: kept branches
+    predicted: Stage
+    baselines: Dict[str, Stage]  # best_plain_split / edge_only / server_only on the unpruned plain model
+    baseline_lam: Dict[str, int]
+    pareto: Tuple[ParetoPoint, ...] = ()
+    measured: Optional[Dict[str, float]] = None  # real mode: measured values beside 'predicted'
+    source: str = ''  # the artifact file
+
+    @property
+    def drop_pct(self) -> float:
+        return self.a_ref_pct - self.final_acc_pct
+
+    @property
+    def branches_pruned(self) -> int:
+        return sum(len(a) - len(k) for a, k in zip(self.alpha, self.kept))
+
+    @property
+    def gain_x(self) -> Optional[float]:
+        plain = self.baselines.get('best_plain_split')
+        if plain is None or not plain.throughput_fps > 0:
+            return None
+        return self.predicted.throughput_fps / plain.throughput_fps
+
+
+@dataclass(frozen=True)
+class LutView:
+    """One batch size of the LUT as arrays, with where each side's numbers come from."""
+    edge_ms: np.ndarray  # (N, 14), NaN = no entry
+    server_ms: np.ndarray
+    batch: int
+    edge_source: str  # 'measured' | 'modelled' | 'mixed' (+ how)
+    server_source: str
+    edge_device: str
+    server_device: str
+
+
+@dataclass(frozen=True)
+class Step2View:
+    gammas: Tuple[int, ...]
+    lam: int
+    chosen: Stage
+    baselines: Dict[str, Stage]
+    baseline_lam: Dict[str, int]
+    exact_throughput_fps: Optional[float] = None
+    gap_pct: Optional[float] = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field access with errors that name the file and the field
+# ----------------------------------------------------------------------------------------------------------
+
+def _get(obj: Mapping[str, Any], key: str, where: str, types: Any = None) -> Any:
+    if not isinstance(obj, Mapping) or key not in obj:
+        raise ArtifactError(f'{where}: missing field {key!r}')
+    value = obj[key]
+    if types is not None and (not isinstance(value, types) or isinstance(value, bool) and types is not bool):
+        raise ArtifactError(f'{where}: field {key!r} has type {type(value).__name__}')
+    return value
+
+
+def _num(obj: Mapping[str, Any], key: str, where: str) -> float:
+    v = _get(obj, key, where, (int, float))
+    return float(v)
+
+
+def stage_from(obj: Mapping[str, Any], where: str) -> Stage:
+    """A Stage from a dict with edge_ms/link_ms/server_ms/throughput_fps (as optim.cost.evaluate returns)."""
+    e, li, s = (_num(obj, k, where) for k in ('edge_ms', 'link_ms', 'server_ms'))
+    lat = float(obj['latency_ms']) if isinstance(obj.get('latency_ms'), (int, float)) else e + li + s
+    fps = _num(obj, 'throughput_fps', where)
+    bottleneck = obj.get('bottleneck')
+    if bottleneck not in ('edge', 'link', 'server'):
+        bottleneck = ('edge', 'link', 'server')[int(np.argmax([e, li, s]))]
+    return Stage(e, li, s, lat, fps, str(bottleneck))
+
+
+def to_pct(value: float, scale: float) -> float:
+    return float(value) * scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------------------
+
+def find_domains(results_dir: Path) -> List[str]:
+    """Domains with a step-3 result, in numeric order where they are numbers."""
+    d = Path(results_dir) / JOINT_DIR
+    found = [m.group(1) for p in d.glob('domain_*_joint.json') if (m := JOINT_RE.match(p.name))] \
+        if d.is_dir() else []
+    return sorted(found, key=lambda s: (0, int(s), '') if s.isdigit() else (1, 0, s))
+
+
+def joint_path(results_dir: Path, domain: str) -> Path:
+    return Path(results_dir) / JOINT_DIR / f'domain_{domain}_joint.json'
+
+
+def load_domain_result(path: Path) -> DomainResult:
+    """Read one `domain_<d>_joint.json` (step 3)."""
+    obj = load_artifact(path, fields={'domain': (int, str), 'a_ref_pct': float, 'final_accuracy_pct': float,
+                                      'lam': int, 'gammas': list, 'blocks': list, 'predicted': dict,
+                                      'baselines': dict})
+    where = str(path)
+    blocks = obj['blocks']
+    alpha = tuple({str(b): float(v) for b, v in _get(e, 'alpha', f'{where}: blocks[{k}]', dict).items()}
+                  for k, e in enumerate(blocks))
+    kept = tuple(tuple(_get(e, 'kept', f'{where}: blocks[{k}]', list)) for k, e in enumerate(blocks))
+    unpruned = _get(obj['baselines'], 'unpruned', f'{where}: baselines', dict)
+    base = {k: stage_from(_get(unpruned, k, f'{where}: baselines.unpruned', dict), f'{where}: baselines.unpruned.{k}')
+            for k in BASELINE_KEYS if k in unpruned}
+    base_lam = {k: int(unpruned[k]['lam']) for k in base if isinstance(unpruned[k].get('lam'), int)}
+    pareto = tuple(ParetoPoint(_num(p, 'epsilon', f'{where}: pareto[{i}]'),
+                               _num(p, 'accuracy_pct', f'{where}: pareto[{i}]'),
+                               _num(p, 'throughput_fps', f'{where}: pareto[{i}]'),
+                               p.get('lam'), p.get('branches_pruned'))
+                   for i, p in enumerate(obj.get('pareto') or []))
+    measured = obj.get('measured') if isinstance(obj.get('measured'), dict) else None
+    return DomainResult(domain=str(obj['domain']), a_ref_pct=float(obj['a_ref_pct']),
+                        final_acc_pct=float(obj['final_accuracy_pct']),
+                        epsilon=float(obj.get('epsilon', obj['config'].get('joint', {}).get('epsilon', float('nan')))),
+                        lam=int(obj['lam']), num_blocks=len(blocks), gammas=tuple(int(g) for g in obj['gammas']),
+                        alpha=alpha, kept=kept, predicted=stage_from(obj['predicted'], f'{where}: predicted'),
+                        baselines=base, baseline_lam=base_lam, pareto=pareto, measured=measured, source=where)
+
+
+def load_step2(path: Path) -> Step2View:
+    """Read `initial_throughput_config.json` (step 2)."""
+    obj = load_artifact(path, fields={'gammas': list, 'lam': int, 'predicted': dict, 'baselines': dict})
+    where = str(path)
+    base = {k: stage_from(obj['baselines'][k], f'{where}: baselines.{k}') for k in BASELINE_KEYS
+            if k in obj['baselines']}
+    base_lam = {k: int(obj['baselines'][k]['lam']) for k in base if isinstance(obj['baselines'][k].get('lam'), int)}
+    exact = obj.get('exact') if isinstance(obj.get('exact'), dict) else {}
+    return Step2View(tuple(int(g) for g in obj['gammas']), int(obj['lam']),
+                     stage_from(obj['predicted'], f'{where}: predicted'), base, base_lam,
+                     exact.get('throughput_fps'), obj.get('gap_pct'))
+
+
+def load_lut_view(path: Path, batch: int) -> LutView:
+    """The LUT of one batch size through optim.lut (the one reader of the LUT format)."""
+    from optim import lut as lut_mod
+    lut = lut_mod.load_lut(path)
+    t = lut_mod.cost_tables(lut, batch)
+    return LutView(t.edge_ms, t.server_ms, batch, *lut_mod.side_sources(lut))
+
+
+@dataclass
+class Inputs:
+    """Everything the figures and the table are drawn from."""
+    lut: LutView
+    step2: Optional[Step2View]
+    domains: List[DomainResult]
+    accuracy_source: str  # the split of the final accuracy: 'test' (step 3 reports held-out test accuracy)
+    notes: List[str] = field(default_factory=list)
+
+
+def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
+    """Load the step-4 inputs; the LUT is required, the rest optional (a note says what is missing)."""
+    results_dir = Path(results_dir)
+    notes: List[str] = []
+    lut = load_lut_view(results_dir / 'hardware_lut_complete.json', batch)
+    s2_path = results_dir / 'initial_throughput_config.json'
+    step2 = load_step2(s2_path) if s2_path.is_file() else None
+    if step2 is None:
+        notes.append(f'no {s2_path.name} (step 2): the step-2 table and bars are left out')
+    if domains:
+        wanted = [d.strip() for d in domains.split(',') if d.strip()]
+        missing = [d for d in wanted if not joint_path(results_dir, d).is_file()]
+        if missing:
+            raise ArtifactError(f'--domains: no step-3 result for domain(s) {", ".join(missing)} '
+                                f'(expected {joint_path(results_dir, missing[0])}); run step 3 for them first')
+    else:
+        wanted = find_domains(results_dir)
+        if not wanted:
+            notes.append(f'no {JOINT_DIR}/domain_<d>_joint.json (step 3): the per-domain figures and table are '
+                         'left out')
+    results = [load_domain_result(joint_path(results_dir, d)) for d in wanted]
+    return Inputs(lut, step2, results, 'test', notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper table
+# ----------------------------------------------------------------------------------------------------------
+
+COLUMNS = (  # key, header, format
+    ('domain', 'domain', '{}'),
+    ('a_ref_pct', 'A_ref (%)', '{:.2f}'),
+    ('final_acc_pct', 'final acc. (%)', '{:.2f}'),
+    ('drop_pct', 'drop (pts)', '{:.2f}'),
+    ('epsilon', 'ε (pts)', '{:g}'),
+    ('lam', 'λ', '{}'),
+    ('branches_pruned', 'branches pruned', '{:.3g}'),
+    ('throughput_fps', 'pred. throughput (fps)', '{:.2f}'),
+    ('plain_split_fps', 'best plain split (fps)', '{:.2f}'),
+    ('gain_x', 'gain (x)', '{:.2f}'),
+    ('bottleneck', 'bottleneck', '{}'),
+)
+
+
+def domain_row(r: DomainResult) -> Dict[str, Any]:
+    plain = r.baselines.get('best_plain_split')
+    return {'domain': r.domain, 'a_ref_pct': r.a_ref_pct, 'final_acc_pct': r.final_acc_pct, 'drop_pct': r.drop_pct,
+            'epsilon': r.epsilon, 'lam': r.lam, 'branches_pruned': r.branches_pruned,
+            'throughput_fps': r.predicted.throughput_fps,
+            'plain_split_fps': plain.throughput_fps if plain else None, 'gain_x': r.gain_x,
+            'bottleneck': r.predicted.bottleneck}
+
+
+def aggregate_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The mean row and the worst-domain row (largest accuracy drop; ties: smallest gain)."""
+    if not rows:
+        return []
+    mean: Dict[str, Any] = {'domain': 'mean'}
+    for key, _, _ in COLUMNS[1:]:
+        vals = [r[key] for r in rows if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
+        mean[key] = float(np.mean(vals)) if vals and len(vals) == len(rows) else None
+    gain_mean = [r['gain_x'] for r in rows if r['gain_x'] is not None]
+    mean['gain_x'] = float(np.exp(np.mean(np.log(gain_mean)))) if len(gain_mean) == len(rows) else None
+    mean['lam'] = None
+    mean['bottleneck'] = None
+    worst = max(rows, key=lambda r: (r['drop_pct'], -(r['gain_x'] or 0.0)))
+    return [mean, {**worst, 'domain': f'worst ({worst["domain"]})'}]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return '–'
+    return fmt.format(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> str:
+    text = ('domain', 'configuration', 'bottleneck')
+    lines = ['| ' + ' | '.join(h for _, h, _ in columns) + ' |',
+             '|' + '|'.join(':---' if k in text else '---:' for k, _, _ in columns) + '|']
+    for r in rows:
+        lines.append('| ' + ' | '.join(_cell(r.get(k), f) for k, _, f in columns) + ' |')
+    return '\n'.join(lines)
+
+
+STEP2_COLUMNS = (
+    ('configuration', 'configuration', '{}'),
+    ('lam', 'λ', '{}'),
+    ('edge_ms', 'edge (ms)', '{:.2f}'),
+    ('link_ms', 'link (ms)', '{:.2f}'),
+    ('server_ms', 'server (ms)', '{:.2f}'),
+    ('latency_ms', 'latency (ms)', '{:.2f}'),
+    ('throughput_fps', 'throughput (fps)', '{:.2f}'),
+    ('bottleneck', 'bottleneck', '{}'),
+)
+
+
+def step2_rows(s2: Step2View) -> List[Dict[str, Any]]:
+    rows = [{'configuration': 'chosen (γ, λ by LUT gradient descent)', 'lam': s2.lam, **asdict(s2.chosen)}]
+    for key, st in s2.baselines.items():
+        rows.append({'configuration': key.replace('_', ' '), 'lam': s2.baseline_lam.get(key), **asdict(st)})
+    return rows
+
+
+@dataclass
+class Summary:
+    accuracy_source: str = 'test'
+    domains: List[Dict[str, Any]] = field(default_factory=list)
+    aggregate: List[Dict[str, Any]] = field(default_factory=list)
+    step2: List[Dict[str, Any]] = field(default_factory=list)
+    step2_gap_pct: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_payload(self) -> Dict[str, Any]:
+        """summary.json: the same numbers as summary.md (accuracies in %, throughput predicted, frames/s)."""
+        def clean(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+            return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                    for r in rows]
+        return {'accuracy_source': self.accuracy_source, 'throughput_kind': 'predicted',
+                'domains': clean(self.domains), 'mean': clean(self.aggregate[:1])[0] if self.aggregate else None,
+                'worst': clean(self.aggregate[1:])[0] if self.aggregate else None, 'step2': clean(self.step2),
+                'step2_gap_pct': self.step2_gap_pct, 'notes': list(self.notes)}
+
+
+def build_summary(inputs: 'Inputs', notes: Sequence[str] = ()) -> Summary:
+    rows = [domain_row(r) for r in inputs.domains]
+    s2 = inputs.step2
+    return Summary(accuracy_source=inputs.accuracy_source, domains=rows, aggregate=aggregate_rows(rows),
+                   step2=step2_rows(s2) if s2 else [], step2_gap_pct=s2.gap_pct if s2 else None,
+                   notes=list(inputs.notes) + list(notes))
+
+
+def console_lines(s: Summary) -> List[str]:
+    """A few lines for the terminal: the mean and worst domain."""
+    out = []
+    for r in s.aggregate:
+        gain = '–' if r.get('gain_x') is None else f'{r["gain_x"]:.2f}x'
+        out.append(f'{r["domain"]}: final accuracy {r["final_acc_pct"]:.2f} % (drop {r["drop_pct"]:.2f} pts), '
+                   f'predicted {r["throughput_fps"]:.2f} frames/s, gain over best plain split {gain}')
+    return out
+
+
+def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
+    out = [f'# {title}', '']
+    if s.domains:
+        out += [f'## Joint optimization per domain (step 3; final accuracy on the {s.accuracy_source} split, '
+                'throughput predicted by the LUT cost model)', '',
+                markdown_table(s.domains + s.aggregate, COLUMNS), '',
+                'gain = predicted throughput of the joint configuration / best split of the plain (unpruned, fused) '
+                'model on the same LUT and link; the mean row gives the geometric mean gain; the worst row is the '
+                'domain with the largest accuracy drop.', '']
+    if s.step2:
+        out += ['## Initial throughput optimization (step 2, unpruned model)', '',
+                markdown_table(s.step2, STEP2_COLUMNS), '']
+        if s.step2_gap_pct is not None:
+            out += [f'Gap of the gradient-descent result to the exact optimum: {s.step2_gap_pct:.3g} %.', '']
+    if s.notes:
+        out += ['## Notes', ''] + [f'- {n}' for n in s.notes] + ['']
+    return '\n'.join(out)

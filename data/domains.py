@@ -55,8 +55,8 @@ import torch
 from scipy import ndimage
 
 from config import Config, UserError
-from data.datasets import (SampleDataset, _load_sources, check_dataset, data_root, load_sources, num_classes_for,
-                           to_uint8)
+from data.datasets import (SampleDataset, _load_sources, check_dataset, data_root, dataset_stats, load_sources,
+                           num_classes_for, to_uint8)
 
 PARTITION_RULE_VERSION = 1
 MIN_DOMAIN_SAMPLES = 10  # dirichlet: fewest samples a domain may hold
@@ -454,9 +454,11 @@ def domain_dataset(cfg: Config, partition: Dict[str, Any], d: int, split: str) -
                              f'{cfg.data.dataset} ({n_train} train, {len(sources["test"])} test samples)')
     root = str(data_root(cfg))
     corr = dom['corruption']
-    return _cached_domain_dataset(cfg.data.dataset, root, int(cfg.data.synthetic_samples), int(cfg.model.input_size),
+    ds = _cached_domain_dataset(cfg.data.dataset, root, int(cfg.data.synthetic_samples), int(cfg.model.input_size),
                                   tuple(dom['indices'][split]), (corr['name'], float(corr['value'])),
                                   int(dom['corruption_seed']), n_train)
+    ds.mean, ds.std = dataset_stats(cfg)
+    return ds
 
 
 def domain_loader(cfg: Config, partition: Dict[str, Any], d: int, split: str, batch_size: int, shuffle: bool,

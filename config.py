@@ -32,9 +32,9 @@ class ConfigError(UserError, ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = 'RepVGG-A0'  # architecture (RepVGG-A0..B3g4; 'A0' works too)
-    width_multiplier: Optional[Tuple[float, float, float, float]] = (0.5, 0.5, 0.5, 1.0)  # stage widths; None = arch default
+    width_multiplier: Optional[Tuple[float, float, float, float]] = (0.25, 0.25, 0.25, 0.5)  # stage widths; None = arch default
     small_input: bool = False  # stage0 stride 1 (for 32x32 inputs)
-    input_size: int = 96  # input resolution in pixels (images are resized to input_size x input_size)
+    input_size: int = 64  # input resolution in pixels (images are resized to input_size x input_size)
     checkpoint: Optional[str] = None  # base checkpoint (official train-time layout); None = train/reuse our own
     adapt_bn: bool = False  # let per-domain training adapt BN statistics (then saved with alpha)
 
@@ -59,11 +59,12 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 128  # images per training batch
     base_epochs: int = 3  # epochs of base-model training when no checkpoint is given
-    base_lr: float = 0.05  # SGD learning rate of base training (cosine schedule)
-    base_train_samples: int = 0  # cap on base-training samples (0 = whole train set)
+    base_lr: float = 0.1  # SGD learning rate of base training (warm-up, then cosine schedule)
+    base_train_samples: int = 40000  # base-training samples (0 = whole train set); the rest join the domain pool
     alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
     alpha_lr: float = 0.01  # Adam learning rate for alpha
     eval_batch_size: int = 256  # images per evaluation batch
+    threads: int = 0  # torch CPU threads for training and evaluation (0 = one per CPU core)
 
 
 @dataclass(frozen=True)

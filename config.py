@@ -79,6 +79,7 @@ class LutConfig:
     rtt_ms: Optional[float] = None  # explicit round-trip time in ms (overrides the preset)
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
+    max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
 
 
 @dataclass(frozen=True)

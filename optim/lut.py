@@ -1,0 +1,468 @@
+"""The hardware LUT (DESIGN.md sections 3-5): per-side tables, link presets, merge, validated loading, loaders.
+
+This is the only optim module that reads and writes files.  Artifacts:
+
+* `lut_server.json` / `lut_client.json` (kinds 'lut_server' / 'lut_client'): one side's times per
+  block x layout x batch (`entries`, keyed by `lut_key`), the head (pooling + classifier) per batch, the
+  side's roofline (peak FLOP/s, memory bandwidth, knee), metadata and settings; every entry says whether it
+  was `measured` or `modelled` (from a device profile, see optim/profiles.py).
+* `link.json` (kind 'link'): the link used (bandwidth_mbps, rtt_ms, latency_ms = rtt/2, sources).
+* `hardware_lut_complete.json` (kind 'hardware_lut_complete'): both sides, per block x layout the FLOPs,
+  bytes and intensity (optim/flops.py), per-lambda transfer bytes (fp32 and fp16 features), the link,
+  both roofline knees, block shapes, model spec and input size.
+* `lut_validation.json` (kind 'lut_validation'): LUT sums against end-to-end timings of whole configurations.
+
+`cost_tables(lut, batch)` and `block_stats(lut)` turn a loaded LUT into the arrays optim/cost.py and the
+solvers use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from artifacts import ArtifactError, load_artifact
+from config import Config, ConfigError, UserError
+from hyper_repvgg import LAYOUTS, NUM_LAYOUTS, arch_name, block_plan
+from optim import flops as F
+from optim.cost import CostTables
+from optim.profiles import DeviceProfile
+
+SIDES = ('server', 'client')
+ENTRY_SOURCES = ('measured', 'modelled')
+SIDE_FIELDS = {'side': str, 'model': dict, 'input_size': int, 'num_blocks': int, 'batch_sizes': list,
+               'entries': dict, 'head': dict, 'roofline': dict, 'source': str}
+COMPLETE_FIELDS = {'model': dict, 'input_size': int, 'num_blocks': int, 'batch_sizes': list, 'blocks': list,
+                   'server': dict, 'client': dict, 'link': dict, 'link_bytes': dict, 'feature_dtype': str,
+                   'roofline': dict, 'head_cost': dict}
+
+
+class LutError(UserError, ValueError):
+    """A LUT that does not fit the request (missing entry, mismatched model, unknown batch)."""
+
+
+def lut_key(block: Any, layout: Optional[int], batch: int) -> str:
+    """The one place a LUT key is formed: 'k{block}_g{layout}_b{batch}', or 'head_b{batch}' for block='head'."""
+    if block == 'head':
+        return f'head_b{int(batch)}'
+    return f'k{int(block)}_g{int(layout)}_b{int(batch)}'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model spec and link
+# ----------------------------------------------------------------------------------------------------------
+
+def num_classes_for_config(cfg: Config) -> int:
+    """Classes of cfg's dataset: 10 (fashion-mnist, cifar10, synthetic), 100 (cifar100), imagefolder: counted
+    from its class folders when they exist, else 1000 (ImageNet)."""
+    from data.datasets import DatasetError, num_classes_for
+    try:
+        return num_classes_for(cfg.data.dataset, cfg)
+    except DatasetError:
+        if cfg.data.dataset == 'imagefolder':
+            return 1000
+        raise
+
+
+def model_spec(cfg: Config) -> Dict[str, Any]:
+    """JSON-able architecture of cfg (as hyper_repvgg.RepVGG.spec_dict()), checked to build a block plan."""
+    try:
+        name = arch_name(cfg.model.name)
+    except KeyError as e:
+        raise ConfigError(f'--model / model.name: {e.args[0]}') from None
+    wm = cfg.model.width_multiplier
+    spec = {'name': name, 'num_classes': num_classes_for_config(cfg),
+            'width_multiplier': None if wm is None else [float(w) for w in wm],
+            'small_input': bool(cfg.model.small_input)}
+    try:
+        block_plan(name, spec['width_multiplier'], spec['small_input'])
+    except ValueError as e:
+        raise ConfigError(f'model.width_multiplier: {e}') from None
+    if cfg.model.input_size < 8:
+        raise ConfigError(f'--input_size / model.input_size: expected at least 8 pixels, got {cfg.model.input_size}')
+    return spec
+
+
+def plan_of(model: Dict[str, Any]) -> list:
+    return block_plan(model['name'], model.get('width_multiplier'), bool(model.get('small_input', False)))
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    name: str
+    bandwidth_mbps: float  # uplink, Mbit/s
+    rtt_ms: float  # round-trip time, ms
+    bandwidth_source: str
+    rtt_source: str
+
+    @property
+    def latency_ms(self) -> float:
+        """One-way latency, ms (rtt / 2)."""
+        return self.rtt_ms / 2.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d['latency_ms'] = self.latency_ms
+        return d
+
+
+_DADS = 'DADS (Hu et al., INFOCOM 2019): average {} uplink bandwidth'
+LINK_PRESETS: Dict[str, LinkSpec] = {
+    '3g': LinkSpec('3g', 1.1, 200.0, _DADS.format('3G'),
+                   'assumption: typical UMTS/HSPA round-trip time (100-300 ms range)'),
+    '4g': LinkSpec('4g', 5.85, 70.0, _DADS.format('4G'),
+                   'assumption: typical LTE round-trip time to a cloud server (50-100 ms range)'),
+    'wifi': LinkSpec('wifi', 18.88, 10.0, _DADS.format('WiFi'),
+                     'assumption: typical WLAN round-trip time to a nearby server (5-20 ms range)'),
+    'ethernet': LinkSpec('ethernet', 1000.0, 0.5, 'nominal Gigabit Ethernet (IEEE 802.3ab) line rate',
+                         'assumption: switched LAN round-trip time'),
+}
+
+
+def resolve_link(lut_config: Any) -> LinkSpec:
+    """The link of cfg.lut: the `link` preset, with explicit `bandwidth_mbps` / `rtt_ms` taking precedence."""
+    if lut_config.link not in LINK_PRESETS:
+        raise ConfigError(f'--link / lut.link: unknown link preset {lut_config.link!r}; valid choices: '
+                          f'{", ".join(LINK_PRESETS)}')
+    link = LINK_PRESETS[lut_config.link]
+    bw, rtt = lut_config.bandwidth_mbps, lut_config.rtt_ms
+    if bw is not None and not (bw > 0 and math.isfinite(bw)):
+        raise ConfigError(f'--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number, got {bw}')
+    if rtt is not None and not (rtt >= 0 and math.isfinite(rtt)):
+        raise ConfigError(f'--rtt_ms / lut.rtt_ms: expected a number >= 0, got {rtt}')
+    if bw is None and rtt is None:
+        return link
+    name = 'custom' if bw is not None and rtt is not None else f'{link.name}+explicit'
+    return LinkSpec(name, link.bandwidth_mbps if bw is None else float(bw), link.rtt_ms if rtt is None else float(rtt),
+                    link.bandwidth_source if bw is None else 'explicit (--bandwidth_mbps / lut.bandwidth_mbps)',
+                    link.rtt_source if rtt is None else 'explicit (--rtt_ms / lut.rtt_ms)')
+
+
+def link_from_dict(d: Dict[str, Any], where: str = 'link') -> LinkSpec:
+    try:
+        return LinkSpec(str(d['name']), float(d['bandwidth_mbps']), float(d['rtt_ms']),
+                        str(d.get('bandwidth_source', '')), str(d.get('rtt_source', '')))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LutError(f'{where}: expected name, bandwidth_mbps and rtt_ms ({e})') from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Side LUTs
+# ----------------------------------------------------------------------------------------------------------
+
+def side_payload(side: str, model: Dict[str, Any], input_size: int, measured: Dict[str, Any]) -> Dict[str, Any]:
+    """A side LUT from optim.measure.measure_side()'s result (all entries 'measured')."""
+    entries = {}
+    for e in measured['entries']:
+        row = dict(e)
+        row['source'] = 'measured'
+        entries[lut_key(e['block'], e['layout'], e['batch'])] = row
+    head = {lut_key('head', None, h['batch']): dict(h, source='measured') for h in measured['head']}
+    return {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan_of(model)),
+            'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
+            'entries': entries, 'head': head, 'roofline': measured['roofline'],
+            'metadata': measured['metadata'], 'settings': measured['settings']}
+
+
+def modelled_side(profile: DeviceProfile, model: Dict[str, Any], input_size: int, batch_sizes: Sequence[int],
+                  side: str = 'client', precision: str = 'fp32') -> Dict[str, Any]:
+    """A side LUT predicted by `profile`'s roofline + overhead model (every entry 'modelled').
+
+    For a batch of B: FLOPs and activation bytes scale with B, weight bytes are read once, kernels are the same.
+    """
+    plan = plan_of(model)
+    hws = F.block_input_hw(plan, input_size)
+    entries, head = {}, {}
+
+    def row(cost: F.LayoutCost, batch: int, **ids: Any) -> Dict[str, Any]:
+        ms = profile.predict_ms(cost.flops * batch, cost.weight_bytes + cost.act_bytes * batch, cost.kernels,
+                                precision)
+        return dict(ids, batch=int(batch), median_ms=ms, p10_ms=ms, p90_ms=ms, n=0, source='modelled')
+
+    for b in batch_sizes:
+        for spec, hw in zip(plan, hws):
+            for g in F.measurable_layouts(spec):
+                entries[lut_key(spec.index, g, b)] = row(F.layout_cost(spec, hw, g), b, block=spec.index, layout=g)
+        head[lut_key('head', None, b)] = row(F.head_cost(plan, input_size, model['num_classes']), b)
+    roofline = {'peak_flops_per_s': profile.peak_flops(precision),
+                'mem_bandwidth_bytes_per_s': profile.mem_bandwidth.value,
+                'knee_flop_per_byte': profile.knee_flop_per_byte(precision),
+                'source': f'published (device profile {profile.name})'}
+    return {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan),
+            'batch_sizes': [int(b) for b in batch_sizes], 'source': 'modelled', 'profile': profile.to_dict(),
+            'entries': entries, 'head': head, 'roofline': roofline,
+            'metadata': {'device_name': profile.description, 'model': 'roofline + per-kernel overhead'},
+            'settings': {'precision': precision, 'batch_sizes': [int(b) for b in batch_sizes]}}
+
+
+def _num(obj: Dict[str, Any], name: str, where: str, minimum: float = 0.0) -> float:
+    v = obj.get(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum:
+        raise ArtifactError(f'{where}.{name}: expected a finite number >= {minimum}, got {v!r}')
+    return float(v)
+
+
+def _check_side(side: Dict[str, Any], where: str) -> None:
+    """Deep checks of one side's tables; errors name the file and the field."""
+    for name, tp in SIDE_FIELDS.items():
+        if name != 'side' and not isinstance(side.get(name), tp):
+            raise ArtifactError(f'{where}.{name}: missing or not a {tp.__name__}')
+    for key, e in side['entries'].items():
+        w = f'{where}.entries[{key}]'
+        if not isinstance(e, dict):
+            raise ArtifactError(f'{w}: expected an object')
+        for f in ('block', 'layout', 'batch'):
+            if not isinstance(e.get(f), int):
+                raise ArtifactError(f'{w}.{f}: expected an integer, got {e.get(f)!r}')
+        if lut_key(e['block'], e['layout'], e['batch']) != key:
+            raise ArtifactError(f'{w}: key does not match its block/layout/batch fields')
+        for f in ('median_ms', 'p10_ms', 'p90_ms'):
+            _num(e, f, w)
+        if e.get('source') not in ENTRY_SOURCES:
+            raise ArtifactError(f'{w}.source: expected one of {ENTRY_SOURCES}, got {e.get("source")!r}')
+    for b in side['batch_sizes']:
+        k = lut_key('head', None, b)
+        if k not in side['head']:
+            raise ArtifactError(f'{where}.head: no entry {k} for batch {b}')
+        _num(side['head'][k], 'median_ms', f'{where}.head[{k}]')
+    _num(side['roofline'], 'knee_flop_per_byte', f'{where}.roofline')
+    _num(side['roofline'], 'peak_flops_per_s', f'{where}.roofline')
+
+
+def load_side(path: Path, side: str) -> Dict[str, Any]:
+    """Load and validate lut_server.json / lut_client.json (ArtifactError naming file and field)."""
+    obj = load_artifact(path, f'lut_{side}', SIDE_FIELDS)
+    _check_side(obj, str(path))
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merge
+# ----------------------------------------------------------------------------------------------------------
+
+def check_compatible(server: Dict[str, Any], client: Dict[str, Any]) -> None:
+    """Refuse side LUTs built for different models, input sizes or numbers of classes."""
+    diffs = []
+    for f in ('name', 'num_classes', 'width_multiplier', 'small_input'):
+        if server['model'].get(f) != client['model'].get(f):
+            diffs.append(f'model.{f}: server {server["model"].get(f)!r} vs client {client["model"].get(f)!r}')
+    if server['input_size'] != client['input_size']:
+        diffs.append(f'input_size: server {server["input_size"]} vs client {client["input_size"]}')
+    if diffs:
+        raise LutError('cannot merge LUTs built for different models: ' + '; '.join(diffs)
+                       + ' (re-measure one side with the same model flags)')
+
+
+def block_table(model: Dict[str, Any], input_size: int) -> List[Dict[str, Any]]:
+    """Per block: shapes and, per measurable layout, MACs/FLOPs/bytes/kernels/intensity of one sample."""
+    plan = plan_of(model)
+    rows = F.block_shapes(plan, input_size)
+    for row, spec, hw in zip(rows, plan, F.block_input_hw(plan, input_size)):
+        row['available_layouts'] = F.measurable_layouts(spec)
+        row['layouts'] = {}
+        for g in row['available_layouts']:
+            c = F.layout_cost(spec, hw, g)
+            d = c._asdict()
+            d['act_bytes'] = c.act_bytes
+            row['layouts'][str(g)] = d
+    return rows
+
+
+def merge(server: Dict[str, Any], client: Dict[str, Any], link: LinkSpec, feature_dtype: str) -> Dict[str, Any]:
+    """The hardware_lut_complete payload from the two side LUTs (validated first) and the link."""
+    check_compatible(server, client)
+    model, size = server['model'], server['input_size']
+    batches = sorted(set(server['batch_sizes']) & set(client['batch_sizes']))
+    if not batches:
+        raise LutError(f'cannot merge: no common batch size (server {server["batch_sizes"]}, '
+                       f'client {client["batch_sizes"]})')
+    F.dtype_bytes(feature_dtype)
+    plan = plan_of(model)
+    sides = {}
+    for name, side in (('server', server), ('client', client)):
+        sides[name] = {k: side.get(k) for k in ('source', 'profile', 'entries', 'head', 'roofline', 'metadata',
+                                                'settings', 'batch_sizes')}
+    head = F.head_cost(plan, size, model['num_classes'])._asdict()
+    payload = {
+        'model': model, 'input_size': size, 'num_blocks': len(plan), 'batch_sizes': batches,
+        'layouts': [{'gamma': lay.gamma, 'parts': [list(p) for p in lay.parts], 'description': lay.description}
+                    for lay in LAYOUTS],
+        'blocks': block_table(model, size), 'head_cost': head,
+        'server': sides['server'], 'client': sides['client'],
+        'link': link.to_dict(), 'feature_dtype': feature_dtype,
+        'link_bytes': {dt: F.link_bytes(plan, size, model['num_classes'], dt) for dt in ('fp32', 'fp16')},
+        'roofline': {'edge': client['roofline'], 'server': server['roofline']},
+    }
+    for name in SIDES:
+        check_entries(payload, name)
+    return payload
+
+
+def check_entries(lut: Dict[str, Any], side: str) -> None:
+    """Every measurable block x layout x batch has an entry on `side`; raise naming block, gamma and batch."""
+    entries = lut[side]['entries']
+    for b in lut['batch_sizes']:
+        for row in lut['blocks']:
+            for g in row['available_layouts']:
+                if lut_key(row['block'], g, b) not in entries:
+                    raise LutError(f'{side} LUT has no entry for block {row["block"]}, gamma {g}, batch {b}')
+
+
+def load_lut(path: Path) -> Dict[str, Any]:
+    """Load and validate hardware_lut_complete.json; ArtifactError naming the file and the field."""
+    obj = load_artifact(path, 'hardware_lut_complete', COMPLETE_FIELDS)
+    where = str(path)
+    n = obj['num_blocks']
+    if len(obj['blocks']) != n:
+        raise ArtifactError(f'{where}: field "blocks" has {len(obj["blocks"])} rows, num_blocks is {n}')
+    for i, row in enumerate(obj['blocks']):
+        if not isinstance(row, dict) or not isinstance(row.get('layouts'), dict) \
+                or not isinstance(row.get('available_layouts'), list):
+            raise ArtifactError(f'{where}: field "blocks[{i}]" needs "layouts" and "available_layouts"')
+    for side in SIDES:
+        _check_side(dict(obj[side], model=obj['model'], input_size=obj['input_size'], num_blocks=n, side=side),
+                    f'{where}: field "{side}"')
+    for dt in ('fp32', 'fp16'):
+        lb = obj['link_bytes'].get(dt)
+        if not isinstance(lb, list) or len(lb) != n + 1:
+            raise ArtifactError(f'{where}: field "link_bytes.{dt}" must list N + 1 = {n + 1} byte counts')
+    _num(obj['link'], 'bandwidth_mbps', f'{where}: field "link"', 1e-9)
+    _num(obj['link'], 'rtt_ms', f'{where}: field "link"')
+    for side in ('edge', 'server'):
+        if not isinstance(obj['roofline'].get(side), dict):
+            raise ArtifactError(f'{where}: field "roofline.{side}" missing')
+    try:
+        for side in SIDES:
+            check_entries(obj, side)
+    except LutError as e:
+        raise ArtifactError(f'{where}: {e}') from None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders for the solvers
+# ----------------------------------------------------------------------------------------------------------
+
+def side_ms(lut: Dict[str, Any], side: str, batch: int) -> np.ndarray:
+    """(N, 14) median times of one side at `batch`, ms; NaN where the layout is not measurable for the block."""
+    if batch not in lut['batch_sizes']:
+        raise LutError(f'batch {batch} is not in the LUT; measured batch sizes: {lut["batch_sizes"]}')
+    entries = lut[side]['entries']
+    out = np.full((lut['num_blocks'], NUM_LAYOUTS), np.nan)
+    for row in lut['blocks']:
+        for g in row['available_layouts']:
+            e = entries.get(lut_key(row['block'], g, batch))
+            if e is None:
+                raise LutError(f'{side} LUT has no entry for block {row["block"]}, gamma {g}, batch {batch}')
+            out[row['block'], g] = e['median_ms']
+    return out
+
+
+def head_ms(lut: Dict[str, Any], side: str, batch: int) -> float:
+    e = lut[side]['head'].get(lut_key('head', None, batch))
+    if e is None:
+        raise LutError(f'{side} LUT has no head entry for batch {batch}')
+    return float(e['median_ms'])
+
+
+def cost_tables(lut: dict, batch: int = 1, link: Optional[LinkSpec] = None,
+                feature_dtype: Optional[str] = None) -> CostTables:
+    """CostTables of `lut` at `batch` (edge = client side); link and feature dtype default to the LUT's own."""
+    link = link or link_from_dict(lut['link'])
+    dt = feature_dtype or lut['feature_dtype']
+    if dt not in lut['link_bytes']:
+        raise LutError(f'feature dtype {dt!r} not in the LUT; choices: {sorted(lut["link_bytes"])}')
+    return CostTables(edge_ms=side_ms(lut, 'client', batch), server_ms=side_ms(lut, 'server', batch),
+                      edge_head_ms=head_ms(lut, 'client', batch), server_head_ms=head_ms(lut, 'server', batch),
+                      link_bytes=np.asarray(lut['link_bytes'][dt], dtype=np.float64),
+                      bandwidth_mbps=float(link.bandwidth_mbps), latency_ms=float(link.latency_ms), batch=int(batch))
+
+
+def block_stats(lut: dict) -> Dict[str, Any]:
+    """Per block x layout FLOPs, weight bytes, activation bytes and intensity (N, 14), NaN where absent, plus
+    the roofline knees (flop/byte) and peak FLOP/s of the edge (client) and server sides."""
+    n = lut['num_blocks']
+    out = {k: np.full((n, NUM_LAYOUTS), np.nan) for k in ('flops', 'weight_bytes', 'act_bytes', 'intensity')}
+    src = {'flops': 'flops', 'weight_bytes': 'weight_bytes', 'act_bytes': 'act_bytes',
+           'intensity': 'intensity_flop_per_byte'}
+    for row in lut['blocks']:
+        for g, c in row['layouts'].items():
+            for k, f in src.items():
+                out[k][row['block'], int(g)] = c[f]
+    for side, name in (('edge', 'edge'), ('server', 'server')):
+        out[f'knee_{name}'] = float(lut['roofline'][side]['knee_flop_per_byte'])
+        out[f'peak_flops_{name}'] = float(lut['roofline'][side]['peak_flops_per_s'])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: LUT sums against end-to-end timings
+# ----------------------------------------------------------------------------------------------------------
+
+def random_configurations(model: Dict[str, Any], count: int, rng: np.random.Generator) -> List[Dict[str, Any]]:
+    """`count` random valid configurations: a random measurable layout per block and a random split."""
+    plan = plan_of(model)
+    out = []
+    for _ in range(int(count)):
+        gammas = [int(rng.choice(F.measurable_layouts(s))) for s in plan]
+        out.append({'gammas': gammas, 'lam': int(rng.integers(0, len(plan) + 1))})
+    return out
+
+
+def predict_parts(side: Dict[str, Any], gammas: Sequence[int], lam: int, batch: int) -> Dict[str, float]:
+    """LUT sums of one side for the configuration run entirely on that side: blocks [0, lam) and [lam, N) + head."""
+    def t(k: int) -> float:
+        e = side['entries'].get(lut_key(k, gammas[k], batch))
+        if e is None:
+            raise LutError(f'LUT has no entry for block {k}, gamma {gammas[k]}, batch {batch}')
+        return float(e['median_ms'])
+    edge = sum(t(k) for k in range(lam))
+    server = sum(t(k) for k in range(lam, len(gammas))) + float(side['head'][lut_key('head', None, batch)]['median_ms'])
+    return {'edge_ms': edge, 'server_ms': server, 'total_ms': edge + server}
+
+
+def validation_summary(records: Sequence[Dict[str, Any]], tolerance_pct: float = 10.0) -> Dict[str, Any]:
+    """Share of configurations whose predicted total is within +/- tolerance of the measured one, and the median
+    absolute % error (total, and per part where the part ran)."""
+    def stats(errs: List[float]) -> Dict[str, Any]:
+        a = np.abs(np.asarray(errs, dtype=float))
+        return {'share_within_tol': float((a <= tolerance_pct).mean()) if a.size else None,
+                'median_abs_error_pct': float(np.median(a)) if a.size else None, 'count': int(a.size)}
+    out = {'tolerance_pct': tolerance_pct, 'total': stats([r['error_pct']['total'] for r in records])}
+    for part in ('edge', 'server'):
+        out[part] = stats([r['error_pct'][part] for r in records if r['error_pct'][part] is not None])
+    return out
+
+
+def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
+                  repeats: int, max_time_s: float = 0.0, seed: int = 0, progress: bool = False) -> Dict[str, Any]:
+    """Measure each configuration end to end on this device and compare it with `side`'s LUT sums."""
+    from optim import measure
+    model = measure.random_model(side['model'], seed)
+    records = []
+    bar = measure._progress(len(configs), progress, 'LUT validation')
+    try:
+        for c in configs:
+            pred = predict_parts(side, c['gammas'], c['lam'], batch)
+            m = measure.measure_configuration(model, side['input_size'], c['gammas'], c['lam'], batch, device,
+                                              warmup, repeats, max_time_s, seed)
+            meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms']}
+            meas['total_ms'] = meas['edge_ms'] + meas['server_ms']
+
+            def err(p: float, q: float) -> float:
+                return 100.0 * (p - q) / q
+            records.append({'gammas': c['gammas'], 'lam': c['lam'], 'predicted': pred, 'measured': meas,
+                            'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
+                            'error_pct': {'total': err(pred['total_ms'], meas['total_ms']),
+                                          'edge': err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
+                                          'server': err(pred['server_ms'], meas['server_ms'])}})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {'side': side['side'], 'device': device, 'batch': int(batch), 'summary': validation_summary(records),
+            'records': records, 'settings': {'warmup': warmup, 'repeats': repeats, 'max_time_s': max_time_s}}

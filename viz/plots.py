@@ -239,27 +239,31 @@ def lut_heatmap(view: LutView, side: str) -> Figure:
     fig = new_figure(9.0, 1.8 + 0.3 * n)
     ax = fig.subplots()
     finite = ms[np.isfinite(ms) & (ms > 0)]
-    norm = mcolors.LogNorm(vmin=float(finite.min()), vmax=float(finite.max())) if finite.size else None
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.1, 1.0)
+    log_scale = hi / lo > 10
+    norm = mcolors.LogNorm(vmin=lo, vmax=hi) if log_scale else mcolors.Normalize(vmin=lo, vmax=hi)
     cmap = matplotlib.colormaps['magma_r'].with_extremes(bad='#F2F2F2')
     im = ax.imshow(np.ma.masked_invalid(np.where(ms > 0, ms, np.nan)), aspect='auto', cmap=cmap, norm=norm,
                    interpolation='nearest')
-    mid = math.sqrt(float(finite.min()) * float(finite.max())) if finite.size else 0.0
     for k in range(n):
         for gm in range(ms.shape[1]):
             v = ms[k, gm]
             if np.isfinite(v):
-                ax.text(gm, k, f'{v:.3g}', ha='center', va='center', fontsize=6.5,
-                        color='white' if v > mid * 3 else 'black')
+                r, g, b, _ = cmap(norm(max(v, lo)))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(gm, k, f'{v:.3g}', ha='center', va='center', fontsize=6.5, color='white' if dark else 'black')
     ax.set_xticks(range(ms.shape[1]), [f'{lay.gamma}\n' + '+'.join(''.join(p) for p in lay.parts)
                                        for lay in LAYOUTS], fontsize=7.5)
     ax.set_yticks(range(n))
     ax.set_xlabel('layout γ (parts: fused branches joined, "+" = run separately)')
     ax.set_ylabel('block k (0 = stage0)')
     ax.grid(False)
-    fig.colorbar(im, ax=ax, label=f'time per batch of {view.batch} (ms, log scale)', pad=0.01)
+    fig.colorbar(im, ax=ax, label=f'median time per batch of {view.batch} (ms{", log scale" if log_scale else ""})',
+                 pad=0.01)
     source = view.edge_source if side == 'edge' else view.server_source
     device = view.edge_device if side == 'edge' else view.server_device
-    ax.set_title(f'{side.capitalize()} LUT: {device} ({source}), batch {view.batch}; blank = layout not valid')
+    ax.set_title(f'{side.capitalize()} LUT: {device} ({source}), batch {view.batch}\n'
+                 'grey = layout not measurable (its branches are not all in the block)')
     return fig
 
 

@@ -191,12 +191,47 @@ def load_step2(path: Path) -> Step2View:
                      exact.get('throughput_fps'), obj.get('gap_pct'))
 
 
+def side_source(lut: Mapping[str, Any], side: str, batch: int) -> Tuple[str, str]:
+    """('measured' | 'modelled (profile P)' | 'mixed: i measured, j modelled', device name) of one LUT side."""
+    part = lut[side]
+    srcs = [e.get('source') for e in part['entries'].values() if e.get('batch') == batch]
+    n_meas = sum(1 for x in srcs if x == 'measured')
+    if srcs and n_meas == len(srcs):
+        source = 'measured'
+    elif n_meas == 0:
+        profile = (part.get('profile') or {}).get('name')
+        source = f'modelled, profile {profile}' if profile else 'modelled'
+    else:
+        source = f'mixed: {n_meas} measured, {len(srcs) - n_meas} modelled entries'
+    device = str((part.get('metadata') or {}).get('device_name') or side)
+    return source, device.split(' (')[0]
+
+
 def load_lut_view(path: Path, batch: int) -> LutView:
-    """The LUT of one batch size through optim.lut (the one reader of the LUT format)."""
+    """One batch size of hardware_lut_complete.json, read through optim.lut (the one reader of the format)."""
     from optim import lut as lut_mod
     lut = lut_mod.load_lut(path)
+    if batch not in lut['batch_sizes']:
+        raise ArtifactError(f'{path}: field "batch_sizes" is {lut["batch_sizes"]}, it has no batch {batch} '
+                            '(choose one with --batch)')
     t = lut_mod.cost_tables(lut, batch)
-    return LutView(t.edge_ms, t.server_ms, batch, *lut_mod.side_sources(lut))
+    (e_src, e_dev), (s_src, s_dev) = side_source(lut, 'client', batch), side_source(lut, 'server', batch)
+    return LutView(t.edge_ms, t.server_ms, batch, e_src, s_src, e_dev, s_dev)
+
+
+def lut_validation_note(path: Path) -> Optional[str]:
+    """One line from lut_validation.json (step 1), or None when there is none."""
+    if not Path(path).is_file():
+        return None
+    obj = load_artifact(path, 'lut_validation', {'summary': dict})
+    tot = _get(obj['summary'], 'total', f'{path}: summary', dict)
+    share, med = tot.get('share_within_tol'), tot.get('median_abs_error_pct')
+    if not isinstance(share, (int, float)) or not isinstance(med, (int, float)):
+        return None
+    tol = obj['summary'].get('tolerance_pct', 10.0)
+    return (f'LUT validation ({obj.get("side", "?")} side, {obj.get("device", "?")}, {tot.get("count")} whole '
+            f'configurations measured end to end): {100 * share:.0f} % within ±{tol:g} % of the LUT sum, median '
+            f'|error| {med:.1f} %.')
 
 
 @dataclass
@@ -214,6 +249,9 @@ def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
     results_dir = Path(results_dir)
     notes: List[str] = []
     lut = load_lut_view(results_dir / 'hardware_lut_complete.json', batch)
+    val = lut_validation_note(results_dir / 'lut_validation.json')
+    if val:
+        notes.append(val)
     s2_path = results_dir / 'initial_throughput_config.json'
     step2 = load_step2(s2_path) if s2_path.is_file() else None
     if step2 is None:

@@ -1,4 +1,5 @@
 """Step 4 (figures and the paper table): records -> figures/table, and the step on real pipeline artifacts."""
+import json
 import math
 
 import numpy as np
@@ -83,3 +84,153 @@ def test_builders_skip_what_is_missing():
     assert any('step-3' in n for n in notes) and any('real-mode' in n for n in notes)
     builders, notes = plots.figure_builders(Inputs(_lut_view(recs[0].num_blocks), None, recs, 'test', []))
     assert 'predicted_vs_measured' not in builders and 'stage_times' in builders
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step on artifacts: a real LUT (optim.lut, modelled on both sides: fast) and step-2/3 results computed with
+# optim.cost on it.  Where steps 2/3 have not landed their writers, these are hand-built in their schema.
+# ----------------------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from artifacts import ArtifactError, load_artifact, write_artifact  # noqa: E402
+from config import Config, DataConfig, ModelConfig, UserError  # noqa: E402
+from hyper_repvgg import block_plan, layouts_for  # noqa: E402
+from optim import cost  # noqa: E402
+from optim import lut as L  # noqa: E402
+from optim.profiles import get_profile  # noqa: E402
+from pipeline import step4_visualize_results as step4  # noqa: E402
+
+TINY_WIDTH = (0.25, 0.25, 0.25, 0.25)
+FIGURES = ('accuracy_throughput_curve', 'domain_comparison', 'alpha_heatmap', 'gamma_heatmap', 'lut_heatmap_edge',
+           'lut_heatmap_server', 'stage_times')
+
+
+def _cfg(tmp_path):
+    return Config(model=ModelConfig(input_size=32, width_multiplier=TINY_WIDTH),
+                  data=DataConfig(dataset='synthetic', num_domains=3), results_dir=str(tmp_path))
+
+
+def _write_lut(cfg):
+    """hardware_lut_complete.json through optim.lut: the TX2 profile as the edge, the Orin Nano as the 'server'."""
+    model = L.model_spec(cfg)
+    client = L.modelled_side(get_profile('jetson-tx2'), model, cfg.model.input_size, [1], side='client')
+    server = L.modelled_side(get_profile('jetson-orin-nano'), model, cfg.model.input_size, [1], side='server')
+    payload = L.merge(server, client, L.resolve_link(cfg.lut), 'fp32')
+    write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete', payload, cfg, 'test')
+    return L.cost_tables(L.load_lut(cfg.path('hardware_lut_complete.json')), 1)
+
+
+def _best(tables, kept):
+    """Exact best (gammas, lam) for kept branch sets: per split, each block's fastest valid layout on its side."""
+    n = tables.num_blocks
+    best = None
+    for lam in range(n + 1):
+        g = []
+        for k in range(n):
+            t = tables.edge_ms[k] if k < lam else tables.server_ms[k]
+            g.append(min(layouts_for(kept[k]), key=lambda x: t[x]))
+        ev = cost.evaluate(g, lam, tables)
+        if best is None or ev['throughput_fps'] > best[2]['throughput_fps']:
+            best = (g, lam, ev)
+    return best
+
+
+def _baselines(tables, plan):
+    n = len(plan)
+    fused = [13 if s.has_identity else 4 for s in plan]
+    out = {'edge_only': dict(cost.evaluate(fused, n, tables), lam=n, gammas=fused),
+           'server_only': dict(cost.evaluate(fused, 0, tables), lam=0, gammas=fused)}
+    lam = max(range(n + 1), key=lambda m: cost.evaluate(fused, m, tables)['throughput_fps'])
+    out['best_plain_split'] = dict(cost.evaluate(fused, lam, tables), lam=lam, gammas=fused)
+    return out
+
+
+def _write_step2(cfg, tables, plan):
+    full = [('D', 'O', 'I') if s.has_identity else ('D', 'O') for s in plan]
+    g, lam, ev = _best(tables, full)
+    write_artifact(cfg.path('initial_throughput_config.json'), 'initial_throughput_config',
+                   {'gammas': g, 'lam': lam, 'predicted': ev, 'exact': {'gammas': g, 'lam': lam, **ev},
+                    'gap_pct': 0.0, 'baselines': _baselines(tables, plan)}, cfg, 'test')
+
+
+def _write_joint(cfg, tables, plan, d, measured=False):
+    rng = np.random.default_rng(d)
+    blocks, kept_all = [], []
+    for s in plan:
+        have = ['D', 'O', 'I'] if s.has_identity else ['D', 'O']
+        kept = [b for b in have if rng.random() > 0.3] or ['D']
+        blocks.append({'block': s.index, 'name': s.name, 'alpha': {b: float(rng.uniform(0.3, 1.4)) for b in have},
+                       'kept': kept})
+        kept_all.append(kept)
+    g, lam, ev = _best(tables, kept_all)
+    a_ref = 80.0 + 1.5 * d
+    pareto = []
+    for eps in (0.5, 1.0, 2.0):
+        pareto.append({'epsilon': eps, 'accuracy_pct': a_ref - 0.8 * eps, 'throughput_fps': ev['throughput_fps']
+                       * (0.9 + 0.1 * eps), 'lam': lam})
+    payload = {'domain': d, 'a_ref_pct': a_ref, 'final_accuracy_pct': a_ref - 0.7, 'epsilon': 1.0, 'lam': lam,
+               'gammas': g, 'blocks': blocks, 'predicted': ev,
+               'baselines': {'unpruned': _baselines(tables, plan), 'pruned': {}}, 'pareto': pareto}
+    if measured:
+        payload['measured'] = {'throughput_fps': ev['throughput_fps'] * 0.93, 'latency_ms': ev['latency_ms'] * 1.1}
+    write_artifact(cfg.path('joint_optimization', f'domain_{d}_joint.json'), 'joint_domain', payload, cfg, 'test')
+
+
+@pytest.fixture()
+def results(tmp_path):
+    cfg = _cfg(tmp_path)
+    tables = _write_lut(cfg)
+    plan = block_plan('A0', TINY_WIDTH)
+    _write_step2(cfg, tables, plan)
+    for d in range(3):
+        _write_joint(cfg, tables, plan, d, measured=d == 1)
+    return cfg
+
+
+def test_step4_writes_every_file(results, capsys):
+    assert step4.main(['--results_dir', results.results_dir]) == 0
+    out = Path(results.results_dir) / 'visualization'
+    for name in FIGURES + ('predicted_vs_measured',):
+        for fmt in ('png', 'pdf'):
+            assert (out / f'{name}.{fmt}').stat().st_size > 5_000, f'{name}.{fmt}'
+    md = (out / 'summary.md').read_text()
+    assert md.count('\n| 0 |') == 1 and '| mean |' in md and '| worst (' in md and 'edge only' in md
+    s = load_artifact(out / 'summary.json', 'summary', {'domains': list, 'mean': dict, 'worst': dict, 'step2': list})
+    assert [r['domain'] for r in s['domains']] == ['0', '1', '2']
+    j1 = json.loads((Path(results.results_dir) / 'joint_optimization' / 'domain_1_joint.json').read_text())
+    row = s['domains'][1]
+    assert row['throughput_fps'] == pytest.approx(j1['predicted']['throughput_fps'])
+    assert row['gain_x'] == pytest.approx(j1['predicted']['throughput_fps']
+                                          / j1['baselines']['unpruned']['best_plain_split']['throughput_fps'])
+    assert row['branches_pruned'] == sum(len(b['alpha']) - len(b['kept']) for b in j1['blocks'])
+    assert s["mean"]["a_ref_pct"] == pytest.approx(81.5)
+    assert 'mean' in capsys.readouterr().out
+
+
+def test_step4_domains_and_formats(results):
+    assert step4.main(['--results_dir', results.results_dir, '--domains', '2', '--formats', 'png']) == 0
+    out = Path(results.results_dir) / 'visualization'
+    assert not list(out.glob('*.pdf')) and not (out / 'predicted_vs_measured.png').exists()  # domain 2: no real run
+    assert [r['domain'] for r in json.loads((out / 'summary.json').read_text())['domains']] == ['2']
+    with pytest.raises(UserError, match='domain.*7'):
+        step4.main(['--results_dir', results.results_dir, '--domains', '7'])
+    with pytest.raises(UserError, match='--formats'):
+        step4.main(['--results_dir', results.results_dir, '--formats', 'gif'])
+
+
+def test_step4_skips_optional_and_names_missing_required(tmp_path, caplog):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ArtifactError, match='hardware_lut_complete.json'):
+        step4.main(['--results_dir', str(tmp_path)])
+    assert not (tmp_path / 'visualization').exists()
+    _write_lut(cfg)
+    with caplog.at_level('INFO'):
+        assert step4.main(['--results_dir', str(tmp_path), '--formats', 'png']) == 0
+    names = sorted(p.name for p in (tmp_path / 'visualization').iterdir())
+    assert names == ['lut_heatmap_edge.png', 'lut_heatmap_server.png', 'summary.json', 'summary.md']
+    assert 'step 3' in caplog.text and 'step 2' in caplog.text
+    joint = tmp_path / 'joint_optimization' / 'domain_0_joint.json'
+    write_artifact(joint, 'joint_domain', {'domain': 0}, cfg, 'test')
+    with pytest.raises(ArtifactError, match=r'domain_0_joint.json.*a_ref'):
+        step4.main(['--results_dir', str(tmp_path)])

@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use('Agg')  # server-side: never open a window
 
 import numpy as np  # noqa: E402
-from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib import colors as mcolors
+from matplotlib import patheffects  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
@@ -101,7 +102,7 @@ def accuracy_throughput_curve(results: Sequence[DomainResult], accuracy_label: s
         ax.axhline(r.a_ref_pct, color='grey', ls=':', lw=1)
         if max(fps_all) / max(min(fps_all), 1e-9) > 20:
             ax.set_xscale('log')
-        ax.set_title(f'domain {r.domain}')
+        ax.set_title(r.title, fontsize=10)
         ax.set_xlabel('predicted throughput (frames/s)')
         ax.set_ylabel(f'{accuracy_label} (%)')
         ax.margins(x=0.12, y=0.15)
@@ -118,10 +119,10 @@ def accuracy_throughput_curve(results: Sequence[DomainResult], accuracy_label: s
 @_styled
 def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> Figure:
     """Per domain: A_ref vs final accuracy, throughput gain over the best plain split, chosen split lambda."""
-    fig = new_figure(max(7.5, 0.75 * len(results) + 3.5), 8.2)
+    fig = new_figure(max(9.5, 0.75 * len(results) + 5.5), 8.2)
     ax_acc, ax_gain, ax_lam = fig.subplots(3, 1, sharex=True)
     x = np.arange(len(results))
-    names = [str(r.domain) for r in results]
+    names = [str(r.domain) + (f'\n{r.corruption}' if r.corruption else '') for r in results]
     w = 0.38
     a_ref = np.array([r.a_ref_pct for r in results])
     final = np.array([r.final_acc_pct for r in results])
@@ -134,7 +135,7 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
                         xytext=(0, 2), ha='center', fontsize=7.5)
     ax_acc.set_ylabel('accuracy (%)')
     ax_acc.set_title('Accuracy: unpruned reference vs final pruned model (labels: change, points)')
-    ax_acc.legend(loc='lower right')
+    ax_acc.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     gains = np.array([r.gain_x if r.gain_x is not None else np.nan for r in results])
     bars = ax_gain.bar(x, gains, 0.6, color=np.where(gains >= 1.0, '#55A868', '#C44E52'),
                        label='joint config / best plain split')
@@ -146,7 +147,7 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     ax_gain.set_ylabel('throughput gain (x)')
     ax_gain.set_ylim(0, np.nanmax(np.append(gains, 1.0)) * 1.2)
     ax_gain.set_title('Predicted throughput gain over the best split of the plain deploy model')
-    ax_gain.legend(loc='lower right')
+    ax_gain.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     lams = [r.lam for r in results]
     n = max(r.num_blocks for r in results)
     ax_lam.bar(x, lams, 0.6, color='#8172B3', label='chosen split λ (blocks on the edge)')
@@ -154,12 +155,12 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     if any(p is not None for p in plain):
         ax_lam.plot(x, [np.nan if p is None else p for p in plain], 's', color='#C44E52', mec='black',
                     label='λ of the best plain split')
-    ax_lam.set_ylim(0, n + 0.5)
+    ax_lam.set_ylim(0, n * 1.08 + 1)
     ax_lam.axhline(n, color='grey', lw=1, ls=':', label=f'N = {n} (edge-only)')
     ax_lam.set_ylabel('split point λ (blocks)')
     ax_lam.set_title('Chosen split point')
-    ax_lam.legend(loc='upper right', ncol=3)
-    ax_lam.set_xticks(x, names)
+    ax_lam.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
+    ax_lam.set_xticks(x, names, fontsize=8 if any(r.corruption for r in results) else None)
     ax_lam.set_xlabel('domain')
     fig.suptitle('Per-domain comparison')
     return fig
@@ -217,11 +218,13 @@ def gamma_heatmap(results: Sequence[DomainResult]) -> Figure:
     for i, r in enumerate(results):
         for k, gamma in enumerate(r.gammas):
             ax.text(k, i, str(gamma), ha='center', va='center', fontsize=7.5)
-        ax.plot([r.lam - 0.5, r.lam - 0.5], [i - 0.5, i + 0.5], color='black', lw=3)
-    ax.set_yticks(range(len(results)), [str(r.domain) for r in results])
+        ax.plot([r.lam - 0.5, r.lam - 0.5], [i - 0.5, i + 0.5], color='black', lw=3.5, solid_capstyle='butt',
+                path_effects=[patheffects.withStroke(linewidth=6, foreground='white')])
+    ax.set_xlim(-0.65, n - 0.35)
+    ax.set_yticks(range(len(results)), [f'{r.domain} (λ={r.lam})' for r in results])
     ax.set_xticks(range(n))
     ax.set_xlabel('block k (0 = stage0)')
-    ax.set_ylabel('domain')
+    ax.set_ylabel('domain (chosen split)')
     ax.grid(False)
     used = sorted({int(v) for v in g[np.isfinite(g)]})
     handles = [Patch(facecolor=cmap(u), edgecolor='grey', label=f'γ={u}: {LAYOUTS[u].description}') for u in used]
@@ -322,9 +325,14 @@ def predicted_vs_measured(points: Mapping[str, Sequence[Tuple[str, float, float]
         ax.plot([lo, hi], [lo, hi], '--', color='grey', lw=1, label='measured = predicted')
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color='grey', alpha=0.15,
                         label='±10 %')
-        ax.plot(pred, meas, 'o', color='#4C72B0', mec='black', label='domain')
-        for name, p, m in pts:
-            ax.annotate(str(name), (p, m), textcoords='offset points', xytext=(4, 3), fontsize=7.5)
+        ax.plot(pred, meas, 'o', color='#4C72B0', mec='black', label='domain (labelled by id)')
+        groups: Dict[Tuple[int, int], List[Tuple[str, float, float]]] = {}
+        tol = (hi - lo) / 100
+        for name, p, m in pts:  # points within 1 % of the axis share one label
+            groups.setdefault((round(p / tol), round(m / tol)), []).append((str(name), p, m))
+        for members in groups.values():
+            ax.annotate(', '.join(n for n, _, _ in members), members[0][1:], textcoords='offset points',
+                        xytext=(5, 3), fontsize=7.5)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_xlabel(f'predicted {quantity}')

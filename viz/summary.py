@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -61,6 +61,11 @@ class DomainResult:
     pareto: Tuple[ParetoPoint, ...] = ()
     measured: Optional[Dict[str, float]] = None  # real mode: measured values beside 'predicted'
     source: str = ''  # the artifact file
+    corruption: str = ''  # the domain's corruption (step 0's training_results.json), '' when unknown
+
+    @property
+    def title(self) -> str:
+        return f'domain {self.domain}' + (f' ({self.corruption})' if self.corruption else '')
 
     @property
     def drop_pct(self) -> float:
@@ -88,6 +93,7 @@ class LutView:
     server_source: str
     edge_device: str
     server_device: str
+    link: str = ''  # the link the LUT's cost tables use, in words
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,9 @@ def load_lut_view(path: Path, batch: int) -> LutView:
                             '(choose one with --batch)')
     t = lut_mod.cost_tables(lut, batch)
     (e_src, e_dev), (s_src, s_dev) = side_source(lut, 'client', batch), side_source(lut, 'server', batch)
-    return LutView(t.edge_ms, t.server_ms, batch, e_src, s_src, e_dev, s_dev)
+    link = (f'{lut["link"].get("name", "link")}: {t.bandwidth_mbps:g} Mbit/s uplink, one-way latency '
+            f'{t.latency_ms:g} ms, features as {lut["feature_dtype"]}')
+    return LutView(t.edge_ms, t.server_ms, batch, e_src, s_src, e_dev, s_dev, link)
 
 
 def lut_validation_note(path: Path) -> Optional[str]:
@@ -242,6 +250,7 @@ class Inputs:
     domains: List[DomainResult]
     accuracy_source: str  # the split of the final accuracy: 'test' (step 3 reports held-out test accuracy)
     notes: List[str] = field(default_factory=list)
+    lut_lines: List[str] = field(default_factory=list)  # where the LUT numbers come from, and its validation
 
 
 def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
@@ -249,9 +258,10 @@ def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
     results_dir = Path(results_dir)
     notes: List[str] = []
     lut = load_lut_view(results_dir / 'hardware_lut_complete.json', batch)
+    lut_lines = [f'edge (client) side: {lut.edge_device}, {lut.edge_source}',
+                 f'server side: {lut.server_device}, {lut.server_source}', f'link: {lut.link}']
     val = lut_validation_note(results_dir / 'lut_validation.json')
-    if val:
-        notes.append(val)
+    lut_lines.append(val or 'no lut_validation.json: the LUT was not validated end to end')
     s2_path = results_dir / 'initial_throughput_config.json'
     step2 = load_step2(s2_path) if s2_path.is_file() else None
     if step2 is None:
@@ -267,8 +277,23 @@ def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
         if not wanted:
             notes.append(f'no {JOINT_DIR}/domain_<d>_joint.json (step 3): the per-domain figures and table are '
                          'left out')
-    results = [load_domain_result(joint_path(results_dir, d)) for d in wanted]
-    return Inputs(lut, step2, results, 'test', notes)
+    corruptions = domain_corruptions(results_dir / 'training_results.json')
+    results = [replace(r, corruption=corruptions.get(r.domain, '')) for r in
+               (load_domain_result(joint_path(results_dir, d)) for d in wanted)]
+    return Inputs(lut, step2, results, 'test', notes, lut_lines)
+
+
+def domain_corruptions(path: Path) -> Dict[str, str]:
+    """domain -> corruption name from step 0's training_results.json ({} when absent: labels only)."""
+    if not Path(path).is_file():
+        return {}
+    obj = load_artifact(path, 'training_results', {'domains': dict})
+    out = {}
+    for d, r in obj['domains'].items():
+        c = r.get('corruption') if isinstance(r, dict) else None
+        if isinstance(c, dict) and c.get('name'):
+            out[str(d)] = str(c['name']) + (f' s{c["severity"]}' if c.get('severity') is not None else '')
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,6 +302,7 @@ def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
 
 COLUMNS = (  # key, header, format
     ('domain', 'domain', '{}'),
+    ('corruption', 'corruption', '{}'),
     ('a_ref_pct', 'A_ref (%)', '{:.2f}'),
     ('final_acc_pct', 'final acc. (%)', '{:.2f}'),
     ('drop_pct', 'drop (pts)', '{:.2f}'),
@@ -292,7 +318,7 @@ COLUMNS = (  # key, header, format
 
 def domain_row(r: DomainResult) -> Dict[str, Any]:
     plain = r.baselines.get('best_plain_split')
-    return {'domain': r.domain, 'a_ref_pct': r.a_ref_pct, 'final_acc_pct': r.final_acc_pct, 'drop_pct': r.drop_pct,
+    return {'domain': r.domain, 'corruption': r.corruption or None, 'a_ref_pct': r.a_ref_pct, 'final_acc_pct': r.final_acc_pct, 'drop_pct': r.drop_pct,
             'epsilon': r.epsilon, 'lam': r.lam, 'branches_pruned': r.branches_pruned,
             'throughput_fps': r.predicted.throughput_fps,
             'plain_split_fps': plain.throughput_fps if plain else None, 'gain_x': r.gain_x,
@@ -309,8 +335,7 @@ def aggregate_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         mean[key] = float(np.mean(vals)) if vals and len(vals) == len(rows) else None
     gain_mean = [r['gain_x'] for r in rows if r['gain_x'] is not None]
     mean['gain_x'] = float(np.exp(np.mean(np.log(gain_mean)))) if len(gain_mean) == len(rows) else None
-    mean['lam'] = None
-    mean['bottleneck'] = None
+    mean['lam'] = mean['corruption'] = mean['bottleneck'] = None
     worst = max(rows, key=lambda r: (r['drop_pct'], -(r['gain_x'] or 0.0)))
     return [mean, {**worst, 'domain': f'worst ({worst["domain"]})'}]
 
@@ -322,7 +347,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> str:
-    text = ('domain', 'configuration', 'bottleneck')
+    text = ('domain', 'corruption', 'configuration', 'bottleneck')
     lines = ['| ' + ' | '.join(h for _, h, _ in columns) + ' |',
              '|' + '|'.join(':---' if k in text else '---:' for k, _, _ in columns) + '|']
     for r in rows:
@@ -357,6 +382,7 @@ class Summary:
     step2: List[Dict[str, Any]] = field(default_factory=list)
     step2_gap_pct: Optional[float] = None
     notes: List[str] = field(default_factory=list)
+    lut: List[str] = field(default_factory=list)
 
     def to_payload(self) -> Dict[str, Any]:
         """summary.json: the same numbers as summary.md (accuracies in %, throughput predicted, frames/s)."""
@@ -366,7 +392,7 @@ class Summary:
         return {'accuracy_source': self.accuracy_source, 'throughput_kind': 'predicted',
                 'domains': clean(self.domains), 'mean': clean(self.aggregate[:1])[0] if self.aggregate else None,
                 'worst': clean(self.aggregate[1:])[0] if self.aggregate else None, 'step2': clean(self.step2),
-                'step2_gap_pct': self.step2_gap_pct, 'notes': list(self.notes)}
+                'step2_gap_pct': self.step2_gap_pct, 'lut': list(self.lut), 'notes': list(self.notes)}
 
 
 def build_summary(inputs: 'Inputs', notes: Sequence[str] = ()) -> Summary:
@@ -374,7 +400,7 @@ def build_summary(inputs: 'Inputs', notes: Sequence[str] = ()) -> Summary:
     s2 = inputs.step2
     return Summary(accuracy_source=inputs.accuracy_source, domains=rows, aggregate=aggregate_rows(rows),
                    step2=step2_rows(s2) if s2 else [], step2_gap_pct=s2.gap_pct if s2 else None,
-                   notes=list(inputs.notes) + list(notes))
+                   notes=list(inputs.notes) + list(notes), lut=list(inputs.lut_lines))
 
 
 def console_lines(s: Summary) -> List[str]:
@@ -401,6 +427,8 @@ def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
                 markdown_table(s.step2, STEP2_COLUMNS), '']
         if s.step2_gap_pct is not None:
             out += [f'Gap of the gradient-descent result to the exact optimum: {s.step2_gap_pct:.3g} %.', '']
+    if s.lut:
+        out += ['## Cost model inputs (step 1)', ''] + [f'- {n}' for n in s.lut] + ['']
     if s.notes:
         out += ['## Notes', ''] + [f'- {n}' for n in s.notes] + ['']
     return '\n'.join(out)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from config import Config, UserError, resolve_path
+from data.normalize import normalize_batch  # noqa: F401 - re-exported: the one uint8 -> model-input function
 
 FASHION_MNIST_SYSTEM_DIR = Path('/usr/share/datasets/fashion-mnist')
 SPLITS = ('train', 'test')
@@ -44,17 +45,6 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp', '.tif', '.ti
 
 class DatasetError(UserError, ValueError):
     """A dataset that is unknown, missing or malformed; the message names the dataset, path and what to do."""
-
-
-def normalize_batch(x, mean, std):
-    # type: (torch.Tensor, Sequence[float], Sequence[float]) -> torch.Tensor
-    """uint8 batch (B, 3, S, S) -> float model input: (x / 255 - mean) / std per channel.
-
-    The one place uint8 images become model input (the real-mode server calls it on received images).
-    """
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written: List[Path] = []
     for name, make in builders.items():
         written += plots.save_figure(make(), out_dir, name, formats)
+    for stale in (out_dir / f'{n}.{f}' for n in plots.FIGURE_NAMES for f in KNOWN_FORMATS):
+        if stale.is_file() and stale not in written:  # from an earlier run: it no longer matches the artifacts
+            stale.unlink()
+            log.info('removed %s (an earlier run wrote it; this run did not)', stale.name)
     table = summary.build_summary(inputs, skipped)
     atomic_write_bytes(out_dir / 'summary.md', summary.summary_markdown(table).encode())
     write_artifact(out_dir / 'summary.json', 'summary', table.to_payload(), cfg, command_line(argv))

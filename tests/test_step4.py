@@ -209,9 +209,13 @@ def test_step4_writes_every_file(results, capsys):
 
 
 def test_step4_domains_and_formats(results):
-    assert step4.main(['--results_dir', results.results_dir, '--domains', '2', '--formats', 'png']) == 0
+    assert step4.main(['--results_dir', results.results_dir, '--formats', 'pdf']) == 0
     out = Path(results.results_dir) / 'visualization'
-    assert not list(out.glob('*.pdf')) and not (out / 'predicted_vs_measured.png').exists()  # domain 2: no real run
+    assert (out / 'predicted_vs_measured.pdf').is_file()
+    assert step4.main(['--results_dir', results.results_dir, '--domains', '2', '--formats', 'png']) == 0
+    # domain 2 had no real-mode run; figures of the earlier run (pdf, predicted_vs_measured) are gone, not stale
+    assert not list(out.glob('*.pdf')) and not (out / 'predicted_vs_measured.png').exists()
+    assert sorted(p.stem for p in out.glob('*.png')) == sorted(FIGURES)
     assert [r['domain'] for r in json.loads((out / 'summary.json').read_text())['domains']] == ['2']
     with pytest.raises(UserError, match='domain.*7'):
         step4.main(['--results_dir', results.results_dir, '--domains', '7'])

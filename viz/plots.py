@@ -38,6 +38,8 @@ BASELINE_STYLE = {  # label, marker, color
 }
 BRANCH_NAMES = {'D': '3x3 dense (D)', 'O': '1x1 (O)', 'I': 'identity (I)'}
 FORMATS = ('png', 'pdf')
+FIGURE_NAMES = ('accuracy_throughput_curve', 'domain_comparison', 'alpha_heatmap', 'gamma_heatmap', 'lut_heatmap_edge',
+                'lut_heatmap_server', 'stage_times', 'predicted_vs_measured')  # every figure step 4 can draw
 
 
 def new_figure(width: float, height: float) -> Figure:

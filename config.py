@@ -72,7 +72,7 @@ class LutConfig:
     batch_sizes: Tuple[int, ...] = (1,)  # batch sizes measured in the LUT
     warmup: int = 5  # untimed runs before timing each entry
     repeats: int = 20  # timed runs per entry
-    threads: int = 0  # torch threads for measurement (0 = leave torch's default)
+    threads: int = 1  # torch threads for measurement (1 = reproducible on a shared CPU; 0 = leave torch's default)
     client_profile: str = 'jetson-tx2'  # device profile of the simulated edge device (pseudo mode)
     link: str = '4g'  # link preset: 3g | 4g | wifi | ethernet
     bandwidth_mbps: Optional[float] = None  # explicit uplink bandwidth in Mbit/s (overrides the preset)
@@ -80,6 +80,7 @@ class LutConfig:
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
+    timing: str = 'chain'  # chain: blocks timed inside whole forward passes (weights come from memory, as deployed) | isolated: each block alone in a loop
 
 
 @dataclass(frozen=True)

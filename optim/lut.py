@@ -426,15 +426,20 @@ def predict_parts(side: Dict[str, Any], gammas: Sequence[int], lam: int, batch: 
 
 def validation_summary(records: Sequence[Dict[str, Any]], tolerance_pct: float = 10.0) -> Dict[str, Any]:
     """Share of configurations whose predicted total is within +/- tolerance of the measured one, and the median
-    absolute % error (total, and per part where the part ran)."""
+    absolute (and signed) % error, of the total and of each part where it ran."""
     def stats(errs: List[float]) -> Dict[str, Any]:
         a = np.abs(np.asarray(errs, dtype=float))
         return {'share_within_tol': float((a <= tolerance_pct).mean()) if a.size else None,
-                'median_abs_error_pct': float(np.median(a)) if a.size else None, 'count': int(a.size)}
+                'median_abs_error_pct': float(np.median(a)) if a.size else None,
+                'median_signed_error_pct': float(np.median(errs)) if a.size else None, 'count': int(a.size)}
     out = {'tolerance_pct': tolerance_pct, 'total': stats([r['error_pct']['total'] for r in records])}
     for part in ('edge', 'server'):
         out[part] = stats([r['error_pct'][part] for r in records if r['error_pct'][part] is not None])
     return out
+
+
+def _err(p: float, q: float) -> float:
+    return 100.0 * (p - q) / q
 
 
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
@@ -451,14 +456,12 @@ def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch
                                               warmup, repeats, max_time_s, seed)
             meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms']}
             meas['total_ms'] = meas['edge_ms'] + meas['server_ms']
-
-            def err(p: float, q: float) -> float:
-                return 100.0 * (p - q) / q
-            records.append({'gammas': c['gammas'], 'lam': c['lam'], 'predicted': pred, 'measured': meas,
-                            'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
-                            'error_pct': {'total': err(pred['total_ms'], meas['total_ms']),
-                                          'edge': err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
-                                          'server': err(pred['server_ms'], meas['server_ms'])}})
+            rec = {'gammas': c['gammas'], 'lam': c['lam'], 'predicted': pred, 'measured': meas,
+                   'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
+                   'error_pct': {'total': _err(pred['total_ms'], meas['total_ms']),
+                                 'edge': _err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
+                                 'server': _err(pred['server_ms'], meas['server_ms'])}}
+            records.append(rec)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -143,30 +143,91 @@ def _progress(total, enabled, desc):
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
 
 
+def _fallback_layout(spec, gamma):
+    # type: (object, int) -> int
+    """gamma where the block can run it, else the block's deploy form (13, or 4 without identity)."""
+    return gamma if gamma in measurable_layouts(spec) else (13 if spec.has_identity else 4)
+
+
+def _time_chain(modules, x, device, warmup, repeats, budget_s):
+    # type: (Sequence[nn.Module], torch.Tensor, torch.device, int, int, float) -> List[List[float]]
+    """Run modules[0] .. modules[-1] as one forward pass, `repeats` times after `warmup` passes, timing every
+    module inside the pass (device synchronized around each).  Returns per-module lists of times in ms."""
+    samples = [[] for _ in modules]
+    with torch.no_grad():
+        for _ in range(max(0, int(warmup))):
+            y = x
+            for m in modules:
+                y = m(y)
+        _sync(device)
+        start = time.perf_counter()
+        for r in range(max(1, int(repeats))):
+            y = x
+            for i, m in enumerate(modules):
+                _sync(device)
+                t0 = time.perf_counter()
+                y = m(y)
+                _sync(device)
+                samples[i].append((time.perf_counter() - t0) * 1e3)
+            if budget_s > 0 and r + 1 >= MIN_TIMED_RUNS and time.perf_counter() - start > budget_s:
+                break
+    return samples
+
+
 def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, max_entry_s=0.0,
-                   seed=0, progress=False):
-    # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool) -> Dict[str, object]
+                   seed=0, progress=False, timing='chain'):
+    # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool, str) -> Dict[str, object]
     """Time every block x measurable layout x batch size, and the head (pooling + classifier) per batch size.
 
-    Returns {'entries': [{'block', 'layout', 'batch', 'median_ms', 'p10_ms', 'p90_ms', 'mean_ms', 'n', 'inner'}],
+    timing='chain' (default): for each layout gamma, a whole forward pass runs with every block in gamma (blocks
+    that cannot run gamma use their deploy form and are not recorded) and each block is timed inside the pass,
+    so weights arrive from memory as they do when the network really runs.  timing='isolated': each block runs
+    alone in a loop on its input (weights stay in cache: faster than in a real forward pass on a CPU).
+    Returns {'entries': [{'block', 'layout', 'batch', 'median_ms', 'p10_ms', 'p90_ms', 'mean_ms', 'n'}],
     'head': [{'batch', 'median_ms', ...}]}.
     """
+    if timing not in ('chain', 'isolated'):
+        raise ValueError("timing must be 'chain' or 'isolated', got {!r}".format(timing))
     device = torch.device(device)
     model = random_model(arch, seed)
     plan = model.plan
     in_hw = block_input_hw(plan, input_size)
-    total = len(batch_sizes) * (sum(len(measurable_layouts(s)) for s in plan) + 1)
-    bar = _progress(total, progress, 'LUT {}'.format(device))
     entries, head = [], []
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 2)
+    n_entries = sum(len(measurable_layouts(s)) for s in plan)
+    if timing == 'chain':
+        total = len(batch_sizes) * len(LAYOUTS)
+    else:
+        total = len(batch_sizes) * (n_entries + 1)
+    bar = _progress(total, progress, 'LUT {} ({})'.format(device, timing))
     try:
         for batch in batch_sizes:
+            x = torch.randn(int(batch), 3, int(input_size), int(input_size), generator=gen).to(device)
+            head_part = SplitPart([], (model.gap, model.linear)).to(device).eval()
+            if timing == 'chain':
+                head_samples = []
+                for lay in LAYOUTS:
+                    recorded = [s.index for s in plan if lay.gamma in measurable_layouts(s)]
+                    modules = [deployed_layout(b, _fallback_layout(s, lay.gamma)).to(device).eval()
+                               for s, b in zip(plan, model.blocks)] + [head_part]
+                    samples = _time_chain(modules, x, device, warmup, repeats, max_entry_s * len(recorded))
+                    for k in recorded:
+                        row = {'block': k, 'layout': lay.gamma, 'batch': int(batch)}
+                        row.update(summarize_ms(samples[k]))
+                        entries.append(row)
+                    head_samples.extend(samples[-1])
+                    if bar is not None:
+                        bar.update(1)
+                row = {'batch': int(batch)}
+                row.update(summarize_ms(head_samples))
+                head.append(row)
+                continue
             for spec, block, hw in zip(plan, model.blocks, in_hw):
-                x = torch.randn(int(batch), spec.in_channels, hw[0], hw[1], generator=gen).to(device)
+                xb = torch.randn(int(batch), spec.in_channels, hw[0], hw[1], generator=gen).to(device)
                 for gamma in measurable_layouts(spec):
                     deployed = deployed_layout(block, gamma).to(device).eval()
-                    stats = time_callable(lambda d=deployed, x=x: d(x), device, warmup, repeats, max_entry_s)
+                    stats = time_callable(lambda d=deployed, v=xb: d(v), device, warmup, repeats, max_entry_s)
                     row = {'block': spec.index, 'layout': gamma, 'batch': int(batch)}
                     row.update(stats)
                     entries.append(row)
@@ -175,8 +236,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
             last = plan[-1]
             ho, wo = out_hw(last, in_hw[-1])
             h = torch.randn(int(batch), last.out_channels, ho, wo, generator=gen).to(device)
-            part = SplitPart([], (model.gap, model.linear)).to(device).eval()
-            stats = time_callable(lambda p=part, h=h: p(h), device, warmup, repeats, max_entry_s)
+            stats = time_callable(lambda p=head_part, v=h: p(v), device, warmup, repeats, max_entry_s)
             row = {'batch': int(batch)}
             row.update(stats)
             head.append(row)
@@ -185,6 +245,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     finally:
         if bar is not None:
             bar.close()
+    entries.sort(key=lambda e: (e['batch'], e['block'], e['layout']))
     return {'entries': entries, 'head': head}
 
 
@@ -204,8 +265,9 @@ def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu',
                           max_time_s=0.0, seed=0):
     # type: (HyperRepVGG, int, Sequence[int], int, int, str, int, int, float, int) -> Dict[str, object]
     """End-to-end time of one configuration on this device: the edge part (blocks [0, lam)) and the server part
-    (blocks [lam, N) + head) each run as one module on a real input.  Returns {'edge': stats | None, 'server':
-    stats}; the edge is None when lam == 0.  `model` is changed (kept sets and layouts)."""
+    (blocks [lam, N) + head) each run as one module on a real input, with no timing inside.  Returns
+    {'edge': stats | None, 'server': stats}; the edge is None when lam == 0.  `model` is changed (kept sets
+    and layouts)."""
     device = torch.device(device)
     edge, server = deploy_configuration(model, gammas, lam)
     edge, server = edge.to(device).eval(), server.to(device).eval()
@@ -216,8 +278,8 @@ def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu',
     with torch.no_grad():
         h = edge(x)
     if lam > 0:
-        out['edge'] = time_callable(lambda: edge(x), device, warmup, repeats, max_time_s)
-    out['server'] = time_callable(lambda: server(h), device, warmup, repeats, max_time_s)
+        out['edge'] = time_callable(lambda: edge(x), device, warmup, repeats, max_time_s, min_sample_ms=0)
+    out['server'] = time_callable(lambda: server(h), device, warmup, repeats, max_time_s, min_sample_ms=0)
     return out
 
 
@@ -305,17 +367,18 @@ def set_threads(threads):
 
 
 def measure_side(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, threads=0,
-                 max_entry_s=0.0, seed=0, progress=False, microbenchmark=True):
-    # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool) -> Dict[str, object]
+                 max_entry_s=0.0, seed=0, progress=False, microbenchmark=True, timing='chain'):
+    # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool, str) -> Dict[str, object]
     """Everything one side contributes to the LUT, measured here: block entries, head, roofline, metadata."""
     used = set_threads(threads)
     plan = block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input', False)))
-    result = measure_blocks(arch, input_size, batch_sizes, device, warmup, repeats, max_entry_s, seed, progress)
+    result = measure_blocks(arch, input_size, batch_sizes, device, warmup, repeats, max_entry_s, seed, progress,
+                            timing)
     result['roofline'] = roofline_microbenchmark(device) if microbenchmark else None
     meta = device_metadata(device)
     meta['threads'] = used
     result['metadata'] = meta
     result['settings'] = {'warmup': int(warmup), 'repeats': int(repeats), 'max_entry_s': float(max_entry_s),
                           'batch_sizes': [int(b) for b in batch_sizes], 'input_size': int(input_size),
-                          'num_blocks': len(plan), 'seed': int(seed)}
+                          'num_blocks': len(plan), 'seed': int(seed), 'timing': timing}
     return result

@@ -31,7 +31,8 @@ def measure(cfg, side, command):
     model = L.model_spec(cfg)
     t0 = time.time()
     res = M.measure_side(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.device, cfg.lut.warmup,
-                         cfg.lut.repeats, cfg.lut.threads, cfg.lut.max_entry_s, cfg.seed, progress=True)
+                         cfg.lut.repeats, cfg.lut.threads, cfg.lut.max_entry_s, cfg.seed, progress=True,
+                         timing=cfg.lut.timing)
     payload = L.side_payload(side, model, cfg.model.input_size, res)
     payload['settings']['measure_wall_s'] = time.time() - t0
     write_artifact(cfg.path(f'lut_{side}.json'), f'lut_{side}', payload, cfg, command)
@@ -50,7 +51,8 @@ def validate(cfg, side_lut, command):
     print(f'LUT validation ({side_lut["side"]} LUT, {cfg.device}, {s["total"]["count"]} configurations): '
           f'{100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, median |error| '
           f'{s["total"]["median_abs_error_pct"]:.1f} % (per part: edge {_pct(s["edge"])}, server '
-          f'{_pct(s["server"])}) -> {cfg.path("lut_validation.json")}')
+          f'{_pct(s["server"])}; median signed error {s["total"]["median_signed_error_pct"]:+.1f} %) '
+          f'-> {cfg.path("lut_validation.json")}')
     return rep
 
 
@@ -151,6 +153,8 @@ def main(argv=None):
     cfg = resolve_config(args, FLAGS)
     if cfg.lut.feature_dtype not in ('fp32', 'fp16'):
         raise L.ConfigError(f'--feature_dtype / lut.feature_dtype: expected fp32 or fp16, got {cfg.lut.feature_dtype!r}')
+    if cfg.lut.timing not in ('chain', 'isolated'):
+        raise L.ConfigError(f'lut.timing: expected chain or isolated, got {cfg.lut.timing!r}')
     if not cfg.lut.batch_sizes or min(cfg.lut.batch_sizes) < 1:
         raise L.ConfigError(f'--batch_sizes / lut.batch_sizes: expected positive integers, got {cfg.lut.batch_sizes}')
     get_profile(cfg.lut.client_profile)

@@ -74,7 +74,7 @@ class LutConfig:
     repeats: int = 20  # timed runs per entry
     threads: int = 1  # torch threads for measurement (1 = reproducible on a shared CPU; 0 = leave torch's default)
     client_profile: str = 'jetson-tx2'  # device profile of the simulated edge device (pseudo mode)
-    link: str = '4g'  # link preset: 3g | 4g | wifi | ethernet
+    link: str = 'ethernet'  # link preset: 3g | 4g | wifi | ethernet (default: see README 'Why these defaults')
     bandwidth_mbps: Optional[float] = None  # explicit uplink bandwidth in Mbit/s (overrides the preset)
     rtt_ms: Optional[float] = None  # explicit round-trip time in ms (overrides the preset)
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16

@@ -239,6 +239,43 @@ def load_side(path: Path, side: str) -> Dict[str, Any]:
     return obj
 
 
+def roofline_fit(side: Dict[str, Any], batch: int = 1) -> Dict[str, Any]:
+    """How well the profiles' roofline + per-kernel-overhead model explains a MEASURED side LUT.
+
+    With the side's own measured peak FLOP/s and bandwidth, fit the compute / memory efficiencies (grid) and the
+    per-kernel overhead (median residual per kernel) to the entries at `batch`; report the fitted values and
+    the model's median absolute % error and share within +/-10 %.  A yardstick for modelled (profile) entries.
+    """
+    rf = side['roofline']
+    plan = plan_of(side['model'])
+    hws = F.block_input_hw(plan, side['input_size'])
+    rows = []
+    for spec, hw in zip(plan, hws):
+        for g in F.measurable_layouts(spec):
+            e = side['entries'].get(lut_key(spec.index, g, batch))
+            if e is not None:
+                c = F.layout_cost(spec, hw, g)
+                rows.append((c.flops * batch, c.weight_bytes + c.act_bytes * batch, c.kernels, e['median_ms'] / 1e3))
+    if not rows or not rf.get('peak_flops_per_s') or not rf.get('mem_bandwidth_bytes_per_s'):
+        raise LutError('roofline_fit needs measured entries and a measured roofline')
+    fl, by, kn, t = (np.asarray(v, dtype=float) for v in zip(*rows))
+    best = None
+    grid = np.geomspace(0.01, 2.0, 47)  # above 1: kernels faster than the matmul microbenchmark (e.g. Winograd)
+    for ce in grid:
+        comp = fl / (rf['peak_flops_per_s'] * ce)
+        for me in grid:
+            base = np.maximum(comp, by / (rf['mem_bandwidth_bytes_per_s'] * me))
+            over = max(0.0, float(np.median((t - base) / kn)))
+            err = np.abs((base + kn * over) / t - 1.0)
+            score = float(np.median(err))
+            if best is None or score < best[0]:
+                best = (score, ce, me, over, err)
+    score, ce, me, over, err = best
+    return {'compute_efficiency': float(ce), 'memory_efficiency': float(me), 'kernel_overhead_s': over,
+            'median_abs_error_pct': 100 * score, 'share_within_10pct': float((err <= 0.1).mean()),
+            'entries': len(rows), 'batch': int(batch), 'source': 'fitted to this measured LUT'}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Merge
 # ----------------------------------------------------------------------------------------------------------
@@ -382,8 +419,8 @@ def cost_tables(lut: dict, batch: int = 1, link: Optional[LinkSpec] = None,
 
 
 def block_stats(lut: dict) -> Dict[str, Any]:
-    """Per block x layout FLOPs, weight bytes, activation bytes and intensity (N, 14), NaN where absent, plus
-    the roofline knees (flop/byte) and peak FLOP/s of the edge (client) and server sides."""
+    """Per block x layout FLOPs, weight bytes, activation bytes (one sample) and intensity (N, 14), NaN where
+    absent, plus the roofline knees (flop/byte) and peak FLOP/s of the edge (client) and server sides."""
     n = lut['num_blocks']
     out = {k: np.full((n, NUM_LAYOUTS), np.nan) for k in ('flops', 'weight_bytes', 'act_bytes', 'intensity')}
     src = {'flops': 'flops', 'weight_bytes': 'weight_bytes', 'act_bytes': 'act_bytes',
@@ -392,9 +429,9 @@ def block_stats(lut: dict) -> Dict[str, Any]:
         for g, c in row['layouts'].items():
             for k, f in src.items():
                 out[k][row['block'], int(g)] = c[f]
-    for side, name in (('edge', 'edge'), ('server', 'server')):
-        out[f'knee_{name}'] = float(lut['roofline'][side]['knee_flop_per_byte'])
-        out[f'peak_flops_{name}'] = float(lut['roofline'][side]['peak_flops_per_s'])
+    for side in ('edge', 'server'):
+        out[f'knee_{side}'] = float(lut['roofline'][side]['knee_flop_per_byte'])
+        out[f'peak_flops_{side}'] = float(lut['roofline'][side]['peak_flops_per_s'])
     return out
 
 
@@ -436,6 +473,29 @@ def validation_summary(records: Sequence[Dict[str, Any]], tolerance_pct: float =
     for part in ('edge', 'server'):
         out[part] = stats([r['error_pct'][part] for r in records if r['error_pct'][part] is not None])
     return out
+
+
+def side_line(side: Dict[str, Any]) -> str:
+    """One human-readable line summarizing a measured side LUT."""
+    meta, st, fit = side['metadata'], side['settings'], side.get('roofline_fit') or {}
+    line = (f'{side["side"]}: {len(side["entries"])} entries measured on {meta["device_name"]} ({meta["device"]}, '
+            f'{meta["threads"]} threads, {st["timing"]} timing) in {st.get("measure_wall_s", 0):.1f} s; roofline '
+            f'knee {side["roofline"]["knee_flop_per_byte"]:.1f} flop/byte')
+    if fit:
+        line += f'; roofline+overhead model fitted to it: median |error| {fit["median_abs_error_pct"]:.0f} %'
+    return line
+
+
+def validation_line(report: Dict[str, Any]) -> str:
+    """One human-readable line summarizing a validate_side() report."""
+    s = report['summary']
+
+    def pct(part: Dict[str, Any]) -> str:
+        return 'n/a' if part['median_abs_error_pct'] is None else f'{part["median_abs_error_pct"]:.1f} %'
+    return (f'LUT validation ({report["side"]} LUT, {report["device"]}, {s["total"]["count"]} configurations): '
+            f'{100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, median |error| '
+            f'{pct(s["total"])} (edge part {pct(s["edge"])}, server part {pct(s["server"])}; median signed error '
+            f'{s["total"]["median_signed_error_pct"]:+.1f} %)')
 
 
 def _err(p: float, q: float) -> float:

@@ -16,7 +16,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artifacts import ArtifactError, write_artifact  # noqa: E402
-from config import add_common_args, command_line, resolve_config, run_cli  # noqa: E402
+from config import Config, add_common_args, command_line, resolve_config, run_cli  # noqa: E402
 from optim import lut as L  # noqa: E402
 from optim.profiles import get_profile  # noqa: E402
 
@@ -35,41 +35,29 @@ def measure(cfg, side, command):
                          timing=cfg.lut.timing)
     payload = L.side_payload(side, model, cfg.model.input_size, res)
     payload['settings']['measure_wall_s'] = time.time() - t0
+    payload['roofline_fit'] = L.roofline_fit(payload, min(cfg.lut.batch_sizes))
     write_artifact(cfg.path(f'lut_{side}.json'), f'lut_{side}', payload, cfg, command)
-    print(f'{side}: {len(payload["entries"])} entries measured on {res["metadata"]["device_name"]} '
-          f'({cfg.device}, {res["metadata"]["threads"]} threads) in {time.time() - t0:.1f} s; roofline knee '
-          f'{res["roofline"]["knee_flop_per_byte"]:.1f} flop/byte -> {cfg.path(f"lut_{side}.json")}')
+    print(f'{L.side_line(payload)} -> {cfg.path(f"lut_{side}.json")}')
     return payload
 
 
 def validate(cfg, side_lut, command):
     configs = L.random_configurations(side_lut['model'], cfg.lut.validation_samples, np.random.default_rng(cfg.seed))
     rep = L.validate_side(side_lut, configs, min(cfg.lut.batch_sizes), cfg.device, cfg.lut.warmup, cfg.lut.repeats,
-                          cfg.lut.max_entry_s * 4, cfg.seed, progress=True)
+                          cfg.lut.max_entry_s * side_lut['num_blocks'], cfg.seed, progress=True)
     write_artifact(cfg.path('lut_validation.json'), 'lut_validation', rep, cfg, command)
-    s = rep['summary']
-    print(f'LUT validation ({side_lut["side"]} LUT, {cfg.device}, {s["total"]["count"]} configurations): '
-          f'{100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, median |error| '
-          f'{s["total"]["median_abs_error_pct"]:.1f} % (per part: edge {_pct(s["edge"])}, server '
-          f'{_pct(s["server"])}; median signed error {s["total"]["median_signed_error_pct"]:+.1f} %) '
-          f'-> {cfg.path("lut_validation.json")}')
+    print(f'{L.validation_line(rep)} -> {cfg.path("lut_validation.json")}')
     return rep
 
 
-def _pct(part):
-    return 'n/a' if part['median_abs_error_pct'] is None else f'{part["median_abs_error_pct"]:.1f} %'
-
-
-def mode_server(cfg, args, command):
-    side = measure(cfg, 'server', command)
-    if args.validate and cfg.lut.validation_samples > 0:
-        validate(cfg, side, command)
-
-
-def mode_client(cfg, args, command):
-    side = measure(cfg, 'client', command)
-    if args.validate and cfg.lut.validation_samples > 0:
-        validate(cfg, side, command)
+def mode_measure(side):
+    """The server / client mode: measure that side here, then validate it end to end unless --no_validate."""
+    def run(cfg, args, command):
+        payload = measure(cfg, side, command)
+        if args.validate and cfg.lut.validation_samples > 0:
+            validate(cfg, payload, command)
+        return payload
+    return run
 
 
 def mode_merge(cfg, args, command):
@@ -100,9 +88,7 @@ def replayable_client(cfg, server):
 
 
 def mode_pseudo(cfg, args, command):
-    server = measure(cfg, 'server', command)
-    if args.validate and cfg.lut.validation_samples > 0:
-        validate(cfg, server, command)
+    server = MODES['server'](cfg, args, command)
     client, why, measured_exists = replayable_client(cfg, server)
     if client is not None:
         print(f'client: replaying the measured {cfg.path("lut_client.json")} '
@@ -127,24 +113,27 @@ def merge(cfg, server, client, command):
           f'-> {cfg.path("hardware_lut_complete.json")}')
 
 
-MODES = {'server': mode_server, 'client': mode_client, 'merge': mode_merge, 'pseudo': mode_pseudo}
+MODES = {'server': mode_measure('server'), 'client': mode_measure('client'), 'merge': mode_merge, 'pseudo': mode_pseudo}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--mode', choices=sorted(MODES), default='pseudo', help='what to do (default: pseudo)')
+    d, m = Config().lut, Config().model
     p.add_argument('--client_profile', help='edge device profile for pseudo mode: jetson-tx2 | jetson-nano | '
-                   'jetson-orin-nano | rpi4 (default: lut.client_profile = jetson-tx2)')
-    p.add_argument('--link', help='link preset: 3g | 4g | wifi | ethernet (default: lut.link = 4g)')
-    p.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the preset (default: preset)')
-    p.add_argument('--rtt_ms', help='round-trip time in ms, overrides the preset (default: preset)')
-    p.add_argument('--batch_sizes', help='comma-separated batch sizes to measure (default: lut.batch_sizes = 1)')
-    p.add_argument('--repeats', help='timed runs per entry (default: lut.repeats = 20)')
-    p.add_argument('--warmup', help='untimed runs before each entry (default: lut.warmup = 5)')
-    p.add_argument('--max_entry_s', help='time budget per entry in s, >= 3 runs kept (default: lut.max_entry_s = 0, '
-                   'no limit)')
-    p.add_argument('--feature_dtype', help='dtype of features on the link: fp32 | fp16 (default: lut.feature_dtype = fp32)')
-    p.add_argument('--input_size', help='input resolution in pixels (default: model.input_size = 64)')
+                   f'jetson-orin-nano | rpi4 (default: {d.client_profile})')
+    p.add_argument('--link', help=f'link preset: 3g | 4g | wifi | ethernet (default: {d.link})')
+    p.add_argument('--bandwidth_mbps', help=f'uplink bandwidth in Mbit/s, overrides the preset (default: '
+                   f'{d.bandwidth_mbps or "the preset"})')
+    p.add_argument('--rtt_ms', help=f'round-trip time in ms, overrides the preset (default: {d.rtt_ms or "the preset"})')
+    p.add_argument('--batch_sizes', help=f'comma-separated batch sizes to measure (default: '
+                   f'{",".join(map(str, d.batch_sizes))})')
+    p.add_argument('--repeats', help=f'timed runs per entry (default: {d.repeats})')
+    p.add_argument('--warmup', help=f'untimed runs before each entry (default: {d.warmup})')
+    p.add_argument('--max_entry_s', help=f'time budget per entry in s, >= 3 runs kept; 0 = no limit (default: '
+                   f'{d.max_entry_s})')
+    p.add_argument('--feature_dtype', help=f'dtype of features on the link: fp32 | fp16 (default: {d.feature_dtype})')
+    p.add_argument('--input_size', help=f'input resolution in pixels (default: {m.input_size})')
     p.add_argument('--validate', dest='validate', action='store_true', default=True,
                    help='validate the measured LUT end to end on lut.validation_samples configurations (default: on)')
     p.add_argument('--no_validate', dest='validate', action='store_false', help='skip the validation (default: off)')

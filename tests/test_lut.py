@@ -104,9 +104,9 @@ def test_link_presets_and_explicit_values():
     assert {k: v.bandwidth_mbps for k, v in L.LINK_PRESETS.items()} == {'3g': 1.1, '4g': 5.85, 'wifi': 18.88,
                                                                        'ethernet': 1000.0}
     assert all(v.rtt_source and v.bandwidth_source for v in L.LINK_PRESETS.values())
-    lc = Config().lut
-    assert L.resolve_link(lc) == L.LINK_PRESETS['4g']
     import dataclasses
+    lc = dataclasses.replace(Config().lut, link='4g', bandwidth_mbps=None, rtt_ms=None)
+    assert L.resolve_link(lc) == L.LINK_PRESETS['4g']
     link = L.resolve_link(dataclasses.replace(lc, link='wifi', rtt_ms=3.0))
     assert (link.bandwidth_mbps, link.rtt_ms, link.latency_ms, link.name) == (18.88, 3.0, 1.5, 'wifi+explicit')
     link = L.resolve_link(dataclasses.replace(lc, bandwidth_mbps=100.0, rtt_ms=1.0))
@@ -251,3 +251,11 @@ def test_step1_bad_input_writes_nothing(tmp_path):
     with pytest.raises(ArtifactError, match='lut_server.json'):
         main(['--mode', 'merge', *TINY_ARGS, '--results_dir', str(tmp_path)])
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_roofline_fit_recovers_a_profile_model():
+    tx2 = get_profile('jetson-tx2')
+    side = L.modelled_side(tx2, dict(TINY, width_multiplier=[1.0, 1.0, 1.0, 1.0]), 64, [1])
+    fit = L.roofline_fit(side)
+    assert fit['median_abs_error_pct'] < 5.0 and fit['share_within_10pct'] > 0.9
+    assert fit['kernel_overhead_s'] == pytest.approx(tx2.kernel_overhead_s.value, rel=0.3)

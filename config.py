@@ -58,7 +58,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128  # images per training batch
-    base_epochs: int = 3  # epochs of base-model training when no checkpoint is given
+    base_epochs: int = 4  # epochs of base-model training when no checkpoint is given
     base_lr: float = 0.1  # SGD learning rate of base training (warm-up, then cosine schedule)
     base_train_samples: int = 40000  # base-training samples (0 = whole train set); the rest join the domain pool
     alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
@@ -107,6 +107,8 @@ class JointConfig:
     max_rounds: int = 5  # progressive pruning rounds at most
     epochs_per_round: int = 1  # alpha fine-tuning epochs per round
     milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
+    sensitivity_samples: int = 0  # validation samples the measured sensitivities use (0 = the whole val split)
+    importance_share: float = 0.1  # --sensitivity importance: share of branches pruned for its one calibration measurement
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class RealConfig:
     max_frame_mb: float = 512.0  # largest accepted frame in MB
     probe_sizes_kb: Tuple[int, ...] = (1, 16, 64, 256, 1024)  # link-probe payload sizes in KB
     run_samples: int = 0  # test samples streamed in a real run (0 = whole test split)
+    allow_remote: bool = False  # allow real.host other than loopback (logs a warning; use a token then)
+    probe_repeats: int = 3  # link-probe repetitions per payload size
 
 
 @dataclass(frozen=True)

@@ -68,11 +68,26 @@ def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+CONTRAST_JITTER = (0.6, 1.4)  # base training: per-image contrast factor range (around the image mean)
+BRIGHTNESS_JITTER = (-0.2, 0.2)  # base training: per-image brightness offset range, on [0, 1] pixel values
+
+
+def photometric_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 batch -> uint8 batch with a random contrast factor and brightness offset per image (base training
+    augmentation, so that the base model is not helpless on a shifted histogram; domains go beyond these ranges)."""
+    n = x.shape[0]
+    c = torch.empty(n, 1, 1, 1).uniform_(*CONTRAST_JITTER, generator=generator)
+    b = torch.empty(n, 1, 1, 1).uniform_(*BRIGHTNESS_JITTER, generator=generator)
+    f = x.float() / 255.0
+    m = f.mean(dim=(1, 2, 3), keepdim=True)
+    return (((f - m) * c + m + b).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
 def train_base(model: RepVGG, train_loader: Any, epochs: int, lr: float, device: str,
                generator: torch.Generator, mean: Sequence[float], std: Sequence[float],
                weight_decay: float = 1e-4, label_smoothing: float = 0.1) -> Dict[str, Any]:
     """Train a plain RepVGG from scratch: SGD (momentum 0.9, Nesterov), linear warm-up then cosine decay per
-    step, random horizontal flips drawn from `generator`.  Returns the history (per-epoch loss/accuracy)."""
+    step, label smoothing, photometric jitter and random horizontal flips drawn from `generator`.  Returns the history (per-epoch loss/accuracy)."""
     model.to(device).train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -90,7 +105,7 @@ def train_base(model: RepVGG, train_loader: Any, epochs: int, lr: float, device:
         for x, y in bar:
             for g in opt.param_groups:
                 g['lr'] = _lr_at(step, total, lr, warmup)
-            x = _normalize(x, mean, std, device)
+            x = _normalize(photometric_jitter(x, generator), mean, std, device)
             flip = torch.rand(x.shape[0], generator=generator) < 0.5
             x = torch.where(flip.to(device).reshape(-1, 1, 1, 1), x.flip(-1), x)
             y = y.to(device)
@@ -366,6 +381,23 @@ def domain_fingerprint(cfg: Config, partition_text: str, model: HyperRepVGG, che
            'base': hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(), 'arch': model.spec_dict(),
            'alpha': [cfg.train.alpha_epochs, cfg.train.alpha_lr, cfg.train.batch_size, cfg.model.adapt_bn, cfg.seed]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def load_done_domains(path: Path, kind: str, fingerprint: str) -> Dict[str, Any]:
+    """The 'domains' of an earlier step-0 artifact with the same fingerprint ({} when absent, invalid or stale)."""
+    import logging
+    from artifacts import ArtifactError, load_artifact
+    try:
+        obj = load_artifact(path, kind=kind, fields={'domains': dict, 'fingerprint': str})
+    except ArtifactError as e:
+        if Path(path).exists():
+            logging.getLogger(__name__).info('ignoring %s (%s); its domains are retrained', path, e)
+        return {}
+    if obj['fingerprint'] != fingerprint:
+        logging.getLogger(__name__).info('%s comes from another partition, base model or training setting; its '
+                                         'domains are retrained', path)
+        return {}
+    return obj['domains']
 
 
 def train_domain(cfg: Config, partition: Dict[str, Any], base: HyperRepVGG, d: int) -> Dict[str, Any]:

@@ -1,0 +1,144 @@
+"""Step 0: Non-IID domains, the base model, per-domain hyper-weights alpha, branch FLOPs and importance.
+
+    python pipeline/step0_prepare.py [--num_domains 10] [--partition class-slices|dirichlet] [--checkpoint FILE]
+                                     [--epochs 3] [--domains 0,3] [--force] [--retrain_base]
+
+Writes under <results_dir>: partition_info.json, base_model/<name>.pt (+ .json; only when no --checkpoint),
+trained_hyper_weights.json, training_results.json, branch_flops.json, importance_scores.json,
+importance_rankings.json, hyper_weights_heatmap.png and importance_heatmap.png.  Resumable: a domain
+already trained with the same partition, base model and training settings is skipped unless --force.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ''):  # run as a script, from the repo root or from inside pipeline/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from typing import Dict, List, Optional, Sequence  # noqa: E402
+
+from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
+from config import ConfigError, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402
+
+log = logging.getLogger('step0')
+FLAG_KEYS = {'num_domains': 'data.num_domains', 'partition': 'data.partition',
+             'dirichlet_alpha': 'data.dirichlet_alpha',
+             'checkpoint': 'model.checkpoint', 'epochs': 'train.alpha_epochs', 'lr': 'train.alpha_lr',
+             'base_epochs': 'train.base_epochs', 'base_train_samples': 'train.base_train_samples',
+             'adapt_bn': 'model.adapt_bn', 'threads': 'train.threads'}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    add_common_args(p)
+    p.add_argument('--num_domains', help='number of Non-IID domains K, integer >= 1 (default: 10)')
+    p.add_argument('--partition', help='class-slices | dirichlet (default: class-slices)')
+    p.add_argument('--dirichlet_alpha', help='Dirichlet concentration for --partition dirichlet, > 0 (default: 0.5)')
+    p.add_argument('--checkpoint', metavar='FILE', help='base RepVGG checkpoint in the official train-time layout; '
+                   'given, no base model is trained (default: none, train or reuse our own)')
+    p.add_argument('--epochs', help='epochs of per-domain alpha training (default: train.alpha_epochs = 3)')
+    p.add_argument('--lr', help='Adam learning rate of alpha training (default: train.alpha_lr = 0.01)')
+    p.add_argument('--base_epochs', help='epochs of base-model training (default: train.base_epochs)')
+    p.add_argument('--base_train_samples', help='train samples the base model trains on, 0 = all; the rest of the '
+                   'train set joins the domain pool (default: train.base_train_samples)')
+    p.add_argument('--adapt_bn', action='store_const', const='true', help='adapt BN statistics per domain and save '
+                   'them with alpha (default: off, BN frozen)')
+    p.add_argument('--threads', help='torch CPU threads, 0 = one per core (default: train.threads = 0)')
+    p.add_argument('--domains', help='comma-separated domain ids to train (default: all)')
+    p.add_argument('--force', action='store_true', help='retrain domains that are already done (default: off)')
+    p.add_argument('--retrain_base', action='store_true', help='retrain our base model even if cached (default: off)')
+    return p.parse_args(argv)
+
+
+def parse_domains(text: Optional[str], k: int) -> List[int]:
+    if not text:
+        return list(range(k))
+    try:
+        ids = sorted({int(t) for t in text.split(',') if t.strip()})
+    except ValueError:
+        raise ConfigError(f'--domains {text!r}: expected comma-separated integers') from None
+    bad = [d for d in ids if not 0 <= d < k]
+    if not ids or bad:
+        raise ConfigError(f'--domains {text!r}: domain ids must lie in 0..{k - 1}')
+    return ids
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='step0: %(message)s', stream=sys.stderr)
+    args = parse_args(argv)
+    cfg = resolve_config(args, FLAG_KEYS)
+    import torch
+    from data.datasets import dataset_stats
+    from data.domains import check_partition_config, make_partition, partition_json
+    from optim import importance, training
+    from pipeline import step0_plots
+
+    check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
+    if cfg.model.checkpoint and not resolve_path(cfg.model.checkpoint).is_file():
+        raise training.CheckpointError(f'--checkpoint: file {resolve_path(cfg.model.checkpoint)} does not exist')
+    domains = parse_domains(args.domains, cfg.data.num_domains)
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    cmd = command_line(argv)
+    partition = make_partition(cfg)
+    part_path = cfg.path('partition_info.json')
+    try:
+        old = load_artifact(part_path, 'partition_info')
+        same = partition_json({k: v for k, v in old.items() if k not in COMMON_FIELDS}) == partition_json(partition)
+    except ArtifactError:
+        same = False
+    if not same:  # an unchanged partition keeps its file byte for byte
+        write_artifact(part_path, 'partition_info', partition, cfg, cmd)
+
+    base = training.prepare_base(cfg, force=args.retrain_base)
+    model, base_info = base['model'], base['info']
+    _, test_loader = training.base_loaders(cfg, torch.Generator())
+    mean, std = dataset_stats(cfg)
+    base_info['test_acc_percent'] = training.evaluate_accuracy(model, test_loader, mean, std, cfg.device, 'base test')
+    log.info('base model (%s): %.2f %% on the clean %s test set', base_info['source'], base_info['test_acc_percent'],
+             cfg.data.dataset)
+
+    fingerprint = training.domain_fingerprint(cfg, partition_json(partition), model, Path(base_info['file']))
+    hw_path, res_path = training.hyper_weights_path(cfg), cfg.path('training_results.json')
+    done_hw = training.load_done_domains(hw_path, 'trained_hyper_weights', fingerprint)
+    done_res = training.load_done_domains(res_path, 'training_results', fingerprint)
+    common = {'fingerprint': fingerprint, 'arch': model.spec_dict(), 'base': base_info,
+              'dataset': cfg.data.dataset, 'input_size_px': cfg.model.input_size}
+    for d in domains:
+        if str(d) in done_hw and str(d) in done_res and not args.force:
+            log.info('domain %d: already trained, skipped (--force retrains it)', d)
+            continue
+        out = training.train_domain(cfg, partition, model, d)
+        if out['bn_state'] is not None:
+            rel = f'hyper_weights/domain_{d}_bn.pt'
+            training.save_state_dict(out['bn_state'], cfg.path(rel))
+            out['hyper_weights']['bn_state_file'] = rel
+        done_hw[str(d)], done_res[str(d)] = out['hyper_weights'], out['results']
+        r = out['results']
+        log.info('domain %d (%s): val %.2f -> %.2f %%, test %.2f -> %.2f %% in %.1f s', d, r['corruption']['name'],
+                 r['initial_val_acc_percent'], r['final_val_acc_percent'], r['initial_test_acc_percent'],
+                 r['final_test_acc_percent'], r['time_s'])
+        write_artifact(hw_path, 'trained_hyper_weights', {**common, 'domains': done_hw}, cfg, cmd)
+        write_artifact(res_path, 'training_results', {**common, 'domains': done_res}, cfg, cmd)
+
+    flops = importance.branch_flops_table(model.plan, cfg.model.input_size)
+    flops['fvcore_check'] = importance.fvcore_check(model, flops)
+    write_artifact(cfg.path('branch_flops.json'), 'branch_flops', flops, cfg, cmd)
+    trained = {int(d): hw for d, hw in done_hw.items()}
+    scores = {d: importance.importance_scores(hw, flops) for d, hw in trained.items()}
+    write_artifact(cfg.path('importance_scores.json'), 'importance_scores',
+                   {'formula': importance.FORMULA, 'domains': {str(d): s for d, s in scores.items()}}, cfg, cmd)
+    write_artifact(cfg.path('importance_rankings.json'), 'importance_rankings',
+                   {'formula': importance.FORMULA, 'order': 'ascending (prune first = lowest importance first)',
+                    'domains': {str(d): importance.rank_ascending(s) for d, s in scores.items()}}, cfg, cmd)
+    step0_plots.write_heatmaps(cfg.path(), model, {d: hw['blocks'] for d, hw in trained.items()},
+                               {d: importance.scores_by_block(s) for d, s in scores.items()},
+                               f'{model.arch}, {cfg.data.dataset}, {cfg.model.input_size} px')
+    log.info('artifacts in %s', cfg.path())
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,140 @@
+"""Step 0: alpha training, FLOPs/importance, artifacts, resumability and bad input (synthetic data, tiny model)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from artifacts import load_artifact
+from config import Config, DataConfig, ModelConfig, TrainConfig, UserError
+from data import domains
+from data.datasets import dataset_stats
+from hyper_repvgg import BlockSpec, block_plan, build_hyper_repvgg
+from optim import importance, training
+
+TINY_WIDTH = (0.25, 0.25, 0.25, 0.25)
+TINY = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25',
+        '--set', 'data.synthetic_samples=1200', '--set', 'train.base_train_samples=600', '--set', 'train.base_epochs=3',
+        '--set', 'train.base_lr=0.1', '--set', 'train.batch_size=32', '--num_domains', '3', '--epochs', '2',
+        '--lr', '0.05', '--threads', '2']
+
+
+def tiny_cfg(tmp_path):
+    return Config(model=ModelConfig(input_size=16, width_multiplier=TINY_WIDTH),
+                  data=DataConfig(dataset='synthetic', num_domains=3, synthetic_samples=2000),
+                  train=TrainConfig(base_train_samples=1000, base_epochs=3, base_lr=0.1, batch_size=32, alpha_epochs=3,
+                                    alpha_lr=0.05),
+                  results_dir=str(tmp_path))
+
+
+def test_flops_of_a_known_block_match_closed_form():
+    spec = BlockSpec(index=2, name='stage1.1', in_channels=16, out_channels=16, stride=1, groups=1)
+    plan = block_plan('A0', TINY_WIDTH)
+    table = importance.branch_flops_table(plan, 64)
+    entry = table['blocks'][2]
+    assert entry['name'] == spec.name and entry['input_hw'] == [16, 16]  # 64 -> stage0 /2 -> stage1.0 /2
+    hw = 16 * 16
+    assert entry['branches']['D']['macs'] == 16 * 16 * 9 * hw
+    assert entry['branches']['O']['macs'] == 16 * 16 * hw
+    assert entry['branches']['D']['flops'] == 2 * 16 * 16 * 9 * hw
+    first = table['blocks'][1]  # stride 2, 16 -> 16 channels: no identity branch
+    assert 'I' not in first['branches'] and first['output_hw'] == [16, 16]
+    model = build_hyper_repvgg('A0', num_classes=10, width_multiplier=TINY_WIDTH)
+    check = importance.fvcore_check(model, table)
+    assert check['all_match'] and check['checked_branches'] == 2 * len(plan)
+
+
+def test_importance_ranks_only_real_branches():
+    model = build_hyper_repvgg('A0', num_classes=10, width_multiplier=TINY_WIDTH)
+    with torch.no_grad():
+        model.blocks[5].alpha[0] = -0.5
+    table = importance.branch_flops_table(model.plan, 32)
+    scores = importance.importance_scores(model.hyper_weights(), table)
+    assert len(scores) == sum(3 if s.has_identity else 2 for s in model.plan)
+    d5 = next(s for s in scores if s['block'] == 5 and s['branch'] == 'D')
+    assert d5['importance'] == pytest.approx(0.5 / d5['gflops'])
+    ranked = importance.rank_ascending(scores)
+    values = [r['importance'] for r in ranked]
+    assert values == sorted(values) and [r['rank'] for r in ranked] == list(range(len(scores)))
+
+
+def test_alpha_training_changes_alpha_and_keeps_val_accuracy(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    torch.set_num_threads(2)
+    base = training.prepare_base(cfg)
+    assert base['info']['source'] == 'trained' and training.base_checkpoint_path(cfg).is_file()
+    assert training.prepare_base(cfg)['info']['source'] == 'cached'
+    part = domains.make_partition(cfg)
+    mean, std = dataset_stats(cfg)
+    model = base['model']
+    gen = torch.Generator().manual_seed(0)
+    train = domains.domain_loader(cfg, part, 0, 'train', 32, True, gen)
+    val = domains.domain_loader(cfg, part, 0, 'val', 64, False)
+    before = [b.alpha.detach().clone() for b in model.blocks]
+    hist = training.train_alpha(model, train, val, 3, 0.05, 'cpu', gen, mean, std)
+    assert hist['best_val_acc_percent'] >= hist['initial_val_acc_percent']
+    assert training.evaluate_accuracy(model, val, mean, std) == pytest.approx(hist['best_val_acc_percent'])
+    assert hist['best_epoch'] > 0, 'alpha training never improved validation accuracy on a corrupted domain'
+    assert any(not torch.equal(a, b.alpha.detach()) for a, b in zip(before, model.blocks))
+    frozen = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert all(k.endswith('alpha') for k in frozen)
+
+
+def _main(argv):
+    from pipeline import step0_prepare
+    return step0_prepare.main(argv)
+
+
+@pytest.mark.slow
+def test_step0_end_to_end_resumable_and_valid(tmp_path):
+    out = tmp_path / 'res'
+    assert _main(TINY + ['--results_dir', str(out)]) == 0
+    hw = load_artifact(out / 'trained_hyper_weights.json', 'trained_hyper_weights',
+                       {'domains': dict, 'fingerprint': str, 'arch': dict, 'base': dict})
+    res = load_artifact(out / 'training_results.json', 'training_results', {'domains': dict, 'base': dict})
+    assert sorted(hw['domains']) == sorted(res['domains']) == ['0', '1', '2']
+    for r in res['domains'].values():
+        for k in ('initial_val_acc_percent', 'final_val_acc_percent', 'initial_test_acc_percent',
+                  'final_test_acc_percent'):
+            assert 0.0 <= r[k] <= 100.0
+        assert r['final_val_acc_percent'] >= r['initial_val_acc_percent'] and len(r['history']) == 2
+    assert 0.0 <= res['base']['test_acc_percent'] <= 100.0
+    model = training.load_domain_model(dataclasses.replace(tiny_cfg(out)), 1)
+    assert model.hyper_weights()['blocks'] == hw['domains']['1']['blocks']
+    flops = load_artifact(out / 'branch_flops.json', 'branch_flops', {'blocks': list, 'fvcore_check': dict})
+    assert flops['fvcore_check']['all_match']
+    ranks = load_artifact(out / 'importance_rankings.json', 'importance_rankings', {'domains': dict})
+    for d, ranking in ranks['domains'].items():
+        absent = {(e['block'], 'I') for e in flops['blocks'] if 'I' not in e['branches']}
+        assert not absent & {(r['block'], r['branch']) for r in ranking}
+    load_artifact(out / 'importance_scores.json', 'importance_scores', {'domains': dict, 'formula': str})
+    for png in ('hyper_weights_heatmap.png', 'importance_heatmap.png'):
+        assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    part_bytes = (out / 'partition_info.json').read_bytes()
+    res_bytes = (out / 'training_results.json').read_bytes()
+    assert _main(TINY + ['--results_dir', str(out)]) == 0  # resumes: nothing retrained or rewritten
+    assert (out / 'partition_info.json').read_bytes() == part_bytes
+    assert (out / 'training_results.json').read_bytes() == res_bytes
+    assert _main(TINY + ['--results_dir', str(out), '--domains', '2', '--force']) == 0
+    again = json.loads((out / 'training_results.json').read_text())
+    assert again['domains']['2']['final_val_acc_percent'] == res['domains']['2']['final_val_acc_percent']
+
+
+@pytest.mark.parametrize('bad, match', [
+    (['--dataset', 'nope'], 'valid choices'),
+    (['--dataset', 'cifar10', '--data_root', '/nonexistent/dir'], '/nonexistent/dir'),
+    (['--num_domains', '0'], '--num_domains'),
+    (['--num_domains', 'ten'], 'num_domains'),
+    (['--checkpoint', '/nonexistent/ckpt.pt'], 'ckpt.pt'),
+    (['--domains', '7'], '--domains'),
+])
+def test_bad_input_clear_error_and_nothing_written(tmp_path, bad, match):
+    out = tmp_path / 'res'
+    with pytest.raises(UserError, match=match):
+        _main(TINY + ['--results_dir', str(out)] + bad)
+    assert not out.exists()
+
+
+def test_missing_base_checkpoint_is_named(tmp_path):
+    with pytest.raises(training.CheckpointError, match=r'\.pt'):
+        training.load_base_model(tiny_cfg(tmp_path))

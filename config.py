@@ -93,6 +93,7 @@ class OptimConfig:
     lr: float = 0.1  # Adam learning rate of the relaxed solvers
     tau_start: float = 2.0  # initial softmax / smooth-max temperature
     tau_end: float = 0.02  # final temperature (geometric annealing)
+    step2_tau_end: float = 0.001  # final temperature of step 2's solver (lower: smooth max ends nearly exact)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class JointConfig:
     milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
     sensitivity_samples: int = 0  # validation samples the measured sensitivities use (0 = the whole val split)
     importance_share: float = 0.1  # --sensitivity importance: share of branches pruned for its one calibration measurement
+    threads: int = 1  # torch CPU threads of step 3 (small batches: 1 avoids thread stalls on a shared CPU; 0 = one per core)
+    finetune_samples: int = 1024  # train samples per fine-tuning epoch (seeded random subset per round; 0 = whole train split)
+    min_saving_pct: float = 2.0  # sensitivities only for branches whose removal saves >= this % of a block's best time on a side (others stay kept)
 
 
 @dataclass(frozen=True)

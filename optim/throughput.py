@@ -1,0 +1,168 @@
+"""Step 2 (DESIGN.md section 6): layouts and split of the unpruned model for pipelined throughput, from the LUT.
+
+`solve_step2(tables, valid, ...)` runs the relaxed LUT gradient descent (optim/relax.py), the exact split scan
+(optim/exact.py) and the plain-model baselines (optim/cost.py) on the same cost tables and returns the JSON-able
+payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `step2_link` and
+`check_client_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
+for the tests and bench/bench_optimizer.py.  No I/O here: the LUT comes in as the dict optim.lut.load_lut returns.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from config import OptimConfig
+from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
+from optim import cost as C
+from optim.exact import objective_choices, solve_exact
+from optim.lut import LINK_PRESETS, LinkSpec, LutError, link_from_dict
+from optim.profiles import get_profile
+from optim.relax import solve_relaxed
+
+BASELINES = ('edge_only', 'server_only', 'best_plain_split')
+TABLE_ROWS = (('chosen', 'chosen (gradient descent + local search)'), ('exact', 'exact optimum'),
+              ('edge_only', 'edge only'), ('server_only', 'server only'), ('best_plain_split', 'best plain split'),
+              ('min_latency', 'min latency (exact)'), ('max_throughput', 'max throughput (exact)'))
+
+
+def unpruned_valid(lut: Dict[str, Any]) -> np.ndarray:
+    """(N, 14) bool: per block the layouts that run ALL of its branches (step 2 prunes nothing), from the LUT's
+    block table (`blocks[k].available_layouts`, the measurable layouts of the model's structure)."""
+    kept = []
+    for row in lut['blocks']:
+        kept.append(frozenset(b for g in row['available_layouts'] for b in LAYOUTS[int(g)].branches))
+    return C.valid_mask(kept)
+
+
+def step2_link(lut: Dict[str, Any], preset: Optional[str], bandwidth_mbps: Optional[float],
+               rtt_ms: Optional[float]) -> Tuple[LinkSpec, str]:
+    """(link, where it came from): the LUT's own link, or the `preset` (--link) in its place, with an explicit
+    bandwidth (Mbit/s) and round-trip time (ms) taking precedence over either."""
+    if preset is not None and preset not in LINK_PRESETS:
+        raise LutError(f'--link / lut.link: unknown link preset {preset!r}; valid choices: {", ".join(LINK_PRESETS)}')
+    if bandwidth_mbps is not None and not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
+        raise LutError(f'--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number of Mbit/s, got '
+                       f'{bandwidth_mbps}')
+    if rtt_ms is not None and not (rtt_ms >= 0 and math.isfinite(rtt_ms)):
+        raise LutError(f'--rtt_ms / lut.rtt_ms: expected a round-trip time >= 0 ms, got {rtt_ms}')
+    base = LINK_PRESETS[preset] if preset is not None else link_from_dict(lut['link'], 'LUT field "link"')
+    source = f'preset {preset} (--link)' if preset is not None else 'the LUT\'s link (step 1)'
+    if bandwidth_mbps is None and rtt_ms is None:
+        return base, source
+    link = LinkSpec(f'{base.name}+explicit', base.bandwidth_mbps if bandwidth_mbps is None else float(bandwidth_mbps),
+                    base.rtt_ms if rtt_ms is None else float(rtt_ms),
+                    base.bandwidth_source if bandwidth_mbps is None else 'explicit (--bandwidth_mbps)',
+                    base.rtt_source if rtt_ms is None else 'explicit (--rtt_ms)')
+    return link, source + ' with explicit ' + ', '.join(
+        f for f, v in (('--bandwidth_mbps', bandwidth_mbps), ('--rtt_ms', rtt_ms)) if v is not None)
+
+
+def client_info(lut: Dict[str, Any]) -> Dict[str, Any]:
+    """How the LUT's edge (client) side was obtained: source, device profile name (modelled) and device name."""
+    client = lut['client']
+    return {'source': client.get('source'), 'profile': (client.get('profile') or {}).get('name'),
+            'device_name': (client.get('metadata') or {}).get('device_name')}
+
+
+def check_client_profile(lut: Dict[str, Any], profile: str, lut_file: str) -> None:
+    """Raise LutError unless the LUT's edge side was modelled from device profile `profile` (--client_profile);
+    an unknown profile name is a ProfileError listing the valid ones."""
+    get_profile(profile)
+    info = client_info(lut)
+    if info['source'] == 'modelled' and info['profile'] == profile:
+        return
+    if info['source'] == 'modelled':
+        raise LutError(f'--client_profile {profile}: the LUT {lut_file} models the edge device with profile '
+                       f'{info["profile"]!r}; re-run step 1 with --client_profile {profile} (pseudo mode) to get '
+                       f'a LUT for it, or drop --client_profile')
+    raise LutError(f'--client_profile {profile}: the edge side of the LUT {lut_file} was measured on '
+                   f'{info["device_name"]!r}, not modelled from a device profile; drop --client_profile, or '
+                   f're-run step 1 in pseudo mode (without a measured lut_client.json) to model {profile}')
+
+
+def solve_step2(t: C.CostTables, valid: np.ndarray, opt: OptimConfig, seed: int) -> Dict[str, Any]:
+    """Relaxed solver, exact optimum, gap, objective choices and plain baselines on `t`, as a JSON-able payload.
+
+    Wall times go to the `wall_s` field only: the rest is identical for the same inputs and seed."""
+    valid = C.check_valid(t, valid)
+    r = solve_relaxed(t, valid, opt.objective, opt.omega, steps=opt.steps, restarts=opt.restarts, lr=opt.lr,
+                      tau_start=opt.tau_start, tau_end=opt.step2_tau_end,
+                      rng=np.random.default_rng(int(seed)))
+    ex = solve_exact(t, valid, opt.objective, opt.omega)
+    t0 = time.perf_counter()
+    kept = [frozenset(b for g in np.flatnonzero(valid[k]) for b in LAYOUTS[g].branches) for k in range(len(valid))]
+    baselines = C.plain_baselines(t, kept, opt.objective, opt.omega)
+    choices = objective_choices(t, valid)
+    t_base = time.perf_counter() - t0
+    exact = dict(ex.stages, per_split_objective_ms=ex.per_split_objective_ms, status=ex.status,
+                 evaluated=ex.evaluated)
+    return {
+        'objective': opt.objective, 'omega': float(opt.omega), 'batch_size': int(t.batch),
+        'gammas': r.gammas, 'lam': r.lam, 'layouts': [LAYOUTS[g].description for g in r.gammas],
+        'predicted': r.stages,
+        'exact': exact,
+        'gap_pct': C.gap_pct(r.objective_ms, ex.objective_ms),
+        'throughput_gap_pct': 100.0 * (1.0 - r.stages['throughput_fps'] / ex.stages['throughput_fps']),
+        'gradient_descent': {'gammas': r.gd_gammas, 'lam': r.gd_lam, 'objective_ms': r.gd_objective_ms,
+                             'gap_pct': C.gap_pct(r.gd_objective_ms, ex.objective_ms),
+                             'description': 'argmax of the best restart before the local search'},
+        'baselines': baselines,
+        'objective_choices': choices,
+        'history': {'restarts': r.history, 'winning_restart': r.restart, 'status': r.status},
+        'solver': {'method': 'relaxed LUT gradient descent (Adam, annealed softmaxes, restarts) + local search '
+                             'under the exact cost; exact optimum by the split scan', 'steps': opt.steps,
+                   'restarts': opt.restarts, 'lr': opt.lr, 'tau_start': opt.tau_start, 'tau_end': opt.step2_tau_end,
+                   'seed': int(seed)},
+        'wall_s': {'relaxed': r.wall_s, 'exact': ex.wall_s, 'baselines': t_base},
+    }
+
+
+def table_rows(payload: Dict[str, Any]) -> List[List[Any]]:
+    """[configuration, lambda, edge ms, link ms, server ms, latency ms, throughput fps, bottleneck] rows."""
+    src = dict(chosen=payload['predicted'], exact=payload['exact'], **payload['baselines'],
+               **payload['objective_choices'])
+    return [[label, src[k]['lam'], src[k]['edge_ms'], src[k]['link_ms'], src[k]['server_ms'], src[k]['latency_ms'],
+             src[k]['throughput_fps'], src[k]['bottleneck']] for k, label in TABLE_ROWS if k in src]
+
+
+def table_text(payload: Dict[str, Any]) -> str:
+    """The rows of table_rows as aligned text (step 2 prints it)."""
+    head = ['configuration', 'lambda', 'edge ms', 'link ms', 'server ms', 'latency ms', 'fps', 'bottleneck']
+    cells = [[str(r[0]), str(r[1])] + [f'{v:.2f}' for v in r[2:7]] + [str(r[7])] for r in table_rows(payload)]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    lines = ['  '.join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ['  '.join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return '\n'.join(lines)
+
+
+def random_tables(rng: np.random.Generator, num_blocks: int, has_identity: Optional[Sequence[bool]] = None,
+                  batch: int = 1) -> Tuple[C.CostTables, np.ndarray]:
+    """A seeded random step-2 instance (tables, valid mask) with RepVGG's structure: blocks with an identity
+    branch have the 5 layouts of {D, O, I}, the others the 2 of {D, O}; the edge is 3-30x slower than the
+    server, every layout time varies 0.5-2x around its block's base time independently on each side (so the
+    two sides prefer different layouts), activations shrink along the network with noise, and the link is set so
+    that transfer, edge and server times are comparable (the optimum is usually an interior split)."""
+    n = int(num_blocks)
+    if has_identity is None:
+        has_identity = rng.random(n) < 0.75
+        has_identity[0] = False
+    kept = [('D', 'O', 'I') if h else ('D', 'O') for h in has_identity]
+    valid = C.valid_mask(kept)
+    base = rng.lognormal(0.0, 0.7, n)
+    ratio = rng.uniform(3.0, 30.0)
+    edge = np.full((n, NUM_LAYOUTS), np.nan)
+    server = np.full((n, NUM_LAYOUTS), np.nan)
+    edge[valid] = (base[:, None] * rng.uniform(0.5, 2.0, (n, NUM_LAYOUTS)))[valid]
+    server[valid] = (base[:, None] / ratio * rng.uniform(0.5, 2.0, (n, NUM_LAYOUTS)))[valid]
+    act = np.exp(np.cumsum(rng.normal(-0.1, 0.4, n + 1)))
+    act[0] *= 0.25  # the uint8 image
+    act[-1] = 1e-3  # the logits
+    link_bytes = act * 1e5
+    edge_total = float(np.nanmin(edge, 1).sum())
+    bw = float(link_bytes.mean() * 8 / 1e6 / (edge_total * rng.uniform(0.1, 1.0)) * 1e3)
+    t = C.CostTables(edge, server, float(base.mean() * 0.1), float(base.mean() * 0.1 / ratio), link_bytes, bw,
+                     float(rng.uniform(0.0, 0.2) * edge_total), int(batch))
+    return t, valid

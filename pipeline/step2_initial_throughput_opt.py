@@ -1,0 +1,84 @@
+"""Step 2: layouts (gamma per block) and split (lambda) of the unpruned model for pipelined throughput, from the LUT.
+
+Reads hardware_lut_complete.json (step 1), solves the relaxed problem by LUT gradient descent (optim/relax.py),
+compares it with the exact optimum (optim/exact.py) and with the plain-model baselines on the same LUT and link
+(edge only, server only, best split of the plain deploy model), and writes initial_throughput_config.json.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ''):  # run as a script, from the repo root or from inside pipeline/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+
+from artifacts import write_artifact  # noqa: E402
+from config import Config, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402
+
+log = logging.getLogger('step2')
+FLAGS = {'objective': 'optim.objective', 'omega': 'optim.omega', 'batch_size': 'optim.batch_size',
+         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'link': 'lut.link',
+         'bandwidth_mbps': 'lut.bandwidth_mbps', 'rtt_ms': 'lut.rtt_ms', 'client_profile': 'lut.client_profile'}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    o, d = Config().optim, Config().lut
+    p.add_argument('--lut_file', help='the step-1 LUT (default: <results_dir>/hardware_lut_complete.json)')
+    p.add_argument('--objective', help=f'throughput (maximize B / max stage) | latency (minimize the sum of the '
+                   f'stages) | weighted (omega * latency + (1 - omega) * period) (default: {o.objective})')
+    p.add_argument('--omega', help=f'weight of latency in the weighted objective, 0..1 (default: {o.omega})')
+    p.add_argument('--batch_size', help=f'batch B of the cost model, frames per pipeline step; must be a batch '
+                   f'size of the LUT (default: {o.batch_size})')
+    p.add_argument('--steps', help=f'Adam steps per restart of the relaxed solver (default: {o.steps})')
+    p.add_argument('--restarts', help=f'random restarts of the relaxed solver (default: {o.restarts})')
+    p.add_argument('--link', help='re-evaluate the LUT under this link preset: 3g | 4g | wifi | ethernet '
+                   '(default: the link recorded in the LUT by step 1)')
+    p.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the link (default: the link\'s)')
+    p.add_argument('--rtt_ms', help='round-trip time in ms, overrides the link (default: the link\'s)')
+    p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with; an error if '
+                   f'it was not (re-run step 1 then) (default: not checked; step 1 default {d.client_profile})')
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='step2: %(message)s', stream=sys.stderr)
+    t_start = time.perf_counter()
+    args = parse(argv)
+    cfg = resolve_config(args, FLAGS)
+    from optim import cost as C
+    from optim import lut as L
+    from optim import throughput as T
+    C.check_objective(cfg.optim.objective, cfg.optim.omega)
+    default = Config().lut
+    lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
+    lut = L.load_lut(lut_file)
+    if args.client_profile is not None or cfg.lut.client_profile != default.client_profile:
+        T.check_client_profile(lut, cfg.lut.client_profile, str(lut_file))
+    preset = cfg.lut.link if args.link is not None or cfg.lut.link != default.link else None
+    link, link_source = T.step2_link(lut, preset, cfg.lut.bandwidth_mbps, cfg.lut.rtt_ms)
+    tables = L.cost_tables(lut, cfg.optim.batch_size, link)
+    payload = {'lut_file': str(lut_file), 'model': lut['model'], 'input_size': lut['input_size'],
+               'num_blocks': lut['num_blocks'], 'link': link.to_dict(), 'link_source': link_source,
+               'feature_dtype': lut['feature_dtype'], 'client': T.client_info(lut)}
+    payload.update(T.solve_step2(tables, T.unpruned_valid(lut), cfg.optim, cfg.seed))
+    payload['wall_s']['script'] = time.perf_counter() - t_start
+    out = cfg.path('initial_throughput_config.json')
+    write_artifact(out, 'initial_throughput_config', payload, cfg, command_line(argv))
+    print(f'{lut["model"]["name"]} ({lut["num_blocks"]} blocks, {lut["input_size"]} px), batch {tables.batch}, '
+          f'link {link.name}: {link.bandwidth_mbps:g} Mbit/s, rtt {link.rtt_ms:g} ms ({link_source}); '
+          f'objective {cfg.optim.objective}')
+    print(T.table_text(payload))
+    w = payload['wall_s']
+    print(f'gap to the exact optimum: {payload["gap_pct"]:.3g} % (gradient descent alone, before the local search: '
+          f'{payload["gradient_descent"]["gap_pct"]:.3g} %); solvers: relaxed {w["relaxed"]:.2f} s, exact '
+          f'{1e3 * w["exact"]:.2f} ms; step 2 wall {time.perf_counter() - t_start:.2f} s -> {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -2,7 +2,8 @@
 merge with the link and the FLOP/byte counts into hardware_lut_complete.json, and validate the LUT end to end.
 
 Modes: server (lut_server.json, measured here) | client (lut_client.json, measured here: run this on the device)
-| merge (hardware_lut_complete.json + link.json from the two) | pseudo (server + replayed or modelled client + merge).
+| merge (hardware_lut_complete.json + link.json from the two) | pseudo (server + replayed or modelled client + merge)
+| real (server here, client on client_worker.py through comm.session, link probed and measured, merge).
 """
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from optim.profiles import get_profile  # noqa: E402
 
 FLAGS = {'client_profile': 'lut.client_profile', 'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps',
          'rtt_ms': 'lut.rtt_ms', 'batch_sizes': 'lut.batch_sizes', 'repeats': 'lut.repeats', 'warmup': 'lut.warmup',
-         'input_size': 'model.input_size', 'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype'}
+         'input_size': 'model.input_size', 'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype',
+         'port': 'real.port'}
 
 
 def measure(cfg, side, command):
@@ -103,17 +105,37 @@ def mode_pseudo(cfg, args, command):
     merge(cfg, server, client, command)
 
 
-def merge(cfg, server, client, command):
-    link = L.resolve_link(cfg.lut)
+def mode_real(cfg, args, command):
+    """Server measured here, client measured on client_worker.py (comm.session), link probed, merged."""
+    from comm import session as S
+    server = MODES['server'](cfg, args, command)
+    with S.session_from_config(cfg) as sess:
+        print(f'waiting up to {cfg.real.connect_timeout_s:g} s for client_worker.py on {cfg.real.host}:{sess.port}')
+        hello = sess.accept()
+        print(f'worker: {hello.get("device_name")} ({hello.get("device")}), python {hello.get("python_version")}, '
+              f'torch {hello.get("torch_version")}, power mode {hello.get("power_mode")}')
+        client = S.measure_client_side(sess, cfg)
+        write_artifact(cfg.path('lut_client.json'), 'lut_client', client, cfg, command)
+        print(f'{L.side_line(client)} -> {cfg.path("lut_client.json")}')
+        probe = sess.probe_link(S.probe_sizes_bytes(cfg), cfg.real.probe_repeats)
+    merge(cfg, server, client, command, S.link_from_probe(probe), probe)
+
+
+def merge(cfg, server, client, command, link=None, probe=None):
+    """hardware_lut_complete.json and link.json; `link` is the measured one (with its probe) in real mode."""
+    link = link or L.resolve_link(cfg.lut)
     payload = L.merge(server, client, link, cfg.lut.feature_dtype)
-    write_artifact(cfg.path('link.json'), 'link', {'link': link.to_dict(), 'measured': False}, cfg, command)
+    write_artifact(cfg.path('link.json'), 'link', {'link': link.to_dict(), 'measured': probe is not None,
+                                                   'source': 'measured' if probe else 'configured', 'probe': probe},
+                   cfg, command)
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete', payload, cfg, command)
     print(f'merged: {payload["num_blocks"]} blocks, batch sizes {payload["batch_sizes"]}, server {server["source"]}, '
-          f'client {client["source"]}, link {link.name} ({link.bandwidth_mbps} Mbit/s, rtt {link.rtt_ms} ms) '
+          f'client {client["source"]}, link {link.name} ({link.bandwidth_mbps:.4g} Mbit/s, rtt {link.rtt_ms:.3g} ms) '
           f'-> {cfg.path("hardware_lut_complete.json")}')
 
 
-MODES = {'server': mode_measure('server'), 'client': mode_measure('client'), 'merge': mode_merge, 'pseudo': mode_pseudo}
+MODES = {'server': mode_measure('server'), 'client': mode_measure('client'), 'merge': mode_merge, 'pseudo': mode_pseudo,
+         'real': mode_real}
 
 
 def main(argv=None):
@@ -133,6 +155,8 @@ def main(argv=None):
     p.add_argument('--max_entry_s', help=f'time budget per entry in s, >= 3 runs kept; 0 = no limit (default: '
                    f'{d.max_entry_s})')
     p.add_argument('--feature_dtype', help=f'dtype of features on the link: fp32 | fp16 (default: {d.feature_dtype})')
+    p.add_argument('--port', help=f'real mode: port the session listens on, on {Config().real.host} (default: '
+                   f'{Config().real.port}); the token comes from real.token or env HYPERREPVGG_TOKEN')
     p.add_argument('--input_size', help=f'input resolution in pixels (default: {m.input_size})')
     p.add_argument('--validate', dest='validate', action='store_true', default=True,
                    help='validate the measured LUT end to end on lut.validation_samples configurations (default: on)')

@@ -1,0 +1,457 @@
+"""Edge worker for real mode: runs on the Jetson TX2 (JetPack 4.6: Python 3.6, torch 1.10) and serves the server
+session of comm/session.py (DESIGN.md section 9).
+
+    python client_worker.py [--server_ip 127.0.0.1] [--port 6006] [--device cuda] [--token T | env HYPERREPVGG_TOKEN]
+                            [--ssh user@host[:port] [--ssh_key FILE]]
+
+It dials the server (directly, through a tunnel you opened with `ssh -N -L 6006:127.0.0.1:6006 user@server`,
+or through its own paramiko tunnel with --ssh), authenticates, and answers commands until the session ends; then,
+or when the link drops, it dials again with exponential backoff.  Commands: measure_lut (optim.measure, the
+same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
+hyper_repvgg.build_edge from raw tensors), upload (uint8 images), run (pipelined: the edge part runs batch after
+batch while a sender thread streams the features).  A failing command answers an error frame; the worker stays
+usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, optim.measure, numpy and torch.
+"""
+import argparse
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import hyper_repvgg as H  # noqa: E402
+from comm import protocol as P  # noqa: E402
+from data.normalize import normalize_batch  # noqa: E402
+from optim import measure as M  # noqa: E402
+
+log = logging.getLogger('client_worker')
+EXIT_AUTH = 3  # exit status when the server refuses our token (retrying cannot help)
+
+
+class AuthRefused(Exception):
+    """The server refused this worker's token, or could not prove that it knows it."""
+
+
+class CommandError(Exception):
+    """A command with missing or bad arguments; answered as an error frame."""
+
+
+def pick_device(name):
+    # type: (str) -> str
+    """`name`, or 'cpu' (with a message) when CUDA was asked for and is not available."""
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        log.warning('--device %s: CUDA is not available here, falling back to cpu', name)
+        return 'cpu'
+    return name
+
+
+class Heartbeat(object):
+    """While a command runs, send a heartbeat frame every `interval_s` so the server knows we are alive."""
+
+    def __init__(self, sock, lock, interval_s):
+        self.sock, self.lock, self.interval_s = sock, lock, interval_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name='heartbeat', daemon=True)
+
+    def _loop(self):
+        while not self.stop.wait(self.interval_s):
+            try:
+                P.send_frame(self.sock, 'heartbeat', {'t': time.monotonic()}, lock=self.lock)
+            except P.ProtocolError:
+                return
+
+    def __enter__(self):
+        if self.interval_s > 0:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(self.interval_s + 5)
+
+
+class Worker(object):
+    """State of the edge device between commands: the loaded edge part and the uploaded images."""
+
+    def __init__(self, device, token=None, limits=P.Limits(), io_timeout_s=120.0):
+        self.device = device
+        self.token = token
+        self.limits = limits
+        self.io_timeout_s = io_timeout_s
+        self.edge = None
+        self.edge_info = {}
+        self.images = []
+        self.lock = threading.Lock()
+        self.heartbeat_s = 5.0
+        self.started = False  # whether the last connection got through the handshake
+        self._probe_data = np.frombuffer(os.urandom(1 << 20), dtype=np.uint8)
+
+    # -- connection ------------------------------------------------------------------------------------------
+    def hello_info(self):
+        info = M.device_metadata(self.device)
+        info.update({'numpy_version': np.__version__, 'protocol_version': P.VERSION, 'pid': os.getpid(),
+                     'cuda_available': torch.cuda.is_available()})
+        return info
+
+    def handshake(self, sock):
+        ch = P.recv_frame(sock, self.limits)
+        if ch.kind != 'challenge':
+            raise P.ProtocolError('expected a challenge frame first, got {}'.format(ch.kind))
+        self.heartbeat_s = float(ch.header.get('heartbeat_s', 5.0))
+        my_nonce = P.make_nonce()
+        hello = {'info': self.hello_info(), 'nonce': my_nonce}
+        if ch.header.get('auth_required') and self.token:
+            hello['mac'] = P.auth_mac(self.token, str(ch.header.get('nonce', '')), 'worker')
+        P.send_frame(sock, 'hello', hello)
+        reply = P.recv_frame(sock, self.limits)
+        if reply.kind == 'error':
+            hint = '' if self.token else ' (the server requires a token: pass --token or set env {})'.format(
+                P.TOKEN_ENV)
+            raise AuthRefused('the server refused this worker: {}{}'.format(reply.header.get('message'), hint))
+        if reply.kind != 'welcome':
+            raise P.ProtocolError('expected a welcome frame, got {}'.format(reply.kind))
+        if self.token and not P.check_mac(self.token, my_nonce, 'server', reply.header.get('mac')):
+            msg = 'the server could not prove that it holds our token; not serving it'
+            P.send_frame(sock, 'error', {'error': 'AuthRefused', 'message': 'worker refuses: ' + msg})
+            raise AuthRefused(msg)
+
+    def serve(self, sock):
+        """Handshake, then answer requests until bye.  Returns normally on bye; raises ProtocolError on a drop."""
+        sock.settimeout(self.io_timeout_s)
+        self.started = False
+        self.handshake(sock)
+        self.started = True
+        log.info('session started (device %s)', self.device)
+        while True:
+            sock.settimeout(None)  # the server may be busy between commands; TCP / SSH keepalive watch the link
+            frame = P.recv_frame(sock, self.limits)
+            sock.settimeout(self.io_timeout_s)
+            if frame.kind == 'bye':
+                log.info('session ended by the server')
+                return
+            if frame.kind != 'request':
+                P.send_frame(sock, 'error', {'message': 'unexpected {} frame'.format(frame.kind)}, lock=self.lock)
+                continue
+            cmd = frame.header.get('cmd')
+            rid = frame.header.get('id')
+            handler = getattr(self, 'cmd_' + str(cmd), None)
+            t0 = time.monotonic()
+            try:
+                if handler is None:
+                    raise CommandError('unknown command {!r}'.format(cmd))
+                with Heartbeat(sock, self.lock, self.heartbeat_s):
+                    result, tensors = handler(sock, frame)
+            except P.ProtocolError:
+                raise
+            except Exception as e:  # any failure of a command is reported; the worker stays usable
+                log.warning('command %s failed: %s', cmd, e)
+                P.send_frame(sock, 'error', {'id': rid, 'cmd': cmd, 'error': type(e).__name__, 'message': str(e),
+                                             'traceback': traceback.format_exc()[-2000:]}, lock=self.lock)
+                continue
+            result = dict(result or {})
+            result['worker_ms'] = (time.monotonic() - t0) * 1e3
+            P.send_frame(sock, 'reply', {'id': rid, 'cmd': cmd, 'result': result}, tensors, lock=self.lock)
+
+    # -- commands: each returns (result dict, tensors) -------------------------------------------------------
+    def cmd_ping(self, sock, frame):
+        return {'t': time.monotonic()}, None
+
+    def cmd_clock(self, sock, frame):
+        return {'t': time.monotonic()}, None
+
+    def cmd_measure_lut(self, sock, frame):
+        a = frame.header.get('args', {})
+        res = M.measure_side(a['arch'], int(a['input_size']), [int(b) for b in a['batch_sizes']], self.device,
+                             int(a['warmup']), int(a['repeats']), int(a['threads']), float(a['max_entry_s']),
+                             int(a['seed']), progress=False, timing=str(a['timing']))
+        return res, None
+
+    def cmd_probe(self, sock, frame):
+        """Answer with `reply_bytes` random bytes (uplink probe), or echo the received 'data' tensor."""
+        n = frame.header.get('args', {}).get('reply_bytes')
+        if n is None:
+            data = frame.tensors.get('data', np.zeros(0, np.uint8))
+        else:
+            n = int(n)
+            if not 0 <= n <= self.limits.max_frame_bytes - (1 << 16):
+                raise CommandError('probe reply_bytes {} outside 0..{}'.format(n, self.limits.max_frame_bytes))
+            reps = -(-n // len(self._probe_data)) if n else 0
+            data = np.tile(self._probe_data, reps)[:n] if reps > 1 else self._probe_data[:n]
+        return {'bytes': int(data.nbytes)}, [('data', data)]
+
+    def cmd_load_edge(self, sock, frame):
+        a = frame.header.get('args', {})
+        t0 = time.monotonic()
+        arch, lam = a['arch'], int(a['lam'])
+        num_blocks = len(H.block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input'))))
+        state = {k: torch.from_numpy(v) for k, v in frame.tensors.items()}
+        head = {k[len('linear.'):]: state.pop(k) for k in ('linear.weight', 'linear.bias') if k in state}
+        if (lam == num_blocks) != bool(head):
+            raise CommandError('load_edge: the classifier tensors linear.weight/bias are sent exactly when '
+                               'lambda == N ({}), got lambda={} with {}'.format(num_blocks, lam, sorted(head)))
+        edge = H.build_edge(arch, lam, state, [int(g) for g in a['layouts']])
+        for k, block in enumerate(edge.blocks):  # the header's kept sets must agree with the sent buffers
+            kept = sorted(b for b, m in zip(H.BRANCHES, state[block.spec.name + '.kept'].tolist()) if m)
+            if kept != sorted(a['kept'][k]):
+                raise CommandError('load_edge: block {} kept {} in the header but {} in the tensors'.format(
+                    k, a['kept'][k], kept))
+            alpha = state[block.spec.name + '.alpha'].tolist()
+            if 'alpha' in a and any(abs(x - y) > 1e-6 for x, y in zip(alpha, a['alpha'][k])):
+                raise CommandError('load_edge: block {} alpha {} in the header but {} in the tensors'.format(
+                    k, a['alpha'][k], alpha))
+        if head:
+            linear = nn.Linear(head['weight'].shape[1], head['weight'].shape[0])
+            linear.load_state_dict(head, strict=True)
+            edge = H.SplitPart(list(edge.blocks), (nn.AdaptiveAvgPool2d(1), linear)).eval()
+        self.edge = edge.to(self.device)
+        self.edge_info = {'lam': lam, 'num_blocks': num_blocks, 'mean': [float(v) for v in a['mean']],
+                          'std': [float(v) for v in a['std']], 'feature_dtype': str(a.get('feature_dtype', 'fp32'))}
+        if self.edge_info['feature_dtype'] not in ('fp32', 'fp16'):
+            raise CommandError('load_edge: feature_dtype must be fp32 or fp16')
+        size = int(a.get('input_size', 0))
+        if size > 0:  # one untimed warm-up pass
+            self.forward(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+        weight_bytes = sum(int(v.nbytes) for v in frame.tensors.values())
+        return {'load_ms': (time.monotonic() - t0) * 1e3, 'edge_weight_bytes': weight_bytes, 'lam': lam,
+                'device': self.device, 'blocks': len(edge.blocks)}, None
+
+    def cmd_upload(self, sock, frame):
+        if frame.header.get('args', {}).get('reset'):
+            self.images = []
+        x = frame.tensors.get('images')
+        if x is None or x.dtype != np.uint8 or x.ndim != 4:
+            raise CommandError('upload: needs a uint8 tensor "images" of shape (B, C, H, W)')
+        self.images.append(x)
+        return {'samples': int(sum(len(c) for c in self.images))}, None
+
+    def forward(self, x):
+        """uint8 batch -> what crosses the link: the images (lambda 0), features (fp32/fp16) or logits (lambda N)."""
+        info = self.edge_info
+        if info['lam'] == 0:
+            return x
+        with torch.no_grad():
+            y = self.edge(normalize_batch(x.to(self.device), info['mean'], info['std']))
+            if info['feature_dtype'] == 'fp16' and info['lam'] < info['num_blocks']:
+                y = y.half()
+            return y.cpu()
+
+    def cmd_run(self, sock, frame):
+        """Pipelined run: compute batch i+1 while a sender thread streams batch i (bounded queue)."""
+        if self.edge is None:
+            raise CommandError('run: no edge part loaded (send load_edge first)')
+        if not self.images:
+            raise CommandError('run: no images uploaded (send upload first)')
+        a = frame.header.get('args', {})
+        bs = int(a['batch_size'])
+        images = torch.from_numpy(np.concatenate(self.images) if len(self.images) > 1 else self.images[0])
+        n_batches = -(-len(images) // bs)
+        q = queue.Queue(maxsize=max(1, int(a.get('queue', 2))))
+        stop, errors, sent = threading.Event(), [], {}
+
+        def sender():
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                i, y, edge_start, edge_ms = item
+                t0 = time.monotonic()
+                try:
+                    P.send_frame(sock, 'features', {'batch': i, 'edge_start': edge_start, 'edge_ms': edge_ms,
+                                                    'send_start': t0}, [('x', y)], lock=self.lock)
+                except P.ProtocolError as e:
+                    errors.append(e)
+                    stop.set()
+                    return
+                sent[i] = (time.monotonic() - t0) * 1e3
+
+        self.forward(images[:bs])  # untimed warm-up (first-call allocations, cuDNN autotuning)
+        thread = threading.Thread(target=sender, name='sender', daemon=True)
+        thread.start()
+        per_batch = []
+        try:
+            for i in range(n_batches):
+                if stop.is_set():
+                    break
+                t0 = time.monotonic()
+                y = self.forward(images[i * bs:(i + 1) * bs])
+                edge_ms = (time.monotonic() - t0) * 1e3
+                t1 = time.monotonic()
+                while not stop.is_set():
+                    try:
+                        q.put((i, y, t0, edge_ms), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                per_batch.append({'batch': i, 'edge_ms': edge_ms, 'queue_wait_ms': (time.monotonic() - t1) * 1e3})
+        finally:
+            while thread.is_alive():
+                try:
+                    q.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            thread.join()
+        if errors:
+            raise errors[0]
+        for row in per_batch:
+            row['send_ms'] = sent.get(row['batch'])
+        return {'batches': n_batches, 'samples': int(len(images)), 'per_batch': per_batch}, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Connecting
+# ----------------------------------------------------------------------------------------------------------
+
+class SshTunnel(object):
+    """The worker's own `ssh -L`: a paramiko SSH connection whose direct-tcpip channels reach the server port."""
+
+    def __init__(self, spec, key_file=None, known_hosts=None, accept_unknown=False, timeout_s=30.0):
+        user, _, hostport = spec.rpartition('@')
+        host, _, port = hostport.partition(':')
+        if not user or not host:
+            raise SystemExit('--ssh: expected user@host[:port], got {!r}'.format(spec))
+        self.user, self.host, self.port = user, host, int(port or 22)
+        self.key_file, self.known_hosts, self.accept_unknown = key_file, known_hosts, accept_unknown
+        self.timeout_s = timeout_s
+        self.client = None
+        try:
+            import paramiko  # noqa: F401  (optional on the device)
+        except ImportError:
+            raise SystemExit('--ssh needs paramiko (pip install paramiko); or open the tunnel yourself with '
+                             '`ssh -N -L 6006:127.0.0.1:6006 user@server` and run without --ssh')
+
+    def _connect(self):
+        import paramiko
+        logging.getLogger('paramiko').setLevel(logging.CRITICAL)  # its failures are reported by open() below
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        if self.known_hosts:
+            client.load_host_keys(self.known_hosts)
+        if self.accept_unknown:
+            log.warning('--ssh_accept_unknown: accepting an unknown SSH host key of %s', self.host)
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect(self.host, self.port, username=self.user, key_filename=self.key_file,
+                       timeout=self.timeout_s, banner_timeout=self.timeout_s, auth_timeout=self.timeout_s)
+        client.get_transport().set_keepalive(15)
+        self.client = client
+
+    def open(self, dest_host, dest_port):
+        """A channel to dest_host:dest_port as seen from the SSH server (socket-like: sendall, recv, settimeout)."""
+        if self.client is None or not self.client.get_transport() or not self.client.get_transport().is_active():
+            self.close()
+            self._connect()
+        try:
+            return self.client.get_transport().open_channel('direct-tcpip', (dest_host, dest_port),
+                                                            ('127.0.0.1', 0), timeout=self.timeout_s)
+        except Exception as e:  # paramiko.ChannelException (nothing listens there yet), SSHException
+            raise OSError('SSH tunnel to {}:{} via {}: {}'.format(dest_host, dest_port, self.host, e))
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def connect(args, tunnel):
+    if tunnel is not None:
+        return tunnel.open(args.server_ip, args.port)
+    sock = socket.create_connection((args.server_ip, args.port), timeout=args.connect_timeout_s)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--server_ip', default='127.0.0.1', help='server address to dial; with --ssh, as seen from the '
+                   'SSH host (default: 127.0.0.1)')
+    p.add_argument('--port', type=int, default=6006, help='server port (default: 6006)')
+    p.add_argument('--device', default='cuda', help='torch device of the edge part: cuda | cpu; cuda falls back to '
+                   'cpu when unavailable (default: cuda)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: 0 = torch default)')
+    p.add_argument('--token', default=None, help='shared authentication token (default: env {}, else none)'.format(
+        P.TOKEN_ENV))
+    p.add_argument('--ssh', default=None, metavar='USER@HOST[:PORT]', help='open the SSH tunnel with paramiko '
+                   '(default: none, dial --server_ip directly)')
+    p.add_argument('--ssh_key', default=None, help='private key file for --ssh (default: ssh agent / ~/.ssh keys)')
+    p.add_argument('--ssh_known_hosts', default=None, help='extra known_hosts file for --ssh (default: only '
+                   '~/.ssh/known_hosts)')
+    p.add_argument('--ssh_accept_unknown', action='store_true', help='accept an unknown SSH host key (insecure; '
+                   'default: off, unknown hosts are refused)')
+    p.add_argument('--connect_timeout_s', type=float, default=10.0, help='timeout of one dial in s (default: 10)')
+    p.add_argument('--io_timeout_s', type=float, default=120.0, help='timeout of one send/receive within a command '
+                   'in s (default: 120)')
+    p.add_argument('--max_frame_mb', type=float, default=512.0, help='largest accepted frame in MB (default: 512)')
+    p.add_argument('--backoff_max_s', type=float, default=10.0, help='longest wait between dial attempts in s '
+                   '(default: 10)')
+    p.add_argument('--once', action='store_true', help='exit after the first session instead of dialing again '
+                   '(default: off)')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(asctime)s worker %(levelname)s %(message)s')
+    args = parse_args(argv)
+    token = P.resolve_token(args.token)
+    device = pick_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    worker = Worker(device, token, P.Limits(max_frame_bytes=int(args.max_frame_mb * 2 ** 20)), args.io_timeout_s)
+    tunnel = None
+    if args.ssh:
+        tunnel = SshTunnel(args.ssh, args.ssh_key, args.ssh_known_hosts, args.ssh_accept_unknown,
+                           args.connect_timeout_s)
+    log.info('worker pid %d, device %s, python %s, torch %s, dialing %s:%d%s%s', os.getpid(), device,
+             sys.version.split()[0], torch.__version__, args.server_ip, args.port,
+             ' via ssh ' + args.ssh if args.ssh else '', ', token set' if token else '')
+    backoff = 0.5
+    while True:
+        try:
+            sock = connect(args, tunnel)
+        except (OSError, EOFError) as e:
+            log.info('server not reachable (%s); retrying in %.1f s', e, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, args.backoff_max_s)
+            continue
+        try:
+            worker.serve(sock)
+        except AuthRefused as e:
+            log.error('%s', e)
+            return EXIT_AUTH
+        except P.ProtocolError as e:
+            if worker.started:
+                log.warning('link dropped (%s); reconnecting', e)
+            else:  # e.g. an ssh -L tunnel is up but nothing listens behind it yet
+                log.info('no session (%s); retrying in %.1f s', e, backoff)
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        if args.once:
+            return 0
+        if worker.started:
+            backoff = 0.5
+            time.sleep(0.2)
+        else:
+            time.sleep(backoff)
+            backoff = min(backoff * 2, args.backoff_max_s)
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

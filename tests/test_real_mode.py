@@ -1,0 +1,382 @@
+"""Real mode on loopback: comm.session with client_worker.py as a separate process (directly, through an sshd of
+the test's own with the worker's paramiko tunnel or `ssh -L`, under Python 3.6 + torch 1.10, over the link
+emulator), authentication, a worker killed or stalled, and step 1 --mode real."""
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hyper_repvgg as H
+from comm import protocol as P
+from comm.linkemu import LinkEmulator
+from comm.session import ServerSession, SessionError
+from conftest import REPO
+from data.normalize import normalize_batch
+from optim.measure import randomize_bn_
+
+pytestmark = pytest.mark.network
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+IO_TIMEOUT = 20.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Server and worker share 2 cores: one torch thread each keeps them from stalling each other."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    m = H.build_hyper_repvgg('A0', num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.25), small_input=True)
+    g = torch.Generator()
+    g.manual_seed(1)
+    randomize_bn_(m, g)
+    with torch.no_grad():
+        for a in m.alpha_parameters():
+            a.uniform_(0.5, 1.5, generator=g)
+    m.prune(3, 'O')
+    m.set_layout(2, 13)
+    m.set_layout(4, 10)
+    return m.eval()
+
+
+@pytest.fixture(scope='module')
+def data():
+    g = torch.Generator()
+    g.manual_seed(2)
+    return torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (24,),
+                                                                                                 generator=g)
+
+
+def local_predictions(model, images):
+    with torch.no_grad():
+        return model(normalize_batch(images, MEAN, STD)).argmax(1).tolist()
+
+
+def server_part(model, lam):
+    return None if lam == model.num_blocks else H.deploy_part(model.split(lam)[1])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_worker(port, *extra, python=sys.executable, token=None, log_path=None):
+    env = dict(os.environ)
+    env.pop(P.TOKEN_ENV, None)
+    if token is not None:
+        env[P.TOKEN_ENV] = token
+    out = open(log_path, 'w') if log_path else subprocess.DEVNULL
+    return subprocess.Popen([str(python), str(REPO / 'client_worker.py'), '--port', str(port), '--device', 'cpu',
+                             '--threads', '1', '--backoff_max_s', '1', *extra], env=env, stdout=out,
+                            stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL, cwd=str(REPO))
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def check_split_runs(sess, model, images, labels, lams):
+    """Deploy each lambda, run, and compare with the local model: identical predictions and accuracy."""
+    ref = local_predictions(model, images)
+    acc = 100.0 * sum(int(p == y) for p, y in zip(ref, labels.tolist())) / len(labels)
+    for lam in lams:
+        dep = sess.deploy(model, model.layouts(), lam, MEAN, STD)
+        assert dep['lam'] == lam and dep['blocks'] == lam
+        assert dep['edge_weight_bytes'] == sum(v.numel() * v.element_size()
+                                               for v in model.edge_state_dict(lam).values()) + \
+            (sum(p.numel() * 4 for p in model.linear.parameters()) if lam == model.num_blocks else 0)
+        res = sess.run(server_part(model, lam), images, labels, batch_size=5)
+        assert res['predictions'] == ref, f'lambda={lam}'
+        assert res['accuracy_pct'] == pytest.approx(acc)
+        assert res['batches'] == 5 and res['samples'] == len(images) and len(res['per_batch']) == 5
+        for key in ('throughput_fps', 'latency_ms', 'edge_ms', 'link_ms', 'server_ms', 'wall_s'):
+            assert res[key] is not None and res[key] >= 0, key
+        nbytes = [r['bytes'] for r in res['per_batch']]
+        per_sample = {0: 3 * 32 * 32, model.num_blocks: 10 * 4}.get(lam)
+        if per_sample is not None:  # lambda 0 sends uint8 images, lambda N the logits
+            assert nbytes[0] == 5 * per_sample
+
+
+def test_split_run_through_the_worker_equals_the_local_model(model, data, tmp_path):
+    images, labels = data
+    with ServerSession(port=0, token='s3cret', connect_timeout_s=60, io_timeout_s=IO_TIMEOUT) as sess:
+        worker = start_worker(sess.port, token='s3cret', log_path=tmp_path / 'worker.log')
+        try:
+            hello = sess.accept()
+            assert hello['pid'] == worker.pid and hello['device'] == 'cpu' and hello['torch_version']
+            check_split_runs(sess, model, images, labels, (0, 6, model.num_blocks))
+            # fp16 features: half the bytes of fp32 on the link
+            sess.deploy(model, model.layouts(), 6, MEAN, STD, feature_dtype='fp16')
+            half = sess.run(server_part(model, 6), images, labels, batch_size=5)
+            with torch.no_grad():
+                h = model.split(6)[0](normalize_batch(images[:5], MEAN, STD))
+            assert half['per_batch'][0]['bytes'] == h.numel() * 2
+            # a failing command answers an error and the worker stays usable
+            with pytest.raises(SessionError, match='unknown command'):
+                sess.request('no_such_command')
+            with pytest.raises(SessionError, match='not valid for block'):
+                bad = list(model.layouts())
+                bad[3] = 13  # block 3 had its 1x1 pruned: the fused D+O+I layout is not valid
+                sess.deploy(model, bad, 5, MEAN, STD)
+            with pytest.raises(SessionError, match='probe reply_bytes'):
+                sess.request('probe', {'reply_bytes': 2 ** 40})
+            probe = sess.probe_link([1024, 2 ** 20, 2 ** 22], repeats=2)  # loopback: large sizes for a clear slope
+            assert probe['bandwidth_mbps'] > 0 and len(probe['samples']) == 6
+        finally:
+            sess.close()
+            try:
+                worker.wait(10)  # bye, then it dials again: still running
+            except subprocess.TimeoutExpired:
+                pass
+            stop(worker)
+
+
+def test_wrong_or_missing_token_is_refused_before_anything_runs(tmp_path):
+    for token, expect in (('wrong', 'wrong or missing token'), (None, 'wrong or missing token')):
+        with ServerSession(port=0, token='right', connect_timeout_s=60, io_timeout_s=IO_TIMEOUT) as sess:
+            worker = start_worker(sess.port, token=token, log_path=tmp_path / 'worker.log')
+            try:
+                with pytest.raises(SessionError, match=expect):
+                    sess.accept()
+                assert worker.wait(30) == 3  # the worker gives up: retrying cannot help
+                log = (tmp_path / 'worker.log').read_text()
+                assert 'session started' not in log and 'refused' in log
+                with pytest.raises(SessionError, match='call accept'):
+                    sess.probe_link([1, 2])
+            finally:
+                stop(worker)
+    # a worker with a token refuses a server that cannot prove it
+    with ServerSession(port=0, token=None, connect_timeout_s=60, io_timeout_s=IO_TIMEOUT) as sess:
+        worker = start_worker(sess.port, token='mine', log_path=tmp_path / 'worker2.log')
+        try:
+            with pytest.raises(SessionError, match='worker refuses: the server could not prove'):
+                sess.accept()
+            assert worker.wait(30) == 3
+            assert 'could not prove' in (tmp_path / 'worker2.log').read_text()
+        finally:
+            stop(worker)
+
+
+def test_killed_worker_is_reported_within_the_timeout_and_a_restarted_one_reconnects(model, tmp_path):
+    images = torch.randint(0, 256, (3000, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.zeros(3000, dtype=torch.long)
+    with ServerSession(port=0, connect_timeout_s=60, io_timeout_s=IO_TIMEOUT) as sess:
+        worker = start_worker(sess.port)
+        try:
+            sess.accept()
+            sess.deploy(model, model.layouts(), 8, MEAN, STD)
+            sess.upload(images[:10])  # warm the path
+            timer = threading.Timer(1.5, worker.kill)
+            timer.start()
+            t0 = time.monotonic()
+            with pytest.raises(SessionError, match='connection lost during run'):
+                sess.run(server_part(model, 8), images, labels, batch_size=1)
+            assert time.monotonic() - t0 < IO_TIMEOUT
+            timer.join()
+            worker.wait(10)
+            worker = start_worker(sess.port)
+            hello = sess.accept()  # the session resumes with the restarted worker
+            assert hello['pid'] == worker.pid
+            assert sess.request('ping')[0]['t'] > 0
+            # a stalled worker (SIGSTOP: no data, no heartbeat) is reported after io_timeout_s, naming it
+            sess.io_timeout_s = 2.0
+            sess._conn.settimeout(2.0)
+            os.kill(worker.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(SessionError, match=r'silent for real.io_timeout_s = 2 s'):
+                sess.request('measure_lut', {})
+            assert time.monotonic() - t0 < 10
+        finally:
+            if worker.poll() is None:
+                os.kill(worker.pid, signal.SIGCONT)
+            stop(worker)
+
+
+def test_step1_real_mode_writes_measured_link_and_merged_lut(tmp_path):
+    from artifacts import load_artifact
+    from optim import lut as L
+    from pipeline import step1_measure_lut as step1
+    port = free_port()
+    worker = start_worker(port, log_path=tmp_path / 'worker.log')
+    try:
+        step1.main(['--mode', 'real', '--port', str(port), '--results_dir', str(tmp_path), '--dataset', 'synthetic',
+                    '--input_size', '16', '--repeats', '2', '--warmup', '1', '--no_validate',
+                    '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'real.probe_sizes_kb=4,1024,4096',
+                    '--set', 'real.connect_timeout_s=60', '--set', 'real.probe_repeats=2'])
+    finally:
+        stop(worker)
+    link = load_artifact(tmp_path / 'link.json', 'link')
+    assert link['source'] == 'measured' and link['measured'] is True
+    assert link['link']['name'] == 'measured' and len(link['probe']['samples']) == 6
+    lut = L.load_lut(tmp_path / 'hardware_lut_complete.json')
+    assert lut['link']['bandwidth_mbps'] == pytest.approx(link['probe']['bandwidth_mbps'])
+    client = L.load_side(tmp_path / 'lut_client.json', 'client')
+    assert client['source'] == 'measured' and client['metadata']['device'] == 'cpu'
+
+
+def test_probe_over_the_emulated_link_measures_the_configured_rate(model, data):
+    images, labels = data
+    with ServerSession(port=0, connect_timeout_s=60, io_timeout_s=IO_TIMEOUT) as sess, \
+            LinkEmulator(('127.0.0.1', 0), ('127.0.0.1', sess.port), rate_mbps=20, delay_ms=5) as emu:
+        worker = start_worker(emu.port)
+        try:
+            sess.accept()
+            probe = sess.probe_link([16384, 131072, 524288, 1048576], repeats=2)
+            assert probe['bandwidth_mbps'] == pytest.approx(20, rel=0.15)
+            assert probe['latency_ms'] == pytest.approx(5, abs=4)
+            check_split_runs(sess, model, images, labels, (6,))
+        finally:
+            sess.close()
+            stop(worker)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through a real sshd of the test's own
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def sshd(tmp_path_factory):
+    exe = Path('/usr/sbin/sshd')
+    if not exe.is_file() or not shutil.which('ssh-keygen'):
+        pytest.skip('needs openssh-server (/usr/sbin/sshd) and ssh-keygen')
+    d = tmp_path_factory.mktemp('sshd')
+    for name in ('host_key', 'user_key'):
+        subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(d / name)], check=True, timeout=60)
+    (d / 'authorized_keys').write_text((d / 'user_key.pub').read_text())
+    os.chmod(d / 'authorized_keys', 0o600)
+    port = free_port()
+    (d / 'sshd_config').write_text(
+        f'Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n'
+        f'AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin yes\nPubkeyAuthentication yes\n'
+        'PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n'
+        'AllowTcpForwarding yes\n')
+    if os.geteuid() == 0:
+        try:
+            os.makedirs('/run/sshd', exist_ok=True)  # sshd's privilege-separation directory
+        except OSError as e:
+            pytest.skip(f'sshd needs /run/sshd: {e}')
+    log = open(d / 'sshd.log', 'w')
+    proc = subprocess.Popen([str(exe), '-D', '-e', '-f', str(d / 'sshd_config')], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.skip(f'sshd did not start: {(d / "sshd.log").read_text()[-500:]}')
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.skip('sshd did not accept connections within 15 s')
+    host_pub = (d / 'host_key.pub').read_text().split()
+    (d / 'known_hosts').write_text(f'[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n')
+    yield {'port': port, 'key': d / 'user_key', 'known_hosts': d / 'known_hosts', 'user': getpass.getuser(),
+           'dir': d}
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def test_split_run_through_the_workers_paramiko_ssh_tunnel(sshd, model, data, tmp_path):
+    pytest.importorskip('paramiko')
+    images, labels = data
+    with ServerSession(port=0, token='tok', connect_timeout_s=60, io_timeout_s=IO_TIMEOUT) as sess:
+        worker = start_worker(sess.port, '--ssh', f'{sshd["user"]}@127.0.0.1:{sshd["port"]}', '--ssh_key',
+                              str(sshd['key']), '--ssh_known_hosts', str(sshd['known_hosts']), token='tok',
+                              log_path=tmp_path / 'worker.log')
+        try:
+            try:
+                sess.accept()
+            except SessionError:
+                pytest.fail('worker did not come through the tunnel:\n' + (tmp_path / 'worker.log').read_text()[-2000:])
+            assert 'via ssh' in (tmp_path / 'worker.log').read_text()
+            check_split_runs(sess, model, images, labels, (0, 6, model.num_blocks))
+        finally:
+            sess.close()
+            stop(worker)
+
+
+def test_python36_torch110_worker_through_an_ssh_L_tunnel(py36_python, sshd, model, data, tmp_path):
+    """The README flow: `ssh -N -L PORT:127.0.0.1:PORT user@server` on the device, then client_worker.py."""
+    if not shutil.which('ssh'):
+        pytest.skip('needs the OpenSSH client (ssh)')
+    images, labels = data
+    local = free_port()
+    with ServerSession(port=0, token='tok36', connect_timeout_s=90, io_timeout_s=60) as sess:
+        tunnel = subprocess.Popen(['ssh', '-N', '-L', f'{local}:127.0.0.1:{sess.port}', '-i', str(sshd['key']),
+                                   '-p', str(sshd['port']), '-o', f'UserKnownHostsFile={sshd["known_hosts"]}',
+                                   '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes',
+                                   '-o', 'ExitOnForwardFailure=yes', f'{sshd["user"]}@127.0.0.1'],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = start_worker(local, python=py36_python, token='tok36', log_path=tmp_path / 'worker36.log')
+        try:
+            try:
+                hello = sess.accept()
+            except SessionError:
+                pytest.fail('py36 worker did not connect:\n' + (tmp_path / 'worker36.log').read_text()[-2000:])
+            assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+            check_split_runs(sess, model, images, labels, (0, 6, model.num_blocks))
+        finally:
+            sess.close()
+            stop(worker)
+            stop(tunnel)
+
+
+def test_server_refuses_a_non_loopback_host_without_allow_remote():
+    with pytest.raises(SessionError, match='allow_remote'):
+        ServerSession(host='0.0.0.0', port=0)
+
+
+def test_accept_without_a_worker_times_out_naming_the_timeout():
+    with ServerSession(port=0, connect_timeout_s=0.5) as sess:
+        t0 = time.monotonic()
+        with pytest.raises(SessionError, match='connect_timeout_s = 0.5 s'):
+            sess.accept()
+        assert time.monotonic() - t0 < 5
+
+
+def test_linkemu_cli_help():
+    out = subprocess.run([sys.executable, '-m', 'comm.linkemu', '--help'], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and '--rate_mbps' in out.stdout
+
+
+DEVICE_SIDE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py', 'data/__init__.py',
+                     'data/normalize.py', 'optim/__init__.py', 'optim/measure.py', 'optim/flops.py']
+
+
+def test_the_device_side_files_alone_run_the_worker(tmp_path):
+    """Exactly the files the README copies to the TX2 suffice, and none pulls in config.py or a server-side package."""
+    for f in DEVICE_SIDE_FILES:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / f, tmp_path / f)
+    code = ('import sys, client_worker; heavy = ("config", "artifacts", "scipy", "fvcore", "torchvision", "paramiko", '
+            '"matplotlib", "optim.lut", "comm.session"); bad = [m for m in sys.modules if m in heavy or '
+            'm.split(".")[0] in heavy[:7]]; assert not bad, bad')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    vermin = Path(sys.executable).with_name('vermin')
+    proc = subprocess.run([str(vermin), '-t=3.6-', '--violations', '--no-tips', *DEVICE_SIDE_FILES], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -102,17 +102,18 @@ class JointConfig:
     epsilon_sweep: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # epsilons of the Pareto front
     throughput_target: float = 0.0  # throughput goal in frames/s (0 = maximize)
     edge_memory_budget_mb: float = 0.0  # edge weight-memory goal in MB (0 = none)
-    roofline_weight: float = 0.01  # weight of the roofline tie-breaker
+    roofline_weight: float = 0.01  # weight w of the tie-breakers in the throughput goal: roofline distance (decades) + surrogate loss (points)
     solver: str = 'both'  # gd | milp | both
     sensitivity: str = 'measured'  # measured | importance
     max_rounds: int = 5  # progressive pruning rounds at most
     epochs_per_round: int = 1  # alpha fine-tuning epochs per round
     milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
     sensitivity_samples: int = 0  # validation samples the measured sensitivities use (0 = the whole val split)
-    importance_share: float = 0.1  # --sensitivity importance: share of branches pruned for its one calibration measurement
+    importance_share: float = 0.02  # --sensitivity importance: share of branches pruned together for its one calibration measurement (>= 1)
     threads: int = 1  # torch CPU threads of step 3 (small batches: 1 avoids thread stalls on a shared CPU; 0 = one per core)
-    finetune_samples: int = 1024  # train samples per fine-tuning epoch (seeded random subset per round; 0 = whole train split)
+    finetune_samples: int = 1024  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
     min_saving_pct: float = 2.0  # sensitivities only for branches whose removal saves >= this % of a block's best time on a side (others stay kept)
+    max_new_prunes: int = 3  # progressive step: at most this many branches newly pruned per round (0 = no limit)
 
 
 @dataclass(frozen=True)

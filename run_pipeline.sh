@@ -5,7 +5,7 @@
 #
 #   bash run_pipeline.sh [--mode pseudo|real] [--model NAME] [--dataset NAME] [--link 3g|4g|wifi|ethernet]
 #                        [--client_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
-#                        [--fresh] [--set SECTION.KEY=VALUE ...]
+#                        [--checkpoint FILE] [--fresh] [--set SECTION.KEY=VALUE ...]
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,6 +18,7 @@ while [ $# -gt 0 ]; do
     --mode) mode="$2"; shift 2 ;;
     --model|--dataset|--results_dir|--data_root|--device|--seed|--config) common+=("$1" "$2"); shift 2 ;;
     --set) common+=("$1" "$2"); shift 2 ;;
+    --checkpoint) common+=(--set "model.checkpoint=$2"); shift 2 ;;
     --link|--client_profile) step1+=("$1" "$2"); step23+=("$1" "$2"); shift 2 ;;
     --epsilon) step3+=("$1" "$2"); shift 2 ;;
     --domains) domains="$2"; shift 2 ;;

@@ -1,0 +1,117 @@
+"""Step 3: per-domain joint optimization of pruning (alpha), layouts (gamma) and split (lambda) as a goal program
+(accuracy floor A_ref - eps first, then throughput, optional edge memory; roofline tie-breaker), closed by
+progressive pruning rounds (prune, fine-tune alpha, measure, correct the surrogate, re-solve), plus a Pareto sweep
+over eps on the corrected surrogate.
+
+    python pipeline/step_3_joint.py --domain_id 3 --mode pseudo
+    python pipeline/step_3_joint.py --all_domains [--epsilon 1] [--solver both] [--link wifi]
+
+Writes <results_dir>/joint_optimization/domain_<d>_joint.json and domain_<d>_state.json (alpha, masks, gamma,
+lambda: HyperRepVGG.load_hyper_weights reads it); rounds are checkpointed in domain_<d>_rounds/ and resumed.
+A finished domain is skipped on rerun unless --force.  --mode real also deploys the result to the worker and
+measures it on the domain's test split.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ''):  # run as a script, from the repo root or from inside pipeline/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+from artifacts import write_artifact  # noqa: E402
+from config import Config, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402
+
+FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
+         'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
+         'epochs_per_round': 'joint.epochs_per_round', 'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps',
+         'rtt_ms': 'lut.rtt_ms', 'client_profile': 'lut.client_profile', 'port': 'real.port'}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    c = Config()
+    j, lu = c.joint, c.lut
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument('--domain_id', type=int, help='one domain id (0-based)')
+    which.add_argument('--domains', help='comma-separated domain ids, e.g. 0,3')
+    which.add_argument('--all_domains', action='store_true', help='every domain of the partition')
+    p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo',
+                   help='pseudo: LUT predictions only; real: also deploy to the worker and measure (default: pseudo)')
+    p.add_argument('--epsilon', help=f'allowed accuracy drop below A_ref, accuracy points (default: {j.epsilon})')
+    p.add_argument('--epsilon_sweep', help='comma-separated epsilons (points) of the Pareto front, solved on the '
+                   f'corrected surrogate (default: {",".join(map(str, j.epsilon_sweep))})')
+    p.add_argument('--solver', help=f'gd | milp | both (default: {j.solver})')
+    p.add_argument('--sensitivity', help=f'measured (one val evaluation per branch) | importance (|alpha|/GFLOPs, one '
+                   f'calibration evaluation) (default: {j.sensitivity})')
+    p.add_argument('--max_rounds', help=f'progressive pruning rounds at most (default: {j.max_rounds})')
+    p.add_argument('--epochs_per_round', help=f'alpha fine-tuning epochs per round (default: {j.epochs_per_round})')
+    p.add_argument('--link', help=f'link preset: 3g | 4g | wifi | ethernet (default: {lu.link})')
+    p.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the preset (default: the preset)')
+    p.add_argument('--rtt_ms', help='round-trip time in ms, overrides the preset (default: the preset)')
+    p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with (default: '
+                   f'{lu.client_profile}); a mismatch asks to re-run step 1')
+    p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')
+    p.add_argument('--port', help=f'real mode: port the session listens on, on {c.real.host} (default: {c.real.port})')
+    p.add_argument('--force', action='store_true', help='redo finished domains and rounds (default: off)')
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def domain_ids(args: argparse.Namespace, k: int) -> list:
+    from pipeline.step0_prepare import parse_domains
+    if args.domain_id is not None:
+        return parse_domains(str(args.domain_id), k)
+    return parse_domains(None if args.all_domains else args.domains, k)
+
+
+def summary_line(p: dict) -> str:
+    plain = p['baselines']['unpruned']['best_plain_split']
+    s = p['solvers'] or {}
+    gap = (s.get('gap') or {}).get('objective_gap_pct')
+    return (f'domain {p["domain"]}: A_ref {p["a_ref_pct"]:.2f} % -> {p["final_accuracy_pct"]:.2f} % (test), '
+            f'lambda {p["lam"]}, {p["branches_pruned"]} branches pruned, {p["predicted"]["throughput_fps"]:.1f} fps '
+            f'vs best plain split {plain["throughput_fps"]:.1f} fps (lambda {plain["lam"]}): '
+            f'x{p["predicted"]["throughput_fps"] / plain["throughput_fps"]:.3f}; GD-MILP gap '
+            f'{"n/a" if gap is None else f"{gap:.2f} %"}; {len(p["rounds"])} rounds ({p["stop_reason"]}); '
+            f'{p["timing"]["wall_s"]:.1f} s')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='step3: %(message)s', stream=sys.stderr)
+    args = parse_args(argv)
+    cfg = resolve_config(args, FLAGS)
+    import torch
+
+    from optim import joint
+    torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
+    lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
+    inp = joint.prepare_inputs(cfg, lut_file, client_profile_explicit=args.client_profile is not None)
+    domains = domain_ids(args, inp.partition['num_domains'])
+    cmd = command_line(argv)
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        real_run = None
+        if args.mode == 'real':
+            from comm.session import session_from_config
+            session = stack.enter_context(session_from_config(cfg))
+            logging.getLogger('step3').info('worker connected: %s', session.accept())
+            real_run = joint.real_runner(session, cfg, inp.mean, inp.std)
+        for d in domains:
+            out = joint.run_domain(inp, d, cmd, force=args.force, real_run=real_run)
+            if not out['skipped']:
+                write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, cmd)
+                write_artifact(joint.joint_path(cfg, d), 'joint_domain', out['payload'], cfg, cmd)
+            print(summary_line(out['payload']), flush=True)
+    print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,208 @@
+"""Step 3 end to end (pseudo) on the synthetic set: artifacts, state file, skip on rerun, resume after an interrupted
+round, sensitivities, bad input.  Step 0 runs once on a tiny model (as tests/test_step0.py), the LUT is modelled."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from artifacts import load_artifact, write_artifact
+from config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from hyper_repvgg import LAYOUTS, build_hyper_repvgg, layouts_for
+from optim import joint, pruning, training
+from optim import lut as L
+from optim.profiles import get_profile
+
+WIDTH = (0.25, 0.25, 0.25, 0.25)
+SETS = ['--dataset', 'synthetic', '--set', 'model.input_size=32', '--set', 'model.small_input=true',
+        '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'data.synthetic_samples=600',
+        '--set', 'train.base_train_samples=200', '--set', 'train.base_epochs=1', '--set', 'train.batch_size=32',
+        '--set', 'data.num_domains=2']
+FAST = ['--set', 'optim.steps=60', '--set', 'optim.restarts=2', '--epsilon_sweep', '1,4', '--max_rounds', '2']
+
+
+def _cfg(out):
+    return Config(model=ModelConfig(input_size=32, small_input=True, width_multiplier=WIDTH),
+                  data=DataConfig(dataset='synthetic', num_domains=2, synthetic_samples=600),
+                  train=TrainConfig(base_train_samples=200, base_epochs=1, batch_size=32), results_dir=str(out))
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    """Step 0 (tiny, 1 epoch each) and a modelled LUT (TX2 edge, Orin Nano as the 'server') in a results dir."""
+    from pipeline import step0_prepare
+    out = tmp_path_factory.mktemp('step3')
+    torch.set_num_threads(1)
+    assert step0_prepare.main(SETS[:-2] + ['--num_domains', '2', '--epochs', '1', '--threads', '1',
+                                           '--results_dir', str(out)]) == 0
+    cfg = _cfg(out)
+    model = L.model_spec(cfg)
+    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='client')
+    server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
+    write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
+                   L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
+    return out
+
+
+def _main(argv):
+    from pipeline import step_3_joint
+    return step_3_joint.main(argv)
+
+
+@pytest.mark.slow
+def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
+    from viz.summary import load_domain_result
+    args = SETS + FAST + ['--results_dir', str(results), '--all_domains']
+    assert _main(args) == 0
+    cfg = _cfg(results)
+    for d in (0, 1):
+        path = joint.joint_path(cfg, d)
+        obj = load_artifact(path, 'joint_domain', {'a_ref_pct': float, 'final_accuracy_pct': float, 'rounds': list,
+                                                   'pareto': list, 'baselines': dict, 'deviations': dict,
+                                                   'roofline': dict, 'solvers': dict})
+        r = load_domain_result(path)
+        assert r.domain == str(d) and 0 <= r.final_acc_pct <= 100 and r.num_blocks == 22
+        for g, kept in zip(r.gammas, r.kept):
+            assert kept and g in layouts_for(kept)
+        assert set(obj['baselines']) == {'unpruned', 'pruned'}
+        assert set(obj['baselines']['unpruned']) >= {'edge_only', 'server_only', 'best_plain_split'}
+        assert [p['epsilon'] for p in obj['pareto']] == [1.0, 4.0]
+        assert all(p['accuracy_source'] == 'surrogate' for p in obj['pareto'])
+        fps = [p['throughput_fps'] for p in obj['pareto']]
+        assert fps[1] >= fps[0] * (1 - 1e-9)  # a looser floor never predicts less throughput
+        assert obj['solvers']['gd'] and obj['solvers']['milp'] and 'objective_gap_pct' in obj['solvers']['gap']
+        assert set(obj['roofline']) == {'edge', 'server'}
+        assert obj['deviations']['xi_accuracy_pct'] >= 0 and 1 <= len(obj['rounds']) <= 2
+        # the state file rebuilds the model exactly
+        state = json.loads(joint.state_path(cfg, d).read_text())
+        m = build_hyper_repvgg('A0', num_classes=10, width_multiplier=WIDTH, small_input=True)
+        m.load_hyper_weights(state)
+        assert m.layouts() == obj['gammas'] and state['lam'] == obj['lam']
+        assert [sorted(m.kept(k)) for k in range(22)] == [sorted(b['kept']) for b in obj['blocks']]
+        assert m.blocks[0].alpha.tolist()[:2] == [obj['blocks'][0]['alpha']['D'], obj['blocks'][0]['alpha']['O']]
+    out = capsys.readouterr().out
+    assert 'domain 0:' in out and 'best plain split' in out
+    before = joint.joint_path(cfg, 1).read_bytes()
+    assert _main(args) == 0  # finished domains are skipped
+    assert joint.joint_path(cfg, 1).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_after_interrupted_round(results, monkeypatch, tmp_path):
+    import shutil
+    res = tmp_path / 'res'
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns('joint_optimization'))
+    args = SETS + FAST + ['--results_dir', str(res), '--domain_id', '0', '--max_rounds', '3', '--epsilon', '4',
+                          '--sensitivity', 'importance']
+    real_ft = training.fine_tune_alpha
+    calls = {'n': 0}
+
+    def interrupted(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            raise KeyboardInterrupt
+        return real_ft(*a, **k)
+    monkeypatch.setattr(training, 'fine_tune_alpha', interrupted)
+    # make every round prune: a surrogate that says pruning costs nothing keeps the loop going
+    real_imp = pruning.importance_sensitivities
+
+    def free(*a, **k):
+        out = real_imp(*a, **k)
+        out['sensitivity_pct'] = out['sensitivity_pct'] * 0.0
+        return out
+    monkeypatch.setattr(pruning, 'importance_sensitivities', free)
+    with pytest.raises(KeyboardInterrupt):
+        _main(args)
+    rd = joint.rounds_dir(_cfg(res), 0)
+    r1 = (rd / 'round_001.json').read_bytes()
+    ref = (rd / 'reference.json').read_bytes()
+    assert not (rd / 'round_002.json').exists() and not joint.joint_path(_cfg(res), 0).exists()
+    monkeypatch.setattr(training, 'fine_tune_alpha', real_ft)
+    monkeypatch.setattr(pruning, 'importance_sensitivities', lambda *a, **k: pytest.fail('reference recomputed'))
+    assert _main(args) == 0
+    assert (rd / 'round_001.json').read_bytes() == r1 and (rd / 'reference.json').read_bytes() == ref
+    obj = json.loads(joint.joint_path(_cfg(res), 0).read_text())
+    assert obj['rounds'][0]['round'] == 1 and len(obj['rounds']) >= 2
+    assert obj['sensitivity']['mode'] == 'importance'
+
+
+def test_measured_sensitivities_match_pruning_one_branch():
+    torch.manual_seed(0)
+    m = build_hyper_repvgg('A0', num_classes=10, width_multiplier=WIDTH, small_input=True).eval()
+    for b in m.blocks:  # random BN statistics so that branches matter
+        for bn in (b.rbr_dense.bn, b.rbr_1x1.bn):
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (40,))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    s = pruning.measure_sensitivities(m, x, y, mean, std, batch=16)
+    assert s['evaluations'] == sum(len(b.kept_set()) for b in m.blocks)
+    for k, br in ((3, 'D'), (7, 'O'), (12, 'I')):
+        trial = pruning.copy_with(m)
+        trial.prune(k, br)
+        expect = s['base_acc_pct'] - pruning.accuracy(trial, x, y, mean, std, 16)
+        assert s['sensitivity_pct'][k, 'DOI'.index(br)] == pytest.approx(expect)
+    assert np.isnan(s['sensitivity_pct'][1, 2])  # block 1 (stride 2) has no identity
+
+
+def test_surrogate_correction_scales_to_the_measured_loss():
+    sens = np.array([[1.0, 0.5, np.nan], [0.0, 0.2, 0.3]])
+    pruned = np.array([[True, False, False], [False, True, False]])
+    new, rec = pruning.correct_sensitivities(sens, pruned, 2.4)
+    assert new[pruned].sum() == pytest.approx(2.4) and rec['factor'] == pytest.approx(2.0)
+    assert new[0, 1] == 0.5 and new[1, 2] == 0.3  # unpruned branches untouched
+    zero = np.zeros((1, 3))
+    new, rec = pruning.correct_sensitivities(zero, np.array([[True, True, False]]), 1.0)
+    assert rec['rule'] == 'add' and new[0, :2].tolist() == [0.5, 0.5]
+
+
+def test_client_profile_mismatch_and_missing_domain_are_named(results):
+    with pytest.raises(ConfigError, match='re-run step 1'):
+        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--client_profile', 'rpi4'])
+    with pytest.raises(ConfigError, match='--domains'):
+        _main(SETS + ['--results_dir', str(results), '--domain_id', '5'])
+    with pytest.raises(ConfigError, match='joint.solver'):
+        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--solver', 'simplex'])
+
+
+def test_apply_config_sets_masks_and_layouts():
+    m = build_hyper_repvgg('A0', num_classes=10, width_multiplier=WIDTH)
+    gammas = [1, 4] + [8 if s.has_identity else 1 for s in m.plan[2:]]
+    pruning.apply_config(m, gammas)
+    assert m.layouts() == gammas and m.kept(0) == LAYOUTS[1].branches and m.kept(2) == frozenset('OI')
+    ident = sum(s.has_identity for s in m.plan[2:])
+    assert pruning.pruned_mask(m).sum() == 1 + 0 + ident + (20 - ident)  # D everywhere but block 1
+    pruning.apply_config(m, [13 if s.has_identity else 4 for s in m.plan])  # restoring is allowed
+    assert not pruning.pruned_mask(m).any()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from conftest import REPO
+    res = tmp_path / 'res'
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns('joint_optimization'))
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    worker = subprocess.Popen([sys.executable, str(REPO / 'client_worker.py'), '--port', str(port), '--device', 'cpu',
+                               '--threads', '1', '--backoff_max_s', '1'], cwd=str(REPO),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _main(SETS + FAST + ['--results_dir', str(res), '--domain_id', '1', '--mode', 'real', '--port',
+                                    str(port), '--set', 'real.connect_timeout_s=60']) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(10)
+    obj = json.loads(joint.joint_path(_cfg(res), 1).read_text())
+    m = obj['measured']
+    assert obj['mode'] == 'real' and m['samples'] > 0
+    # the worker runs exactly the chosen configuration: its accuracy equals the offline test accuracy
+    assert m['accuracy_pct'] == pytest.approx(obj['final_accuracy_pct'])
+    assert m['throughput_fps'] > 0 and m['throughput_ratio_measured_over_predicted'] > 0

@@ -464,7 +464,7 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
     c = cfg.to_dict()
     base_fp = fingerprint(hashlib.sha256(Path(lut_file).read_bytes()).hexdigest(), link.to_dict(), hw['fingerprint'],
                           c['joint'], c['optim'], c['train'], c['model'], c['data'], c['lut']['feature_dtype'],
-                          cfg.seed, warm)
+                          cfg.seed, warm, cost.COST_MODEL_VERSION)
     return Inputs(cfg, lut, Path(lut_file), t, L.block_stats(lut), available, unpruned, warm, why, partition,
                   mean, std, base_fp, link.to_dict())
 

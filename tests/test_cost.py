@@ -26,27 +26,37 @@ def test_stage_times_hand_computed():
     t = _tables()
     g = np.array([[4, 13], [4, 13], [3, 9]])
     st = C.stage_times(g, np.array([0, 1, 2]), t)
-    # lam = 0: server runs both blocks + head; link = 1 ms latency + 3000 B at 1 B/us = 4 ms
-    # lam = 1: edge block 0 (8), link 1 + 6 = 7, server block 1 (4) + head 0.25
-    # lam = 2: edge 10 + 20 + edge head 0.5, link 1 + 0.5, server 0
+    # lam = 0: server runs both blocks + head; link occupancy = 3000 B at 1 B/us = 3 ms (+ 1 ms latency in latency)
+    # lam = 1: edge block 0 (8), link 6, server block 1 (4) + head 0.25
+    # lam = 2: edge 10 + 20 + edge head 0.5, link 0.5, server 0
     np.testing.assert_allclose(st.edge_ms, [0.0, 8.0, 30.5])
-    np.testing.assert_allclose(st.link_ms, [4.0, 7.0, 1.5])
+    np.testing.assert_allclose(st.link_ms, [3.0, 6.0, 0.5])
     np.testing.assert_allclose(st.server_ms, [5.25, 4.25, 0.0])
     np.testing.assert_allclose(st.latency_ms, [9.25, 19.25, 32.0])
     np.testing.assert_allclose(st.throughput_fps, [1e3 / 5.25, 1e3 / 8.0, 1e3 / 30.5])
     assert C.bottleneck_names(st) == ['server', 'edge', 'edge']
     np.testing.assert_allclose(C.period_ms(st), [5.25, 8.0, 30.5])
     ev = C.evaluate([4, 13], 1, t)
-    assert ev == {'edge_ms': 8.0, 'link_ms': 7.0, 'server_ms': 4.25, 'latency_ms': 19.25,
+    assert ev == {'edge_ms': 8.0, 'link_ms': 6.0, 'server_ms': 4.25, 'latency_ms': 19.25,
                   'throughput_fps': 125.0, 'bottleneck': 'edge'}
+
+
+def test_link_latency_is_paid_per_frame_not_per_batch_in_the_period():
+    # a 50 ms one-way latency: every frame waits for it, but streamed batches overlap it, so the period of a
+    # link-bound split is the occupancy bytes / bandwidth (bench/bench_runtime.py measures this on the runtime)
+    t = _tables(latency=50.0, bandwidth=0.8)  # 0.1 byte/us: 6000 B = 60 ms, 3000 B = 30 ms
+    st = C.stage_times(np.array([[4, 13]]), np.array([1]), t)
+    np.testing.assert_allclose(st.link_ms, [60.0])
+    np.testing.assert_allclose(st.throughput_fps, [1e3 / 60.0])
+    np.testing.assert_allclose(st.latency_ms, [8.0 + 50.0 + 60.0 + 4.25])
 
 
 def test_batch_and_serialization_scale_the_link():
     t = _tables(batch=4, serialize=2.0)
-    # 4 x 6000 B = 24 kB: 24 ms on the wire + 1 ms latency + 0.024 MB x 2 ms/MB; times in the LUT are per batch
-    np.testing.assert_allclose(t.link_ms()[1], 1.0 + 24.0 + 0.048)
+    # 4 x 6000 B = 24 kB: 24 ms on the wire + 0.024 MB x 2 ms/MB; times in the LUT are per batch
+    np.testing.assert_allclose(t.link_ms()[1], 24.0 + 0.048)
     st = C.stage_times(np.array([[4, 13]]), np.array([1]), t)
-    np.testing.assert_allclose(st.throughput_fps, [4 * 1e3 / 25.048])
+    np.testing.assert_allclose(st.throughput_fps, [4 * 1e3 / 24.048])
 
 
 def test_objectives_and_gap():
@@ -72,7 +82,7 @@ def test_best_split_and_plain_baselines():
     b = C.plain_baselines(t, kept)
     assert (b['edge_only']['lam'], b['server_only']['lam'], b['best_plain_split']['lam']) == (2, 0, 0)
     assert b['edge_only']['gammas'] == [4, 13] and b['edge_only']['edge_ms'] == pytest.approx(20.5)
-    assert b['server_only']['link_ms'] == pytest.approx(4.0) and b['server_only']['period_ms'] == pytest.approx(5.25)
+    assert b['server_only']['link_ms'] == pytest.approx(3.0) and b['server_only']['period_ms'] == pytest.approx(5.25)
 
 
 def test_valid_mask_and_check_valid():

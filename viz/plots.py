@@ -106,10 +106,12 @@ def accuracy_throughput_curve(results: Sequence[DomainResult], accuracy_label: s
             ax.set_xscale('log')
         ax.set_title(r.title, fontsize=10)
         ax.set_xlabel('predicted throughput (frames/s)')
-        ax.set_ylabel(f'{accuracy_label} (%)')
+        ax.set_ylabel('accuracy (%)')
         ax.margins(x=0.12, y=0.15)
-    handles = [Line2D([], [], color='#4C72B0', marker='o', ms=4.5, label='ε-sweep Pareto front'),
-               Line2D([], [], ls='', marker='*', color='#FFB000', mec='black', ms=12, label='chosen (ε of step 3)'),
+    handles = [Line2D([], [], color='#4C72B0', marker='o', ms=4.5,
+                      label='ε-sweep Pareto front (accuracy predicted by the surrogate)'),
+               Line2D([], [], ls='', marker='*', color='#FFB000', mec='black', ms=12,
+                      label=f'chosen, ε of step 3 ({accuracy_label}, measured)'),
                Line2D([], [], color='grey', ls=':', label='A_ref (unpruned)')]
     handles += [Line2D([], [], ls='', marker=m, color=c, mec='black', ms=7, label=f'{lab} (unpruned, A_ref)')
                 for lab, m, c in BASELINE_STYLE.values()]
@@ -163,6 +165,10 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     ax_lam.set_title('Chosen split point')
     ax_lam.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     ax_lam.set_xticks(x, names, fontsize=8 if any(r.corruption for r in results) else None)
+    if any(r.corruption for r in results):  # long corruption names: slant them so neighbours do not overlap
+        ax_lam.tick_params(axis='x', labelrotation=25)
+        for label in ax_lam.get_xticklabels():
+            label.set_horizontalalignment('right')
     ax_lam.set_xlabel('domain')
     fig.suptitle('Per-domain comparison')
     return fig

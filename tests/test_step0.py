@@ -1,5 +1,4 @@
 """Step 0: alpha training, FLOPs/importance, artifacts, resumability and bad input (synthetic data, tiny model)."""
-import dataclasses
 import json
 
 import pytest
@@ -99,7 +98,10 @@ def test_step0_end_to_end_resumable_and_valid(tmp_path):
             assert 0.0 <= r[k] <= 100.0
         assert r['final_val_acc_percent'] >= r['initial_val_acc_percent'] and len(r['history']) == 2
     assert 0.0 <= res['base']['test_acc_percent'] <= 100.0
-    model = training.load_domain_model(dataclasses.replace(tiny_cfg(out)), 1)
+    from config import resolve_config
+    from pipeline import step0_prepare
+    cfg = resolve_config(step0_prepare.parse_args(TINY + ['--results_dir', str(out)]), step0_prepare.FLAG_KEYS)
+    model = training.load_domain_model(cfg, 1)  # the same settings as the run: its base model and alpha
     assert model.hyper_weights()['blocks'] == hw['domains']['1']['blocks']
     flops = load_artifact(out / 'branch_flops.json', 'branch_flops', {'blocks': list, 'fvcore_check': dict})
     assert flops['fvcore_check']['all_match']

@@ -376,7 +376,9 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     measured = None
     if real_run is not None:
         measured = real_run(model, gammas, lam, xt, yt)
-        measured['throughput_ratio_measured_over_predicted'] = measured['throughput_fps'] / ev['throughput_fps']
+        # steady state (pipeline filled) is what B / max(stage) predicts; the whole-run figure stays in throughput_fps
+        steady = measured.get('steady_throughput_fps') or measured['throughput_fps']
+        measured['throughput_ratio_measured_over_predicted'] = steady / ev['throughput_fps']
         measured['latency_ratio_measured_over_predicted'] = measured['latency_ms'] / ev['latency_ms']
         measured['accuracy_diff_measured_minus_offline_pct'] = measured['accuracy_pct'] - test_acc
 
@@ -439,7 +441,8 @@ def load_step2(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[Li
     return (g, int(obj['lam'])), f'{path.name} (lambda {obj["lam"]})'
 
 
-def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = False) -> Inputs:
+def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = False,
+                   link_flag_given: bool = False) -> Inputs:
     """Load and check the LUT, the step-2 warm start, the partition and the dataset statistics."""
     from data.datasets import dataset_stats
     from data.domains import load_partition
@@ -452,7 +455,8 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
         raise ConfigError(f'{lut_file}: the LUT is for {lut["model"]} at {lut["input_size"]} px, this run uses {spec} '
                           f'at {cfg.model.input_size} px; re-run step 1 with the same model flags')
     check_client_profile(lut, cfg, client_profile_explicit, lut_file)
-    link = L.resolve_link(cfg.lut)
+    from optim.throughput import link_for
+    link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)
     available = cost.measured_kept(t)
     valid = cost.valid_mask(available)

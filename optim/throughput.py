@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from config import OptimConfig
+from config import LutConfig, OptimConfig
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
 from optim import cost as C
 from optim.exact import objective_choices, solve_exact
@@ -58,6 +58,14 @@ def step2_link(lut: Dict[str, Any], preset: Optional[str], bandwidth_mbps: Optio
                     base.rtt_source if rtt_ms is None else 'explicit (--rtt_ms)')
     return link, source + ' with explicit ' + ', '.join(
         f for f, v in (('--bandwidth_mbps', bandwidth_mbps), ('--rtt_ms', rtt_ms)) if v is not None)
+
+
+def link_for(lut: Dict[str, Any], lut_cfg: LutConfig, link_flag_given: bool) -> Tuple[LinkSpec, str]:
+    """The link steps 2 and 3 evaluate the LUT under: the LUT's own (measured by step 1 in real mode, the preset
+    step 1 used in pseudo mode) unless --link was given or the config names another preset than the default; an
+    explicit bandwidth / RTT overrides either."""
+    explicit = link_flag_given or lut_cfg.link != LutConfig().link
+    return step2_link(lut, lut_cfg.link if explicit else None, lut_cfg.bandwidth_mbps, lut_cfg.rtt_ms)
 
 
 def client_info(lut: Dict[str, Any]) -> Dict[str, Any]:

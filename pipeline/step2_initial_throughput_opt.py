@@ -59,8 +59,7 @@ def main(argv=None):
     lut = L.load_lut(lut_file)
     if args.client_profile is not None or cfg.lut.client_profile != default.client_profile:
         T.check_client_profile(lut, cfg.lut.client_profile, str(lut_file))
-    preset = cfg.lut.link if args.link is not None or cfg.lut.link != default.link else None
-    link, link_source = T.step2_link(lut, preset, cfg.lut.bandwidth_mbps, cfg.lut.rtt_ms)
+    link, link_source = T.link_for(lut, cfg.lut, args.link is not None)
     tables = L.cost_tables(lut, cfg.optim.batch_size, link)
     payload = {'lut_file': str(lut_file), 'model': lut['model'], 'input_size': lut['input_size'],
                'num_blocks': lut['num_blocks'], 'link': link.to_dict(), 'link_source': link_source,

@@ -92,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from optim import joint
     torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
-    inp = joint.prepare_inputs(cfg, lut_file, client_profile_explicit=args.client_profile is not None)
+    inp = joint.prepare_inputs(cfg, lut_file, client_profile_explicit=args.client_profile is not None,
+                               link_flag_given=args.link is not None)
     domains = domain_ids(args, inp.partition['num_domains'])
     cmd = command_line(argv)
     t0 = time.time()

@@ -135,3 +135,17 @@ def test_bench_optimizer_quick(tmp_path):
     assert obj['random']['summary']['max_gap_pct'] <= 1.0 and all(c['gap_pct'] <= 1.0 for c in obj['cases'])
     with pytest.raises(ConfigError, match='--sections'):
         bench_optimizer.main(['--sections', 'step9', '--out_dir', str(tmp_path)])
+
+
+def test_steps_2_and_3_use_the_luts_own_link_unless_told_otherwise():
+    from config import LutConfig
+    from optim.throughput import link_for
+    lut = {'link': {'name': 'measured', 'bandwidth_mbps': 7.5, 'rtt_ms': 12.0}}
+    link, source = link_for(lut, LutConfig(), link_flag_given=False)  # default config: the LUT's (measured) link
+    assert (link.bandwidth_mbps, link.rtt_ms) == (7.5, 12.0) and 'LUT' in source
+    link, source = link_for(lut, LutConfig(link='wifi'), link_flag_given=False)  # another preset in the config
+    assert link.bandwidth_mbps == 18.88 and 'preset wifi' in source
+    link, _ = link_for(lut, LutConfig(), link_flag_given=True)  # --link ethernet given explicitly
+    assert link.name == 'ethernet'
+    link, _ = link_for(lut, LutConfig(bandwidth_mbps=3.0), link_flag_given=False)
+    assert (link.bandwidth_mbps, link.rtt_ms) == (3.0, 12.0)

@@ -278,6 +278,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f'--{flag}', default=None, help=help_text)
 
 
+LINK_FLAGS: Dict[str, str] = {'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps', 'rtt_ms': 'lut.rtt_ms'}
+
+
+def add_link_args(parser: argparse.ArgumentParser, reevaluate: bool) -> None:
+    """--link, --bandwidth_mbps, --rtt_ms (config keys LINK_FLAGS).  `reevaluate`: the step reads a finished LUT,
+    whose own link is the default (steps 2 and 3); otherwise the preset is (step 1)."""
+    d = Config().lut
+    default = 'the link recorded in the LUT by step 1' if reevaluate else d.link
+    parser.add_argument('--link', help=f'link preset: 3g | 4g | wifi | ethernet (default: {default})')
+    keep = "the link's"
+    parser.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the link\'s (default: '
+                        f'{d.bandwidth_mbps or keep})')
+    parser.add_argument('--rtt_ms', help=f'round-trip time in ms, overrides the link\'s (default: {d.rtt_ms or keep})')
+
+
 def resolve_config(args: argparse.Namespace, flag_keys: Optional[Dict[str, str]] = None) -> Config:
     """Build the frozen Config from defaults, --config, --set and flags (common + `flag_keys`)."""
     cfg = Config()

@@ -31,21 +31,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from artifacts import load_artifact, write_artifact  # noqa: E402
 from config import UserError  # noqa: E402
+from optim.measure import cpu_name  # noqa: E402
 
 
 class BenchError(UserError):
     """A bench result file that is missing or malformed; the message names the file and the field."""
-
-
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo ('model name', or 'Hardware' on ARM boards), else platform's guess."""
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.lower().startswith(('model name', 'hardware')):
-                return line.split(':', 1)[1].strip()
-    except (OSError, UnicodeDecodeError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> Optional[List[float]]:
@@ -59,7 +49,7 @@ def load_average() -> Optional[List[float]]:
 def machine_info() -> Dict[str, Any]:
     """The machine a bench ran on: CPU model, cores, torch / python versions, platform, load average now."""
     import torch
-    return {'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(), 'torch_version': torch.__version__,
+    return {'cpu_model': cpu_name(), 'cpu_cores': os.cpu_count(), 'torch_version': torch.__version__,
             'torch_threads_default': torch.get_num_threads(), 'python_version': platform.python_version(),
             'platform': platform.platform(), 'load_average_start': load_average()}
 

@@ -336,7 +336,7 @@ def _power_mode():
     return None
 
 
-def _cpu_name():
+def cpu_name():
     # type: () -> str
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -351,7 +351,7 @@ def device_metadata(device='cpu'):
     # type: (str) -> Dict[str, object]
     """Device name, torch / python versions, threads, timestamp, host and Jetson power mode (None elsewhere)."""
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
     return {'device': str(device), 'device_name': name, 'torch_version': torch.__version__,
             'python_version': platform.python_version(), 'threads': torch.get_num_threads(),
             'cpu_count': os.cpu_count(), 'platform': platform.platform(), 'host': platform.node(),

@@ -17,7 +17,7 @@ if __package__ in (None, ''):  # run as a script, from the repo root or from ins
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-from typing import Dict, List, Optional, Sequence  # noqa: E402
+from typing import List, Optional, Sequence  # noqa: E402
 
 from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
 from config import ConfigError, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402

@@ -17,14 +17,13 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artifacts import ArtifactError, write_artifact  # noqa: E402
-from config import Config, add_common_args, command_line, resolve_config, run_cli  # noqa: E402
+from config import LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config, run_cli  # noqa: E402
 from optim import lut as L  # noqa: E402
 from optim.profiles import get_profile  # noqa: E402
 
-FLAGS = {'client_profile': 'lut.client_profile', 'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps',
-         'rtt_ms': 'lut.rtt_ms', 'batch_sizes': 'lut.batch_sizes', 'repeats': 'lut.repeats', 'warmup': 'lut.warmup',
-         'input_size': 'model.input_size', 'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype',
-         'port': 'real.port'}
+FLAGS = {**LINK_FLAGS, 'client_profile': 'lut.client_profile', 'batch_sizes': 'lut.batch_sizes',
+         'repeats': 'lut.repeats', 'warmup': 'lut.warmup', 'input_size': 'model.input_size',
+         'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype', 'port': 'real.port'}
 
 
 def measure(cfg, side, command):
@@ -144,10 +143,7 @@ def main(argv=None):
     d, m = Config().lut, Config().model
     p.add_argument('--client_profile', help='edge device profile for pseudo mode: jetson-tx2 | jetson-nano | '
                    f'jetson-orin-nano | rpi4 (default: {d.client_profile})')
-    p.add_argument('--link', help=f'link preset: 3g | 4g | wifi | ethernet (default: {d.link})')
-    p.add_argument('--bandwidth_mbps', help=f'uplink bandwidth in Mbit/s, overrides the preset (default: '
-                   f'{d.bandwidth_mbps or "the preset"})')
-    p.add_argument('--rtt_ms', help=f'round-trip time in ms, overrides the preset (default: {d.rtt_ms or "the preset"})')
+    add_link_args(p, reevaluate=False)
     p.add_argument('--batch_sizes', help=f'comma-separated batch sizes to measure (default: '
                    f'{",".join(map(str, d.batch_sizes))})')
     p.add_argument('--repeats', help=f'timed runs per entry (default: {d.repeats})')

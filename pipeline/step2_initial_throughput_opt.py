@@ -15,12 +15,12 @@ import logging  # noqa: E402
 import time  # noqa: E402
 
 from artifacts import write_artifact  # noqa: E402
-from config import Config, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402
+from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config,  # noqa: E402
+                    resolve_path, run_cli)
 
 log = logging.getLogger('step2')
 FLAGS = {'objective': 'optim.objective', 'omega': 'optim.omega', 'batch_size': 'optim.batch_size',
-         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'link': 'lut.link',
-         'bandwidth_mbps': 'lut.bandwidth_mbps', 'rtt_ms': 'lut.rtt_ms', 'client_profile': 'lut.client_profile'}
+         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'client_profile': 'lut.client_profile', **LINK_FLAGS}
 
 
 def parse(argv):
@@ -34,10 +34,7 @@ def parse(argv):
                    f'size of the LUT (default: {o.batch_size})')
     p.add_argument('--steps', help=f'Adam steps per restart of the relaxed solver (default: {o.steps})')
     p.add_argument('--restarts', help=f'random restarts of the relaxed solver (default: {o.restarts})')
-    p.add_argument('--link', help='re-evaluate the LUT under this link preset: 3g | 4g | wifi | ethernet '
-                   '(default: the link recorded in the LUT by step 1)')
-    p.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the link (default: the link\'s)')
-    p.add_argument('--rtt_ms', help='round-trip time in ms, overrides the link (default: the link\'s)')
+    add_link_args(p, reevaluate=True)
     p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with; an error if '
                    f'it was not (re-run step 1 then) (default: not checked; step 1 default {d.client_profile})')
     add_common_args(p)

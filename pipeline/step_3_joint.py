@@ -25,12 +25,13 @@ import time  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from artifacts import write_artifact  # noqa: E402
-from config import Config, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402
+from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config,  # noqa: E402
+                    resolve_path, run_cli)
 
 FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
          'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
-         'epochs_per_round': 'joint.epochs_per_round', 'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps',
-         'rtt_ms': 'lut.rtt_ms', 'client_profile': 'lut.client_profile', 'port': 'real.port'}
+         'epochs_per_round': 'joint.epochs_per_round', 'client_profile': 'lut.client_profile', 'port': 'real.port',
+         **LINK_FLAGS}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -51,9 +52,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    f'calibration evaluation) (default: {j.sensitivity})')
     p.add_argument('--max_rounds', help=f'progressive pruning rounds at most (default: {j.max_rounds})')
     p.add_argument('--epochs_per_round', help=f'alpha fine-tuning epochs per round (default: {j.epochs_per_round})')
-    p.add_argument('--link', help=f'link preset: 3g | 4g | wifi | ethernet (default: {lu.link})')
-    p.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the preset (default: the preset)')
-    p.add_argument('--rtt_ms', help='round-trip time in ms, overrides the preset (default: the preset)')
+    add_link_args(p, reevaluate=True)
     p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with (default: '
                    f'{lu.client_profile}); a mismatch asks to re-run step 1')
     p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')

@@ -5,8 +5,16 @@ stderr of a run_pipeline.sh run you already made) and takes each step's wall tim
 prints: '== step N (...) done in S s'; a step the script reused ('== step 1: reusing ...'), a failed step and
 the steps never reached are listed as such, without a time.
 
-Part 2 (step 3's time vs number of blocks, A0 = 22 vs B3 = 28, and vs number of domains) is a hook,
-`step3_scaling`, to be filled once pipeline/step_3_joint.py exists; until then it is reported as not measured.
+Part 2, step 3's time growth (`step3_scaling`):
+* with the number of blocks: the solve part of one step-3 round, optim.goal.solve(..., 'both') (relaxed GD with
+  the config's optim.steps / restarts, and the lexicographic HiGHS MILP), timed on the real-size goal program of
+  RepVGG-A0 (22 blocks) and RepVGG-B3 (28 blocks) at 224 px; their LUTs are modelled (`scaling_lut`, both sides
+  from the TX2 profile, ethernet), the sensitivities seeded random (log-normal, only for the branches step 3
+  measures: optim.goal.worth_measuring), epsilon = joint.epsilon; median of 3 seeds.  The training and accuracy
+  evaluations of a round are not included (they scale with the data, not with the blocks);
+* with the number of domains: step 3's wall time for the first 1, 2, 5, 10 domains, summed from the per-domain
+  wall times step 3 recorded (`timing.wall_s` of joint_optimization/domain_<d>_joint.json) in the pipeline run's
+  results directory (with --log: --results_dir, default results/); domains run one after another.
 
 --quick runs the pipeline on the synthetic dataset with a tiny model and tiny settings (a minute or two).
 Writes bench/results/pipeline.json.
@@ -25,7 +33,7 @@ import time  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
 from bench import common  # noqa: E402
-from config import REPO_ROOT, UserError, run_cli  # noqa: E402
+from config import REPO_ROOT, UserError, resolve_path, run_cli  # noqa: E402
 
 log = logging.getLogger('bench_pipeline')
 NAME = 'pipeline'
@@ -83,7 +91,7 @@ def run_pipeline(results_dir: str, extra: Sequence[str], fresh: bool) -> Dict[st
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Step 3 scaling: inputs are built here; the timing call is a HOOK for the lead (see step3_scaling)
+# Step 3 scaling: solve time vs blocks (modelled LUTs) and whole-step time vs domains (recorded timings)
 # ----------------------------------------------------------------------------------------------------------
 
 def scaling_lut(arch: str, input_size: int, num_classes: int = 10, profile: str = 'jetson-tx2') -> Dict[str, Any]:
@@ -98,19 +106,83 @@ def scaling_lut(arch: str, input_size: int, num_classes: int = 10, profile: str 
     return L.merge(server, client, L.LINK_PRESETS['ethernet'], 'fp32')
 
 
-def step3_scaling(quick: bool) -> Dict[str, Any]:
-    """Step 3's wall time vs number of blocks (A0 = 22 vs B3 = 28, LUTs from `scaling_lut`) and vs number of
-    domains.
+SCALING_DOMAINS = (1, 2, 5, 10)
 
-    LEAD: HOOK, NOT FILLED.  Once pipeline/step_3_joint.py and optim/goal.py exist, time step 3's solve (or the
-    whole step on a tiny dataset) for each LUT in `scaling_lut('RepVGG-A0', 224)`, `scaling_lut('RepVGG-B3', 224)`
-    and for 1, 2, 4 domains, and return {'status': 'measured', 'rows': [[what, blocks, domains, wall_s], ...]}.
-    Until then it reports that nothing was measured (no number is made up).
-    """
-    have = (REPO_ROOT / 'pipeline' / 'step_3_joint.py').is_file()
-    why = ('pipeline/step_3_joint.py exists but the bench hook bench_pipeline.step3_scaling is not filled in yet'
-           if have else 'pipeline/step_3_joint.py does not exist yet')
-    return {'status': 'not measured', 'reason': why, 'rows': []}
+
+def _solve_times(arch: str, input_size: int, quick: bool, seeds: int) -> Dict[str, Any]:
+    """Median wall time of goal.solve's GD and MILP on the goal program of `arch` (modelled LUT)."""
+    import numpy as np
+    import torch
+
+    from config import Config
+    from optim import cost, goal
+    from optim import lut as L
+    from optim.exact import solve_exact
+    cfg = Config()
+    o, j = cfg.optim, cfg.joint
+    lut = scaling_lut(arch, input_size)
+    t = L.cost_tables(lut, 1)
+    available = cost.measured_kept(t)
+    scale = solve_exact(t, cost.valid_mask(available)).stages['period_ms']
+    measured = goal.worth_measuring(t, available, j.min_saving_pct)
+    kw = {'steps': 30 if quick else o.steps, 'restarts': 1 if quick else o.restarts, 'lr': o.lr,
+          'tau_start': o.tau_start, 'tau_end': o.tau_end}
+    gd_s, milp_s, gaps = [], [], []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        sens = rng.lognormal(-2.5, 1.0, (t.num_blocks, 3))
+        sens[:, 0] *= 5.0
+        sens = np.where(measured, sens, np.nan)
+        p = goal.build_problem(t, sens, available, L.block_stats(lut), 90.0, j.epsilon, scale, j.roofline_weight)
+        threads = torch.get_num_threads()
+        sol = goal.solve(p, 'both', torch.Generator().manual_seed(seed), kw, j.milp_time_limit_s)
+        torch.set_num_threads(threads)
+        gd_s.append(sol['gd'].wall_s)
+        milp_s.append(sol['milp'].wall_s)
+        gaps.append(sol['gap']['objective_gap_pct'])
+    return {'arch': arch, 'input_size': input_size, 'num_blocks': t.num_blocks, 'seeds': seeds,
+            'gd_s': gd_s, 'milp_s': milp_s, 'gap_pct': gaps, 'median_gd_s': float(np.median(gd_s)),
+            'median_milp_s': float(np.median(milp_s)), 'gd_kwargs': kw}
+
+
+def domain_timings(results_dir: Path) -> List[Dict[str, Any]]:
+    """[{'domain', 'num_blocks', 'wall_s', 'timing'}] from the domain_<d>_joint.json files, by domain id."""
+    from artifacts import ArtifactError, load_artifact
+    out = []
+    for p in (results_dir / 'joint_optimization').glob('domain_*_joint.json'):
+        try:
+            obj = load_artifact(p, 'joint_domain', {'domain': int, 'timing': dict, 'gammas': list})
+        except ArtifactError as e:
+            log.warning('skipping %s: %s', p, e)
+            continue
+        if isinstance(obj['timing'].get('wall_s'), (int, float)):
+            out.append({'domain': obj['domain'], 'num_blocks': len(obj['gammas']), 'wall_s': float(obj['timing'][
+                'wall_s']), 'timing': obj['timing']})
+    return sorted(out, key=lambda r: r['domain'])
+
+
+def step3_scaling(quick: bool, results_dir: Path) -> Dict[str, Any]:
+    """Step 3's wall time vs number of blocks (A0 = 22 vs B3 = 28, LUTs from `scaling_lut`; the solve part) and
+    vs number of domains (summed per-domain wall times recorded in `results_dir`'s step-3 artifacts).
+    Returns {'status', 'reason', 'rows': [[what, blocks, domains, wall_s], ...], 'solve', 'domains'}."""
+    size, seeds = (32, 1) if quick else (224, 3)
+    solve = [_solve_times(a, size, quick, seeds) for a in ('RepVGG-A0', 'RepVGG-B3')]
+    rows: List[List[Any]] = []
+    for r in solve:
+        what = f'{r["arch"]} {size} px, one goal.solve (median of {seeds})'
+        rows.append([f'{what}: gradient descent', r['num_blocks'], 1, r['median_gd_s']])
+        rows.append([f'{what}: MILP', r['num_blocks'], 1, r['median_milp_s']])
+    doms = domain_timings(results_dir)
+    reason = ''
+    for k in SCALING_DOMAINS:
+        if k <= len(doms):
+            rows.append([f'whole step 3, first {k} domain(s) of {results_dir.name}/ (sum of recorded per-domain '
+                         'wall times)', doms[0]['num_blocks'], k, sum(d['wall_s'] for d in doms[:k])])
+    if len(doms) < max(SCALING_DOMAINS):
+        reason = (f'{results_dir}/joint_optimization has per-domain timings for {len(doms)} domain(s); '
+                  f'rows for more domains are left out')
+    return {'status': 'measured', 'reason': reason, 'rows': rows, 'solve': solve, 'domains': doms,
+            'results_dir': str(results_dir)}
 
 
 def step_rows(steps: Dict[str, Dict[str, Any]]) -> List[List[Any]]:
@@ -129,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--log', metavar='FILE', help='read the stderr of an earlier run_pipeline.sh run instead of '
                    'running it (default: none, run the pipeline)')
     p.add_argument('--results_dir', default=None, help='results directory of the pipeline run, relative to the '
-                   'repository root (default: results/_bench_pipeline, with --quick results/_bench_pipeline_quick)')
+                   'repository root; with --log, where step 3\'s per-domain timings are read (default: '
+                   'results/_bench_pipeline, with --quick results/_bench_pipeline_quick, with --log results)')
     p.add_argument('--reuse', action='store_true', help='keep earlier work in --results_dir instead of passing '
                    '--fresh to run_pipeline.sh (then reused steps have no time) (default: off, fresh run)')
     p.add_argument('pipeline_args', nargs='*', help='further run_pipeline.sh flags, after `--`, e.g. -- --link wifi '
@@ -141,6 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not path.is_file():
             raise BenchPipelineError(f'--log: file {path} does not exist')
         run = {'returncode': None, 'wall_s': None, 'log': path.read_text(), 'command': f'(log {path})'}
+        rd = args.results_dir or 'results'
     else:
         rd = args.results_dir or ('results/_bench_pipeline_quick' if args.quick else 'results/_bench_pipeline')
         extra = (QUICK_FLAGS if args.quick else []) + list(args.pipeline_args)
@@ -148,14 +222,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps = parse_log(run['log'])
     if not steps:
         raise BenchPipelineError(f'{run["command"]}: no "== step N ... done in S s" lines in its output')
-    scaling = step3_scaling(args.quick)
+    scaling = step3_scaling(args.quick, resolve_path(rd))
     rows = step_rows(steps)
     done = [st['wall_s'] for st in steps.values() if st['status'] == 'done']
     headline = [[f'step {s} wall time', steps[s]['wall_s'], 's'] for s in STEPS
                 if s in steps and steps[s]['status'] == 'done']
     headline.append(['steps 0-4 wall time (steps that ran)', sum(done), 's'])
-    if not scaling['rows']:
-        headline.append([f'step 3 scaling with blocks and domains ({scaling["reason"]})', scaling['status'], ''])
+    for r in scaling['solve']:
+        headline.append([f'step 3 solve, {r["arch"]} ({r["num_blocks"]} blocks): GD / MILP',
+                         f'{r["median_gd_s"]:.3g} / {r["median_milp_s"]:.3g}', 's'])
+    if scaling['domains']:
+        k = len(scaling['domains'])
+        headline.append([f'whole step 3, {k} domain(s) (recorded per-domain times)',
+                         sum(d['wall_s'] for d in scaling['domains']), 's'])
     tables = [common.table('Wall time per step of run_pipeline.sh' + (' (quick: synthetic, tiny)' if args.quick
                                                                       else ' on the embedded default'),
                            ['step', 'what', 'wall time (s)', 'status'], rows)]
@@ -166,7 +245,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                'pipeline_wall_s': run['wall_s'], 'steps': steps, 'step3_scaling': scaling}
     path = common.write_result(args.out_dir, NAME, payload, machine, args.quick, headline, tables, argv)
     print(common.render(['step', 'what', 'wall time (s)', 'status'], rows, markdown=False))
-    print(f'step 3 scaling: {scaling["status"]} ({scaling.get("reason", "")})')
+    print()
+    print(common.render(['what', 'blocks', 'domains', 'wall time (s)'], scaling['rows'], markdown=False))
+    if scaling['reason']:
+        print(f'step 3 scaling: {scaling["reason"]}')
     print(f'-> {path}')
     failed = run['returncode'] not in (None, 0)
     return 1 if failed else 0

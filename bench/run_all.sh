@@ -7,13 +7,16 @@
 #   --quick              tiny settings (seconds; results go to a temporary directory, README untouched)
 #   --pipeline_log FILE  bench_pipeline.py reads the stderr of an earlier run_pipeline.sh run instead of
 #                        running the pipeline on the embedded default itself (the slowest bench)
+#
+# bench_quality.py and bench_optimizer.py (step 3) read the finished run in results/ (read only); without one,
+# bench_quality.py uses the run bench_pipeline.py made in results/_bench_pipeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=0; plog=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --quick) quick=1; shift ;;
     --pipeline_log) plog="$2"; shift 2 ;;
     *) echo "run_all.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
@@ -29,6 +32,9 @@ failed=()
 for script in bench/bench_*.py; do
   extra=()
   if [ "$(basename "$script")" = bench_pipeline.py ] && [ -n "$plog" ]; then extra=(--log "$plog"); fi
+  if [ "$(basename "$script")" = bench_quality.py ] && [ "$quick" = 0 ] && [ ! -f results/hardware_lut_complete.json ]; then
+    extra=(--results_dir results/_bench_pipeline)
+  fi
   echo "== bench: $script ${flags[*]} ${extra[*]}" >&2
   t0=$SECONDS
   if "$PY" "$script" "${flags[@]}" "${extra[@]}"; then

@@ -72,3 +72,65 @@ def test_parse_pipeline_log():
     assert steps['1']['status'] == 'reused' and steps['2']['wall_s'] == 7.0 and steps['3']['status'] == 'failed'
     rows = bench_pipeline.step_rows(steps)
     assert rows[4] == ['step 4', '', None, 'not reached']
+
+
+@pytest.fixture(scope='module')
+def quality_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench_quality')
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'bench_quality.py'), '--quick', '--links',
+                           'ethernet,3g', '--out_dir', str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / 'quality.json').read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_quality_quick_per_link_rows_and_summary(quality_result):
+    obj, stdout = quality_result
+    assert obj['kind'] == 'bench_quality' and obj['quick'] is True and list(obj['links']) == ['ethernet', '3g']
+    for link, run in obj['links'].items():
+        recs, s = run['domains'], run['summary']
+        assert [r['domain'] for r in recs] == [0, 1] and s['domains'] == 2
+        for r in recs:
+            assert r['link']['name'] == link
+            assert r['best_plain_split_fps'] >= max(r['edge_only_fps'], r['server_only_fps']) * (1 - 1e-9)
+            assert r['joint_over_best_plain'] == pytest.approx(r['joint_fps'] / r['best_plain_split_fps'])
+            assert r['accuracy_drop_pct'] == pytest.approx(r['a_ref_pct'] - r['final_accuracy_pct'])
+        ratios = [r['joint_over_best_plain'] for r in recs]
+        assert s['mean_joint_over_best_plain'] == pytest.approx(sum(ratios) / 2)
+        assert s['worst_joint_over_best_plain'] == min(ratios)
+        assert s['worst_accuracy_drop_pct'] == max(r['accuracy_drop_pct'] for r in recs)
+    # a 3G uplink makes sending anything slower than running the tiny model on the edge
+    assert all(r['best_plain_split_lam'] == 22 for r in obj['links']['3g']['domains'])
+    assert len(obj['tables'][1]['rows']) == 4 and 'Per domain' in stdout
+
+
+def test_bench_quality_missing_inputs_are_named(tmp_path):
+    from bench import bench_quality
+    with pytest.raises(common.UserError, match='partition_info.json'):
+        bench_quality.main(['--results_dir', str(tmp_path), '--links', 'wifi', '--out_dir', str(tmp_path / 'o')])
+    with pytest.raises(common.UserError, match='5g'):
+        bench_quality.main(['--links', 'wifi,5g', '--out_dir', str(tmp_path / 'o')])
+    assert not (tmp_path / 'o').exists()
+
+
+def test_step3_random_goal_program_gd_never_beats_milp():
+    import numpy as np
+
+    from bench import bench_optimizer
+    from hyper_repvgg import block_plan
+    has_id = [s.has_identity for s in block_plan('B3')]
+    p, eps = bench_optimizer.random_goal_problem(np.random.default_rng(0), has_id, 0.01)
+    assert p.num_blocks == 28 and 0.2 <= eps <= 3.0 and p.loss_budget == pytest.approx(eps)
+    assert (p.allowed.sum(1) > [5 if h else 2 for h in has_id]).all()  # pruned layouts are choices too
+    r = bench_optimizer._solve_pair(p, 0, {'steps': 20, 'restarts': 1}, 30.0)
+    assert r['milp_status'] == 'optimal' and r['gap_pct'] >= -1e-6 and r['num_blocks'] == 28
+
+
+def test_domain_timings_from_joint_artifacts(tmp_path):
+    from artifacts import write_artifact
+    for d, wall in ((1, 2.5), (0, 4.0)):
+        write_artifact(tmp_path / 'joint_optimization' / f'domain_{d}_joint.json', 'joint_domain',
+                       {'domain': d, 'gammas': [0] * 22, 'timing': {'wall_s': wall}}, None, 'test')
+    rows = bench_pipeline.domain_timings(tmp_path)
+    assert [(r['domain'], r['wall_s'], r['num_blocks']) for r in rows] == [(0, 4.0, 22), (1, 2.5, 22)]

@@ -13,8 +13,9 @@ at most `max_new_prunes` branches pruned beyond the previous round's, a hard lim
 2. throughput   maximize B / period (period = max(T_edge, T_link, T_server), optim/cost.py), i.e. minimize
                 period / period_scale; or, with a target Theta_t > 0, minimize xi_P = max(0, period - B * 1000 /
                 Theta_t) / period_scale (then period itself at the last level).  The tie-breakers enter this level with
-                the small weight w:  + w * (R + L),  L = the surrogate loss in points (no pruning that buys no
-                throughput), R = the roofline term, the mean over blocks of |log10(I[k, gamma_k] / knee_side)|,
+                the small weight w:  + w * (R + L),  L = the surrogate loss in points plus a small cost per pruned
+                branch (GoalProblem.tie_loss: no pruning that buys no throughput), R = the roofline term, the mean
+                over blocks of |log10(I[k, gamma_k] / knee_side)|,
                 I = FLOPs / (weight + activation bytes) of the block's layout at batch B, knee_side the ridge point
                 (peak FLOP/s / memory bandwidth) of the side the block runs on.
 3. edge memory  (optional) sum_{k < lambda} weight_bytes[k, gamma_k] <= budget;  minimize xi_M (bytes, / budget).
@@ -92,6 +93,18 @@ class GoalProblem:
     @property
     def num_blocks(self) -> int:
         return self.tables.num_blocks
+
+    @property
+    def tie_loss(self) -> np.ndarray:
+        """(N, 14) the accuracy side of the throughput goal's tie-breaker: the surrogate loss (points) plus, per
+        pruned branch, a cost just above the largest change one block's layout can make to the roofline term.  So
+        no branch is pruned for the roofline term alone, nor for nothing: measured sensitivities of ~0 on a small
+        validation split are noise, and a prune that buys no throughput only risks accuracy."""
+        have = (self.allowed[:, :, None] & LAYOUT_BRANCHES[None]).any(1)  # (N, 3) the branches each block has
+        prunes = (have[:, None, :] & ~LAYOUT_BRANCHES[None]).sum(-1)  # (N, 14)
+        swing = max(float((np.where(self.allowed, r, -np.inf).max(1) - np.where(self.allowed, r, np.inf).min(1)).max())
+                    for r in (self.roof_edge, self.roof_server))
+        return self.loss + (swing / self.num_blocks + 0.01) * prunes
 
     @property
     def loss_budget(self) -> float:
@@ -224,7 +237,7 @@ def goal_values(p: GoalProblem, gammas: np.ndarray, lams: np.ndarray) -> Dict[st
             'throughput_fps': st.throughput_fps, 'bottleneck': st.bottleneck, 'period_ms': period,
             'surrogate_loss_pct': loss, 'accuracy_pct': acc, 'xi_accuracy_pct': xi_a, 'xi_period_ms': xi_p,
             'edge_weight_bytes': mem, 'xi_memory_bytes': xi_m, 'roofline': roof,
-            'throughput_objective': main + p.roofline_weight * (roof + loss),
+            'throughput_objective': main + p.roofline_weight * (roof + p.tie_loss[rows, g].sum(1)),
             'xi_memory': xi_m / max(p.memory_budget_bytes, 1.0), 'period_rel': period / p.period_scale_ms,
             'new_prunes': new, 'xi_new_prunes': xi_new}
 
@@ -340,12 +353,13 @@ def best_of(results: Sequence[Optional[GoalResult]]) -> GoalResult:
 
 def undominated(p: GoalProblem, side: str) -> np.ndarray:
     """(N, 14) bool: allowed layouts of each block not dominated on `side` ('edge' | 'server'): another allowed
-    layout with time, surrogate loss, roofline distance (and, on the edge, weight bytes) all <= (one <, or all equal
-    and a lower index) can replace it without worsening any level, so the MILP leaves it out."""
+    layout with time, surrogate loss, tie-break loss, roofline distance (and, on the edge, weight bytes) all <= (one <,
+    or all equal and a lower index) can replace it without worsening any level, so the MILP leaves it out."""
+    tie = p.tie_loss
     if side == 'edge':
-        metrics = [p.tables.edge_ms, p.loss, p.roof_edge, p.weight_bytes]
+        metrics = [p.tables.edge_ms, p.loss, tie, p.roof_edge, p.weight_bytes]
     else:
-        metrics = [p.tables.server_ms, p.loss, p.roof_server]
+        metrics = [p.tables.server_ms, p.loss, tie, p.roof_server]
     if p.new_prunes is not None:
         metrics.append(p.new_prunes)
     out = p.allowed.copy()
@@ -428,8 +442,9 @@ def solve_milp(p: GoalProblem, time_limit_s: float = 60.0, mip_rel_gap: float = 
     c_acc = np.zeros(nv)
     c_acc[iA] = 1.0
     c_thr = p.roofline_weight * roof
-    c_thr[ye:ye + me] += p.roofline_weight * p.loss[ke, ge]  # tie-breaker: no pruning that buys no throughput
-    c_thr[ys:ys + ms] += p.roofline_weight * p.loss[kS, gS]
+    tie = p.tie_loss  # tie-breaker: no pruning that buys no throughput
+    c_thr[ye:ye + me] += p.roofline_weight * tie[ke, ge]
+    c_thr[ys:ys + ms] += p.roofline_weight * tie[kS, gS]
     c_thr[iP if tp is None else iXP] += 1.0 / scale
     levels = [('xi_accuracy_pct', c_acc), ('throughput_objective', c_thr)]
     if p.memory_budget_bytes > 0:
@@ -527,7 +542,8 @@ def layout_probabilities(phi: torch.Tensor, theta: torch.Tensor, have: torch.Ten
 
 
 def _relaxed_loss(p_lay: torch.Tensor, q: torch.Tensor, prob: GoalProblem, rt: RelaxTables, rr: RelaxTables,
-                  rm: Optional[RelaxTables], loss_t: torch.Tensor, tau: float, w_acc: float) -> torch.Tensor:
+                  rm: Optional[RelaxTables], loss_t: torch.Tensor, tau: float, w_acc: float,
+                  tie_t: torch.Tensor) -> torch.Tensor:
     te, tl, ts = expected_stage_times(p_lay, rt)
     per = smooth_max(torch.stack([te, tl, ts], -1) / prob.period_scale_ms, tau)  # (R, N + 1)
     tp = prob.target_period_ms
@@ -536,7 +552,7 @@ def _relaxed_loss(p_lay: torch.Tensor, q: torch.Tensor, prob: GoalProblem, rt: R
     re, _, rs = expected_stage_times(p_lay, rr)
     f2 = per + prob.roofline_weight * (re + rs)
     exp_loss = (p_lay * loss_t).sum((-1, -2))
-    obj = (q * f2).sum(-1) + prob.roofline_weight * exp_loss
+    obj = (q * f2).sum(-1) + prob.roofline_weight * (p_lay * tie_t).sum((-1, -2))
     delta = 0.05
     xi_a = delta * torch.nn.functional.softplus((exp_loss - prob.loss_budget) / delta)
     obj = obj + w_acc * xi_a
@@ -638,6 +654,7 @@ def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, resta
             have[k] |= LAYOUT_BRANCHES[g]
     have_t, allowed_t = torch.tensor(have), torch.tensor(p.allowed)
     loss_t = torch.tensor(p.loss, dtype=torch.float64)
+    tie_t = torch.tensor(p.tie_loss, dtype=torch.float64)
     phi = torch.randn((restarts, n, 3), generator=generator, dtype=torch.float64) + 2.0  # start mostly kept
     theta = torch.randn((restarts, n, NUM_LAYOUTS), generator=generator, dtype=torch.float64)
     psi = torch.randn((restarts, n + 1), generator=generator, dtype=torch.float64)
@@ -661,7 +678,7 @@ def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, resta
             w_acc = w_acc_start * (w_acc_end / w_acc_start) ** frac
             p_lay = layout_probabilities(phi, theta, have_t, allowed_t, tau)
             q = torch.softmax(psi / tau, -1)
-            loss = _relaxed_loss(p_lay, q, p, rt, rr, rm, loss_t, tau, w_acc)
+            loss = _relaxed_loss(p_lay, q, p, rt, rr, rm, loss_t, tau, w_acc, tie_t)
             opt.zero_grad()
             loss.sum().backward()
             opt.step()

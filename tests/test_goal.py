@@ -169,3 +169,18 @@ def test_progressive_step_limits_new_prunes():
     before = np.array([[True, False, False], [False, False, False]])  # block 0's D went in an earlier round
     nxt = goal.build_problem(t, sens, [HAS, HAS], _stats(2), 90.0, 0.95, 1.0, pruned_before=before, max_new_prunes=1)
     assert goal.solve_milp(nxt).evaluation['period_ms'] == pytest.approx(0.4)
+
+
+def test_no_branch_is_pruned_when_pruning_buys_no_throughput():
+    # link-bound at every split: the period is the link's whatever the layouts, and the sensitivities measured ~0
+    # (noise on a small val split) with roofline terms that favour the pruned layouts: nothing may be pruned
+    n = 2
+    edge = np.where(NO_D, 0.2, 1.0)[None].repeat(n, 0)
+    t = _tables(edge, edge, [1e5, 1e5, 1e5])  # 100 ms on the link at every split
+    st = _stats(n)
+    st['flops'] = np.where(NO_D, 1000.0, 10.0)[None].repeat(n, 0)  # D-free layouts sit at the knee
+    p = goal.build_problem(t, np.zeros((n, 3)), [HAS, HAS], st, a_ref=90.0, epsilon=2.0, period_scale_ms=1.0,
+                           roofline_weight=0.01)
+    res = goal.solve(p, 'both', torch.Generator().manual_seed(0), {'steps': 150, 'restarts': 2})
+    for r in (res['gd'], res['milp']):
+        assert r.evaluation['branches_pruned'] == 0, r.gammas

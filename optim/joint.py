@@ -28,6 +28,7 @@ from optim.cost import CostTables
 
 log = logging.getLogger('step3')
 JOINT_DIR = 'joint_optimization'
+JOINT_VERSION = 2  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
 SURROGATE_NOTE = ('surrogate: A_ref(test) minus the summed corrected branch sensitivities of the final round; '
                   'predicted, not measured')
 
@@ -468,7 +469,7 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
     c = cfg.to_dict()
     base_fp = fingerprint(hashlib.sha256(Path(lut_file).read_bytes()).hexdigest(), link.to_dict(), hw['fingerprint'],
                           c['joint'], c['optim'], c['train'], c['model'], c['data'], c['lut']['feature_dtype'],
-                          cfg.seed, warm, cost.COST_MODEL_VERSION)
+                          cfg.seed, warm, cost.COST_MODEL_VERSION, JOINT_VERSION)
     return Inputs(cfg, lut, Path(lut_file), t, L.block_stats(lut), available, unpruned, warm, why, partition,
                   mean, std, base_fp, link.to_dict())
 

@@ -342,11 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload['wall_s'] = time.perf_counter() - t0
         path = common.write_result(args.out_dir, f'optimizer_{key}', payload, machine, args.quick, headline, tables,
                                    argv)
-        for t in tables:
-            print(t['title'])
-            print(common.render(t['columns'], t['rows'], markdown=False))
-            print()
-        print(f'-> {path}')
+        common.print_tables(tables, path)
     return 0
 
 

@@ -223,10 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            split_cols, split_rows)]
     path = common.write_result(args.out_dir, NAME, {'link': link, 'framing': framing, 'split': split}, machine,
                                q, headline, tables, argv)
-    for t in tables:
-        print(t['title'])
-        print(common.render(t['columns'], t['rows'], markdown=False))
-    print(f'-> {path}')
+    common.print_tables(tables, path)
     return 0
 
 

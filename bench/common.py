@@ -73,6 +73,15 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def print_tables(tables: Sequence[Dict[str, Any]], path: Path) -> None:
+    """A bench's tables as plain text on stdout, then where its result file went."""
+    for t in tables:
+        print(t['title'])
+        print(render(t['columns'], t['rows'], markdown=False))
+        print()
+    print(f'-> {path}')
+
+
 def render(columns: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
     """A table as Markdown (for README) or as aligned plain text (for the terminal)."""
     cells = [[fmt(c) for c in r] for r in rows]

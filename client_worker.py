@@ -6,11 +6,11 @@ session of comm/session.py (DESIGN.md section 9).
 
 It dials the server (directly, through a tunnel you opened with `ssh -N -L 6006:127.0.0.1:6006 user@server`,
 or through its own paramiko tunnel with --ssh), authenticates, and answers commands until the session ends; then,
-or when the link drops, it dials again with exponential backoff.  Commands: measure_lut (optim.measure, the
+or when the link drops, it dials again with exponential backoff.  Commands: measure_lut (timing.measure, the
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
 hyper_repvgg.build_edge from raw tensors), upload (uint8 images), run (pipelined: the edge part runs batch after
 batch while a sender thread streams the features).  A failing command answers an error frame; the worker stays
-usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, optim.measure, numpy and torch.
+usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, timing.measure, numpy and torch.
 """
 import argparse
 import logging
@@ -31,7 +31,7 @@ import torch.nn as nn  # noqa: E402
 import hyper_repvgg as H  # noqa: E402
 from comm import protocol as P  # noqa: E402
 from data.normalize import normalize_batch  # noqa: E402
-from optim import measure as M  # noqa: E402
+from timing import measure as M  # noqa: E402
 
 log = logging.getLogger('client_worker')
 EXIT_AUTH = 3  # exit status when the server refuses our token (retrying cannot help)

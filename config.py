@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from errors import UserError  # noqa: E402,F401 - re-exported: the one base of every user-facing error
+
 REPO_ROOT = Path(__file__).resolve().parent
-
-
-class UserError(Exception):
-    """Bad input from the user (a file, field, flag or value); step scripts print it and exit 2."""
 
 
 class ConfigError(UserError, ValueError):

@@ -1,9 +1,9 @@
 """LUT fidelity: how well a server-side LUT measured on this CPU predicts whole configurations.
 
-For each model: measure the server side's LUT here (optim.measure.measure_side, chain timing as step 1 does),
-draw random configurations (a valid layout per block and a split, optim.lut.random_configurations), run each
-one end to end (optim.lut.validate_side) and compare the LUT's sum with the measurement: share of
-configurations within +/-10 %, median |error| (optim.lut.validation_summary) and Spearman's rho between the
+For each model: measure the server side's LUT here (timing.measure.measure_side, chain timing as step 1 does),
+draw random configurations (a valid layout per block and a split, timing.lut.random_configurations), run each
+one end to end (timing.lut.validate_side) and compare the LUT's sum with the measurement: share of
+configurations within +/-10 %, median |error| (timing.lut.validation_summary) and Spearman's rho between the
 predicted and the measured totals (does the LUT rank configurations right, which is what the optimizer needs;
 it says little when the configurations' measured range is not much wider than the timing noise, so that
 range is reported too).
@@ -45,7 +45,7 @@ class Case(NamedTuple):
 
 def default_case(warmup: int, repeats: int, configs: int) -> Case:
     """The embedded default of config.py (the model run_pipeline.sh uses)."""
-    from optim.lut import model_spec
+    from timing.lut import model_spec
     cfg = Config()
     wm = cfg.model.width_multiplier
     return Case('default', f'{cfg.model.name} w{tuple(wm) if wm else "(arch)"} {cfg.model.input_size} px',
@@ -80,8 +80,8 @@ def run_case(case: Case, threads: int, seed: int) -> Dict[str, Any]:
     """Measure the server LUT of one model here and validate it end to end; the numbers of one table row."""
     import numpy as np
 
-    from optim import lut as L
-    from optim import measure as M
+    from timing import lut as L
+    from timing import measure as M
     t0 = time.perf_counter()
     res = M.measure_side(case.arch, case.input_size, (1,), 'cpu', case.warmup, case.repeats, threads,
                          case.max_entry_s, seed, progress=True, microbenchmark=False, timing='chain')

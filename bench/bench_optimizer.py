@@ -1,12 +1,12 @@
 """Optimizer quality and speed: the relaxed LUT gradient descent against the exact optimum, per pipeline step.
 
-Section `step2` (DESIGN.md section 6; optim/throughput.solve_step2, the code step 2 runs):
+Section `step2` (DESIGN.md section 6; pipeline/throughput.solve_step2, the code step 2 runs):
 * LUT cases: RepVGG-A0 and RepVGG-B3 at 224 px, 1000 classes, batch 1, both sides MODELLED from device profiles
-  (optim/lut.modelled_side: edge = jetson-tx2; 'server' = jetson-orin-nano as a stand-in, since optim/profiles.py
+  (timing/lut.modelled_side: edge = jetson-tx2; 'server' = jetson-orin-nano as a stand-in, since timing/profiles.py
   has no server-GPU profile), under each link preset.  Per case: gap of the chosen configuration and of the
   gradient descent alone (before the local search) to the exact optimum, wall time of both solvers, and the
   throughput of the choice and of the baselines (edge only, server only, best plain split).
-* Random instances: >= 50 seeded B3-size instances (optim/throughput.random_tables with B3's identity pattern):
+* Random instances: >= 50 seeded B3-size instances (pipeline/throughput.random_tables with B3's identity pattern):
   max / median gap, share within 1 %, median wall time.
 Writes bench/results/optimizer_step2.json.
 
@@ -16,7 +16,7 @@ restarts) against the lexicographic HiGHS MILP (optim.goal.solve_milp, joint.mil
 optim.goal.solve(..., 'both').  Gap = the GD choice's throughput level (period / scale + tie-breakers) over the
 MILP's, in %, and the throughput lost (1 - GD fps / MILP fps); GD's accuracy deviation is compared separately.
 * Random instances: >= 50 seeded B3-size goal programs (28 blocks) built with optim.goal.build_problem from
-  optim/throughput.random_tables (B3's identity pattern), extended to the pruned layouts (a layout without the
+  pipeline/throughput.random_tables (B3's identity pattern), extended to the pruned layouts (a layout without the
   3x3 branch 0.1-0.4x, other pruned layouts 0.9-1.3x the block's best unpruned time on that side), random branch
   sensitivities (log-normal, the 3x3 ~ 5x the others), random FLOPs / bytes for the roofline term, random
   epsilon 0.2-3 points, no progressive-step limit.
@@ -64,7 +64,7 @@ def _lut_cases(quick: bool) -> Dict[str, Tuple[Dict[str, Any], int]]:
 
 
 def _run_case(t, valid, opt: OptimConfig, seed: int) -> Dict[str, Any]:
-    from optim.throughput import solve_step2
+    from pipeline.throughput import solve_step2
     p = solve_step2(t, valid, opt, seed)
     b = p['baselines']
     return {'lam': p['lam'], 'exact_lam': p['exact']['lam'], 'gap_pct': p['gap_pct'],
@@ -79,9 +79,9 @@ def _run_case(t, valid, opt: OptimConfig, seed: int) -> Dict[str, Any]:
 def section_step2(quick: bool, seed: int, results_dir: str = '') -> Tuple[Dict[str, Any], List[List[Any]],
                                                                           List[Dict[str, Any]]]:
     from hyper_repvgg import block_plan
-    from optim import lut as L
-    from optim.profiles import get_profile
-    from optim.throughput import random_tables, unpruned_valid
+    from timing import lut as L
+    from timing.profiles import get_profile
+    from pipeline.throughput import random_tables, unpruned_valid
     opt = Config().optim if not quick else OptimConfig(steps=60, restarts=2)
     cases, rows = [], []
     for name, (model, size) in _lut_cases(quick).items():
@@ -142,7 +142,7 @@ def random_goal_problem(rng: np.random.Generator, has_identity: Sequence[bool], 
     from hyper_repvgg import LAYOUTS
     from optim import goal
     from optim.exact import solve_exact
-    from optim.throughput import random_tables
+    from pipeline.throughput import random_tables
     n = len(has_identity)
     t, valid = random_tables(rng, n, has_identity)
     have = [('D', 'O', 'I') if h else ('D', 'O') for h in has_identity]
@@ -216,7 +216,7 @@ def real_domain_problems(results_dir: Path, quick: bool) -> Tuple[List[Tuple[str
     """[(label, GoalProblem)] from a finished run's LUT and step-3 round files, and a note on what was used."""
     from artifacts import ArtifactError, load_artifact
     from optim import cost, goal
-    from optim import lut as L
+    from timing import lut as L
     from optim.exact import solve_exact
     cfg = Config()
     j = cfg.joint

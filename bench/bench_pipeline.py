@@ -97,8 +97,8 @@ def run_pipeline(results_dir: str, extra: Sequence[str], fresh: bool) -> Dict[st
 def scaling_lut(arch: str, input_size: int, num_classes: int = 10, profile: str = 'jetson-tx2') -> Dict[str, Any]:
     """A hardware_lut_complete payload of architecture `arch` whose two sides are modelled from a device profile
     (no measurement): the LUT shape step 3 would see for that many blocks, cheap to build for any size."""
-    from optim import lut as L
-    from optim.profiles import get_profile
+    from timing import lut as L
+    from timing.profiles import get_profile
     model = {'name': arch, 'num_classes': num_classes, 'width_multiplier': None, 'small_input': False}
     prof = get_profile(profile)
     server = L.modelled_side(prof, model, input_size, [1], side='server')
@@ -116,7 +116,7 @@ def _solve_times(arch: str, input_size: int, quick: bool, seeds: int) -> Dict[st
 
     from config import Config
     from optim import cost, goal
-    from optim import lut as L
+    from timing import lut as L
     from optim.exact import solve_exact
     cfg = Config()
     o, j = cfg.optim, cfg.joint

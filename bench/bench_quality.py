@@ -80,8 +80,8 @@ def build_quick(dst: Path) -> None:
     """A tiny synthetic step-0 result with a modelled LUT (TX2 edge, Orin Nano as the server) in `dst`."""
     from artifacts import write_artifact
     from config import DataConfig, ModelConfig, TrainConfig
-    from optim import lut as L
-    from optim.profiles import get_profile
+    from timing import lut as L
+    from timing.profiles import get_profile
     _run([sys.executable, str(REPO_ROOT / 'pipeline' / 'step0_prepare.py'), *QUICK_DATA, '--num_domains', '2',
           '--epochs', '1', '--threads', '1', '--results_dir', str(dst)], 'step 0 (quick, synthetic)')
     cfg = Config(model=ModelConfig(input_size=32, small_input=True, width_multiplier=(0.25, 0.25, 0.25, 0.25)),
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'joint.max_rounds=3 (default: none)')
     args = p.parse_args(argv)
     links = [x.strip() for x in args.links.split(',') if x.strip()]
-    from optim.lut import LINK_PRESETS
+    from timing.lut import LINK_PRESETS
     bad = [x for x in links if x not in LINK_PRESETS]
     if bad or not links:
         raise ConfigError(f'--links {args.links!r}: valid presets are {", ".join(LINK_PRESETS)}')

@@ -6,7 +6,7 @@
    one thread and decoded by another, in MB/s of tensor payload; the same bytes through plain sendall/recv_into
    as the baseline.
 3. Split run vs LUT: a tiny HyperRepVGG (RepVGG-A0, width 0.25, 32 px, small input, 10 classes).  The LUT is
-   measured as step 1 --mode real does (server side here, client side on the worker, link probed, optim.lut.merge),
+   measured as step 1 --mode real does (server side here, client side on the worker, link probed, timing.lut.merge),
    optim.cost.evaluate predicts each split's pipelined throughput B / max(T_edge, T_link, T_server), and
    ServerSession.run measures it with the same worker (loopback, and over the 20 Mbit/s emulated link).
    Worker and server are both on this machine (one torch thread each): on a shared 2-core box they compete
@@ -129,8 +129,8 @@ def bench_framing(size_mb: float, count: int) -> Dict[str, Any]:
 def measure_lut(w: Worker, batch: int, repeats: int) -> Dict[str, Any]:
     """The hardware_lut_complete payload, measured as step 1 --mode real does."""
     from comm.session import link_from_probe
-    from optim import lut as L
-    from optim import measure as M
+    from timing import lut as L
+    from timing import measure as M
     torch.set_num_threads(1)
     server = L.side_payload('server', ARCH, INPUT, M.measure_side(ARCH, INPUT, [batch], 'cpu', 2, repeats, 1))
     client = L.side_payload('client', ARCH, INPUT, w.sess.measure_lut(ARCH, INPUT, [batch], 2, repeats, 1, 0.0, 0,
@@ -141,9 +141,9 @@ def measure_lut(w: Worker, batch: int, repeats: int) -> Dict[str, Any]:
 
 def bench_split(w: Worker, lams: Sequence[int], batch: int, samples: int, repeats: int, label: str) -> List[Dict]:
     import hyper_repvgg as H
-    from optim import lut as L
+    from timing import lut as L
     from optim.cost import evaluate
-    from optim.measure import random_model
+    from timing.measure import random_model
     lut = measure_lut(w, batch, repeats)
     tables = L.cost_tables(lut, batch)
     model = random_model(ARCH, 0)

@@ -31,7 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from artifacts import load_artifact, write_artifact  # noqa: E402
 from config import UserError  # noqa: E402
-from optim.measure import cpu_name  # noqa: E402
+from timing.measure import cpu_name  # noqa: E402
 
 
 class BenchError(UserError):

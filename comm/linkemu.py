@@ -21,7 +21,7 @@ import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from config import UserError
+from errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Public API (step 1 and step 3 real mode are written against it; DESIGN.md sectio
             # both directions), returns its hello: device, device_name, python/torch/numpy versions, power_mode, ...
             # Call it again after a dropped worker to resume with the reconnected one (deploy again).
         def measure_lut(self, arch, input_size, batch_sizes, warmup, repeats, threads, max_entry_s, seed, timing) -> dict
-            # optim.measure.measure_side() run on the device; feed it to optim.lut.side_payload('client', ...)
+            # timing.measure.measure_side() run on the device; feed it to timing.lut.side_payload('client', ...)
         def probe_link(self, sizes_bytes, repeats=3) -> dict
             # {'latency_ms', 'bandwidth_mbps', 'rtt_ms', 'fit': {...}, 'samples': [{'bytes', 'time_ms', 'residual_ms'}]}
         def deploy(self, model, gammas, lam, mean, std, feature_dtype='fp32') -> dict
@@ -28,7 +28,7 @@ Public API (step 1 and step 3 real mode are written against it; DESIGN.md sectio
         def close(self)  # sends bye, closes the connection and the listening socket
 
     session_from_config(cfg) -> ServerSession   # cfg.real; the token falls back to env HYPERREPVGG_TOKEN
-    link_from_probe(probe) -> optim.lut.LinkSpec  # the measured link for link.json / the cost model
+    link_from_probe(probe) -> timing.lut.LinkSpec  # the measured link for link.json / the cost model
 
 Per batch of a run: edge_ms is measured on the worker (normalization + edge part + copy to the CPU); link_ms is
 the link's service time: from the later of (the worker starts sending the batch, this side is ready to receive
@@ -473,16 +473,16 @@ def session_from_config(cfg: Config) -> ServerSession:
 
 
 def link_from_probe(probe: Dict[str, Any]):
-    """The measured LinkSpec (optim.lut) of a probe_link() result."""
-    from optim.lut import LinkSpec
+    """The measured LinkSpec (timing.lut) of a probe_link() result."""
+    from timing.lut import LinkSpec
     how = (f'measured: link probe, least squares over {len(probe["samples"])} payloads of '
            f'{probe["sizes_bytes"][0]}..{probe["sizes_bytes"][-1]} bytes')
     return LinkSpec('measured', float(probe['bandwidth_mbps']), float(probe['rtt_ms']), how, how)
 
 
 def measure_client_side(session: ServerSession, cfg: Config) -> Dict[str, Any]:
-    """The lut_client payload (optim.lut.side_payload + roofline fit) measured on the worker with cfg.lut's settings."""
-    from optim import lut as L
+    """The lut_client payload (timing.lut.side_payload + roofline fit) measured on the worker with cfg.lut's settings."""
+    from timing import lut as L
     model = L.model_spec(cfg)
     t0 = time.time()
     res = session.measure_lut(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.lut.warmup, cfg.lut.repeats,

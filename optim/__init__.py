@@ -1,4 +1,4 @@
-"""Optimization library: LUT measurement and I/O, cost model, solvers.  Pure maths takes arrays.
-
-This package file stays importable on the device (Python 3.6): the worker imports optim.measure.
+"""The pure solvers: the pipelined cost model (`cost`), the exact split/layout optimum (`exact`), the relaxed
+gradient-descent solver (`relax`) and the step-3 goal program (`goal`).  They take arrays and tables as
+arguments and import neither the configuration nor measurement, training or I/O code.
 """

@@ -27,7 +27,7 @@ from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from config import UserError
+from errors import UserError
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS, fused_layout, layouts_for
 
 STAGES = ('edge', 'link', 'server')

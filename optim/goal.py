@@ -170,7 +170,7 @@ def build_problem(t: CostTables, sens: np.ndarray, available: Sequence[Sequence[
                   throughput_target_fps: float = 0.0, memory_budget_bytes: float = 0.0,
                   floor: Optional[float] = None, pruned_before: Optional[np.ndarray] = None,
                   max_new_prunes: int = 0) -> GoalProblem:
-    """A GoalProblem from the cost tables, per-branch sensitivities (N, 3) and optim.lut.block_stats(lut);
+    """A GoalProblem from the cost tables, per-branch sensitivities (N, 3) and timing.lut.block_stats(lut);
     `pruned_before` (N, 3) bool with `max_new_prunes` > 0 limits how many more branches one round may prune."""
     loss = loss_table(sens, available)
     allowed = np.isfinite(loss) & t.valid

@@ -73,8 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from data.datasets import dataset_stats
     from data.domains import check_partition_config, make_partition, partition_json
-    from optim import importance, training
-    from pipeline import step0_plots
+    from accuracy import importance, training
+    from viz import heatmaps
 
     check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
     if cfg.model.checkpoint and not resolve_path(cfg.model.checkpoint).is_file():
@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_artifact(cfg.path('importance_rankings.json'), 'importance_rankings',
                    {'formula': importance.FORMULA, 'order': 'ascending (prune first = lowest importance first)',
                     'domains': {str(d): importance.rank_ascending(s) for d, s in scores.items()}}, cfg, cmd)
-    step0_plots.write_heatmaps(cfg.path(), model, {d: hw['blocks'] for d, hw in trained.items()},
+    heatmaps.write_heatmaps(cfg.path(), model, {d: hw['blocks'] for d, hw in trained.items()},
                                {d: importance.scores_by_block(s) for d, s in scores.items()},
                                f'{model.arch}, {cfg.data.dataset}, {cfg.model.input_size} px')
     log.info('artifacts in %s', cfg.path())

@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 
 from artifacts import ArtifactError, write_artifact  # noqa: E402
 from config import LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config, run_cli  # noqa: E402
-from optim import lut as L  # noqa: E402
-from optim.profiles import get_profile  # noqa: E402
+from timing import lut as L  # noqa: E402
+from timing.profiles import get_profile  # noqa: E402
 
 FLAGS = {**LINK_FLAGS, 'client_profile': 'lut.client_profile', 'batch_sizes': 'lut.batch_sizes',
          'repeats': 'lut.repeats', 'warmup': 'lut.warmup', 'input_size': 'model.input_size',
@@ -28,7 +28,7 @@ FLAGS = {**LINK_FLAGS, 'client_profile': 'lut.client_profile', 'batch_sizes': 'l
 
 def measure(cfg, side, command):
     """Measure one side on this machine (cfg.device), write lut_<side>.json, validate it if asked."""
-    from optim import measure as M
+    from timing import measure as M
     model = L.model_spec(cfg)
     t0 = time.time()
     res = M.measure_side(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.device, cfg.lut.warmup,

@@ -48,8 +48,8 @@ def main(argv=None):
     args = parse(argv)
     cfg = resolve_config(args, FLAGS)
     from optim import cost as C
-    from optim import lut as L
-    from optim import throughput as T
+    from timing import lut as L
+    from pipeline import throughput as T
     C.check_objective(cfg.optim.objective, cfg.optim.omega)
     default = Config().lut
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')

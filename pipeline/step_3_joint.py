@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = resolve_config(args, FLAGS)
     import torch
 
-    from optim import joint
+    from pipeline import joint
     torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
     inp = joint.prepare_inputs(cfg, lut_file, client_profile_explicit=args.client_profile is not None,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from optim import cost as C
-from optim.throughput import random_tables
+from pipeline.throughput import random_tables
 
 NAN = np.nan
 

@@ -12,7 +12,7 @@ import hyper_repvgg as H
 from conftest import REPO
 
 DEVICE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py',
-                'optim/__init__.py', 'optim/measure.py', 'optim/flops.py']
+                'timing/__init__.py', 'timing/measure.py', 'timing/flops.py']
 
 
 def present_device_files():

@@ -1,10 +1,10 @@
-"""Closed-form counts of optim/flops.py: shapes, MACs, bytes per layout, link bytes; cross-checked with fvcore."""
+"""Closed-form counts of timing/flops.py: shapes, MACs, bytes per layout, link bytes; cross-checked with fvcore."""
 import pytest
 import torch
 
 from hyper_repvgg import LAYOUTS, BlockSpec, HyperRepVGGBlock, block_plan
-from optim import flops as F
-from optim.measure import deployed_layout, randomize_bn_
+from timing import flops as F
+from timing.measure import deployed_layout, randomize_bn_
 
 BLOCK = BlockSpec(5, 'stage2.1', 16, 16, 1, 1)  # identity block, 8x8 input in the tests below
 DOWN = BlockSpec(1, 'stage1.0', 8, 16, 2, 1)  # stride-2 block: no identity branch

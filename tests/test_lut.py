@@ -9,10 +9,10 @@ import pytest
 from artifacts import ArtifactError, write_artifact
 from config import Config, ConfigError
 from hyper_repvgg import block_plan
-from optim import flops as F
-from optim import lut as L
-from optim import measure as M
-from optim.profiles import PROFILES, ProfileError, get_profile
+from timing import flops as F
+from timing import lut as L
+from timing import measure as M
+from timing.profiles import PROFILES, ProfileError, get_profile
 
 TINY = {'name': 'RepVGG-A0', 'num_classes': 10, 'width_multiplier': [0.25, 0.25, 0.25, 0.25], 'small_input': False}
 TINY_ARGS = ['--model', 'A0', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--input_size', '32',

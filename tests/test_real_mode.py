@@ -21,7 +21,7 @@ from comm.linkemu import LinkEmulator
 from comm.session import ServerSession, SessionError
 from conftest import REPO
 from data.normalize import normalize_batch
-from optim.measure import randomize_bn_
+from timing.measure import randomize_bn_
 
 pytestmark = pytest.mark.network
 
@@ -213,7 +213,7 @@ def test_killed_worker_is_reported_within_the_timeout_and_a_restarted_one_reconn
 
 def test_step1_real_mode_writes_measured_link_and_merged_lut(tmp_path):
     from artifacts import load_artifact
-    from optim import lut as L
+    from timing import lut as L
     from pipeline import step1_measure_lut as step1
     port = free_port()
     worker = start_worker(port, log_path=tmp_path / 'worker.log')
@@ -362,7 +362,7 @@ def test_linkemu_cli_help():
 
 
 DEVICE_SIDE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py', 'data/__init__.py',
-                     'data/normalize.py', 'optim/__init__.py', 'optim/measure.py', 'optim/flops.py']
+                     'data/normalize.py', 'timing/__init__.py', 'timing/measure.py', 'timing/flops.py']
 
 
 def test_the_device_side_files_alone_run_the_worker(tmp_path):
@@ -371,7 +371,7 @@ def test_the_device_side_files_alone_run_the_worker(tmp_path):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / f, tmp_path / f)
     code = ('import sys, client_worker; heavy = ("config", "artifacts", "scipy", "fvcore", "torchvision", "paramiko", '
-            '"matplotlib", "optim.lut", "comm.session"); bad = [m for m in sys.modules if m in heavy or '
+            '"matplotlib", "timing.lut", "comm.session"); bad = [m for m in sys.modules if m in heavy or '
             'm.split(".")[0] in heavy[:7]]; assert not bad, bad')
     proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})

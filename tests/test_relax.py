@@ -8,7 +8,7 @@ from optim import cost as C
 from optim.exact import brute_force, side_best, solve_exact
 from optim.relax import (gibbs_split, local_search, masked_softmax, relax_tables, relaxed_value_grad,
                          solve_relaxed, split_objective)
-from optim.throughput import random_tables
+from pipeline.throughput import random_tables
 
 QUICK = dict(steps=150, restarts=2)  # small settings for the many-instance tests (defaults: 300 x 4)
 OBJECTIVES = (('throughput', 0.5), ('latency', 0.5), ('weighted', 0.3))

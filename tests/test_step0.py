@@ -9,7 +9,7 @@ from config import Config, DataConfig, ModelConfig, TrainConfig, UserError
 from data import domains
 from data.datasets import dataset_stats
 from hyper_repvgg import BlockSpec, block_plan, build_hyper_repvgg
-from optim import importance, training
+from accuracy import importance, training
 
 TINY_WIDTH = (0.25, 0.25, 0.25, 0.25)
 TINY = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25',

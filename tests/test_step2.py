@@ -1,4 +1,4 @@
-"""Step 2 (pipeline/step2_initial_throughput_opt.py) on a tiny LUT built through optim.lut from device profiles."""
+"""Step 2 (pipeline/step2_initial_throughput_opt.py) on a tiny LUT built through timing.lut from device profiles."""
 import json
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 
 from artifacts import ArtifactError, load_artifact, write_artifact
 from config import REPO_ROOT, Config, ConfigError, DataConfig, ModelConfig, UserError
-from optim import lut as L
-from optim.profiles import get_profile
+from timing import lut as L
+from timing.profiles import get_profile
 from pipeline import step2_initial_throughput_opt as step2
 from viz.summary import load_step2
 
@@ -139,7 +139,7 @@ def test_bench_optimizer_quick(tmp_path):
 
 def test_steps_2_and_3_use_the_luts_own_link_unless_told_otherwise():
     from config import LutConfig
-    from optim.throughput import link_for
+    from pipeline.throughput import link_for
     lut = {'link': {'name': 'measured', 'bandwidth_mbps': 7.5, 'rtt_ms': 12.0}}
     link, source = link_for(lut, LutConfig(), link_flag_given=False)  # default config: the LUT's (measured) link
     assert (link.bandwidth_mbps, link.rtt_ms) == (7.5, 12.0) and 'LUT' in source

@@ -9,9 +9,10 @@ import torch
 from artifacts import load_artifact, write_artifact
 from config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from hyper_repvgg import LAYOUTS, build_hyper_repvgg, layouts_for
-from optim import joint, pruning, training
-from optim import lut as L
-from optim.profiles import get_profile
+from pipeline import joint
+from accuracy import pruning, training
+from timing import lut as L
+from timing.profiles import get_profile
 
 WIDTH = (0.25, 0.25, 0.25, 0.25)
 SETS = ['--dataset', 'synthetic', '--set', 'model.input_size=32', '--set', 'model.small_input=true',

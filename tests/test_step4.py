@@ -87,7 +87,7 @@ def test_builders_skip_what_is_missing():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The step on artifacts: a real LUT (optim.lut, modelled on both sides: fast) and step-2/3 results computed with
+# The step on artifacts: a real LUT (timing.lut, modelled on both sides: fast) and step-2/3 results computed with
 # optim.cost on it.  Where steps 2/3 have not landed their writers, these are hand-built in their schema.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -97,8 +97,8 @@ from artifacts import ArtifactError, load_artifact, write_artifact  # noqa: E402
 from config import Config, DataConfig, ModelConfig, UserError  # noqa: E402
 from hyper_repvgg import block_plan, layouts_for  # noqa: E402
 from optim import cost  # noqa: E402
-from optim import lut as L  # noqa: E402
-from optim.profiles import get_profile  # noqa: E402
+from timing import lut as L  # noqa: E402
+from timing.profiles import get_profile  # noqa: E402
 from pipeline import step4_visualize_results as step4  # noqa: E402
 
 TINY_WIDTH = (0.25, 0.25, 0.25, 0.25)
@@ -112,7 +112,7 @@ def _cfg(tmp_path):
 
 
 def _write_lut(cfg):
-    """hardware_lut_complete.json through optim.lut: the TX2 profile as the edge, the Orin Nano as the 'server'."""
+    """hardware_lut_complete.json through timing.lut: the TX2 profile as the edge, the Orin Nano as the 'server'."""
     model = L.model_spec(cfg)
     client = L.modelled_side(get_profile('jetson-tx2'), model, cfg.model.input_size, [1], side='client')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, cfg.model.input_size, [1], side='server')

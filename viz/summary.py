@@ -214,8 +214,8 @@ def side_source(lut: Mapping[str, Any], side: str, batch: int) -> Tuple[str, str
 
 
 def load_lut_view(path: Path, batch: int) -> LutView:
-    """One batch size of hardware_lut_complete.json, read through optim.lut (the one reader of the format)."""
-    from optim import lut as lut_mod
+    """One batch size of hardware_lut_complete.json, read through timing.lut (the one reader of the format)."""
+    from timing import lut as lut_mod
     lut = lut_mod.load_lut(path)
     if batch not in lut['batch_sizes']:
         raise ArtifactError(f'{path}: field "batch_sizes" is {lut["batch_sizes"]}, it has no batch {batch} '

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict
 
-from config import UserError
+from errors import UserError
 
 
 class ProfileError(UserError, KeyError):

@@ -4,7 +4,7 @@
 (optim/exact.py) and the plain-model baselines (optim/cost.py) on the same cost tables and returns the JSON-able
 payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `step2_link` and
 `check_client_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
-for the tests and bench/bench_optimizer.py.  No I/O here: the LUT comes in as the dict optim.lut.load_lut returns.
+for the tests and bench/bench_optimizer.py.  No I/O here: the LUT comes in as the dict timing.lut.load_lut returns.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from config import LutConfig, OptimConfig
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
 from optim import cost as C
 from optim.exact import objective_choices, solve_exact
-from optim.lut import LINK_PRESETS, LinkSpec, LutError, link_from_dict
-from optim.profiles import get_profile
+from timing.lut import LINK_PRESETS, LinkSpec, LutError, link_from_dict
+from timing.profiles import get_profile
 from optim.relax import solve_relaxed
 
 BASELINES = ('edge_only', 'server_only', 'best_plain_split')

@@ -23,7 +23,8 @@ import numpy as np
 from artifacts import ArtifactError, load_artifact, write_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import BRANCHES, HyperRepVGG
-from optim import cost, exact, goal, pruning
+from optim import cost, exact, goal
+from accuracy import pruning
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
@@ -108,7 +109,7 @@ class Inputs:
     mean: Sequence[float]
     std: Sequence[float]
     base_fingerprint: str
-    link: Dict[str, Any]  # the link the cost tables use (optim.lut.LinkSpec.to_dict())
+    link: Dict[str, Any]  # the link the cost tables use (timing.lut.LinkSpec.to_dict())
 
 
 def problem_for(inp: Inputs, sens: np.ndarray, a_ref: float, epsilon: float,
@@ -130,7 +131,7 @@ def _gd_kwargs(cfg: Config, warm: Optional[Tuple[Sequence[int], int]]) -> Dict[s
 
 def _solve(inp: Inputs, p: goal.GoalProblem, solver: str, d: int, r: int,
            warm: Optional[Tuple[Sequence[int], int]]) -> Dict[str, Any]:
-    from optim.training import seeded_generator
+    from accuracy.training import seeded_generator
     return goal.solve(p, solver, seeded_generator(inp.cfg.seed, 3000 + d, r), _gd_kwargs(inp.cfg, warm),
                       inp.cfg.joint.milp_time_limit_s)
 
@@ -185,7 +186,7 @@ def _model_from(base: HyperRepVGG, hyper: Dict[str, Any], cfg: Config, bn_file: 
     m = pruning.copy_with(base)
     m.load_hyper_weights(hyper)
     if bn_file:
-        from optim.training import load_state_dict_file
+        from accuracy.training import load_state_dict_file
         merged = m.state_dict()
         merged.update(load_state_dict_file(cfg.path(bn_file), bn_file))
         m.load_state_dict(merged, strict=True)
@@ -198,7 +199,7 @@ def _split_train(loader: Any, samples: int, cfg: Config, d: int, r: int) -> Tupl
     the accuracy goal plays no part in the selection.  `samples` 0 or too large: half of the train split each."""
     import torch
 
-    from optim.training import seeded_generator
+    from accuracy.training import seeded_generator
     n = len(loader.dataset)
     samples = samples if 0 < samples < n else n // 2
     perm = torch.randperm(n, generator=seeded_generator(cfg.seed, 5000 + d, r)).tolist()
@@ -221,7 +222,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     """Step 3 for domain d; returns {'payload', 'state', 'skipped'}.  `real_run(model, gammas, lam, x, y)` (real
     mode) deploys the configuration and returns the measured dict."""
     from data.domains import domain_loader
-    from optim import training
+    from accuracy import training
     cfg = inp.cfg
     j = cfg.joint
     t_start = time.perf_counter()
@@ -447,8 +448,8 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
     """Load and check the LUT, the step-2 warm start, the partition and the dataset statistics."""
     from data.datasets import dataset_stats
     from data.domains import load_partition
-    from optim import lut as L
-    from optim.training import hyper_weights_path
+    from timing import lut as L
+    from accuracy.training import hyper_weights_path
     check_joint_config(cfg)
     lut = L.load_lut(lut_file)
     spec = L.model_spec(cfg)
@@ -456,7 +457,7 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
         raise ConfigError(f'{lut_file}: the LUT is for {lut["model"]} at {lut["input_size"]} px, this run uses {spec} '
                           f'at {cfg.model.input_size} px; re-run step 1 with the same model flags')
     check_client_profile(lut, cfg, client_profile_explicit, lut_file)
-    from optim.throughput import link_for
+    from pipeline.throughput import link_for
     link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)
     available = cost.measured_kept(t)

@@ -1,6 +1,6 @@
 """Branch FLOPs at each block's true input resolution, and importance = |alpha| / GFLOPs (pure functions).
 
-FLOPs come from the closed form in optim/flops.py (FLOPs = 2 x MACs).  `fvcore_check` counts the two conv
+FLOPs come from the closed form in timing/flops.py (FLOPs = 2 x MACs).  `fvcore_check` counts the two conv
 branches of every block with fvcore (which counts MACs) at the same resolution and compares: the identity
 branch is a per-channel affine that fvcore does not count, so it is reported as not applicable.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from hyper_repvgg import BRANCHES, BlockSpec
-from optim.flops import block_input_hw, branch_macs, out_hw
+from timing.flops import block_input_hw, branch_macs, out_hw
 
 FORMULA = 'importance = |alpha| / GFLOPs, GFLOPs = 2 * MACs / 1e9 of the branch at its block\'s input resolution'
 FVCORE_RTOL = 1e-9  # closed form and fvcore count the same integer MACs
@@ -31,7 +31,7 @@ def branch_flops_table(plan: Sequence[BlockSpec], input_size: int) -> Dict[str, 
             'branches': {b: {'macs': m, 'flops': 2 * m, 'gflops': 2 * m / 1e9} for b, m in macs.items()},
             'block_flops': 2 * sum(macs.values()),
         })
-    return {'input_size_px': int(input_size), 'unit_note': 'FLOPs = 2 x MACs (closed form, optim/flops.py)',
+    return {'input_size_px': int(input_size), 'unit_note': 'FLOPs = 2 x MACs (closed form, timing/flops.py)',
             'blocks': blocks, 'total_flops': sum(b['block_flops'] for b in blocks)}
 
 

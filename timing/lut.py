@@ -5,10 +5,10 @@ This is the only optim module that reads and writes files.  Artifacts:
 * `lut_server.json` / `lut_client.json` (kinds 'lut_server' / 'lut_client'): one side's times per
   block x layout x batch (`entries`, keyed by `lut_key`), the head (pooling + classifier) per batch, the
   side's roofline (peak FLOP/s, memory bandwidth, knee), metadata and settings; every entry says whether it
-  was `measured` or `modelled` (from a device profile, see optim/profiles.py).
+  was `measured` or `modelled` (from a device profile, see timing/profiles.py).
 * `link.json` (kind 'link'): the link used (bandwidth_mbps, rtt_ms, latency_ms = rtt/2, sources).
 * `hardware_lut_complete.json` (kind 'hardware_lut_complete'): both sides, per block x layout the FLOPs,
-  bytes and intensity (optim/flops.py), per-lambda transfer bytes (fp32 and fp16 features), the link,
+  bytes and intensity (timing/flops.py), per-lambda transfer bytes (fp32 and fp16 features), the link,
   both roofline knees, block shapes, model spec and input size.
 * `lut_validation.json` (kind 'lut_validation'): LUT sums against end-to-end timings of whole configurations.
 
@@ -27,9 +27,9 @@ import numpy as np
 from artifacts import ArtifactError, load_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS, arch_name, block_plan
-from optim import flops as F
+from timing import flops as F
 from optim.cost import CostTables
-from optim.profiles import DeviceProfile
+from timing.profiles import DeviceProfile
 
 SIDES = ('server', 'client')
 ENTRY_SOURCES = ('measured', 'modelled')
@@ -154,7 +154,7 @@ def link_from_dict(d: Dict[str, Any], where: str = 'link') -> LinkSpec:
 # ----------------------------------------------------------------------------------------------------------
 
 def side_payload(side: str, model: Dict[str, Any], input_size: int, measured: Dict[str, Any]) -> Dict[str, Any]:
-    """A side LUT from optim.measure.measure_side()'s result (all entries 'measured')."""
+    """A side LUT from timing.measure.measure_side()'s result (all entries 'measured')."""
     entries = {}
     for e in measured['entries']:
         row = dict(e)
@@ -505,7 +505,7 @@ def _err(p: float, q: float) -> float:
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
                   repeats: int, max_time_s: float = 0.0, seed: int = 0, progress: bool = False) -> Dict[str, Any]:
     """Measure each configuration end to end on this device and compare it with `side`'s LUT sums."""
-    from optim import measure
+    from timing import measure
     model = measure.random_model(side['model'], seed)
     records = []
     bar = measure._progress(len(configs), progress, 'LUT validation')

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from hyper_repvgg import (LAYOUTS, HyperRepVGG, HyperRepVGGBlock, SplitPart, block_plan, build_hyper_repvgg,
                           deploy_block, deploy_part)
-from optim.flops import block_input_hw, measurable_layouts, out_hw
+from timing.flops import block_input_hw, measurable_layouts, out_hw
 
 MIN_TIMED_RUNS = 3  # a time budget never cuts an entry below this many timed runs
 

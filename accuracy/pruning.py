@@ -3,13 +3,13 @@
 * `measure_sensitivities`: the accuracy (percentage points) lost when ONE branch alone is pruned, measured on a
   validation set with the model in its deployed form (every block one precomputed fused kernel).  Only block k
   changes, so the input of block k is computed once and shared by its branches.
-* `importance_sensitivities`: the cheap option.  The |alpha| / GFLOPs importance (optim/importance.py) scaled to
+* `importance_sensitivities`: the cheap option.  The |alpha| / GFLOPs importance (accuracy/importance.py) scaled to
   accuracy points by ONE measurement: the lowest-importance branches (a share of them) pruned together.
 * `correct_sensitivities`: after a round, the pruned branches' sensitivities are scaled so that their sum equals the
   measured loss (the excess, or the recovery by fine-tuning, is spread proportionally; added evenly where the
   surrogate predicted nothing).
 
-No prints, no files: the orchestration (optim/joint.py) logs and checkpoints.
+No prints, no files: the orchestration (pipeline/joint.py) logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from config import UserError
+from errors import UserError
 from hyper_repvgg import (
     BRANCHES,
     LAYOUTS,
@@ -138,7 +138,7 @@ def importance_sensitivities(model: HyperRepVGG, input_size: int, x: torch.Tenso
     """Sensitivity = kappa * |alpha| / GFLOPs, kappa from one measurement: the `share` of prunable branches with the
     lowest importance pruned together (a block keeps >= 1 branch), its measured loss (at least one sample's worth)
     divided by their importance sum."""
-    from optim.importance import branch_flops_table, importance_scores
+    from accuracy.importance import branch_flops_table, importance_scores
     scores = importance_scores(model.hyper_weights(), branch_flops_table(model.plan, input_size))
     n = model.num_blocks
     imp = np.full((n, 3), np.nan)

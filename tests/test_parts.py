@@ -172,3 +172,52 @@ def test_parts_cli_help():
     out = subprocess.run([sys.executable, '-m', 'comm.parts', '--help'], cwd=str(REPO), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and '--probe' in out.stdout
+
+
+@pytest.mark.network
+def test_python36_worker_runs_an_edge_part_file_round_trips_and_reports_memory(py36_python, model, tmp_path):
+    """The TX2 stack loads the edge part from its file (no full model), streams and answers single round trips with
+    the same predictions as the local model, and measures its memory with the part against the full model."""
+    import os
+    import socket
+    from comm import session as S
+    from data.normalize import normalize_batch
+    mean, std, lam = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 8
+    edge_file = parts.part_bytes(model, lam, 'edge', 64, mean, std)
+    server_file = parts.part_bytes(model, lam, 'server', 64, mean, std)
+    server, _ = parts.load_part(server_file)
+    g = torch.Generator()
+    g.manual_seed(3)
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g)
+    labels = torch.zeros(6, dtype=torch.long)
+    with torch.no_grad():
+        ref = model(normalize_batch(images, mean, std)).argmax(1).tolist()
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != 'HYPERREPVGG_TOKEN'}
+    log = open(tmp_path / 'worker.log', 'w')
+    with S.ServerSession(port=port, connect_timeout_s=90, io_timeout_s=60) as sess:
+        worker = subprocess.Popen([str(py36_python), str(REPO / 'client_worker.py'), '--port', str(port), '--device',
+                                   'cpu', '--threads', '1', '--backoff_max_s', '1'], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=str(REPO))
+        try:
+            assert sess.accept()['torch_version'].startswith('1.10')
+            loaded = S.deploy_part_file(sess, edge_file)
+            assert loaded['lam'] == lam and loaded['blocks'] == lam and loaded['sha256'] == parts.sha256_hex(edge_file)
+            run = sess.run(server, images, labels, batch_size=2)
+            assert run['predictions'] == ref
+            rt = S.round_trips(sess, server, images[:1], 3)
+            assert rt['count'] == 3 and all(r['rtt_ms'] > 0 and r['server_ms'] >= 0 for r in rt['requests'])
+            assert all(r['bytes_down'] == 10 * 4 for r in rt['requests'])  # the logits come back
+            mem = S.measure_memory(sess, edge_file, server_file)
+            assert mem['edge_part']['torch_version'].startswith('1.10')
+            assert mem['edge_part']['blocks'] == lam and mem['full_model']['blocks'] == model.num_blocks
+            assert mem['saved_weight_bytes'] > 0
+            with pytest.raises(S.SessionError, match='server part file'):
+                S.deploy_part_file(sess, server_file)
+        finally:
+            sess.close()
+            worker.kill()
+            worker.wait(10)
+            log.close()

@@ -11,8 +11,9 @@ import torch
 import hyper_repvgg as H
 from conftest import REPO
 
-DEVICE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py',
-                'timing/__init__.py', 'timing/measure.py', 'timing/flops.py']
+DEVICE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py', 'comm/parts.py',
+                'timing/__init__.py', 'timing/measure.py', 'timing/flops.py', 'timing/edge_lut.py',
+                'step1_measure_lut.py']
 
 
 def present_device_files():

@@ -361,8 +361,9 @@ def test_linkemu_cli_help():
     assert out.returncode == 0 and '--rate_mbps' in out.stdout
 
 
-DEVICE_SIDE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py', 'data/__init__.py',
-                     'data/normalize.py', 'timing/__init__.py', 'timing/measure.py', 'timing/flops.py']
+DEVICE_SIDE_FILES = ['hyper_repvgg.py', 'client_worker.py', 'comm/__init__.py', 'comm/protocol.py', 'comm/parts.py',
+                     'data/__init__.py', 'data/normalize.py', 'timing/__init__.py', 'timing/measure.py',
+                     'timing/flops.py', 'timing/edge_lut.py', 'step1_measure_lut.py']
 
 
 def test_the_device_side_files_alone_run_the_worker(tmp_path):

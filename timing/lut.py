@@ -28,6 +28,7 @@ from artifacts import ArtifactError, load_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS, arch_name, block_plan
 from timing import flops as F
+from timing.edge_lut import lut_key, side_payload  # noqa: F401 - device-side, so the TX2 writes what this reads
 from optim.cost import CostTables
 from timing.profiles import DeviceProfile
 
@@ -42,13 +43,6 @@ COMPLETE_FIELDS = {'model': dict, 'input_size': int, 'num_blocks': int, 'batch_s
 
 class LutError(UserError, ValueError):
     """A LUT that does not fit the request (missing entry, mismatched model, unknown batch)."""
-
-
-def lut_key(block: Any, layout: Optional[int], batch: int) -> str:
-    """The one place a LUT key is formed: 'k{block}_g{layout}_b{batch}', or 'head_b{batch}' for block='head'."""
-    if block == 'head':
-        return f'head_b{int(batch)}'
-    return f'k{int(block)}_g{int(layout)}_b{int(batch)}'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,20 +146,6 @@ def link_from_dict(d: Dict[str, Any], where: str = 'link') -> LinkSpec:
 # ----------------------------------------------------------------------------------------------------------
 # Side LUTs
 # ----------------------------------------------------------------------------------------------------------
-
-def side_payload(side: str, model: Dict[str, Any], input_size: int, measured: Dict[str, Any]) -> Dict[str, Any]:
-    """A side LUT from timing.measure.measure_side()'s result (all entries 'measured')."""
-    entries = {}
-    for e in measured['entries']:
-        row = dict(e)
-        row['source'] = 'measured'
-        entries[lut_key(e['block'], e['layout'], e['batch'])] = row
-    head = {lut_key('head', None, h['batch']): dict(h, source='measured') for h in measured['head']}
-    return {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan_of(model)),
-            'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
-            'entries': entries, 'head': head, 'roofline': measured['roofline'],
-            'metadata': measured['metadata'], 'settings': measured['settings']}
-
 
 def modelled_side(profile: DeviceProfile, model: Dict[str, Any], input_size: int, batch_sizes: Sequence[int],
                   side: str = 'client', precision: str = 'fp32') -> Dict[str, Any]:

@@ -10,9 +10,9 @@ or when the link drops, it dials again with exponential backoff.  Commands: meas
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
 hyper_repvgg.build_edge from raw tensors), load_part (the edge part from a part file, comm/parts.py), upload (uint8
 images), run (pipelined: the edge part runs batch after batch while a sender thread streams the features),
-round_trips (single requests with the result sent back), memory (peak RSS with the edge part against the full model).  A failing command answers an error frame; the worker stays
-usable.  Device-side: imports only hyper_repvgg, comm.protocol, comm.parts, data.normalize, timing.measure,
-timing.flops, numpy and torch.
+round_trips (single requests with the result sent back), memory (peak RSS with the edge part against the full
+model).  A failing command answers an error frame; the worker stays usable.  Device-side: imports only
+hyper_repvgg, comm.protocol, comm.parts, data.normalize, timing.measure, timing.flops, numpy and torch.
 """
 import argparse
 import logging

@@ -541,7 +541,8 @@ def round_trips(session: ServerSession, server_part: Optional[torch.nn.Module], 
         row['latency_ms'] = row['edge_ms'] + row['rtt_ms']
         row['bytes_down'] = int(w['result_bytes'])
     if len(result.get('requests', [])) != len(rows):
-        raise SessionError(f'round_trips: the worker reported {len(result.get("requests", []))} of {len(rows)} requests')
+        raise SessionError(f'round_trips: the worker reported {len(result.get("requests", []))} of {len(rows)} '
+                           'requests')
     return {'requests': rows, 'count': len(rows), 'lam': lam, 'clock_offset_s': off}
 
 

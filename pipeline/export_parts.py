@@ -96,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     m = export(cfg, args.domain_id, command_line(argv), args.lam)
     d = parts_dir(cfg, args.domain_id)
     for part, f in m['files'].items():
-        print(f'{part} part: blocks {len(f["blocks"])}, {f["bytes"]} bytes, sha256 {f["sha256"][:16]}... -> {d / f["file"]}')
+        print(f'{part} part: blocks {len(f["blocks"])}, {f["bytes"]} bytes, sha256 {f["sha256"][:16]}... -> '
+              f'{d / f["file"]}')
     print(f'lambda {m["lam"]} of {m["num_blocks"]} ({m["configuration_source"]}) -> {d / MANIFEST}')
     return 0
 

@@ -122,7 +122,8 @@ def mark_best(rows: List[Dict[str, Any]], chosen_lam: int) -> Dict[str, Any]:
     by = {r['split_layer']: r for r in rows}
     return {'chosen_lam': chosen_lam, 'best_measured_lam': best_m, 'best_predicted_lam': best_p,
             'best_measured_throughput_fps': by[best_m]['throughput_median_fps'],
-            'best_measured_throughput_p10_p90_fps': [by[best_m]['throughput_p10_fps'], by[best_m]['throughput_p90_fps']],
+            'best_measured_throughput_p10_p90_fps': [by[best_m]['throughput_p10_fps'],
+                                                     by[best_m]['throughput_p90_fps']],
             'chosen_throughput_fps': by[chosen_lam]['throughput_median_fps'],
             'best_predicted_throughput_fps': by[best_p]['predicted_throughput_fps'],
             'measured_at_best_predicted_fps': by[best_p]['throughput_median_fps']}
@@ -324,8 +325,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    f'it was not (default: not checked; step 1 default {c.lut.client_profile})')
     p.add_argument('--samples', type=int, default=200, help='real mode without a domain: random images streamed per '
                    'lambda; with a domain, its test split (real.run_samples caps it) (default: 200)')
-    p.add_argument('--round_trips', type=int, default=None, help='real mode: single requests with the result sent back, '
-                   f'per lambda (default: lut.repeats = {c.lut.repeats})')
+    p.add_argument('--round_trips', type=int, default=None, help='real mode: single requests with the result sent '
+                   f'back, per lambda (default: lut.repeats = {c.lut.repeats})')
     p.add_argument('--port', help=f'real mode: port the session listens on, on {c.real.host} (default: {c.real.port})')
     p.add_argument('--no_figure', action='store_true', help='skip the figure (default: off, the figure is drawn)')
     add_common_args(p)
@@ -418,9 +419,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 ('' if args.domain_id is None else f', domain {args.domain_id}') +
                                 f', batch {cfg.optim.batch_size}, link {link.name}')
         plots.save_figure(fig, cfg.path('visualization'), FIGURE, ('png', 'pdf'))
+    spread = best['best_measured_throughput_p10_p90_fps']
     print(f'split sweep ({args.mode}, {chosen["source"]}): best lambda measured {best["best_measured_lam"]} '
-          f'({best["best_measured_throughput_fps"]:.1f} fps, p10-p90 {best["best_measured_throughput_p10_p90_fps"][0]:.1f}'
-          f'-{best["best_measured_throughput_p10_p90_fps"][1]:.1f}), predicted {best["best_predicted_lam"]} '
+          f'({best["best_measured_throughput_fps"]:.1f} fps, p10-p90 {spread[0]:.1f}-{spread[1]:.1f}), predicted '
+          f'{best["best_predicted_lam"]} '
           f'({best["best_predicted_throughput_fps"]:.1f} fps predicted, {best["measured_at_best_predicted_fps"]:.1f} '
           f'measured), chosen {lam0} ({best["chosen_throughput_fps"]:.1f} fps); load average '
           f'{load_before[0]:.2f} -> {load_after[0]:.2f}; {payload["wall_s"]:.1f} s -> {out_csv}')

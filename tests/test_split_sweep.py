@@ -46,7 +46,8 @@ def results(tmp_path_factory):
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
                    L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
-    assert step2_initial_throughput_opt.main(SETS + ['--results_dir', str(out), '--steps', '60', '--restarts', '2']) == 0
+    assert step2_initial_throughput_opt.main(SETS + ['--results_dir', str(out), '--steps', '60',
+                                                     '--restarts', '2']) == 0
     return out
 
 

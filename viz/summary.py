@@ -367,12 +367,15 @@ STEP2_COLUMNS = (
 )
 
 
-MEMORY_COLUMNS = (('domain', 'domain', '{}'), ('lam', 'λ', '{}'), ('edge_weights_mb', 'edge part weights (MB)', '{:.3f}'),
+MEMORY_COLUMNS = (('domain', 'domain', '{}'), ('lam', 'λ', '{}'),
+                  ('edge_weights_mb', 'edge part weights (MB)', '{:.3f}'),
                   ('full_weights_mb', 'full model weights (MB)', '{:.3f}'),
-                  ('edge_rss_mb', 'RSS growth, edge part (MB)', '{:.1f}'), ('full_rss_mb', 'RSS growth, full model (MB)', '{:.1f}'),
+                  ('edge_rss_mb', 'RSS growth, edge part (MB)', '{:.1f}'),
+                  ('full_rss_mb', 'RSS growth, full model (MB)', '{:.1f}'),
                   ('edge_peak_rss_mb', 'peak RSS, edge part (MB)', '{:.1f}'),
                   ('full_peak_rss_mb', 'peak RSS, full model (MB)', '{:.1f}'),
-                  ('edge_cuda_mb', 'CUDA peak, edge part (MB)', '{:.1f}'), ('full_cuda_mb', 'CUDA peak, full model (MB)', '{:.1f}'))
+                  ('edge_cuda_mb', 'CUDA peak, edge part (MB)', '{:.1f}'),
+                  ('full_cuda_mb', 'CUDA peak, full model (MB)', '{:.1f}'))
 
 
 def memory_rows(results: Sequence[DomainResult]) -> List[Dict[str, Any]]:

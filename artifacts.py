@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from config import Config, UserError
 
@@ -89,9 +89,10 @@ def write_artifact(path: Path, kind: str, payload: Mapping[str, Any], config: Op
     return json.loads(text)
 
 
-def load_artifact(path: Path, kind: Optional[str] = None,
-                  fields: Optional[Mapping[str, FieldType]] = None) -> Dict[str, Any]:
-    """Read and validate an artifact; `fields` maps required top-level fields to their JSON types."""
+def load_artifact(path: Path, kind: Optional[str] = None, fields: Optional[Mapping[str, FieldType]] = None,
+                  upgrade: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Read and validate an artifact; `fields` maps required top-level fields to their JSON types; `upgrade`
+    maps an older artifact's names onto the current ones before validation (the one old-artifact boundary)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f'{path}: artifact file does not exist (run the step that writes it first)')
@@ -101,6 +102,8 @@ def load_artifact(path: Path, kind: Optional[str] = None,
         raise ArtifactError(f'{path}: not valid JSON ({e})') from None
     if not isinstance(obj, dict):
         raise ArtifactError(f'{path}: expected a JSON object at the top level')
+    if upgrade is not None:
+        obj = upgrade(obj)
     for name, tp in {**COMMON_FIELDS, **(fields or {})}.items():
         if name not in obj:
             raise ArtifactError(f'{path}: missing field {name!r}')

@@ -79,18 +79,18 @@ def check_joint_config(cfg: Config) -> None:
         raise ConfigError(f'joint.importance_share: expected a share in (0, 1], got {j.importance_share}')
 
 
-def check_client_profile(lut: Dict[str, Any], cfg: Config, explicit: bool, lut_file: Path) -> None:
+def check_edge_profile(lut: Dict[str, Any], cfg: Config, explicit: bool, lut_file: Path) -> None:
     """The LUT's edge side must come from the requested device profile (modelled) or be measured."""
-    client = lut['client']
-    prof = (client.get('profile') or {}).get('name')
-    if client.get('source') == 'modelled' and prof != cfg.lut.client_profile:
-        raise ConfigError(f'--client_profile {cfg.lut.client_profile}: the LUT {lut_file} models the edge device '
-                          f'with profile {prof!r}; re-run step 1 with --client_profile {cfg.lut.client_profile} '
-                          f'(or pass --client_profile {prof})')
-    if client.get('source') == 'measured' and explicit:
-        raise ConfigError(f'--client_profile {cfg.lut.client_profile}: the LUT {lut_file} holds edge times MEASURED on '
-                          f'{client.get("metadata", {}).get("device_name")}; a profile does not apply.  Re-run step '
-                          '1 in pseudo mode without a measured lut_client.json to model that profile')
+    edge = lut['edge']
+    prof = (edge.get('profile') or {}).get('name')
+    if edge.get('source') == 'modelled' and prof != cfg.lut.edge_profile:
+        raise ConfigError(f'--edge_profile {cfg.lut.edge_profile}: the LUT {lut_file} models the edge device '
+                          f'with profile {prof!r}; re-run step 1 with --edge_profile {cfg.lut.edge_profile} '
+                          f'(or pass --edge_profile {prof})')
+    if edge.get('source') == 'measured' and explicit:
+        raise ConfigError(f'--edge_profile {cfg.lut.edge_profile}: the LUT {lut_file} holds edge times MEASURED on '
+                          f'{edge.get("metadata", {}).get("device_name")}; a profile does not apply.  Re-run step '
+                          '1 in pseudo mode without a measured lut_edge.json to model that profile')
 
 
 @dataclass
@@ -443,7 +443,7 @@ def load_step2(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[Li
     return (g, int(obj['lam'])), f'{path.name} (lambda {obj["lam"]})'
 
 
-def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = False,
+def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = False,
                    link_flag_given: bool = False) -> Inputs:
     """Load and check the LUT, the step-2 warm start, the partition and the dataset statistics."""
     from data.datasets import dataset_stats
@@ -456,7 +456,7 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
     if lut['model'] != spec or lut['input_size'] != cfg.model.input_size:
         raise ConfigError(f'{lut_file}: the LUT is for {lut["model"]} at {lut["input_size"]} px, this run uses {spec} '
                           f'at {cfg.model.input_size} px; re-run step 1 with the same model flags')
-    check_client_profile(lut, cfg, client_profile_explicit, lut_file)
+    check_edge_profile(lut, cfg, edge_profile_explicit, lut_file)
     from pipeline.throughput import link_for
     link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)

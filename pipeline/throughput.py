@@ -3,7 +3,7 @@
 `solve_step2(tables, valid, ...)` runs the relaxed LUT gradient descent (optim/relax.py), the exact split scan
 (optim/exact.py) and the plain-model baselines (optim/cost.py) on the same cost tables and returns the JSON-able
 payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `step2_link` and
-`check_client_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
+`check_edge_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
 for the tests and bench/bench_optimizer.py.  No I/O here: the LUT comes in as the dict timing.lut.load_lut returns.
 """
 from __future__ import annotations
@@ -68,27 +68,27 @@ def link_for(lut: Dict[str, Any], lut_cfg: LutConfig, link_flag_given: bool) -> 
     return step2_link(lut, lut_cfg.link if explicit else None, lut_cfg.bandwidth_mbps, lut_cfg.rtt_ms)
 
 
-def client_info(lut: Dict[str, Any]) -> Dict[str, Any]:
-    """How the LUT's edge (client) side was obtained: source, device profile name (modelled) and device name."""
-    client = lut['client']
-    return {'source': client.get('source'), 'profile': (client.get('profile') or {}).get('name'),
-            'device_name': (client.get('metadata') or {}).get('device_name')}
+def edge_info(lut: Dict[str, Any]) -> Dict[str, Any]:
+    """How the LUT's edge side was obtained: source, device profile name (modelled) and device name."""
+    edge = lut['edge']
+    return {'source': edge.get('source'), 'profile': (edge.get('profile') or {}).get('name'),
+            'device_name': (edge.get('metadata') or {}).get('device_name')}
 
 
-def check_client_profile(lut: Dict[str, Any], profile: str, lut_file: str) -> None:
-    """Raise LutError unless the LUT's edge side was modelled from device profile `profile` (--client_profile);
+def check_edge_profile(lut: Dict[str, Any], profile: str, lut_file: str) -> None:
+    """Raise LutError unless the LUT's edge side was modelled from device profile `profile` (--edge_profile);
     an unknown profile name is a ProfileError listing the valid ones."""
     get_profile(profile)
-    info = client_info(lut)
+    info = edge_info(lut)
     if info['source'] == 'modelled' and info['profile'] == profile:
         return
     if info['source'] == 'modelled':
-        raise LutError(f'--client_profile {profile}: the LUT {lut_file} models the edge device with profile '
-                       f'{info["profile"]!r}; re-run step 1 with --client_profile {profile} (pseudo mode) to get '
-                       f'a LUT for it, or drop --client_profile')
-    raise LutError(f'--client_profile {profile}: the edge side of the LUT {lut_file} was measured on '
-                   f'{info["device_name"]!r}, not modelled from a device profile; drop --client_profile, or '
-                   f're-run step 1 in pseudo mode (without a measured lut_client.json) to model {profile}')
+        raise LutError(f'--edge_profile {profile}: the LUT {lut_file} models the edge device with profile '
+                       f'{info["profile"]!r}; re-run step 1 with --edge_profile {profile} (pseudo mode) to get '
+                       f'a LUT for it, or drop --edge_profile')
+    raise LutError(f'--edge_profile {profile}: the edge side of the LUT {lut_file} was measured on '
+                   f'{info["device_name"]!r}, not modelled from a device profile; drop --edge_profile, or '
+                   f're-run step 1 in pseudo mode (without a measured lut_edge.json) to model {profile}')
 
 
 def solve_step2(t: C.CostTables, valid: np.ndarray, opt: OptimConfig, seed: int) -> Dict[str, Any]:

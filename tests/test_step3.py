@@ -38,10 +38,10 @@ def results(tmp_path_factory):
                                            '--results_dir', str(out)]) == 0
     cfg = _cfg(out)
     model = L.model_spec(cfg)
-    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='client')
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
-                   L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
+                   L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
     return out
 
 
@@ -158,9 +158,9 @@ def test_surrogate_correction_scales_to_the_measured_loss():
     assert rec['rule'] == 'add' and new[0, :2].tolist() == [0.5, 0.5]
 
 
-def test_client_profile_mismatch_and_missing_domain_are_named(results):
+def test_edge_profile_mismatch_and_missing_domain_are_named(results):
     with pytest.raises(ConfigError, match='re-run step 1'):
-        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--client_profile', 'rpi4'])
+        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--edge_profile', 'rpi4'])
     with pytest.raises(ConfigError, match='--domains'):
         _main(SETS + ['--results_dir', str(results), '--domain_id', '5'])
     with pytest.raises(ConfigError, match='joint.solver'):

@@ -79,20 +79,6 @@ def check_joint_config(cfg: Config) -> None:
         raise ConfigError(f'joint.importance_share: expected a share in (0, 1], got {j.importance_share}')
 
 
-def check_edge_profile(lut: Dict[str, Any], cfg: Config, explicit: bool, lut_file: Path) -> None:
-    """The LUT's edge side must come from the requested device profile (modelled) or be measured."""
-    edge = lut['edge']
-    prof = (edge.get('profile') or {}).get('name')
-    if edge.get('source') == 'modelled' and prof != cfg.lut.edge_profile:
-        raise ConfigError(f'--edge_profile {cfg.lut.edge_profile}: the LUT {lut_file} models the edge device '
-                          f'with profile {prof!r}; re-run step 1 with --edge_profile {cfg.lut.edge_profile} '
-                          f'(or pass --edge_profile {prof})')
-    if edge.get('source') == 'measured' and explicit:
-        raise ConfigError(f'--edge_profile {cfg.lut.edge_profile}: the LUT {lut_file} holds edge times MEASURED on '
-                          f'{edge.get("metadata", {}).get("device_name")}; a profile does not apply.  Re-run step '
-                          '1 in pseudo mode without a measured lut_edge.json to model that profile')
-
-
 @dataclass
 class Inputs:
     """Everything that is shared by the domains of one step-3 run."""
@@ -456,8 +442,8 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
     if lut['model'] != spec or lut['input_size'] != cfg.model.input_size:
         raise ConfigError(f'{lut_file}: the LUT is for {lut["model"]} at {lut["input_size"]} px, this run uses {spec} '
                           f'at {cfg.model.input_size} px; re-run step 1 with the same model flags')
-    check_edge_profile(lut, cfg, edge_profile_explicit, lut_file)
-    from pipeline.throughput import link_for
+    from pipeline.throughput import check_edge_profile, link_for, requested_profile
+    check_edge_profile(lut, requested_profile(edge_profile_explicit, cfg), str(lut_file))
     link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)
     available = cost.measured_kept(t)

@@ -36,7 +36,8 @@ def parse(argv):
     p.add_argument('--restarts', help=f'random restarts of the relaxed solver (default: {o.restarts})')
     add_link_args(p, reevaluate=True)
     p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
-                   f'it was not (re-run step 1 then) (default: not checked; step 1 default {d.edge_profile})')
+                   "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
+                   f'default {d.edge_profile})')
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -51,11 +52,9 @@ def main(argv=None):
     from timing import lut as L
     from pipeline import throughput as T
     C.check_objective(cfg.optim.objective, cfg.optim.omega)
-    default = Config().lut
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
     lut = L.load_lut(lut_file)
-    if args.edge_profile is not None or cfg.lut.edge_profile != default.edge_profile:
-        T.check_edge_profile(lut, cfg.lut.edge_profile, str(lut_file))
+    T.check_edge_profile(lut, T.requested_profile(args.edge_profile is not None, cfg), str(lut_file))
     link, link_source = T.link_for(lut, cfg.lut, args.link is not None)
     tables = L.cost_tables(lut, cfg.optim.batch_size, link)
     payload = {'lut_file': str(lut_file), 'model': lut['model'], 'input_size': lut['input_size'],

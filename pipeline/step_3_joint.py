@@ -53,8 +53,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--max_rounds', help=f'progressive pruning rounds at most (default: {j.max_rounds})')
     p.add_argument('--epochs_per_round', help=f'alpha fine-tuning epochs per round (default: {j.epochs_per_round})')
     add_link_args(p, reevaluate=True)
-    p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with (default: '
-                   f'{lu.edge_profile}); a mismatch asks to re-run step 1')
+    p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
+                   "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
+                   f'default {lu.edge_profile})')
     p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')
     p.add_argument('--port', help=f'real mode: port the session listens on, on {c.real.host} (default: {c.real.port})')
     p.add_argument('--force', action='store_true', help='redo finished domains and rounds (default: off)')

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from config import LutConfig, OptimConfig
+from config import Config, LutConfig, OptimConfig
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
 from optim import cost as C
 from optim.exact import objective_choices, solve_exact
@@ -75,20 +75,31 @@ def edge_info(lut: Dict[str, Any]) -> Dict[str, Any]:
             'device_name': (edge.get('metadata') or {}).get('device_name')}
 
 
-def check_edge_profile(lut: Dict[str, Any], profile: str, lut_file: str) -> None:
-    """Raise LutError unless the LUT's edge side was modelled from device profile `profile` (--edge_profile);
-    an unknown profile name is a ProfileError listing the valid ones."""
-    get_profile(profile)
+def requested_profile(flag_given: bool, cfg: Config) -> Optional[str]:
+    """The edge device profile a step was asked for: lut.edge_profile when --edge_profile was given or a config
+    file / --set changed it from its default; None when nothing was asked (the LUT's own edge side is used)."""
+    if flag_given or cfg.lut.edge_profile != Config().lut.edge_profile:
+        return cfg.lut.edge_profile
+    return None
+
+
+def check_edge_profile(lut: Dict[str, Any], requested: Optional[str], lut_file: str) -> None:
+    """The one profile rule of steps 2 and 3.  Nothing requested (`requested_profile` is None): the LUT's edge side
+    is used as it is, modelled or measured.  A requested profile must be the one the LUT's edge side was modelled
+    from; a measured edge side refuses any profile.  LutError otherwise; an unknown name is a ProfileError."""
+    if requested is None:
+        return
+    get_profile(requested)
     info = edge_info(lut)
-    if info['source'] == 'modelled' and info['profile'] == profile:
+    if info['source'] == 'modelled' and info['profile'] == requested:
         return
     if info['source'] == 'modelled':
-        raise LutError(f'--edge_profile {profile}: the LUT {lut_file} models the edge device with profile '
-                       f'{info["profile"]!r}; re-run step 1 with --edge_profile {profile} (pseudo mode) to get '
+        raise LutError(f'--edge_profile {requested}: the LUT {lut_file} models the edge device with profile '
+                       f'{info["profile"]!r}; re-run step 1 with --edge_profile {requested} (pseudo mode) to get '
                        f'a LUT for it, or drop --edge_profile')
-    raise LutError(f'--edge_profile {profile}: the edge side of the LUT {lut_file} was measured on '
+    raise LutError(f'--edge_profile {requested}: the edge side of the LUT {lut_file} was measured on '
                    f'{info["device_name"]!r}, not modelled from a device profile; drop --edge_profile, or '
-                   f're-run step 1 in pseudo mode (without a measured lut_edge.json) to model {profile}')
+                   f're-run step 1 in pseudo mode (without a measured lut_edge.json) to model {requested}')
 
 
 def solve_step2(t: C.CostTables, valid: np.ndarray, opt: OptimConfig, seed: int) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
 """Step 2 (pipeline/step2_initial_throughput_opt.py) on a tiny LUT built through timing.lut from device profiles."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,12 +18,12 @@ OUT = 'initial_throughput_config.json'
 VOLATILE = ('created_at', 'wall_s')  # the only fields allowed to differ between two runs with the same seed
 
 
-def _write_lut(tmp_path, link='wifi', batch_sizes=(1,)):
+def _write_lut(tmp_path, link='wifi', batch_sizes=(1,), edge_profile='jetson-tx2'):
     """hardware_lut_complete.json: the TX2 profile as the edge, the Orin Nano profile as the 'server'."""
     cfg = Config(model=ModelConfig(input_size=32, width_multiplier=TINY_WIDTH),
                  data=DataConfig(dataset='synthetic'), results_dir=str(tmp_path))
     model = L.model_spec(cfg)
-    edge = L.modelled_side(get_profile('jetson-tx2'), model, 32, list(batch_sizes), side='edge')
+    edge = L.modelled_side(get_profile(edge_profile), model, 32, list(batch_sizes), side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, list(batch_sizes), side='server')
     payload = L.merge(server, edge, L.LINK_PRESETS[link], 'fp32')
     path = cfg.path('hardware_lut_complete.json')
@@ -94,6 +95,27 @@ def test_edge_profile_must_match_the_lut(tmp_path):
         step2.main(['--results_dir', str(tmp_path), '--set', 'lut.edge_profile=rpi4'])
     with pytest.raises(UserError, match="unknown device profile 'tx3'"):
         step2.main(['--results_dir', str(tmp_path), '--edge_profile', 'tx3'])
+
+
+def test_one_profile_rule_for_steps_2_and_3(tmp_path):
+    """A LUT modelled for jetson-nano: used as is when no profile is asked (flag or changed config key), refused
+    when another one is; step 3 calls the same pipeline.throughput.check_edge_profile (pipeline/joint.py)."""
+    from pipeline import throughput as T
+    lut = L.load_lut(_write_lut(tmp_path, edge_profile='jetson-nano'))
+    assert T.requested_profile(False, Config()) is None
+    T.check_edge_profile(lut, T.requested_profile(False, Config()), 'lut')
+    assert _run(tmp_path)['edge']['profile'] == 'jetson-nano'
+    _run(tmp_path, '--edge_profile', 'jetson-nano')
+    with pytest.raises(L.LutError, match="--edge_profile jetson-tx2: .* profile 'jetson-nano'"):
+        step2.main(['--results_dir', str(tmp_path), '--edge_profile', 'jetson-tx2'])
+    asked = Config(lut=dataclasses.replace(Config().lut, edge_profile='rpi4'))
+    assert T.requested_profile(False, asked) == 'rpi4' and T.requested_profile(True, Config()) == 'jetson-tx2'
+    with pytest.raises(L.LutError, match='re-run step 1 with --edge_profile rpi4'):
+        T.check_edge_profile(lut, T.requested_profile(False, asked), 'lut')
+    measured = dict(lut, edge=dict(lut['edge'], source='measured', profile=None))
+    T.check_edge_profile(measured, None, 'lut')
+    with pytest.raises(L.LutError, match='was measured on'):
+        T.check_edge_profile(measured, 'jetson-tx2', 'lut')
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):

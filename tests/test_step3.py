@@ -159,7 +159,7 @@ def test_surrogate_correction_scales_to_the_measured_loss():
 
 
 def test_edge_profile_mismatch_and_missing_domain_are_named(results):
-    with pytest.raises(ConfigError, match='re-run step 1'):
+    with pytest.raises(L.LutError, match="--edge_profile rpi4: .* profile 'jetson-tx2'; re-run step 1"):
         _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--edge_profile', 'rpi4'])
     with pytest.raises(ConfigError, match='--domains'):
         _main(SETS + ['--results_dir', str(results), '--domain_id', '5'])

@@ -2,13 +2,12 @@
 
 `solve_step2(tables, valid, ...)` runs the relaxed LUT gradient descent (optim/relax.py), the exact split scan
 (optim/exact.py) and the plain-model baselines (optim/cost.py) on the same cost tables and returns the JSON-able
-payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `step2_link` and
+payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `link_for` and
 `check_edge_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
 for the tests and bench/bench_optimizer.py.  No I/O here: the LUT comes in as the dict timing.lut.load_lut returns.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -18,7 +17,7 @@ from config import Config, LutConfig, OptimConfig
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
 from optim import cost as C
 from optim.exact import objective_choices, solve_exact
-from timing.lut import LINK_PRESETS, LinkSpec, LutError, link_from_dict
+from timing.lut import LinkSpec, LutError, link_from_dict, resolve_link
 from timing.profiles import get_profile
 from optim.relax import solve_relaxed
 
@@ -37,35 +36,15 @@ def unpruned_valid(lut: Dict[str, Any]) -> np.ndarray:
     return C.valid_mask(kept)
 
 
-def step2_link(lut: Dict[str, Any], preset: Optional[str], bandwidth_mbps: Optional[float],
-               rtt_ms: Optional[float]) -> Tuple[LinkSpec, str]:
-    """(link, where it came from): the LUT's own link, or the `preset` (--link) in its place, with an explicit
-    bandwidth (Mbit/s) and round-trip time (ms) taking precedence over either."""
-    if preset is not None and preset not in LINK_PRESETS:
-        raise LutError(f'--link / lut.link: unknown link preset {preset!r}; valid choices: {", ".join(LINK_PRESETS)}')
-    if bandwidth_mbps is not None and not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
-        raise LutError(f'--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number of Mbit/s, got '
-                       f'{bandwidth_mbps}')
-    if rtt_ms is not None and not (rtt_ms >= 0 and math.isfinite(rtt_ms)):
-        raise LutError(f'--rtt_ms / lut.rtt_ms: expected a round-trip time >= 0 ms, got {rtt_ms}')
-    base = LINK_PRESETS[preset] if preset is not None else link_from_dict(lut['link'], 'LUT field "link"')
-    source = f'preset {preset} (--link)' if preset is not None else 'the LUT\'s link (step 1)'
-    if bandwidth_mbps is None and rtt_ms is None:
-        return base, source
-    link = LinkSpec(f'{base.name}+explicit', base.bandwidth_mbps if bandwidth_mbps is None else float(bandwidth_mbps),
-                    base.rtt_ms if rtt_ms is None else float(rtt_ms),
-                    base.bandwidth_source if bandwidth_mbps is None else 'explicit (--bandwidth_mbps)',
-                    base.rtt_source if rtt_ms is None else 'explicit (--rtt_ms)')
-    return link, source + ' with explicit ' + ', '.join(
-        f for f, v in (('--bandwidth_mbps', bandwidth_mbps), ('--rtt_ms', rtt_ms)) if v is not None)
-
-
 def link_for(lut: Dict[str, Any], lut_cfg: LutConfig, link_flag_given: bool) -> Tuple[LinkSpec, str]:
     """The link steps 2 and 3 evaluate the LUT under: the LUT's own (measured by step 1 in real mode, the preset
     step 1 used in pseudo mode) unless --link was given or the config names another preset than the default; an
     explicit bandwidth / RTT overrides either."""
     explicit = link_flag_given or lut_cfg.link != LutConfig().link
-    return step2_link(lut, lut_cfg.link if explicit else None, lut_cfg.bandwidth_mbps, lut_cfg.rtt_ms)
+    link = resolve_link(lut_cfg, None if explicit else link_from_dict(lut['link'], 'LUT field "link"'))
+    source = f'preset {lut_cfg.link} (--link)' if explicit else 'the LUT\'s link (step 1)'
+    given = [f for f, v in (('--bandwidth_mbps', lut_cfg.bandwidth_mbps), ('--rtt_ms', lut_cfg.rtt_ms)) if v is not None]
+    return link, source + (' with explicit ' + ', '.join(given) if given else '')
 
 
 def edge_info(lut: Dict[str, Any]) -> Dict[str, Any]:

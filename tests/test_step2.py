@@ -79,7 +79,8 @@ def test_link_flags_re_evaluate_the_lut(tmp_path):
     assert g4['baselines']['server_only']['link_ms'] > wifi['baselines']['server_only']['link_ms']
     custom = _run(tmp_path, '--bandwidth_mbps', '100', '--rtt_ms', '2')
     assert custom['link']['bandwidth_mbps'] == 100.0 and custom['link']['latency_ms'] == 1.0
-    assert custom['link']['name'] == 'wifi+explicit'  # the LUT's link with explicit overrides
+    assert custom['link']['name'] == 'custom'  # both overridden: nothing of the LUT's link is left
+    assert _run(tmp_path, '--rtt_ms', '2')['link']['name'] == 'wifi+explicit'  # the LUT's link, one override
     with pytest.raises(UserError, match='--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number'):
         step2.main(['--results_dir', str(tmp_path), '--bandwidth_mbps', '-3'])
     with pytest.raises(UserError, match='unknown link preset'):

@@ -135,12 +135,14 @@ LINK_PRESETS: Dict[str, LinkSpec] = {
 }
 
 
-def resolve_link(lut_config: Any) -> LinkSpec:
-    """The link of cfg.lut: the `link` preset, with explicit `bandwidth_mbps` / `rtt_ms` taking precedence."""
+def resolve_link(lut_config: Any, base: Optional[LinkSpec] = None) -> LinkSpec:
+    """The one link resolver (steps 1-3): `base` (a LUT's own link, step 2 / 3) or else the `link` preset of
+    cfg.lut, with explicit `bandwidth_mbps` (Mbit/s) / `rtt_ms` (ms) taking precedence; named 'custom' when both
+    are explicit, '<base>+explicit' when one is.  ConfigError naming the flag / key."""
     if lut_config.link not in LINK_PRESETS:
         raise ConfigError(f'--link / lut.link: unknown link preset {lut_config.link!r}; valid choices: '
                           f'{", ".join(LINK_PRESETS)}')
-    link = LINK_PRESETS[lut_config.link]
+    link = base if base is not None else LINK_PRESETS[lut_config.link]
     bw, rtt = lut_config.bandwidth_mbps, lut_config.rtt_ms
     if bw is not None and not (bw > 0 and math.isfinite(bw)):
         raise ConfigError(f'--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number, got {bw}')

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from config import Config, UserError
 
 SCHEMA_VERSION = 1
+JOINT_DIR = 'joint_optimization'  # step 3's per-domain artifacts, under results_dir
 COMMON_FIELDS: Dict[str, Any] = {'schema_version': int, 'kind': str, 'created_at': str, 'command': str,
                                  'config': dict}
 FieldType = Union[type, Tuple[type, ...]]
@@ -87,6 +88,12 @@ def write_artifact(path: Path, kind: str, payload: Mapping[str, Any], config: Op
     text = json.dumps(obj, indent=1, default=_default, allow_nan=False)
     atomic_write_bytes(Path(path), (text + '\n').encode())
     return json.loads(text)
+
+
+def joint_path(results_dir: Path, domain: Any) -> Path:
+    """Step 3's result for one domain: <results_dir>/joint_optimization/domain_<d>_joint.json (step 3 writes it,
+    step 4 reads it)."""
+    return Path(results_dir) / JOINT_DIR / f'domain_{domain}_joint.json'
 
 
 def load_artifact(path: Path, kind: Optional[str] = None, fields: Optional[Mapping[str, FieldType]] = None,

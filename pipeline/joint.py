@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import ArtifactError, load_artifact, write_artifact
+from artifacts import JOINT_DIR, ArtifactError, joint_path, load_artifact, write_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import BRANCHES, HyperRepVGG
 from optim import cost, exact, goal
@@ -28,14 +28,9 @@ from accuracy import pruning
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
-JOINT_DIR = 'joint_optimization'
 JOINT_VERSION = 2  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
 SURROGATE_NOTE = ('surrogate: A_ref(test) minus the summed corrected branch sensitivities of the final round; '
                   'predicted, not measured')
-
-
-def joint_path(cfg: Config, d: int) -> Path:
-    return cfg.path(JOINT_DIR, f'domain_{d}_joint.json')
 
 
 def state_path(cfg: Config, d: int) -> Path:
@@ -216,7 +211,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     if str(d) not in hw_entry:
         raise UserError(f'{training.hyper_weights_path(cfg)}: no hyper-weights for domain {d}; run step 0 for it')
     fp = fingerprint(inp.base_fingerprint, hw_entry[str(d)], d)
-    jp = joint_path(cfg, d)
+    jp = joint_path(cfg.path(), d)
     if not force:
         done = _load_checkpoint(jp, 'joint_domain', fp)
         if done is not None and (real_run is None or isinstance(done.get('measured'), dict)):
@@ -412,7 +407,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     return {'payload': payload, 'state': state, 'skipped': False}
 
 
-def load_step2(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[List[int], int]], str]:
+def step2_warm_start(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[List[int], int]], str]:
     """Step 2's configuration as a warm start when its artifact exists and fits this LUT, else (None, why)."""
     if not path.is_file():
         return None, f'none ({path.name} absent; round 1 of the gradient descent starts from random restarts only)'
@@ -449,7 +444,7 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
     available = cost.measured_kept(t)
     valid = cost.valid_mask(available)
     unpruned = exact.solve_exact(t, valid)
-    warm, why = load_step2(cfg.path('initial_throughput_config.json'), t.num_blocks, valid)
+    warm, why = step2_warm_start(cfg.path('initial_throughput_config.json'), t.num_blocks, valid)
     hw = load_artifact(hyper_weights_path(cfg), 'trained_hyper_weights', {'domains': dict, 'fingerprint': str})
     partition = load_partition(cfg.path('partition_info.json'), cfg)
     mean, std = dataset_stats(cfg)

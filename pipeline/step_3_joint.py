@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = joint.run_domain(inp, d, cmd, force=args.force, real_run=real_run)
             if not out['skipped']:
                 write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, cmd)
-                write_artifact(joint.joint_path(cfg, d), 'joint_domain', out['payload'], cfg, cmd)
+                write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', out['payload'], cfg, cmd)
             print(summary_line(out['payload']), flush=True)
     print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')
     return 0

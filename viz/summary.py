@@ -14,11 +14,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import ArtifactError, load_artifact
+from artifacts import JOINT_DIR, ArtifactError, joint_path, load_artifact
 
 log = logging.getLogger(__name__)
 
-JOINT_DIR = 'joint_optimization'
 JOINT_RE = re.compile(r'^domain_(.+)_joint\.json$')
 BASELINE_KEYS = ('best_plain_split', 'edge_only', 'server_only')
 
@@ -150,10 +149,6 @@ def find_domains(results_dir: Path) -> List[str]:
     found = [m.group(1) for p in d.glob('domain_*_joint.json') if (m := JOINT_RE.match(p.name))] \
         if d.is_dir() else []
     return sorted(found, key=lambda s: (0, int(s), '') if s.isdigit() else (1, 0, s))
-
-
-def joint_path(results_dir: Path, domain: str) -> Path:
-    return Path(results_dir) / JOINT_DIR / f'domain_{domain}_joint.json'
 
 
 def load_domain_result(path: Path) -> DomainResult:

@@ -90,6 +90,17 @@ def write_artifact(path: Path, kind: str, payload: Mapping[str, Any], config: Op
     return json.loads(text)
 
 
+def pct_names(obj: Any) -> Any:
+    """`obj` with every key ending in `_percent` (step-0 artifacts before one suffix was chosen) renamed to the
+    `_pct` the artifacts use now; the old-artifact boundary for those fields."""
+    if isinstance(obj, dict):
+        return {(k[:-len('_percent')] + '_pct' if isinstance(k, str) and k.endswith('_percent') else k): pct_names(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [pct_names(v) for v in obj]
+    return obj
+
+
 def joint_path(results_dir: Path, domain: Any) -> Path:
     """Step 3's result for one domain: <results_dir>/joint_optimization/domain_<d>_joint.json (step 3 writes it,
     step 4 reads it)."""

@@ -196,7 +196,7 @@ def pseudo_rows(cfg: Config, lut: Dict[str, Any], link: Any, model: Any, gammas:
     t = L.cost_tables(lut, b, link, cfg.lut.feature_dtype)
     n = t.num_blocks
     pred = C.stage_times(np.tile(np.asarray(gammas), (n + 1, 1)), np.arange(n + 1), t)
-    client = lut['client']
+    client = lut['edge']
     entry = lambda k, s: client['entries'][L.lut_key(k, gammas[k], b)][f'{s}_ms']  # noqa: E731
     head = client['head'][L.lut_key('head', None, b)]
     edge_src = ('modelled: LUT from device profile ' + str((client.get('profile') or {}).get('name'))
@@ -321,8 +321,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    'accuracy per lambda on its test split (default: none, step 2\'s configuration, no accuracy)')
     p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')
     add_link_args(p, reevaluate=True)
-    p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with; an error if '
-                   f'it was not (default: not checked; step 1 default {c.lut.client_profile})')
+    p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
+                   f'it was not (default: not checked; step 1 default {c.lut.edge_profile})')
     p.add_argument('--samples', type=int, default=200, help='real mode without a domain: random images streamed per '
                    'lambda; with a domain, its test split (real.run_samples caps it) (default: 200)')
     p.add_argument('--round_trips', type=int, default=None, help='real mode: single requests with the result sent '
@@ -338,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format='split sweep: %(message)s', stream=sys.stderr)
     t_start = time.perf_counter()
     args = parse_args(argv)
-    cfg = resolve_config(args, {**LINK_FLAGS, 'port': 'real.port', 'client_profile': 'lut.client_profile'})
+    cfg = resolve_config(args, {**LINK_FLAGS, 'port': 'real.port', 'edge_profile': 'lut.edge_profile'})
     import torch
 
     from data.datasets import dataset_stats
@@ -348,8 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(cfg.lut.threads or os.cpu_count() or 1)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
     lut = L.load_lut(lut_file)
-    if args.client_profile is not None:
-        T.check_client_profile(lut, cfg.lut.client_profile, str(lut_file))
+    T.check_edge_profile(lut, T.requested_profile(args.edge_profile is not None, cfg), str(lut_file))
     link, link_source = T.link_for(lut, cfg.lut, args.link is not None)
     chosen = chosen_configuration(cfg, args.domain_id)
     model, gammas, lam0 = chosen['model'].to(cfg.device), chosen['gammas'], chosen['lam']

@@ -54,24 +54,24 @@ def test_step1_server_client_on_python36_merge_then_step2_and_step5(py36_python,
                cwd=dev)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'copy it to the server' in proc.stdout
-    edge = json.loads((dev / 'results' / 'lut_client.json').read_text())
+    edge = json.loads((dev / 'results' / 'lut_edge.json').read_text())
     assert edge['metadata']['python_version'].startswith('3.6') and edge['metadata']['torch_version'].startswith('1.10')
-    assert (dev / 'results' / 'lut_client.json').stat().st_mode & 0o044 == 0o044
+    assert (dev / 'results' / 'lut_edge.json').stat().st_mode & 0o044 == 0o044
     server = json.loads((res / 'lut_server.json').read_text())
     assert edge['model'] == server['model'] and set(edge['entries']) == set(server['entries'])
     for key in ('repeats', 'warmup', 'batch_sizes', 'input_size', 'timing', 'seed'):
         assert edge['settings'][key] == server['settings'][key], key
-    shutil.copy(dev / 'results' / 'lut_client.json', res / 'lut_client.json')
+    shutil.copy(dev / 'results' / 'lut_edge.json', res / 'lut_edge.json')
     proc = run(['step1_measure_lut.py', '--mode', 'merge', '--results_dir', res] + SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lut = json.loads((res / 'hardware_lut_complete.json').read_text())
-    assert lut['client']['source'] == 'measured' and lut['client']['metadata']['python_version'].startswith('3.6')
+    assert lut['edge']['source'] == 'measured' and lut['edge']['metadata']['python_version'].startswith('3.6')
     proc = run(['step2_initial_throughput_opt.py', '--lut_file', res / 'hardware_lut_complete.json', '--results_dir',
                 res, '--dataset', 'synthetic', '--set', 'model.input_size=16', '--steps', '30', '--restarts', '1',
                 '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25'])
     assert proc.returncode == 0, proc.stderr[-2000:]
     step2 = json.loads((res / 'initial_throughput_config.json').read_text())
-    assert step2['lut_file'] == str(res / 'hardware_lut_complete.json') and step2['client']['source'] == 'measured'
+    assert step2['lut_file'] == str(res / 'hardware_lut_complete.json') and step2['edge']['source'] == 'measured'
     proc = run(['step5_visualize_results.py', '--results_dir', res, '--formats', 'png'])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (res / 'visualization' / 'summary.md').is_file() and (res / 'visualization' / 'stage_times.png').is_file()

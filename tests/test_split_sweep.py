@@ -42,7 +42,7 @@ def results(tmp_path_factory):
                                            '--results_dir', str(out)]) == 0
     cfg = _cfg(out)
     model = L.model_spec(cfg)
-    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='client')
+    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
                    L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
@@ -135,7 +135,7 @@ def test_sweep_names_a_missing_step2_artifact(tmp_path):
     from artifacts import ArtifactError
     cfg = _cfg(tmp_path)
     model = L.model_spec(cfg)
-    side = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='client')
+    side = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='edge')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
                    L.merge(dict(side, side='server'), side, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
     with pytest.raises(ArtifactError, match='initial_throughput_config.json'):

@@ -8,7 +8,7 @@ lut_server.json copied next to it:
 
 The model, input size, batch sizes, warm-up, repeats, time budget, seed, timing method and torch threads are the
 ones the server LUT recorded, so both sides are measured alike (timing.measure.measure_side, the code the worker
-runs in real mode).  Writes <results_dir>/lut_client.json (copy it back to the server's results directory, then
+runs in real mode).  Writes <results_dir>/lut_edge.json (copy it back to the server's results directory, then
 `step1_measure_lut.py --mode merge` there).  `lut_key` and `side_payload` (the side-LUT layout) live here so the
 device writes exactly what timing/lut.py reads.
 """
@@ -23,8 +23,8 @@ import time
 
 SCHEMA_VERSION = 1  # artifacts.SCHEMA_VERSION (artifacts.py imports config.py: not available on the device)
 SERVER_LUT = 'lut_server.json'
-EDGE_SIDE = 'client'  # the side name of the edge device in the LUT files
-EDGE_LUT = 'lut_client.json'
+EDGE_SIDE = 'edge'  # the side name of the edge device in the LUT files
+EDGE_LUT = 'lut_edge.json'
 
 
 class EdgeLutError(Exception):

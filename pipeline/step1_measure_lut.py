@@ -74,10 +74,11 @@ def mode_client(cfg, args, command):
 
 def mode_merge(cfg, args, command):
     """Both side LUTs from files (the edge one measured on the device by --mode client and copied here)."""
+    server = L.load_side(cfg.path('lut_server.json'), 'server')
     edge = L.load_side(edge_lut_path(cfg), 'edge')
     if edge['source'] == 'measured' and not edge.get('roofline_fit'):  # the device does not fit it
         edge['roofline_fit'] = L.roofline_fit(edge, min(edge['batch_sizes']))
-    merge(cfg, L.load_side(cfg.path('lut_server.json'), 'server'), edge, command)
+    merge(cfg, server, edge, command)
 
 
 def edge_lut_path(cfg):

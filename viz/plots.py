@@ -428,8 +428,9 @@ def split_sweep(rows: Sequence[Mapping[str, object]], chosen_lam: int, title: st
     ax.set_xlim(lams.min() - 0.6, lams.max() + 0.6)
     tx = ax.twinx()
     fps = np.array([float(r['throughput_median_fps']) for r in rows])
-    lo = fps - np.array([float(r['throughput_p10_fps']) for r in rows])
-    hi = np.array([float(r['throughput_p90_fps']) for r in rows]) - fps
+    # real mode: the median is the stream's steady rate, which a burst of stalls can put outside the windows' p10-p90
+    lo = np.maximum(0.0, fps - np.array([float(r['throughput_p10_fps']) for r in rows]))
+    hi = np.maximum(0.0, np.array([float(r['throughput_p90_fps']) for r in rows]) - fps)
     tx.errorbar(lams, fps, yerr=[lo, hi], fmt='none', ecolor='black', elinewidth=0.8, capsize=2, alpha=0.6,
                 label='throughput p10-p90')
     tx.plot(lams, fps, color='black', marker='o', ms=3.5, lw=1.5, label='throughput, median (frames/s)')

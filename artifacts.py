@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from config import Config, UserError
+from config import Config, UserError, parse_json_bytes
 
 SCHEMA_VERSION = 1
 COMMON_FIELDS: Dict[str, Any] = {'schema_version': int, 'kind': str, 'created_at': str, 'command': str,
@@ -96,9 +96,10 @@ def load_artifact(path: Path, kind: Optional[str] = None,
     if not path.is_file():
         raise ArtifactError(f'{path}: artifact file does not exist (run the step that writes it first)')
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f'{path}: not valid JSON ({e})') from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f'{path}: cannot read ({e.strerror or e})') from None
+    obj = parse_json_bytes(raw, str(path), ArtifactError)
     if not isinstance(obj, dict):
         raise ArtifactError(f'{path}: expected a JSON object at the top level')
     for name, tp in {**COMMON_FIELDS, **(fields or {})}.items():

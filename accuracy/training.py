@@ -10,7 +10,9 @@ import hashlib
 import io
 import json
 import math
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from config import Config, UserError, resolve_path
+from config import Config, UserError, one_line, resolve_path
 from hyper_repvgg import HyperRepVGG, RepVGG, build_hyper_repvgg
 
 HYPER_WEIGHTS_FILE = 'trained_hyper_weights.json'
@@ -222,15 +224,34 @@ def save_state_dict(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def _torch_reason(text: str) -> str:
+    """The informative part of a torch load error, one line: the unpickler's complaint, or the first mismatch of
+    a state dict (torch's own messages span many lines and advise weights_only=False, which we never do)."""
+    m = re.search(r'WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)', text, re.S)
+    if m:
+        return one_line(m.group(1), 200)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and lines[0].startswith('Error(s) in loading state_dict'):
+        more = f' (+{len(lines) - 2} more)' if len(lines) > 2 else ''
+        return one_line(lines[1] if len(lines) > 1 else lines[0], 300) + more
+    return one_line(text, 300)
+
+
 def load_state_dict_file(path: Path, what: str) -> Dict[str, torch.Tensor]:
     """torch.load(weights_only=True) of a local file; a missing or unreadable file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{what}: file {path} does not exist')
     try:
-        obj = torch.load(str(path), map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on several lines
+            warnings.simplefilter('ignore')
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f'{what}: cannot load {path} as a tensor state dict ({e})') from None
+        text = str(e)
+        if 'WeightsUnpickler' in text or 'weights_only' in text.lower():
+            raise CheckpointError(f'{what}: {path} refused: it holds Python objects, not only tensors '
+                                  f'({_torch_reason(text)}); only plain tensor state dicts are loaded') from None
+        raise CheckpointError(f'{what}: cannot load {path} as a tensor state dict ({_torch_reason(text)})') from None
     if not isinstance(obj, dict):
         raise CheckpointError(f'{what}: {path} holds a {type(obj).__name__}, expected a state dict')
     return obj
@@ -260,7 +281,8 @@ def load_base_model(cfg: Config) -> HyperRepVGG:
         model.load_base_state_dict(state)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f'{what}: {path} does not fit {cfg.model.name} with width {cfg.model.width_multiplier}'
-                              f' and {model.num_classes} classes: {e}') from None
+                              f' and {model.num_classes} classes: '
+                              f'{_torch_reason(e.args[0] if isinstance(e, KeyError) and e.args else str(e))}') from None
     return model.eval()
 
 

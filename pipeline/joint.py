@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import ArtifactError, load_artifact, write_artifact
+from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import BRANCHES, HyperRepVGG
 from optim import cost, exact, goal
@@ -180,6 +180,14 @@ def _load_checkpoint(path: Path, kind: str, fp: str) -> Optional[Dict[str, Any]]
     except ArtifactError:
         return None
     return obj if obj['fingerprint'] == fp else None
+
+
+def _round_summary(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """A round record as the domain file lists it: without the bulky fields and without the provenance of the
+    run that wrote a resumed round's checkpoint (the domain file's own provenance is this run's; resumed rounds
+    are listed in 'resumed_rounds' with theirs)."""
+    drop = {'hyper_weights', 'fingerprint', 'sensitivity_after_pct', *COMMON_FIELDS}
+    return {k: v for k, v in rec.items() if k not in drop}
 
 
 def _model_from(base: HyperRepVGG, hyper: Dict[str, Any], cfg: Config, bn_file: Optional[str]) -> HyperRepVGG:
@@ -405,8 +413,9 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
         'roofline': side_roofline(inp, gammas, lam), 'edge_weight_bytes': ev['edge_weight_bytes'],
         'goal_evaluation': ev, 'chosen_round': chosen_round, 'stop_reason': stop,
         'solvers': (rounds[chosen_round - 1] if chosen_round else last or {}).get('solvers'),
-        'rounds': [{k: v for k, v in rec.items() if k not in ('hyper_weights', 'fingerprint', 'sensitivity_after_pct')}
-                   for rec in rounds],
+        'rounds': [_round_summary(rec) for rec in rounds],
+        'resumed_rounds': [{'round': rec['round'], 'created_at': rec['created_at'], 'command': rec['command']}
+                           for rec in rounds if 'created_at' in rec],
         'sensitivity': {'mode': ref['mode'], 'samples': ref['sensitivity_samples'], 'evaluations': ref['evaluations'],
                         'initial_pct': ref['sensitivity_pct'],
                         'final_pct': np.where(np.isnan(sens), None, sens).tolist(), 'details': ref['details']},

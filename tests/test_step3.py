@@ -125,6 +125,11 @@ def test_resume_after_interrupted_round(results, monkeypatch, tmp_path):
     obj = json.loads(joint.joint_path(_cfg(res), 0).read_text())
     assert obj['rounds'][0]['round'] == 1 and len(obj['rounds']) >= 2
     assert obj['sensitivity']['mode'] == 'importance'
+    # the domain file's provenance is the resuming run's; the resumed round keeps its own, listed apart
+    first = json.loads(r1)
+    assert not set(obj['rounds'][0]) & {'created_at', 'command', 'config', 'kind', 'schema_version'}
+    assert obj['resumed_rounds'] == [{'round': 1, 'created_at': first['created_at'], 'command': first['command']}]
+    assert obj['created_at'] >= first['created_at'] and obj['kind'] == 'joint_domain'
 
 
 def test_measured_sensitivities_match_pruning_one_branch():

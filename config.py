@@ -294,45 +294,39 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any], source: str) -> Conf
     return cfg
 
 
-MAX_JSON_DEPTH = 64  # artifacts nest a handful of levels; anything deeper is not one of ours
+MAX_JSON_DEPTH = 64  # artifacts and configs nest a handful of levels; anything deeper is not one of ours
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f'non-finite number {name} (artifacts are written without NaN or Infinity)')
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise ValueError(f'number {text} is out of range (not finite)')
-    return v
-
-
-def _depth(obj: Any, limit: int) -> int:
-    """Nesting depth of parsed JSON, stopping past `limit`."""
-    deepest, stack = 0, [(obj, 1)]
+def _json_problem(obj: Any, max_depth: int) -> Optional[str]:
+    """The first non-finite number (by its field path) or a nesting deeper than max_depth in parsed JSON."""
+    stack: List[Tuple[Any, Tuple[Any, ...]]] = [(obj, ())]
     while stack:
-        o, d = stack.pop()
+        o, path = stack.pop()
+        if isinstance(o, float) and not math.isfinite(o):
+            field = ''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in path).lstrip('.')
+            return f'field {field or "(top level)"} is {o} (only finite numbers are accepted)'
         if isinstance(o, (dict, list)):
-            deepest = max(deepest, d)
-            if d > limit:
-                return d
-            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
-    return deepest
+            if len(path) >= max_depth:
+                return f'JSON nests deeper than {max_depth} levels'
+            items = o.items() if isinstance(o, dict) else enumerate(o)
+            stack.extend((v, path + (k,)) for k, v in items)
+    return None
 
 
 def parse_json_bytes(data: bytes, where: str, error: type = ValueError, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """JSON of a file's bytes: UTF-8, finite numbers, at most max_depth levels; else `error` naming `where`."""
+    """JSON of a file's bytes: UTF-8, finite numbers, at most max_depth levels; else `error` naming `where` and
+    the field."""
     try:
-        obj = json.loads(data.decode('utf-8'), parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(data.decode('utf-8'))
     except UnicodeDecodeError as e:
         raise error(f'{where}: not UTF-8 text (byte {e.start}: {e.reason})') from None
     except RecursionError:
         raise error(f'{where}: JSON nests deeper than {max_depth} levels') from None
-    except ValueError as e:  # json.JSONDecodeError and the non-finite constants
+    except ValueError as e:  # json.JSONDecodeError, and integers beyond Python's digit limit
         raise error(f'{where}: not valid JSON ({e})') from None
-    if _depth(obj, max_depth) > max_depth:
-        raise error(f'{where}: JSON nests deeper than {max_depth} levels')
+    problem = _json_problem(obj, max_depth)
+    if problem:
+        raise error(f'{where}: {problem}')
     return obj
 
 

@@ -77,8 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from viz import heatmaps
 
     check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
-    if cfg.model.checkpoint and not resolve_path(cfg.model.checkpoint).is_file():
-        raise training.CheckpointError(f'--checkpoint: file {resolve_path(cfg.model.checkpoint)} does not exist')
+    if cfg.model.checkpoint:  # a missing, refused or wrong-shape checkpoint fails here, before anything is written
+        training.load_base_model(cfg)
     domains = parse_domains(args.domains, cfg.data.num_domains)
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     cmd = command_line(argv)

@@ -493,6 +493,12 @@ def session_key(token, nonce_server, nonce_worker):
     return hmac.new(_key(token), msg.encode('ascii'), hashlib.sha256).digest()
 
 
+def idle_timeout_s(heartbeat_s):
+    # type: (float) -> float
+    """How long the worker waits between commands before it calls the server silent: 4 heartbeats + 2 s."""
+    return 4.0 * float(heartbeat_s) + 2.0
+
+
 def tune_keepalive(sock, idle_s):
     # type: (object, float) -> None
     """TCP keepalive on a plain socket: first probe after idle_s, then every idle_s / 3, dead after 3 missed

@@ -418,3 +418,21 @@ def test_silent_link_is_detected_by_the_worker_which_redials_and_a_dropped_serve
             relay.close()
             R.stop(worker)
     assert np.isfinite(took)
+
+
+def test_ipv6_loopback_listens_or_names_the_problem():
+    """real.host=::1: the session listens on IPv6 and speaks the protocol there, or says why it cannot."""
+    try:
+        sess = ServerSession(host='::1', port=0, connect_timeout_s=5)
+    except SessionError as e:
+        assert 'cannot listen on ::1' in str(e) and '\n' not in str(e)
+        return
+    with sess:
+        acc = Accepting(sess)
+        s = socket.create_connection(('::1', sess.port), timeout=5)
+        try:
+            ch = P.recv_frame(s, P.PREAUTH_LIMITS)
+            assert ch.kind == 'challenge' and ch.header['version'] == P.VERSION
+        finally:
+            s.close()
+        assert isinstance(acc.join(30), SessionError)  # the probe was no worker; none came

@@ -84,6 +84,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _number(v: Any) -> float:
+    """A finite number a worker reported, or 0.0 (timings it adds are informative, never trusted for control)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else 0.0
+
+
 def _median(values: Sequence[float]) -> Optional[float]:
     vals = [v for v in values if v is not None]
     return float(statistics.median(vals)) if vals else None
@@ -290,7 +295,10 @@ class ServerSession:
                 raise SessionError(f'worker failed command {cmd}: {frame.header.get("error", "")}: '
                                    f'{frame.header.get("message")}')
             if frame.kind == 'reply' and frame.header.get('id') == rid:
-                return dict(frame.header.get('result') or {}), frame
+                result = frame.header.get('result')
+                if not isinstance(result, dict):
+                    raise self._lost(P.ProtocolError(f'reply to {cmd} has no "result" object'), f'command {cmd}')
+                return dict(result), frame
             raise self._lost(P.ProtocolError(f'unexpected {frame.kind} frame (id {frame.header.get("id")})'),
                              f'command {cmd}')
 
@@ -301,6 +309,9 @@ class ServerSession:
             t0 = time.monotonic()
             res, _ = self.request('clock')
             t1 = time.monotonic()
+            if isinstance(res.get('t'), bool) or not isinstance(res.get('t'), (int, float)) \
+                    or not np.isfinite(res['t']):
+                raise self._lost(P.ProtocolError(f'clock reply without a finite "t": {res.get("t")!r}'), 'clock')
             if best is None or t1 - t0 < best[0]:
                 best = (t1 - t0, (t0 + t1) / 2 - float(res['t']))
         self._offset_s = best[1]
@@ -332,9 +343,10 @@ class ServerSession:
             for s in sizes:
                 t0 = time.perf_counter()
                 res, frame = self.request('probe', {'reply_bytes': s})
-                t = time.perf_counter() - t0 - float(res.get('worker_ms', 0.0)) / 1e3
-                if frame.tensors['data'].nbytes != s:
-                    raise SessionError(f'probe: asked for {s} bytes, got {frame.tensors["data"].nbytes}')
+                t = time.perf_counter() - t0 - _number(res.get('worker_ms', 0.0)) / 1e3
+                got = frame.tensors['data'].nbytes if 'data' in frame.tensors else None
+                if got != s:
+                    raise SessionError(f'probe: asked for {s} bytes, got {got}')
                 samples.append({'bytes': s, 'time_ms': t * 1e3})
         x = np.array([r['bytes'] for r in samples], dtype=np.float64)
         y = np.array([r['time_ms'] for r in samples]) / 1e3

@@ -411,32 +411,33 @@ def connect(args, tunnel):
 
 
 def session_once(worker, args, tunnel):
-    # type: (Worker, argparse.Namespace, Optional[SshTunnel]) -> bool
-    """One dial and, if it connects, one session; logs one line on any failure and never raises (but on
-    KeyboardInterrupt).  Returns whether the session got through the handshake."""
+    # type: (Worker, argparse.Namespace, Optional[SshTunnel]) -> Optional[str]
+    """One dial and, if it connects, one session; never raises (but on KeyboardInterrupt).  Returns None when a
+    session got through the handshake (ended or dropped: logged here), else why there was none (main logs it)."""
     worker.started = False
     try:
         sock = connect(args, tunnel)
     except Exception as e:  # noqa: BLE001 - OSError, paramiko's SSHException, ...: the server is not there yet
-        log.info('server not reachable (%s)', _line(e))
-        return False
+        return 'server not reachable ({})'.format(_line(e))
+    why = None
     try:
         worker.serve(sock)
     except AuthRefused as e:
-        log.error('%s', _line(e))
-    except P.ProtocolError as e:
-        if worker.started:
-            log.warning('link dropped (%s); reconnecting', _line(e))
-        else:  # e.g. an ssh -L tunnel is up but nothing listens behind it yet, or a peer that is not our server
-            log.info('no session (%s)', _line(e))
+        why = _line(e)
+    except P.ProtocolError as e:  # before the handshake e.g. an ssh -L tunnel with nothing behind it yet
+        why = _line(e) if worker.started else 'no session ({})'.format(_line(e))
     except Exception as e:  # noqa: BLE001 - whatever a peer provokes, the worker survives it and redials
-        log.warning('session failed (%s: %s); reconnecting', type(e).__name__, _line(e))
+        why = 'session failed ({}: {})'.format(type(e).__name__, _line(e))
     finally:
         try:
             sock.close()
         except Exception:  # noqa: BLE001
             pass
-    return worker.started
+    if worker.started:
+        if why is not None:
+            log.warning('link dropped (%s); reconnecting', why)
+        return None
+    return why
 
 
 def parse_args(argv=None):
@@ -493,16 +494,17 @@ def main(argv=None):
              ' via ssh ' + args.ssh if args.ssh else '', ', token set' if token else '')
     backoff = 0.5
     while True:
-        started = session_once(worker, args, tunnel)
+        why = session_once(worker, args, tunnel)
         if args.once:
             return 0
-        if started:  # a session ran: dial again at once, and reset the backoff
+        if why is None:  # a session ran: dial again at once, and reset the backoff
             backoff = 0.5
             time.sleep(0.2)
-        else:
-            log.info('dialing again in %.1f s', backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, args.backoff_max_s)
+            continue
+        (log.warning if 'refuse' in why or 'could not prove' in why or 'requires a token' in why else log.info)(
+            '%s; dialing again in %.1f s', why, backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, args.backoff_max_s)
 
 
 if __name__ == '__main__':

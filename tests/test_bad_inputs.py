@@ -30,9 +30,9 @@ def files(tmp_path_factory):
     cfg = Config(model=ModelConfig(input_size=16, width_multiplier=(0.25, 0.25, 0.25, 0.25)), results_dir=str(res))
     spec = L.model_spec(cfg)
     side = {s: L.modelled_side(get_profile(p), spec, 16, [1], side=s)
-            for s, p in (('client', 'jetson-tx2'), ('server', 'jetson-orin-nano'))}
+            for s, p in (('edge', 'jetson-tx2'), ('server', 'jetson-orin-nano'))}
     good = write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
-                          L.merge(side['server'], side['client'], L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
+                          L.merge(side['server'], side['edge'], L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
 
     def lut_variant(name, change):
         obj = json.loads(json.dumps(good))

@@ -10,7 +10,8 @@ or when the link drops, it dials again with exponential backoff.  Commands: meas
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
 hyper_repvgg.build_edge from raw tensors), upload (uint8 images), run (pipelined: the edge part runs batch after
 batch while a sender thread streams the features).  A failing command answers an error frame; the worker stays
-usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, timing.measure, numpy and torch.
+usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, timing.measure, numpy and torch
+(the files: comm/bundle.py DEVICE_FILES).
 """
 import argparse
 import logging

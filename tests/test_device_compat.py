@@ -9,7 +9,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import hyper_repvgg as H

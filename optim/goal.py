@@ -1,4 +1,4 @@
-"""Step 3's goal program (DESIGN.md section 7): pure functions and two solvers, array in / array out.
+"""Step 3's goal program (docs/design.md#goal-program): pure functions and two solvers, array in / array out.
 
 Decision per block k: a layout gamma_k among the block's measurable layouts.  A layout fixes the kept branch set
 S(gamma) (hyper_repvgg.LAYOUTS), so choosing gamma_k chooses alpha's mask and gamma together: the branches of the

@@ -39,7 +39,7 @@ stamp="$VENV/.requirements.sha256"
 reqs=("$REPO_ROOT/requirements.txt" "$REPO_ROOT/requirements-dev.txt")
 want="$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"  # both files: a change to either re-installs
 if [ ! -x "$PY" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: creating $VENV from requirements.txt + requirements-dev.txt (pinned; torch 2.13.0 CPU wheel)" >&2
+  echo "setup: installing requirements.txt + requirements-dev.txt into $VENV (pinned; torch 2.13.0 CPU wheel)" >&2
   [ -x "$PY" ] || "$host_py" -m venv "$VENV"
   "$PY" -m pip install -q --disable-pip-version-check -r "${reqs[0]}" -r "${reqs[1]}"
   echo "$want" > "$stamp"

@@ -262,6 +262,24 @@ def test_apply_config_sets_kept_and_layouts_and_checks_every_block_first():
     assert m.layouts() == full and all(m.kept(k) == frozenset(m.blocks[k].available()) for k in range(m.num_blocks))
 
 
+def test_callers_apply_configurations_through_apply_config():
+    """accuracy.pruning.apply_config and timing.measure.deploy_configuration had their own set_kept/set_layout loops."""
+    from accuracy.pruning import PruningError, apply_config
+    from timing.measure import deploy_configuration
+    m = H.build_hyper_repvgg('A0', **TINY)
+    randomize_bn(m, torch.Generator().manual_seed(4))
+    gammas = [1, 4] + [8 if s.has_identity else 1 for s in m.plan[2:]]
+    with pytest.raises(PruningError, match='not valid for block 1'):
+        apply_config(m, [1, 2] + gammas[2:])
+    ref = copy.deepcopy(m)
+    H.apply_config(ref, gammas)
+    edge, server = deploy_configuration(m, gammas, 6)
+    assert m.layouts() == gammas and [m.kept(k) for k in range(22)] == [ref.kept(k) for k in range(22)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(server(edge(x)), ref(x)) <= 1e-4
+
+
 def test_hyper_weights_roundtrip_through_json():
     m = H.build_hyper_repvgg('A0', **TINY)
     with torch.no_grad():

@@ -12,7 +12,6 @@ deterministic (seeded per domain and round), so a resumed run makes the same dec
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import JOINT_DIR, ArtifactError, joint_path, load_artifact, write_artifact
+from artifacts import (JOINT_DIR, ArtifactError, file_sha256, fingerprint, joint_path, load_artifact,
+                       write_artifact)
 from config import Config, ConfigError, UserError
 from hyper_repvgg import BRANCHES, HyperRepVGG
 from optim import cost, exact, goal
@@ -40,19 +40,6 @@ def state_path(cfg: Config, d: int) -> Path:
 
 def rounds_dir(cfg: Config, d: int) -> Path:
     return cfg.path(JOINT_DIR, f'domain_{d}_rounds')
-
-
-def _canon(o: Any) -> Any:
-    if isinstance(o, dict):
-        return tuple(sorted((str(k), _canon(v)) for k, v in o.items()))
-    if isinstance(o, (list, tuple)):
-        return tuple(_canon(v) for v in o)
-    return o
-
-
-def fingerprint(*parts: Any) -> str:
-    """A stable digest of plain data (dicts, lists, numbers, strings)."""
-    return hashlib.sha256(repr(_canon(list(parts))).encode()).hexdigest()
 
 
 def check_joint_config(cfg: Config) -> None:
@@ -495,7 +482,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     hw_entry = load_artifact(training.hyper_weights_path(cfg), 'trained_hyper_weights', {'domains': dict})['domains']
     if str(d) not in hw_entry:
         raise UserError(f'{training.hyper_weights_path(cfg)}: no hyper-weights for domain {d}; run step 0 for it')
-    fp = fingerprint(inp.base_fingerprint, hw_entry[str(d)], d)
+    fp = fingerprint([inp.base_fingerprint, hw_entry[str(d)], d])
     if not force:
         done = _load_checkpoint(joint_path(cfg.path(), d), 'joint_domain', fp)
         if done is not None and (real_run is None or isinstance(done.get('measured'), dict)):
@@ -579,9 +566,9 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
     partition = load_partition(cfg.path('partition_info.json'), cfg)
     mean, std = dataset_stats(cfg)
     c = cfg.to_dict()
-    base_fp = fingerprint(hashlib.sha256(Path(lut_file).read_bytes()).hexdigest(), link.to_dict(), hw['fingerprint'],
-                          c['joint'], c['optim'], c['train'], c['model'], c['data'], c['lut']['feature_dtype'],
-                          cfg.seed, warm, cost.COST_MODEL_VERSION, JOINT_VERSION)
+    base_fp = fingerprint([file_sha256(lut_file), link.to_dict(), hw['fingerprint'], c['joint'], c['optim'], c['train'],
+                           c['model'], c['data'], c['lut']['feature_dtype'], cfg.seed, warm, cost.COST_MODEL_VERSION,
+                           JOINT_VERSION])
     return Inputs(cfg, lut, Path(lut_file), t, L.block_stats(lut), available, unpruned, warm, why, partition,
                   mean, std, base_fp, link.to_dict())
 

@@ -59,6 +59,7 @@ class TrainConfig:
     base_epochs: int = 4  # epochs of base-model training when no checkpoint is given
     base_lr: float = 0.1  # SGD learning rate of base training (warm-up, then cosine schedule)
     base_train_samples: int = 40000  # base-training samples (0 = whole train set); the rest join the domain pool
+    base_split_seed: int = 0  # seed of the base-training subset, apart from --seed: one base model serves every domain seed without leakage
     alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
     alpha_lr: float = 0.01  # Adam learning rate for alpha
     eval_batch_size: int = 256  # images per evaluation batch

@@ -150,8 +150,7 @@ def accuracy_throughput_curve(results: Sequence[DomainResult], accuracy_label: s
     handles += [Line2D([], [], ls='', marker=m, color=c, mec='black', ms=7, label=f'{lab} (unpruned, A_ref)')
                 for lab, m, c in BASELINE_STYLE.values()]
     fig.legend(handles=handles, loc='outside lower center', ncol=3)
-    fig.suptitle('Accuracy vs predicted throughput per domain (pruned + split vs plain baselines; accuracy axes '
-                 'truncated, marked)')
+    fig.suptitle('Accuracy vs predicted throughput per domain (pruned + split vs plain baselines)')
     return fig
 
 
@@ -176,7 +175,7 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     if bottom > 0:
         _truncation_mark(ax_acc, bottom)
     for xi, r in zip(x, results):
-        ax_acc.annotate(f'{-r.drop_pct:+.1f}', (xi + w / 2, r.final_acc_pct), textcoords='offset points',
+        ax_acc.annotate(f'{0.0 - r.drop_pct:+.1f}', (xi + w / 2, r.final_acc_pct), textcoords='offset points',
                         xytext=(0, 2), ha='center', fontsize=7.5)
     ax_acc.set_ylabel('accuracy (%)')
     ax_acc.set_title('Accuracy: unpruned reference vs final pruned model (labels: change, points)')

@@ -120,15 +120,17 @@ def run_seed(seed: int, work: Path, src: Path, ckpt: Path, eps: float, quick: bo
     """Steps 0 and 3 for one seed in work/seed_<s>; the cases and the wall times."""
     rd = work / f'seed_{seed}'
     rd.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        if (src / name).is_file():
-            shutil.copy2(src / name, rd / name)
     flags = (list(QUICK_CONFIG) if quick else []) + ['--results_dir', str(rd), '--seed', str(seed),
                                                      '--set', f'model.checkpoint={ckpt}']
     t0 = _run([sys.executable, str(REPO_ROOT / 'pipeline' / 'step0_prepare.py'), *flags]
               + (['--domains', domains] if domains else []) + (['--epochs', '1', '--threads', '1'] if quick else []),
               f'step 0 (seed {seed})')
     which = ['--domains', domains] if domains else ['--all_domains']
+    if not (src / COPIED[0]).is_file():
+        raise BenchQualityError(f'--results_dir {src}: no {COPIED[0]}; run step 1 there first')
+    for name in COPIED:  # copied now, not before step 0: a run may start while step 1 of the source still runs
+        if (src / name).is_file():
+            shutil.copy2(src / name, rd / name)
     t3 = _run([sys.executable, str(REPO_ROOT / 'pipeline' / 'step_3_joint.py'), *which, *flags,
                '--epsilon', str(eps), *(QUICK_STEP3 if quick else []), *extra], f'step 3 (seed {seed})')
     return {'seed': seed, 'step0_wall_s': t0, 'step3_wall_s': t3, 'cases': read_cases(rd, seed, eps)}
@@ -181,6 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--results_dir', default='results', help='finished default run whose base model, LUT and step-2 '
                    'configuration are reused, and whose step-3 result is today\'s method (read only; default: '
                    'results; ignored with --quick)')
+    p.add_argument('--today_dir', default=None, help='step-3 result of today\'s method to compare with (read '
+                   'only; default: --results_dir)')
     p.add_argument('--seeds', default=None, help='comma-separated seeds (default: 0,1,2; --quick: 0,1)')
     p.add_argument('--domains', default=None, help='comma-separated domain ids (default: all domains)')
     p.add_argument('--epsilon', type=float, default=Config().joint.epsilon,
@@ -203,12 +207,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         src = resolve_path(args.results_dir)
     ckpt = base_checkpoint(src)
-    today = [] if args.quick else read_today(src)
     where = 'quick: synthetic, tiny' if args.quick else f'base model, LUT and step 2 of {args.results_dir}'
     runs: List[Dict[str, Any]] = []
     path = None
     for seed in seeds:
         runs.append(run_seed(seed, work, src, ckpt, args.epsilon, args.quick, args.domains, args.step_args))
+        today = [] if args.quick else read_today(resolve_path(args.today_dir) if args.today_dir else src)
         s = summarize([c for r in runs for c in r['cases']], today, args.epsilon)
         payload = {'settings': {'seeds': seeds, 'domains': args.domains, 'epsilon': args.epsilon, 'source': where,
                                 'base_checkpoint': str(ckpt), 'step_args': list(args.step_args)},

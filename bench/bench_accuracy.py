@@ -12,7 +12,8 @@ before it was measured, and each newly deployed Pareto point).  Today's method i
 --results_dir (its method, whatever it was, on seed 0), read for its gains and test drops.
 
 Results are written after every seed (`complete` false until the last), so an interrupted run leaves its
-finished cases; a rerun with the same --work_dir resumes finished domains.  --quick: the tiny synthetic setting
+finished cases; a rerun with the same --work_dir resumes finished domains, and --collect_only reports the domains
+finished so far without running anything.  --jobs runs seeds at the same time.  --quick: the tiny synthetic setting
 of bench_quality.py (2 domains, 2 seeds; numbers not meant for reading).  Writes bench/results/accuracy.json.
 """
 import sys
@@ -116,14 +117,15 @@ def summarize(cases: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]], 
 
 
 def run_seed(seed: int, work: Path, src: Path, ckpt: Path, eps: float, quick: bool, domains: Optional[str],
-             extra: Sequence[str]) -> Dict[str, Any]:
+             extra: Sequence[str], threads: int = 0) -> Dict[str, Any]:
     """Steps 0 and 3 for one seed in work/seed_<s>; the cases and the wall times."""
     rd = work / f'seed_{seed}'
     rd.mkdir(parents=True, exist_ok=True)
     flags = (list(QUICK_CONFIG) if quick else []) + ['--results_dir', str(rd), '--seed', str(seed),
                                                      '--set', f'model.checkpoint={ckpt}']
     t0 = _run([sys.executable, str(REPO_ROOT / 'pipeline' / 'step0_prepare.py'), *flags]
-              + (['--domains', domains] if domains else []) + (['--epochs', '1', '--threads', '1'] if quick else []),
+              + (['--domains', domains] if domains else []) + (['--epochs', '1'] if quick else [])
+              + (['--threads', str(threads)] if threads else []),
               f'step 0 (seed {seed})')
     which = ['--domains', domains] if domains else ['--all_domains']
     if not (src / COPIED[0]).is_file():
@@ -191,6 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f'allowed test drop, points (default: {Config().joint.epsilon})')
     p.add_argument('--work_dir', default='results/_bench_accuracy', help='per-seed work directories; kept, and a '
                    'rerun resumes finished domains (default: results/_bench_accuracy)')
+    p.add_argument('--jobs', type=int, default=1, help='seeds run at the same time (each step-0 process then uses '
+                   'one torch thread; default: 1)')
+    p.add_argument('--collect_only', action='store_true', help='run nothing: read the domains that the seeds\' '
+                   'step 3 wrote so far in --work_dir and write the (partial) result (default: off)')
     p.add_argument('step_args', nargs='*', help='further flags for step 3, after `--` (default: none)')
     args = p.parse_args(argv)
     try:
@@ -210,17 +216,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = 'quick: synthetic, tiny' if args.quick else f'base model, LUT and step 2 of {args.results_dir}'
     runs: List[Dict[str, Any]] = []
     path = None
-    for seed in seeds:
-        runs.append(run_seed(seed, work, src, ckpt, args.epsilon, args.quick, args.domains, args.step_args))
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    threads = 1 if args.jobs > 1 or args.quick else 0
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    if args.collect_only:  # whatever finished: the domains each seed's step 3 has written so far
+        futures = [pool.submit(lambda s: {'seed': s, 'partial': True, 'cases': read_cases(work / f'seed_{s}', s,
+                                                                                         args.epsilon)}, seed)
+                   for seed in seeds if (work / f'seed_{seed}' / 'joint_optimization').is_dir()]
+    else:
+        futures = [pool.submit(run_seed, seed, work, src, ckpt, args.epsilon, args.quick, args.domains,
+                               args.step_args, threads) for seed in seeds]
+    for fut in as_completed(futures):
+        done = fut.result()
+        seed = done['seed']
+        runs.append(done)
+        runs.sort(key=lambda r: r['seed'])
         today = [] if args.quick else read_today(resolve_path(args.today_dir) if args.today_dir else src)
+        if not any(r['cases'] for r in runs):
+            continue
         s = summarize([c for r in runs for c in r['cases']], today, args.epsilon)
         payload = {'settings': {'seeds': seeds, 'domains': args.domains, 'epsilon': args.epsilon, 'source': where,
                                 'base_checkpoint': str(ckpt), 'step_args': list(args.step_args)},
-                   'complete': len(runs) == len(seeds), 'summary': s, 'runs': runs, 'today': today,
-                   'wall_s': time.perf_counter() - t0}
+                   'complete': len(runs) == len(seeds) and not args.collect_only, 'summary': s, 'runs': runs,
+                   'today': today, 'wall_s': time.perf_counter() - t0}
         tables = tables_for(runs, s, where)
         path = common.write_result(args.out_dir, NAME, payload, machine, args.quick, headline_for(s), tables, argv)
         log.info('seed %d done: %d cases so far -> %s', seed, s['cases'], path)
+    pool.shutdown()
+    if path is None:
+        raise BenchQualityError(f'--work_dir {work}: no seed has step-3 results yet')
     common.print_tables(tables, path)
     return 0
 

@@ -117,12 +117,14 @@ def summarize(cases: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]], 
 
 
 def run_seed(seed: int, work: Path, src: Path, ckpt: Path, eps: float, quick: bool, domains: Optional[str],
-             extra: Sequence[str], threads: int = 0) -> Dict[str, Any]:
+             extra: Sequence[str], threads: int = 0, sets: Sequence[str] = ()) -> Dict[str, Any]:
     """Steps 0 and 3 for one seed in work/seed_<s>; the cases and the wall times."""
     rd = work / f'seed_{seed}'
     rd.mkdir(parents=True, exist_ok=True)
     flags = (list(QUICK_CONFIG) if quick else []) + ['--results_dir', str(rd), '--seed', str(seed),
                                                      '--set', f'model.checkpoint={ckpt}']
+    for kv in sets:  # config overrides of both steps (those that made the source run, e.g. its base-training cap)
+        flags += ['--set', kv]
     t0 = _run([sys.executable, str(REPO_ROOT / 'pipeline' / 'step0_prepare.py'), *flags]
               + (['--domains', domains] if domains else []) + (['--epochs', '1'] if quick else [])
               + (['--threads', str(threads)] if threads else []),
@@ -195,6 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'rerun resumes finished domains (default: results/_bench_accuracy)')
     p.add_argument('--jobs', type=int, default=1, help='seeds run at the same time (each step-0 process then uses '
                    'one torch thread; default: 1)')
+    p.add_argument('--set', action='append', metavar='SECTION.KEY=VALUE', help='config override for steps 0 and 3, '
+                   'repeatable: the overrides the source run was made with (default: none)')
     p.add_argument('--collect_only', action='store_true', help='run nothing: read the domains that the seeds\' '
                    'step 3 wrote so far in --work_dir and write the (partial) result (default: off)')
     p.add_argument('step_args', nargs='*', help='further flags for step 3, after `--` (default: none)')
@@ -225,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    for seed in seeds if (work / f'seed_{seed}' / 'joint_optimization').is_dir()]
     else:
         futures = [pool.submit(run_seed, seed, work, src, ckpt, args.epsilon, args.quick, args.domains,
-                               args.step_args, threads) for seed in seeds]
+                               args.step_args, threads, args.set or []) for seed in seeds]
     for fut in as_completed(futures):
         done = fut.result()
         seed = done['seed']
@@ -236,6 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         s = summarize([c for r in runs for c in r['cases']], today, args.epsilon)
         payload = {'settings': {'seeds': seeds, 'domains': args.domains, 'epsilon': args.epsilon, 'source': where,
+                                'set': list(args.set or []),
                                 'base_checkpoint': str(ckpt), 'step_args': list(args.step_args)},
                    'complete': len(runs) == len(seeds) and not args.collect_only, 'summary': s, 'runs': runs,
                    'today': today, 'wall_s': time.perf_counter() - t0}

@@ -83,6 +83,15 @@ def accuracy(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, mean: Sequenc
         return _accuracy(net, normalized_chunks(x, y, mean, std, batch, device))
 
 
+def correct_mask(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 batch: int = 256, device: str = 'cpu') -> np.ndarray:
+    """(M,) bool: image i is classified correctly by `model` in its deployed form (paired comparisons)."""
+    net = deployed(model).to(device)
+    with torch.no_grad():
+        return np.concatenate([(net(h).argmax(1) == yb).cpu().numpy()
+                               for h, yb in normalized_chunks(x, y, mean, std, batch, device)])
+
+
 def measure_sensitivities(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float],
                           std: Sequence[float], batch: int = 256, device: str = 'cpu',
                           desc: str = 'sensitivities', only: Optional[np.ndarray] = None) -> Dict[str, Any]:

@@ -203,7 +203,7 @@ def base_config_key(cfg: Config) -> Dict[str, Any]:
             'dataset': cfg.data.dataset, 'num_classes': num_classes_for(cfg.data.dataset, cfg),
             'base_epochs': cfg.train.base_epochs, 'base_lr': cfg.train.base_lr,
             'base_train_samples': cfg.train.base_train_samples, 'batch_size': cfg.train.batch_size,
-            'seed': cfg.seed}
+            'seed': cfg.seed, **({'base_split_seed': cfg.train.base_split_seed} if cfg.train.base_split_seed else {})}
 
 
 def base_checkpoint_path(cfg: Config) -> Path:
@@ -325,7 +325,7 @@ def base_loaders(cfg: Config, generator: torch.Generator):
     test_loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.eval_batch_size, shuffle=False)
     if train_src is None:
         return None, test_loader
-    ids = base_train_ids(len(train_src), cfg.train.base_train_samples, cfg.seed)
+    ids = base_train_ids(len(train_src), cfg.train.base_train_samples, cfg.train.base_split_seed)
     train = SampleDataset(train_src, ids, cfg.model.input_size, cache=len(ids) <= 100000)
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
                                                generator=generator, drop_last=len(ids) > cfg.train.batch_size,

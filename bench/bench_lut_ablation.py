@@ -8,9 +8,10 @@ condition shuffled every round with a seeded generator) so that drift and load h
 Conditions of the whole-configuration passes: `whole` (hyper_repvgg.SplitPart forward, no timer inside, what a
 deployed part runs), `timed` (a timer around every block, as the chain LUT times them; also gives the blocks'
 in-situ times), `bare` (each block's forward() called directly, no nn.Module.__call__), `nohead` (blocks only),
-`threads2` (2 torch threads), `pinned` (process pinned to one core).  LUTs: `chain` (timing.measure, step 1's
+`threads2` (2 torch threads), `pinned` (process pinned to one core), `thread_clock` (timed by this thread's
+CPU time instead of the wall clock).  LUTs: `chain` (timing.measure, step 1's
 method before this bench) measured before and after the passes (drift), `chain` without warm-up, `isolated`,
-`chain` at 2 threads; `sequential` re-times each configuration as timing.lut.validate_side did (warm-up, then
+`chain` at 2 threads, and `fit` (step 1's method now, the remedy); `sequential` re-times each configuration as timing.lut.validate_side did (warm-up, then
 all repeats of one configuration before the next).
 
 Effects are exp(mean over configurations of log(ratio)) - 1, in %, so that the three factors of the chain
@@ -39,7 +40,7 @@ from config import ConfigError, run_cli  # noqa: E402
 
 log = logging.getLogger('bench_lut_ablation')
 NAME = 'lut_ablation'
-CONDITIONS = ('whole', 'timed', 'bare', 'nohead', 'threads2', 'pinned')
+CONDITIONS = ('whole', 'timed', 'bare', 'nohead', 'threads2', 'pinned', 'thread_clock')
 
 
 def _geo_pct(ratios: Sequence[float]) -> Optional[float]:
@@ -48,9 +49,20 @@ def _geo_pct(ratios: Sequence[float]) -> Optional[float]:
 
 
 def _pass(cond: str, blocks: List[Any], head: Any, x: Any) -> Dict[str, Any]:
-    """One timed forward pass under condition `cond`: {'wall_ms', 'blocks_ms' (timed only)}."""
+    """One timed forward pass under condition `cond`: {'wall_ms', 'blocks_ms' (timed only)}; thread_clock:
+    the pass's thread CPU time (timing.measure.clock_fn('thread')) in 'wall_ms'."""
     import torch
+
+    from timing.measure import clock_fn
     with torch.no_grad():
+        if cond == 'thread_clock':
+            tick = clock_fn('thread')
+            t0 = tick()
+            y = x
+            for m in blocks:
+                y = m(y)
+            head(y)
+            return {'wall_ms': (tick() - t0) * 1e3}
         if cond == 'timed':
             per = []
             t_start = time.perf_counter()
@@ -141,7 +153,7 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
         for i in order_rng.permutation(len(pairs)):
             c, cond = pairs[int(i)]
             blocks = [dep[(k, gk)] for k, gk in enumerate(cfgs[c])]
-            if cond == 'threads2':
+            if cond == 'threads2':  # torch threads for this burst only
                 torch.set_num_threads(2)
             if cond == 'pinned' and cpus:
                 os.sched_setaffinity(0, {cpus[-1]})
@@ -167,6 +179,8 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
     luts['chain_no_warmup'] = lut(warmup=0)
     luts['isolated'] = lut(timing='isolated')
     luts['chain_2_threads'] = lut(threads=2)
+    luts['fit'] = lut(timing='fit', fit_configurations=case.fit_configurations, fit_rounds=case.fit_rounds,
+                      fit_burst=case.fit_burst)
     load_after = common.load_average()
 
     med = {k: float(np.median(v)) for k, v in samples.items()}
@@ -217,6 +231,10 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
          _geo_pct(ratio(pred['isolated'], p)), ''],
         ['noise floor: whole pass, first vs second half of the rounds', 'half 1', 'half 2',
          float(np.median([abs(a - b) / b * 100 for a, b in half])), 'median |h1 - h2| / h2'],
+        ['clock: thread CPU time vs wall time of the whole pass', 'thread CPU', 'wall', _geo_pct(ratio(
+            [med[(c, 'thread_clock')] for c in range(configs)], whole)), 'preemption is not in CPU time'],
+        ['remedy: fit LUT (timing=fit, step 1 now) vs whole configuration', 'fit LUT', 'whole pass',
+         _geo_pct(ratio(pred['fit'], whole)), 'entries fitted to timed parts'],
     ]
     loaded = common.is_loaded(load_before) or common.is_loaded(load_after, own=1.0)
     out = {'label': case.label, 'model': case.arch, 'input_size_px': case.input_size, 'configurations': configs,

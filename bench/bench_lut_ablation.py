@@ -15,7 +15,9 @@ method before this bench) measured before and after the passes (drift), `chain` 
 all repeats of one configuration before the next).
 
 Effects are exp(mean over configurations of log(ratio)) - 1, in %, so that the three factors of the chain
-LUT's error (layout context x untimed gaps x timer overhead) multiply to the whole.  The machine's load
+LUT's error (layout context x untimed gaps x timer overhead) multiply to the whole; each is given with the
+samples' medians (what LUTs use) and their minima (the fastest run: other work only adds time, so minima show
+the systematic effects on a loaded machine too).  The machine's load
 average is recorded before and after; on a loaded machine the table says so.  Writes
 bench/results/lut_ablation.json.
 """
@@ -172,9 +174,8 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
     seq = []
     for g in cfgs:
         part = [dep[(k, gk)] for k, gk in enumerate(g)]
-        st = M.time_callable(lambda b=part: _pass('whole', b, head, x), 'cpu', case.warmup, case.repeats,
-                             min_sample_ms=0)
-        seq.append(st['median_ms'])
+        seq.append(M.time_callable(lambda b=part: _pass('whole', b, head, x), 'cpu', case.warmup, case.repeats,
+                                   min_sample_ms=0))
     luts['chain_after'] = lut()
     luts['chain_no_warmup'] = lut(warmup=0)
     luts['isolated'] = lut(timing='isolated')
@@ -183,73 +184,89 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
                       fit_burst=case.fit_burst)
     load_after = common.load_average()
 
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    whole = [med[(c, 'whole')] for c in range(configs)]
-    timed = [med[(c, 'timed')] for c in range(configs)]
-    sum_med = [float(np.sum(np.median(np.asarray(insitu[c]), axis=0))) for c in range(configs)]
-    med_sum = [float(np.median(np.sum(np.asarray(insitu[c]), axis=1))) for c in range(configs)]
-    half = [(float(np.median(samples[(c, 'whole')][:len(samples[(c, 'whole')]) // 2])),
-             float(np.median(samples[(c, 'whole')][len(samples[(c, 'whole')]) // 2:]))) for c in range(configs)]
-    pred = {k: predict(v) for k, v in luts.items()}
-    p = pred['chain_before']
-    head_chain = float(luts['chain_before']['head'][L.lut_key('head', None, 1)]['median_ms'])
-    head_marg = float(np.median([med[(c, 'whole')] - med[(c, 'nohead')] for c in range(configs)]))
     n_mod = len(plan) + 1
-    call_us = float(np.median([(med[(c, 'whole')] - med[(c, 'bare')]) / n_mod * 1e3 for c in range(configs)]))
 
     def ratio(a: Sequence[float], b: Sequence[float]) -> List[float]:
         return [x / y for x, y in zip(a, b)]
 
-    rows = [
-        ['LUT sum (chain, step 1 until now) vs whole configuration', 'chain LUT', 'whole pass',
-         _geo_pct(ratio(p, whole)), 'the error to explain'],
+    def at(side: Dict[str, Any], field: str) -> Dict[str, Any]:
+        return dict(side, entries={k: dict(e, median_ms=e[field]) for k, e in side['entries'].items()},
+                    head={k: dict(e, median_ms=e[field]) for k, e in side['head'].items()})
+
+    def table_for(agg: Any, field: str) -> Dict[str, Any]:
+        """The rows' effects with one statistic per sample set: medians (what the LUT uses) or minima (the
+        fastest run: preemption by other work only adds time, so minima show the systematic effects even on a
+        loaded machine)."""
+        med = {k: float(agg(v)) for k, v in samples.items()}
+        whole = [med[(c, 'whole')] for c in range(configs)]
+        timed = [med[(c, 'timed')] for c in range(configs)]
+        sum_blk = [float(np.sum(agg(np.asarray(insitu[c]), axis=0))) for c in range(configs)]
+        blk_sum = [float(agg(np.sum(np.asarray(insitu[c]), axis=1))) for c in range(configs)]
+        w = samples
+        half = [(float(agg(w[(c, 'whole')][:len(w[(c, 'whole')]) // 2])),
+                 float(agg(w[(c, 'whole')][len(w[(c, 'whole')]) // 2:]))) for c in range(configs)]
+        pred = {k: predict(at(v, field)) for k, v in luts.items()}
+        p = pred['chain_before']
+        head_chain = float(luts['chain_before']['head'][L.lut_key('head', None, 1)][field])
+        head_marg = float(np.median([med[(c, 'whole')] - med[(c, 'nohead')] for c in range(configs)]))
+        call_us = float(np.median([(med[(c, 'whole')] - med[(c, 'bare')]) / n_mod * 1e3 for c in range(configs)]))
+        cond = {k: [med[(c, k)] for c in range(configs)] for k in CONDITIONS}
+        effects = [
+            _geo_pct(ratio(p, whole)), _geo_pct(ratio(p, sum_blk)), _geo_pct(ratio(sum_blk, timed)),
+            _geo_pct(ratio(timed, whole)), _geo_pct(ratio(sum_blk, blk_sum)), _geo_pct(ratio(whole, cond['bare'])),
+            100.0 * (head_chain - head_marg) / float(np.median(whole)), _geo_pct(ratio(cond['threads2'], whole)),
+            _geo_pct(ratio(pred['chain_2_threads'], p)), _geo_pct(ratio(cond['pinned'], whole)),
+            _geo_pct(ratio(pred['chain_no_warmup'], p)), _geo_pct(ratio(pred['chain_after'], p)),
+            _geo_pct(ratio([s[field] for s in seq], whole)), _geo_pct(ratio(pred['isolated'], p)),
+            float(np.median([abs(a - b) / b * 100 for a, b in half])), _geo_pct(ratio(cond['thread_clock'], whole)),
+            _geo_pct(ratio(pred['fit'], whole))]
+        return {'effects': effects, 'whole': whole, 'timed': timed, 'insitu_sum': sum_blk, 'pred': pred,
+                'head_chain': head_chain, 'head_marg': head_marg, 'call_us': call_us}
+
+    md, mn = table_for(np.median, 'median_ms'), table_for(np.min, 'min_ms')
+    labels = [
+        ['LUT sum (chain, step 1 until now) vs whole configuration', 'chain LUT', 'whole pass', 'the error to explain'],
         ['  a. layout context: chain LUT vs the same blocks timed inside the configuration', 'chain LUT',
-         'in-situ block sum', _geo_pct(ratio(p, sum_med)), 'uniform-layout chain vs mixed configuration'],
+         'in-situ block sum', 'uniform-layout chain vs mixed configuration, drift'],
         ['  b. untimed gaps: in-situ block sum vs timed pass wall', 'in-situ sum', 'timed wall',
-         _geo_pct(ratio(sum_med, timed)), 'code between the timers'],
-        ['  c. timer calls inside the pass', 'timed wall', 'whole pass', _geo_pct(ratio(timed, whole)),
-         f'{n_mod} perf_counter pairs'],
-        ['sum of per-block medians vs median of per-pass sums (timed)', 'sum of medians', 'median of sums',
-         _geo_pct(ratio(sum_med, med_sum)), 'statistic'],
-        ['Python call overhead: nn.Module __call__ vs forward()', 'whole', 'bare', _geo_pct(ratio(
-            whole, [med[(c, 'bare')] for c in range(configs)])), f'{call_us:.1f} us per module (in both)'],
-        ['head: chain entry vs its marginal cost in the whole pass', f'{head_chain:.3f} ms', f'{head_marg:.3f} ms',
-         100.0 * (head_chain - head_marg) / float(np.median(whole)), '% of the median whole pass'],
-        ['threads: whole pass at 2 threads vs 1', '2 threads', '1 thread', _geo_pct(ratio(
-            [med[(c, 'threads2')] for c in range(configs)], whole)), 'LUT and validation run at lut.threads'],
-        ['threads: chain LUT at 2 threads vs 1', '2 threads', '1 thread',
-         _geo_pct(ratio(pred['chain_2_threads'], p)), ''],
-        ['affinity: whole pass pinned to one core vs free', 'pinned', 'free', _geo_pct(ratio(
-            [med[(c, 'pinned')] for c in range(configs)], whole)), ''],
-        ['warm-up: chain LUT without vs with warm-up', 'warmup 0', f'warmup {case.warmup}',
-         _geo_pct(ratio(pred['chain_no_warmup'], p)), ''],
-        ['drift: chain LUT after vs before the passes', 'after', 'before', _geo_pct(ratio(pred['chain_after'], p)),
-         'minutes apart'],
-        ['order: sequential (validate_side until now) vs interleaved bursts', 'sequential', 'interleaved',
-         _geo_pct(ratio(seq, whole)), ''],
-        ['isolated LUT (each block alone in a loop) vs chain LUT', 'isolated', 'chain',
-         _geo_pct(ratio(pred['isolated'], p)), ''],
-        ['noise floor: whole pass, first vs second half of the rounds', 'half 1', 'half 2',
-         float(np.median([abs(a - b) / b * 100 for a, b in half])), 'median |h1 - h2| / h2'],
-        ['clock: thread CPU time vs wall time of the whole pass', 'thread CPU', 'wall', _geo_pct(ratio(
-            [med[(c, 'thread_clock')] for c in range(configs)], whole)), 'preemption is not in CPU time'],
+         'code between the timers'],
+        ['  c. timer calls inside the pass', 'timed wall', 'whole pass', f'{n_mod} perf_counter pairs'],
+        ['statistic: per-block statistic summed vs statistic of per-pass sums (timed)', 'sum of stats',
+         'stat of sums', 'preemption hits whole passes more often than 0.1 ms blocks'],
+        ['Python call overhead: nn.Module __call__ vs forward()', 'whole', 'bare',
+         f'{md["call_us"]:.1f} us per module, medians (in both)'],
+        ['head: chain entry vs its marginal cost in the whole pass', f'{md["head_chain"]:.3f} ms',
+         f'{md["head_marg"]:.3f} ms', '% of the median whole pass (medians)'],
+        ['threads: whole pass at 2 threads vs 1', '2 threads', '1 thread', 'LUT and validation run at lut.threads'],
+        ['threads: chain LUT at 2 threads vs 1', '2 threads', '1 thread', ''],
+        ['affinity: whole pass pinned to one core vs free', 'pinned', 'free', ''],
+        ['warm-up: chain LUT without vs with warm-up', 'warmup 0', f'warmup {case.warmup}', ''],
+        ['drift: chain LUT after vs before the passes', 'after', 'before', 'minutes apart'],
+        ['order: sequential (validate_side until now) vs interleaved bursts', 'sequential', 'interleaved', ''],
+        ['isolated LUT (each block alone in a loop) vs chain LUT', 'isolated', 'chain', ''],
+        ['noise floor: whole pass, first vs second half of the rounds', 'half 1', 'half 2', 'median |h1 - h2| / h2'],
+        ['clock: thread CPU time vs wall time of the whole pass', 'thread CPU', 'wall', ''],
         ['remedy: fit LUT (timing=fit, step 1 now) vs whole configuration', 'fit LUT', 'whole pass',
-         _geo_pct(ratio(pred['fit'], whole)), 'entries fitted to timed parts'],
+         'entries fitted to timed parts'],
     ]
+    rows = [lab[:3] + [e1, e2] + lab[3:] for lab, e1, e2 in zip(labels, md['effects'], mn['effects'])]
+    whole, timed, sum_med, pred = md['whole'], md['timed'], md['insitu_sum'], md['pred']
+    head_chain, head_marg, call_us = md['head_chain'], md['head_marg'], md['call_us']
     loaded = common.is_loaded(load_before) or common.is_loaded(load_after, own=1.0)
     out = {'label': case.label, 'model': case.arch, 'input_size_px': case.input_size, 'configurations': configs,
            'rounds': rounds, 'burst': burst, 'warmup': case.warmup, 'repeats': case.repeats,
            'load_average_before': load_before, 'load_average_after': load_after, 'loaded': loaded,
            'median_whole_ms': float(np.median(whole)), 'head_chain_ms': head_chain, 'head_marginal_ms': head_marg,
            'call_overhead_us_per_module': call_us, 'rows': rows, 'wall_s': time.perf_counter() - t_case,
-           'per_config': {'whole_ms': whole, 'timed_ms': timed, 'insitu_sum_ms': sum_med, 'sequential_ms': seq,
-                          'predicted_ms': pred}}
+           'per_config': {'whole_ms': whole, 'timed_ms': timed, 'insitu_sum_ms': sum_med,
+                          'sequential_ms': [s['median_ms'] for s in seq], 'predicted_ms': pred,
+                          'whole_min_ms': mn['whole'], 'predicted_min_ms': mn['pred']}}
     log.info('%s: chain LUT vs whole %+.1f %% (load %s -> %s, %.0f s)', case.label, rows[0][3], load_before,
              load_after, out['wall_s'])
     return out
 
 
-COLUMNS = ['factor', 'with', 'without', 'effect (%)', 'note']
+COLUMNS = ['factor', 'with', 'without', 'effect, medians (%)', 'effect, minima (%)', 'note']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -281,7 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tables.append(common.table(f'{r["label"]}: chain-LUT bias ablation, {r["configurations"]} configurations x '
                                    f'{r["rounds"]} rounds, load average {r["load_average_before"]} -> '
                                    f'{r["load_average_after"]}{flag}', COLUMNS, r['rows']))
-        headline.append([f'{r["label"]}: chain LUT sum vs whole configuration (ablation)', r['rows'][0][3], '%'])
+        headline.append([f'{r["label"]}: chain LUT sum vs whole configuration, medians (ablation, load '
+                         f'{common.fmt((r["load_average_before"] or [None])[0])})', r['rows'][0][3], '%'])
+        headline.append([f'{r["label"]}: chain LUT sum vs whole configuration, minima (ablation)', r['rows'][0][4], '%'])
     path = common.write_result(args.out_dir, NAME, {'models': results}, machine, args.quick, headline, tables, argv)
     common.print_tables(tables, path)
     return 0

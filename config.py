@@ -79,7 +79,8 @@ class LutConfig:
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
-    timing: str = 'chain'  # chain: blocks timed inside whole forward passes (weights come from memory, as deployed) | isolated: each block alone in a loop
+    timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
+    fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
 
 
 @dataclass(frozen=True)

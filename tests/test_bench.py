@@ -28,15 +28,19 @@ def test_bench_lut_quick_fields(lut_result):
     assert m['cpu_cores'] >= 1 and m['cpu_model'] and m['torch_version'].startswith('2.')
     (row,) = obj['models'].values()
     assert row['num_blocks'] == 22 and row['batch'] == 1 and row['configurations'] == 4
-    assert len(row['records']) == 4 and row['lut_entries'] > 22
-    assert 0.0 <= row['share_within_10pct'] <= 1.0 and row['median_abs_error_pct'] >= 0.0
-    assert row['spearman_rho'] is None or -1.0 <= row['spearman_rho'] <= 1.0
+    assert len(row['records']) == 4 and row['lut_entries'] > 22 and row['settings']['timing'] == 'fit'
+    fit = row['methods']['fit']
+    assert 0.0 <= fit['share_within_10pct'] <= 1.0 and fit['median_abs_error_pct'] >= 0.0
+    assert fit['spearman_rho'] is None or -1.0 <= fit['spearman_rho'] <= 1.0
     errs = sorted(abs(r['error_pct']['total']) for r in row['records'])
-    assert row['median_abs_error_pct'] == pytest.approx((errs[1] + errs[2]) / 2)
-    assert row['share_within_10pct'] == pytest.approx(sum(e <= 10.0 for e in errs) / 4)
-    assert [h[0] for h in obj['headline']][0].endswith('configurations within +/-10 %')
-    assert obj['tables'][0]['columns'][0] == 'model' and len(obj['tables'][0]['rows']) == 1
-    assert 'Spearman rho' in stdout
+    assert fit['median_abs_error_pct'] == pytest.approx((errs[1] + errs[2]) / 2)
+    assert fit['share_within_10pct'] == pytest.approx(sum(e <= 10.0 for e in errs) / 4)
+    assert fit['noise']['passes'] == 2 and fit['noise']['pass_to_pass_pct'] >= 0.0
+    assert row['methods']['chain']['configurations'] == 4 and isinstance(row['loaded'], bool)
+    assert len(row['load_average_start']) == 3 and 'met' in fit['targets']
+    assert 'configurations within +/-10 %' in [h[0] for h in obj['headline']][0]
+    assert obj['tables'][0]['columns'][0] == 'model' and len(obj['tables'][0]['rows']) == 2
+    assert 'Spearman rho' in stdout and 'noise floor' in stdout
 
 
 def test_report_readme_from_results(lut_result):

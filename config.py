@@ -49,8 +49,8 @@ class DataConfig:
     samples_per_domain: int = 0  # cap per domain (0 = all samples the partition assigns)
     min_classes_per_domain: int = 3  # class-slices: a domain's window covers at least this many classes
     corruption_severity: int = 2  # severity level 1..3 of every domain's corruption (table in data/domains.py)
-    val_fraction: float = 0.15  # share of a domain's samples in its validation split
-    test_fraction: float = 0.15  # share of a domain's samples in its held-out test split
+    val_fraction: float = 0.35  # share of a domain's samples in its val split: step 3's acceptance and selection only
+    test_fraction: float = 0.25  # share of a domain's samples in its test split: reported only
     synthetic_samples: int = 2000  # size of the synthetic dataset (tests)
     num_workers: int = 0  # DataLoader worker processes
 
@@ -61,6 +61,7 @@ class TrainConfig:
     base_epochs: int = 4  # epochs of base-model training when no checkpoint is given
     base_lr: float = 0.1  # SGD learning rate of base training (warm-up, then cosine schedule)
     base_train_samples: int = 40000  # base-training samples (0 = whole train set); the rest join the domain pool
+    base_split_seed: int = 0  # seed of the base-training subset, apart from --seed: one base model serves every domain seed without leakage
     alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
     alpha_lr: float = 0.01  # Adam learning rate for alpha
     eval_batch_size: int = 256  # images per evaluation batch
@@ -80,7 +81,8 @@ class LutConfig:
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
-    timing: str = 'chain'  # chain: blocks timed inside whole forward passes (weights come from memory, as deployed) | isolated: each block alone in a loop
+    timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
+    fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,10 @@ class JointConfig:
     max_rounds: int = 5  # progressive pruning rounds at most
     epochs_per_round: int = 1  # alpha fine-tuning epochs per round
     milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
-    sensitivity_samples: int = 0  # validation samples the measured sensitivities use (0 = the whole val split)
+    sensitivity_samples: int = 0  # train-split samples the sensitivities and the surrogate use (0 = the whole train split)
     importance_share: float = 0.02  # --sensitivity importance: share of branches pruned together for its one calibration measurement (>= 1)
     threads: int = 1  # torch CPU threads of step 3 (small batches: 1 avoids thread stalls on a shared CPU; 0 = one per core)
-    finetune_samples: int = 1024  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
+    finetune_samples: int = 0  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
     min_saving_pct: float = 2.0  # sensitivities only for branches whose removal saves >= this % of a block's best time on a side (others stay kept)
     max_new_prunes: int = 3  # progressive step: at most this many branches newly pruned per round (0 = no limit)
 
@@ -353,26 +355,34 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return data
 
 
-# Flags shared by every step script: flag -> config key.
+# Flags shared by every step script: flag -> (config key, help without the default, which comes from Config()).
 COMMON_FLAGS: Dict[str, Tuple[str, str]] = {
-    'results_dir': ('results_dir', 'artifact directory, relative to the repository root (default: results)'),
-    'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3 (default: RepVGG-A0)'),
-    'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic (default: fashion-mnist)'),
-    'data_root': ('data.data_root', 'dataset directory, relative to the repository root (default: data)'),
-    'device': ('device', 'torch device for server-side compute: cpu | cuda (default: cpu)'),
-    'seed': ('seed', 'random seed (default: 0)'),
+    'results_dir': ('results_dir', 'artifact directory, relative to the repository root'),
+    'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3'),
+    'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic'),
+    'data_root': ('data.data_root', 'dataset directory, relative to the repository root'),
+    'device': ('device', 'torch device for server-side compute: cpu | cuda'),
+    'seed': ('seed', 'random seed'),
 }
 
 
+def default_of(key: str) -> Any:
+    """Config()'s value of a dotted key such as 'train.alpha_epochs': the default a flag's --help shows."""
+    value: Any = Config()
+    for part in key.split('.'):
+        value = getattr(value, part)
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """--config, --set and the common flags of DESIGN.md section 3."""
+    """--config, --set and the common flags (docs/design.md#artifacts-and-steps)."""
     g = parser.add_argument_group('common configuration')
     g.add_argument('--config', metavar='FILE', help='JSON config file (nested by section) or an artifact whose '
                    'config to reuse (default: none, built-in defaults)')
     g.add_argument('--set', metavar='SECTION.KEY=VALUE', action='append', default=[],
                    help='override one config key, repeatable, e.g. --set optim.steps=500 (default: none)')
-    for flag, (_, help_text) in COMMON_FLAGS.items():
-        g.add_argument(f'--{flag}', default=None, help=help_text)
+    for flag, (key, help_text) in COMMON_FLAGS.items():
+        g.add_argument(f'--{flag}', default=None, help=f'{help_text} (default: {default_of(key)})')
 
 
 LINK_FLAGS: Dict[str, str] = {'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps', 'rtt_ms': 'lut.rtt_ms'}

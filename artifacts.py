@@ -9,6 +9,7 @@ and the field.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,17 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f'not JSON-serializable: {type(o).__name__}')
+
+
+def fingerprint(obj: Any) -> str:
+    """The one cache-key digest: SHA-256 (hex) of `obj`'s canonical JSON (keys sorted, json's default separators;
+    numpy values, sets and paths as write_artifact stores them).  A cache records it and is reused only when equal."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_default).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes: what a cache key holds for an input file (a LUT, a checkpoint)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _check_finite(obj: Any, where: str) -> None:

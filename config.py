@@ -47,8 +47,8 @@ class DataConfig:
     samples_per_domain: int = 0  # cap per domain (0 = all samples the partition assigns)
     min_classes_per_domain: int = 3  # class-slices: a domain's window covers at least this many classes
     corruption_severity: int = 2  # severity level 1..3 of every domain's corruption (table in data/domains.py)
-    val_fraction: float = 0.15  # share of a domain's samples in its validation split
-    test_fraction: float = 0.15  # share of a domain's samples in its held-out test split
+    val_fraction: float = 0.35  # share of a domain's samples in its val split: step 3's acceptance and selection only
+    test_fraction: float = 0.25  # share of a domain's samples in its test split: reported only
     synthetic_samples: int = 2000  # size of the synthetic dataset (tests)
     num_workers: int = 0  # DataLoader worker processes
 
@@ -59,6 +59,7 @@ class TrainConfig:
     base_epochs: int = 4  # epochs of base-model training when no checkpoint is given
     base_lr: float = 0.1  # SGD learning rate of base training (warm-up, then cosine schedule)
     base_train_samples: int = 40000  # base-training samples (0 = whole train set); the rest join the domain pool
+    base_split_seed: int = 0  # seed of the base-training subset, apart from --seed: one base model serves every domain seed without leakage
     alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
     alpha_lr: float = 0.01  # Adam learning rate for alpha
     eval_batch_size: int = 256  # images per evaluation batch
@@ -78,7 +79,8 @@ class LutConfig:
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
-    timing: str = 'chain'  # chain: blocks timed inside whole forward passes (weights come from memory, as deployed) | isolated: each block alone in a loop
+    timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
+    fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,10 @@ class JointConfig:
     max_rounds: int = 5  # progressive pruning rounds at most
     epochs_per_round: int = 1  # alpha fine-tuning epochs per round
     milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
-    sensitivity_samples: int = 0  # validation samples the measured sensitivities use (0 = the whole val split)
+    sensitivity_samples: int = 0  # train-split samples the sensitivities and the surrogate use (0 = the whole train split)
     importance_share: float = 0.02  # --sensitivity importance: share of branches pruned together for its one calibration measurement (>= 1)
     threads: int = 1  # torch CPU threads of step 3 (small batches: 1 avoids thread stalls on a shared CPU; 0 = one per core)
-    finetune_samples: int = 1024  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
+    finetune_samples: int = 0  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
     min_saving_pct: float = 2.0  # sensitivities only for branches whose removal saves >= this % of a block's best time on a side (others stay kept)
     max_new_prunes: int = 3  # progressive step: at most this many branches newly pruned per round (0 = no limit)
 

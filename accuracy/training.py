@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from artifacts import file_sha256, fingerprint
 from config import Config, UserError, resolve_path
 from hyper_repvgg import HyperRepVGG, RepVGG, build_hyper_repvgg
 
@@ -203,13 +203,13 @@ def base_config_key(cfg: Config) -> Dict[str, Any]:
             'dataset': cfg.data.dataset, 'num_classes': num_classes_for(cfg.data.dataset, cfg),
             'base_epochs': cfg.train.base_epochs, 'base_lr': cfg.train.base_lr,
             'base_train_samples': cfg.train.base_train_samples, 'batch_size': cfg.train.batch_size,
-            'seed': cfg.seed}
+            'seed': cfg.seed, **({'base_split_seed': cfg.train.base_split_seed} if cfg.train.base_split_seed else {})}
 
 
 def base_checkpoint_path(cfg: Config) -> Path:
     """Where our trained base model for this configuration lives (a different config, a different file)."""
     key = base_config_key(cfg)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    digest = fingerprint(key)[:10]
     name = f'{key["arch"]}_{key["dataset"]}_{key["input_size"]}px_{digest}.pt'
     return cfg.path(BASE_DIR, name)
 
@@ -325,7 +325,7 @@ def base_loaders(cfg: Config, generator: torch.Generator):
     test_loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.eval_batch_size, shuffle=False)
     if train_src is None:
         return None, test_loader
-    ids = base_train_ids(len(train_src), cfg.train.base_train_samples, cfg.seed)
+    ids = base_train_ids(len(train_src), cfg.train.base_train_samples, cfg.train.base_split_seed)
     train = SampleDataset(train_src, ids, cfg.model.input_size, cache=len(ids) <= 100000)
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
                                                generator=generator, drop_last=len(ids) > cfg.train.batch_size,
@@ -378,9 +378,9 @@ def prepare_base(cfg: Config, force: bool = False) -> Dict[str, Any]:
 def domain_fingerprint(cfg: Config, partition_text: str, model: HyperRepVGG, checkpoint: Path) -> str:
     """What a domain's trained alpha depends on (partition, base weights, architecture, alpha settings)."""
     key = {'partition': hashlib.sha256(partition_text.encode()).hexdigest(),
-           'base': hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(), 'arch': model.spec_dict(),
+           'base': file_sha256(checkpoint), 'arch': model.spec_dict(),
            'alpha': [cfg.train.alpha_epochs, cfg.train.alpha_lr, cfg.train.batch_size, cfg.model.adapt_bn, cfg.seed]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return fingerprint(key)
 
 
 def load_done_domains(path: Path, kind: str, fingerprint: str) -> Dict[str, Any]:

@@ -21,6 +21,8 @@ if __name__ == '__main__':
     if _mode(sys.argv[1:]) == 'client':
         from timing.edge_lut import main
         sys.exit(main())
-    from config import run_cli
-    from pipeline.step1_measure_lut import main
-    run_cli(main)
+    # every other mode is server-side (config.py, Python >= 3.7): imported by name, so that this file's static import
+    # closure, which the device bundle ships (comm/bundle.py), stays device-side
+    import importlib
+    run_cli = importlib.import_module('config').run_cli
+    run_cli(importlib.import_module('pipeline.step1_measure_lut').main)

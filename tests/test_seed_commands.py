@@ -83,8 +83,8 @@ def test_client_mode_names_a_missing_server_lut(tmp_path):
 
 
 def device_side_files():
-    from test_real_mode import DEVICE_SIDE_FILES
-    return list(DEVICE_SIDE_FILES)
+    from comm.bundle import DEVICE_FILES
+    return list(DEVICE_FILES)
 
 
 SEED_CONSTANTS = ('MODEL_NAME', 'WEIGHT_PATH_SERVER', 'SERVER_IP', 'PORT_MAIN', 'MAX_PRUNING_ROUNDS',

@@ -54,10 +54,13 @@ def side_payload(side, model, input_size, measured):
         row['source'] = 'measured'
         head[lut_key('head', None, h['batch'])] = row
     plan = block_plan(model['name'], model.get('width_multiplier'), bool(model.get('small_input', False)))
-    return {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan),
-            'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
-            'entries': entries, 'head': head, 'roofline': measured['roofline'],
-            'metadata': measured['metadata'], 'settings': measured['settings']}
+    out = {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan),
+           'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
+           'entries': entries, 'head': head, 'roofline': measured['roofline'],
+           'metadata': measured['metadata'], 'settings': measured['settings']}
+    if measured.get('fit') is not None:
+        out['fit'] = measured['fit']
+    return out
 
 
 def _field(obj, path, where):

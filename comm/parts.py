@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union  # noqa: F401 - used in type comments
 
 import numpy as np
 import torch
@@ -300,7 +300,7 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=1, help='batch of the forward pass, samples (default: 1)')
     p.add_argument('--device', default='cpu', help='torch device: cpu | cuda (default: cpu)')
     args = p.parse_args(argv)
-    print(json.dumps(probe_here(args.probe, args.batch, args.device)))
+    print(json.dumps(probe_here(args.probe, args.batch, args.device)))  # noqa: T201 - the probe's output
     return 0
 
 

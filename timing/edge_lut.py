@@ -158,11 +158,12 @@ def main(argv=None):
     try:
         obj = measure_edge(server_lut, args.device, args.threads, not args.no_progress)
     except EdgeLutError as e:
-        print('error: {}'.format(e), file=sys.stderr)
+        print('error: {}'.format(e), file=sys.stderr)  # noqa: T201 - entry point
         return 2
     write_json(out, obj)
     meta = obj['metadata']
-    print('edge LUT: {} entries + head, {} on {} ({}), python {}, torch {}, {:.1f} s -> {}; copy it to the server\'s '
+    print('edge LUT: {} entries + head, {} on {} ({}), python {}, torch {}, {:.1f} s -> {}; copy it to the '  # noqa: T201
+          'server\'s '
           'results directory and run `step1_measure_lut.py --mode merge` there'.format(
               len(obj['entries']), obj['model']['name'], meta['device_name'], meta['device'], meta['python_version'],
               meta['torch_version'], obj['settings']['measure_wall_s'], out))

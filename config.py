@@ -453,9 +453,9 @@ def run_cli(main: typing.Callable[[Optional[Sequence[str]]], Optional[int]]) -> 
     try:
         code = main(None)
     except UserError as e:
-        print(f'error: {one_line(str(e))}', file=sys.stderr)
+        print(f'error: {one_line(str(e))}', file=sys.stderr)  # noqa: T201 - the step scripts' CLI runner reports to stderr
         code = 2
     except KeyboardInterrupt:
-        print('interrupted; finished work is kept and the step resumes on the next run', file=sys.stderr)
+        print('interrupted; finished work is kept and the step resumes on the next run', file=sys.stderr)  # noqa: T201
         code = 130
     sys.exit(code or 0)

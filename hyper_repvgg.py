@@ -12,7 +12,7 @@ Vocabulary (see docs/design.md#model):
   * the split lambda (0..N) puts blocks [0, lambda) on the edge and [lambda, N) + pooling + classifier on the server.
 """
 import copy
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple  # noqa: F401 - used in type comments
 
 import torch
 import torch.nn as nn

@@ -20,8 +20,7 @@ import os  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
 from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
-from config import (ConfigError, add_common_args, command_line, default_of, resolve_config, resolve_path,  # noqa: E402
-                    run_cli)
+from config import (ConfigError, add_common_args, command_line, default_of, resolve_config, run_cli)
 
 log = logging.getLogger('step0')
 FLAG_KEYS = {'num_domains': 'data.num_domains', 'partition': 'data.partition',

@@ -21,13 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence  # noqa: F401 - used in type comments
 
 import torch
 import torch.nn as nn
 
-from hyper_repvgg import (LAYOUTS, HyperRepVGG, HyperRepVGGBlock, SplitPart, apply_config, block_plan,
-                          build_hyper_repvgg, deploy_block, deploy_part)
+from hyper_repvgg import HyperRepVGG, HyperRepVGGBlock  # noqa: F401 - used in type comments
+from hyper_repvgg import (LAYOUTS, SplitPart, apply_config, block_plan, build_hyper_repvgg, deploy_block,
+                          deploy_part)
 from timing.flops import block_input_hw, measurable_layouts, out_hw
 
 MIN_TIMED_RUNS = 3  # a time budget never cuts an entry below this many timed runs

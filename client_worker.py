@@ -346,6 +346,8 @@ class Worker(object):
             P.send_frame(sock, 'features', {'batch': i, 'edge_start': t0, 'edge_ms': (t1 - t0) * 1e3,
                                             'send_start': t1}, [('x', y)], lock=self.lock)
             back = P.recv_frame(sock, self.limits)
+            while back.kind == 'heartbeat':  # the server's liveness frames may come in between
+                back = P.recv_frame(sock, self.limits)
             t2 = time.monotonic()
             if back.kind != 'features' or back.header.get('batch') != i or 'x' not in back.tensors:
                 raise CommandError('round_trips: expected the result of request {}, got a {} frame'.format(

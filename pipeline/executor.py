@@ -225,12 +225,13 @@ def _map_ray(fn: Callable[[Any, Any], Any], items: List[Any], names: List[str], 
              step: str, finished: Callable[[int, Any], None], failures: Dict[str, str], bar: Any) -> None:
     c = cfg.cluster
     with ray_session(cfg) as ray:
-        remote = ray.remote(run_task).options(num_cpus=c.cpus_per_task, num_gpus=task_gpus(cfg),
-                                              max_retries=c.max_retries, retry_exceptions=False)
+        remote = ray.remote(run_task)
+        opts = {'num_cpus': c.cpus_per_task, 'num_gpus': task_gpus(cfg), 'max_retries': c.max_retries,
+                'retry_exceptions': False}
         shared_ref = ray.put(shared)
         pending = {}
         for i, (item, name) in enumerate(zip(items, names)):
-            ref = remote.options(name=f'{step} {name}').remote(fn, shared_ref, item, name, step, cfg)
+            ref = remote.options(name=f'{step} {name}', **opts).remote(fn, shared_ref, item, name, step, cfg)
             pending[ref] = i
         try:
             while pending:

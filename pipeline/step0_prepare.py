@@ -1,12 +1,14 @@
 """Step 0: Non-IID domains, the base model, per-domain hyper-weights alpha, branch FLOPs and importance.
 
     python pipeline/step0_prepare.py [--num_domains 10] [--partition class-slices|dirichlet] [--checkpoint FILE]
-                                     [--epochs 3] [--domains 0,3] [--force] [--retrain_base]
+                                     [--epochs 3] [--domains 0,3] [--force] [--retrain_base] [--executor ray]
 
 Writes under <results_dir>: partition_info.json, base_model/<name>.pt (+ .json; only when no --checkpoint),
 trained_hyper_weights.json, training_results.json, branch_flops.json, importance_scores.json,
 importance_rankings.json, hyper_weights_heatmap.png and importance_heatmap.png.  Resumable: a domain
-already trained with the same partition, base model and training settings is skipped unless --force.
+already trained with the same partition, base model and training settings is skipped unless --force.  Each
+domain's alpha training is one task of pipeline/executor.py (in this process, or on a Ray cluster with --executor
+ray), which also writes hyper_weights/domain_<d>.json; its log is <results_dir>/logs/step0/domain_<d>.log.
 """
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Executor scaling: step 0's alpha training + step 3 per domain, local executor vs Ray with N workers, and a projection.
+"""Executor scaling: steps 0 and 3 per domain, local executor vs Ray with N workers, and a GPU-cluster projection.
 
 Part 1 (measured).  The inputs of the per-domain work are copied from --source (default results/, only read:
 partition_info.json, base_model/, hardware_lut_complete.json and, when present, initial_throughput_config.json) into
@@ -49,15 +49,16 @@ class BenchExecutorError(UserError):
     """A source directory without the inputs of the per-domain work."""
 
 
-def copy_inputs(src: Path, dst: Path) -> None:
-    missing = [n for n in INPUTS if not (src / n).exists()]
+def copy_inputs(src: Path, dst: Path, modelled_lut: bool) -> None:
+    need = [n for n in INPUTS if not (modelled_lut and n == 'hardware_lut_complete.json')]
+    missing = [n for n in need if not (src / n).exists()]
     if missing:
         raise BenchExecutorError(f'--source {src}: missing {", ".join(missing)}; run steps 0-2 there first '
                                  '(bash run_pipeline.sh)')
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for n in INPUTS + OPTIONAL:
+    for n in need + ([] if modelled_lut else list(OPTIONAL)):
         if (src / n).is_dir():
             shutil.copytree(src / n, dst / n)
         elif (src / n).is_file():
@@ -121,6 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'copied (only read), relative to the repository root (default: results)')
     p.add_argument('--domains', default=None, help='comma-separated domain ids to time (default: all domains of '
                    'the source partition; with --quick 0,1)')
+    p.add_argument('--modelled_lut', action='store_true', help='step 3 reads a LUT modelled from device profiles '
+                   '(TX2 edge, Orin Nano server) instead of the source\'s measured one, which then need not exist; '
+                   'step 3\'s decisions differ, its work per domain (training, evaluations) does not (default: off)')
     p.add_argument('--workers', type=int, default=2, help='CPUs of the local Ray cluster = tasks at once (default: 2)')
     p.add_argument('--proj_domains', type=int, default=10, help='projection: domains K (default: 10)')
     p.add_argument('--proj_seeds', type=int, default=3, help='projection: seeds per domain S (default: 3)')
@@ -155,7 +159,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs, details = [], {}
     for executor in ('local', 'ray'):
         work = root / executor
-        copy_inputs(src, work)
+        copy_inputs(src, work, args.modelled_lut)
+        if args.modelled_lut:
+            from pipeline import step_3_joint
+            cfg = step_3_joint.resolve_config(step_3_joint.parse_args(['--all_domains', *extra, '--results_dir',
+                                                                       str(work)]), step_3_joint.FLAGS)
+            common.write_modelled_lut(cfg, 'bench_executor.py --modelled_lut')
         runs.append(run_steps(work, domains, executor, args.workers, extra, step3_extra))
         details[executor] = per_domain(work)
     local, ray = runs
@@ -179,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              ray['total_s'], speedup['total_s'], eff['total_s'], la[1]]]
     dom_rows = [[d, details['local'][d]['step0_s'], details['ray'][d]['step0_s'], details['local'][d]['step3_s'],
                  details['ray'][d]['step3_s'], d in same_alpha, d in same_decision] for d in ids]
-    what = f'{n} domain(s) ({domains})' + (' of the quick synthetic setting' if args.quick else f' of {src.name}/')
+    what = f'{n} domain(s) ({domains})' + (' of the quick synthetic setting' if args.quick else f' of {src.name}/') \
+        + (', step 3 on a modelled LUT' if args.modelled_lut else '')
     tables = [
         common.table(f'Measured: step 0 (alpha training) + step 3 wall time, {what}; one pass each on this machine '
                      '(load average: 1-minute, before -> after the run)',
@@ -203,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ['domains with the same decision local vs ray', f'{len(same_decision)} of {n}', ''],
                 [f'projection (modelled): {args.proj_domains}x{args.proj_seeds} B3 tasks on 8 GPUs, efficiency',
                  next(r[4] for r in proj if r[0] == 8), '']]
-    payload = {'domains': domains, 'workers': args.workers, 'runs': runs, 'per_domain': {
+    payload = {'domains': domains, 'modelled_lut': args.modelled_lut, 'workers': args.workers, 'runs': runs,
+               'per_domain': {
         ex: {str(d): {k: v for k, v in rec.items() if k != 'alpha'} for d, rec in det.items()}
         for ex, det in details.items()}, 'speedup': speedup, 'parallel_efficiency': eff,
         'ray_overhead_s': overhead_s, 'same_decision_domains': same_decision, 'same_alpha_domains': same_alpha,

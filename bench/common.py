@@ -204,6 +204,21 @@ def readme_text(results: Sequence[Dict[str, Any]], date_utc: str) -> str:
     return '\n'.join(out) + '\n'
 
 
+def write_modelled_lut(cfg: Any, command: str) -> Path:
+    """<results_dir>/hardware_lut_complete.json for cfg's model with both sides modelled from device profiles (TX2
+    edge, Orin Nano as the 'server'; cfg's link): the LUT step 3 reads, without measuring anything."""
+    from timing import lut as L
+    from timing.profiles import get_profile
+    model = L.model_spec(cfg)
+    size = cfg.model.input_size
+    client = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='client')
+    server = L.modelled_side(get_profile('jetson-orin-nano'), model, size, [1], side='server')
+    path = cfg.path('hardware_lut_complete.json')
+    write_artifact(path, 'hardware_lut_complete', L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg,
+                   command)
+    return path
+
+
 def update_readme_text(old: str, results: Sequence[Dict[str, Any]], date_utc: str) -> str:
     """bench/README.md with only the benches in `results` re-rendered: their combined-table rows and their
     sections are replaced (or added), the script table is regenerated and the other benches' sections are kept

@@ -1,6 +1,7 @@
 """The combined bench table from bench/results/*.json, printed; with --write_readme also bench/README.md.
 
-    python bench/report.py [--results_dir bench/results] [--write_readme | --update_readme] [--date '2025-01-01 12:00 UTC']
+    python bench/report.py [--results_dir bench/results] [--write_readme | --update_readme]
+                           [--date '2025-01-01 12:00 UTC']
 """
 import sys
 from pathlib import Path

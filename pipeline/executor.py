@@ -137,8 +137,9 @@ def _why(e: BaseException, cfg: Config, step: str, name: str) -> str:
         return f'{type(cause).__name__}: {cause} {where}'
     if rex is not None and isinstance(e, rex.RayError):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        return (f'{type(e).__name__} after {cfg.cluster.max_retries} retr{"y" if cfg.cluster.max_retries == 1 else "ies"}'
-                f' (the worker process died: killed, out of memory or its node lost): {first} {where}')
+        n = cfg.cluster.max_retries
+        return (f'{type(e).__name__} after {n} retr{"y" if n == 1 else "ies"} (the worker process died: killed, out '
+                f'of memory or its node lost): {first} {where}')
     return f'{type(e).__name__}: {e} {where}'
 
 
@@ -169,7 +170,8 @@ def ray_session(cfg: Config) -> Iterator[Any]:
         ray.init(**kwargs)
     except ConnectionError as e:
         raise ConfigError(f'--ray_address {c.ray_address}: cannot join that Ray cluster ({e}); start it with '
-                          '`ray start --head` or leave --ray_address out for a local one') from None
+                          '`ray start --head`, export RAY_AUTH_MODE=token (and its token, see the README) or leave '
+                          '--ray_address out for a local one') from None
     try:
         yield ray
     finally:

@@ -9,9 +9,9 @@ over eps on the corrected surrogate.
 
 Writes <results_dir>/joint_optimization/domain_<d>_joint.json and domain_<d>_state.json (alpha, masks, gamma,
 lambda: HyperRepVGG.load_hyper_weights reads it); rounds are checkpointed in domain_<d>_rounds/ and resumed.
-A finished domain is skipped on rerun unless --force.  Each domain is one task of pipeline/executor.py (in this
-process, or on a Ray cluster with --executor ray; logs in <results_dir>/logs/step3/).  --mode real also deploys the result to the worker and
-measures it on the domain's test split.
+A finished domain is skipped on rerun unless --force.  --mode real also deploys the result to the worker and
+measures it on the domain's test split.  Each domain is one task of pipeline/executor.py (in this process, or on a
+Ray cluster with --executor ray; logs in <results_dir>/logs/step3/).
 """
 import sys
 from pathlib import Path

@@ -61,7 +61,8 @@ def test_step0_and_step3_on_ray_decide_as_local(results, local_run, ray_cluster,
     from pipeline import step0_prepare
     res = _copy(results, tmp_path, 'ray')
     # step 0 again through Ray (base model reused): the same alphas as the local run of the fixture
-    for f in ['trained_hyper_weights.json', 'training_results.json'] + [f'hyper_weights/domain_{d}.json' for d in (0, 1)]:
+    for f in ('trained_hyper_weights.json', 'training_results.json', 'hyper_weights/domain_0.json',
+              'hyper_weights/domain_1.json'):
         (res / f).unlink()
     assert step0_prepare.main(SETS[:-2] + ['--num_domains', '2', '--epochs', '1', '--threads', '1', '--results_dir',
                                            str(res), '--executor', 'ray']) == 0

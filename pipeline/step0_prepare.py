@@ -48,7 +48,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    'train set joins the domain pool (default: train.base_train_samples)')
     p.add_argument('--adapt_bn', action='store_const', const='true', help='adapt BN statistics per domain and save '
                    'them with alpha (default: off, BN frozen)')
-    p.add_argument('--threads', help='torch CPU threads, 0 = one per core (default: train.threads = 0)')
+    p.add_argument('--threads', help='torch CPU threads, 0 = one per core (with --executor ray: cluster.cpus_per_task) '
+                   '(default: train.threads = 0)')
     p.add_argument('--domains', help='comma-separated domain ids to train (default: all)')
     p.add_argument('--force', action='store_true', help='retrain domains that are already done (default: off)')
     p.add_argument('--retrain_base', action='store_true', help='retrain our base model even if cached (default: off)')

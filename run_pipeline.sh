@@ -4,7 +4,7 @@
 # (the base model, finished domains, the LUT); --fresh starts over in the results directory.
 #
 #   bash run_pipeline.sh [--mode pseudo|real] [--model NAME] [--dataset NAME] [--link 3g|4g|wifi|ethernet]
-#                        [--client_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
+#                        [--edge_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
 #                        [--checkpoint FILE] [--executor local|ray] [--ray_address HOST:PORT] [--fresh]
 #                        [--set SECTION.KEY=VALUE ...]
 set -euo pipefail
@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     --checkpoint) common+=(--set "model.checkpoint=$2"); shift 2 ;;
     --executor) common+=(--set "cluster.executor=$2"); shift 2 ;;      # steps 0 and 3 fan out per domain
     --ray_address) common+=(--set "cluster.ray_address=$2"); shift 2 ;;
-    --link|--client_profile) step1+=("$1" "$2"); step23+=("$1" "$2"); shift 2 ;;
+    --link|--edge_profile) step1+=("$1" "$2"); step23+=("$1" "$2"); shift 2 ;;
     --epsilon) step3+=("$1" "$2"); shift 2 ;;
     --domains) domains="$2"; shift 2 ;;
     --fresh) fresh=1; shift ;;

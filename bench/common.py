@@ -211,10 +211,10 @@ def write_modelled_lut(cfg: Any, command: str) -> Path:
     from timing.profiles import get_profile
     model = L.model_spec(cfg)
     size = cfg.model.input_size
-    client = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='client')
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, size, [1], side='server')
     path = cfg.path('hardware_lut_complete.json')
-    write_artifact(path, 'hardware_lut_complete', L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg,
+    write_artifact(path, 'hardware_lut_complete', L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32'), cfg,
                    command)
     return path
 

@@ -91,5 +91,5 @@ def joint_domain_task(job: JointJob, d: int) -> Dict[str, Any]:
     out = joint.run_domain(job.inp, d, job.command, force=job.force, real_run=job.real_run)
     if not out['skipped']:
         write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, job.command)
-        write_artifact(joint.joint_path(cfg, d), 'joint_domain', out['payload'], cfg, job.command)
+        write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', out['payload'], cfg, job.command)
     return {'payload': out['payload'], 'skipped': out['skipped']}

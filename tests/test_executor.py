@@ -33,7 +33,7 @@ def _copy(results, tmp_path, name):  # noqa: F811
 def _decisions(res, d):
     """What step 3 decided for domain d: split, layouts, kept branches, accuracies, rounds, Pareto, alphas."""
     cfg = _cfg(res)
-    obj = json.loads(joint.joint_path(cfg, d).read_text())
+    obj = json.loads(joint.joint_path(cfg.path(), d).read_text())
     state = json.loads(joint.state_path(cfg, d).read_text())
     keep = ('lam', 'gammas', 'branches_pruned', 'a_ref_pct', 'final_accuracy_pct', 'final_val_accuracy_pct',
             'chosen_round', 'stop_reason', 'predicted')
@@ -123,10 +123,10 @@ def test_killed_worker_is_retried_then_reported_and_resumed(results, local_run, 
     with pytest.raises(executor.TasksFailed, match=r'1 of 2 task\(s\) failed:\n  domain 0: .*worker process died'):
         _run_with_kill(res, max_retries=0)
     c = _cfg(res)
-    assert not joint.joint_path(c, 0).exists() and joint.joint_path(c, 1).is_file()
-    kept = joint.joint_path(c, 1).read_bytes()
+    assert not joint.joint_path(c.path(), 0).exists() and joint.joint_path(c.path(), 1).is_file()
+    kept = joint.joint_path(c.path(), 1).read_bytes()
     assert _step3(['--results_dir', str(res), '--all_domains']) == 0
-    assert joint.joint_path(c, 1).read_bytes() == kept and _decisions(res, 0) == _decisions(local_run, 0)
+    assert joint.joint_path(c.path(), 1).read_bytes() == kept and _decisions(res, 0) == _decisions(local_run, 0)
 
 
 def test_task_errors_are_collected_by_name_and_config_checked(tmp_path):

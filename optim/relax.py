@@ -1,4 +1,4 @@
-"""Step 2 by LUT gradient descent (DESIGN.md section 6): the relaxed layout/split problem (float64).
+"""Step 2 by LUT gradient descent (docs/design.md#step-2-solvers): the relaxed layout/split problem (float64).
 
 Relaxation, for each of R restarts optimized together (one batch dimension, independent parameters):
 
@@ -19,12 +19,11 @@ Relaxation, for each of R restarts optimized together (one batch dimension, inde
   with the value -tau * logsumexp(-F / tau) (a smooth minimum over the splits), which is the loss.  Every split
   passes gradient to the layouts in proportion to q.  (Adam on free split logits fails here: its per-coordinate
   step normalization raises every better-than-average split at the same rate, so the split that wins is decided
-  by the initial noise; on random B3-size LUTs a third of the runs ended > 1 % from the optimum, most at
-  lambda = 0.)
+  by the initial noise and many runs end far from the optimum, most at lambda = 0: docs/design.md#deviations.)
 * all softmaxes use the same temperature tau (logits / tau), annealed geometrically from tau_start to tau_end, so
   the distributions end close to one-hot; Adam on the layout logits.  Step 2 anneals to 0.001 (optim.step2_tau_end):
-  at 0.02 the smooth max overstates splits with balanced stages by up to tau * ln 3 (2 % of the scale), and the
-  descent alone ended up to 3 % from the optimum on random B3-size LUTs.
+  at 0.02 the smooth max overstates splits with balanced stages by up to tau * ln 3 (2 % of the scale), which
+  costs the descent alone measurable gaps (docs/design.md#deviations; current gaps: bench/README.md, optimizer_step2).
 
 Then each restart's argmax (gamma, lambda) is improved by a local search under the EXACT cost (optim/cost.py):
 best-improvement moves that change one block's layout or the split (layouts kept), repeated until no move
@@ -47,6 +46,7 @@ import torch
 
 from optim.cost import (CostError, CostTables, best_index, check_objective, check_valid, describe,
                         objective_values, stage_times)
+from optim.search import Improve, local_search
 
 
 @dataclass(frozen=True)
@@ -148,20 +148,10 @@ class RelaxResult:
     wall_s: float = 0.0
 
 
-def local_search(gammas: np.ndarray, lam: int, t: CostTables, valid: np.ndarray, objective: str, omega: float,
-                 max_rounds: int = 200) -> Tuple[np.ndarray, int, int, str]:
-    """Best-improvement local search under the exact cost: each round evaluates every single-block layout change
-    and every split (layouts kept) and takes the best strict improvement of (objective, then latency).
-    Returns (gammas, lam, moves, status) with status 'converged' or 'round_limit'."""
-    n = t.num_blocks
-    g = np.asarray(gammas, dtype=np.int64).copy()
-    lam = int(lam)
-    ks, gs = np.nonzero(valid)
-    lams = np.arange(n + 1)
-    for moves in range(max_rounds):
-        cand = np.repeat(g[None, :], ks.size + n + 1, axis=0)
-        cand[np.arange(ks.size), ks] = gs
-        cl = np.concatenate([np.full(ks.size, lam), lams])
+def exact_improvement(t: CostTables, objective: str, omega: float) -> Improve:
+    """Step 2's `improve` for optim.search.local_search: the candidate with the best exact-cost objective (ties within
+    1e-12 relative: the lower latency) if it is strictly better in (objective, then latency)."""
+    def improve(cand: np.ndarray, cl: np.ndarray, g: np.ndarray, lam: int) -> Optional[int]:
         st = stage_times(cand, cl, t)
         obj = objective_values(st, objective, omega)
         i = best_index(obj, st.latency_ms)
@@ -169,10 +159,8 @@ def local_search(gammas: np.ndarray, lam: int, t: CostTables, valid: np.ndarray,
         cur_obj = float(objective_values(cur, objective, omega)[0])
         tol = 1e-12 * max(1.0, abs(cur_obj))
         better = obj[i] < cur_obj - tol or (obj[i] <= cur_obj + tol and st.latency_ms[i] < cur.latency_ms[0] - tol)
-        if not better:
-            return g, lam, moves, 'converged'
-        g, lam = cand[i].copy(), int(cl[i])
-    return g, lam, max_rounds, 'round_limit'
+        return int(i) if better else None
+    return improve
 
 
 def relaxed_value_grad(theta: np.ndarray, rt: RelaxTables, objective: str, omega: float, tau: float
@@ -254,10 +242,11 @@ def solve_relaxed(t: CostTables, valid: np.ndarray, objective: str = 'throughput
     gd_obj = objective_values(st, objective, omega)
     history, finals = [], []
     status = 'converged'
+    improve = exact_improvement(t, objective, omega)
     for r in range(restarts):
         if search:
-            g, lam, moves, s = local_search(arg_g[r], int(arg_l[r]), t, valid, objective, omega, max_rounds)
-            status = s if s != 'converged' else status
+            g, lam, moves, s = local_search(arg_g[r], int(arg_l[r]), valid, improve, max_rounds)
+            status = 'round_limit' if s != 'converged' else status  # step 2's artifact word (docs/artifacts.md)
         else:
             g, lam, moves = arg_g[r], int(arg_l[r]), 0
         final = float(objective_values(stage_times(g[None], np.array([lam]), t), objective, omega)[0])

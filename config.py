@@ -134,6 +134,16 @@ class RealConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    executor: str = 'local'  # local: per-domain tasks one after another in this process | ray: tasks on a Ray cluster
+    ray_address: Optional[str] = None  # Ray cluster to join, e.g. 10.0.0.5:6379 or auto (None = start a local one)
+    local_cpus: int = 0  # CPUs of the local Ray cluster started when ray_address is None (0 = every core)
+    cpus_per_task: int = 1  # CPUs Ray reserves per task; also the task's torch threads when the step's threads key is 0
+    gpus_per_task: float = 1.0  # GPUs Ray reserves per task with --device cuda (fractions share a GPU; unused on cpu)
+    max_retries: int = 2  # reruns of a task whose worker process died (killed, out of memory) before it is reported failed
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +152,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     real: RealConfig = field(default_factory=RealConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     results_dir: str = 'results'  # where artifacts are written (relative = to the repository root)
     device: str = 'cpu'  # torch device for server-side compute: cpu | cuda | cuda:N
     seed: int = 0  # seed of every random choice
@@ -398,6 +409,18 @@ def add_link_args(parser: argparse.ArgumentParser, reevaluate: bool) -> None:
     parser.add_argument('--bandwidth_mbps', help='uplink bandwidth in Mbit/s, overrides the link\'s (default: '
                         f'{d.bandwidth_mbps or keep})')
     parser.add_argument('--rtt_ms', help=f'round-trip time in ms, overrides the link\'s (default: {d.rtt_ms or keep})')
+
+
+EXECUTOR_FLAGS: Dict[str, str] = {'executor': 'cluster.executor', 'ray_address': 'cluster.ray_address'}
+
+
+def add_executor_args(parser: argparse.ArgumentParser) -> None:
+    """--executor and --ray_address (config keys EXECUTOR_FLAGS) of the steps whose per-domain work fans out."""
+    c = Config().cluster
+    parser.add_argument('--executor', help='local: per-domain tasks one after another in this process | ray: each '
+                        f'domain a task on a Ray cluster (default: {c.executor})')
+    parser.add_argument('--ray_address', help='with --executor ray: address of a running cluster to join, e.g. '
+                        f'HEAD:6379 or auto (default: {c.ray_address or "none, start a local cluster"})')
 
 
 def resolve_config(args: argparse.Namespace, flag_keys: Optional[Dict[str, str]] = None) -> Config:

@@ -5,11 +5,12 @@
 #
 #   bash run_pipeline.sh [--mode pseudo|real] [--model NAME] [--dataset NAME] [--link 3g|4g|wifi|ethernet]
 #                        [--edge_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
-#                        [--checkpoint FILE] [--fresh] [--set SECTION.KEY=VALUE ...]
+#                        [--checkpoint FILE] [--executor local|ray] [--ray_address HOST:PORT] [--fresh]
+#                        [--set SECTION.KEY=VALUE ...]
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 mode=pseudo; domains=""; fresh=0
 common=(); step1=(); step23=(); step3=()
 while [ $# -gt 0 ]; do
@@ -19,6 +20,8 @@ while [ $# -gt 0 ]; do
     --model|--dataset|--results_dir|--data_root|--device|--seed|--config) common+=("$1" "$2"); shift 2 ;;
     --set) common+=("$1" "$2"); shift 2 ;;
     --checkpoint) common+=(--set "model.checkpoint=$2"); shift 2 ;;
+    --executor) common+=(--set "cluster.executor=$2"); shift 2 ;;      # steps 0 and 3 fan out per domain
+    --ray_address) common+=(--set "cluster.ray_address=$2"); shift 2 ;;
     --link|--edge_profile) step1+=("$1" "$2"); step23+=("$1" "$2"); shift 2 ;;
     --epsilon) step3+=("$1" "$2"); shift 2 ;;
     --domains) domains="$2"; shift 2 ;;

@@ -78,20 +78,13 @@ def copy_results(src: Path, dst: Path) -> None:
 
 def build_quick(dst: Path) -> None:
     """A tiny synthetic step-0 result with a modelled LUT (TX2 edge, Orin Nano as the server) in `dst`."""
-    from artifacts import write_artifact
     from config import DataConfig, ModelConfig, TrainConfig
-    from timing import lut as L
-    from timing.profiles import get_profile
     _run([sys.executable, str(REPO_ROOT / 'pipeline' / 'step0_prepare.py'), *QUICK_DATA, '--num_domains', '2',
           '--epochs', '1', '--threads', '1', '--results_dir', str(dst)], 'step 0 (quick, synthetic)')
     cfg = Config(model=ModelConfig(input_size=32, small_input=True, width_multiplier=(0.25, 0.25, 0.25, 0.25)),
                  data=DataConfig(dataset='synthetic', num_domains=2, synthetic_samples=600),
                  train=TrainConfig(base_train_samples=200, base_epochs=1, batch_size=32), results_dir=str(dst))
-    model = L.model_spec(cfg)
-    edge = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='edge')
-    server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
-    write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
-                   L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32'), cfg, 'bench_quality.py --quick')
+    common.write_modelled_lut(cfg, 'bench_quality.py --quick')
 
 
 def read_domains(results_dir: Path, domains: Optional[Sequence[int]]) -> List[Dict[str, Any]]:

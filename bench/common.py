@@ -212,6 +212,51 @@ def readme_text(results: Sequence[Dict[str, Any]], date_utc: str) -> str:
     return '\n'.join(out) + '\n'
 
 
+def write_modelled_lut(cfg: Any, command: str) -> Path:
+    """<results_dir>/hardware_lut_complete.json for cfg's model with both sides modelled from device profiles (TX2
+    edge, Orin Nano as the 'server'; cfg's link): the LUT step 3 reads, without measuring anything."""
+    from timing import lut as L
+    from timing.profiles import get_profile
+    model = L.model_spec(cfg)
+    size = cfg.model.input_size
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='edge')
+    server = L.modelled_side(get_profile('jetson-orin-nano'), model, size, [1], side='server')
+    path = cfg.path('hardware_lut_complete.json')
+    write_artifact(path, 'hardware_lut_complete', L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32'), cfg,
+                   command)
+    return path
+
+
+def update_readme_text(old: str, results: Sequence[Dict[str, Any]], date_utc: str) -> str:
+    """bench/README.md with only the benches in `results` re-rendered: their combined-table rows and their
+    sections are replaced (or added), the script table is regenerated and the other benches' sections are kept
+    as they were (a bench run alone, without every other bench's result file at hand)."""
+    new = readme_text(results, date_utc)
+
+    def sections(text: str) -> Dict[str, str]:
+        parts = text.split('\n## ')
+        return {p.split('\n', 1)[0].split(' (quick')[0]: '## ' + p for p in parts[1:]}
+    old_sec, new_sec = sections(old), sections(new)
+    if 'Combined table' not in old_sec:
+        return new
+    names = {r['bench'] for r in results}
+    kept_rows = [ln for ln in old_sec['Combined table'].strip().split('\n')[4:]
+                 if ln.split('|')[1].strip().split(' (quick')[0] not in names]
+    combined = new_sec['Combined table'].strip().split('\n')
+    merged = {**old_sec, 'Combined table': '\n'.join(combined[:4] + kept_rows + combined[4:]) + '\n'}
+    for name in names:
+        merged[name] = new_sec[name]
+    head = new.split('\n## ')[0]
+    old_date = next((ln for ln in old.split('\n') if ln.startswith('Generated ')), None)
+    if old_date:
+        head = head.replace(f'Generated {date_utc}.', f'{old_date} Updated {date_utc}: {", ".join(sorted(names))}.')
+    old_machine = next((ln for ln in old.split('\n') if ln.startswith('Machine: ')), None)
+    if old_machine:
+        head = '\n'.join(old_machine if ln.startswith('Machine: ') else ln for ln in head.split('\n'))
+    body = [merged['Combined table']] + [merged[k] for k in merged if k != 'Combined table']
+    return head.rstrip('\n') + '\n\n' + '\n'.join(b.rstrip('\n') + '\n' for b in body)
+
+
 def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=1)
 

@@ -1,6 +1,7 @@
 """The combined bench table from bench/results/*.json, printed; with --write_readme also bench/README.md.
 
-    python bench/report.py [--results_dir bench/results] [--write_readme] [--date '2025-01-01 12:00 UTC']
+    python bench/report.py [--results_dir bench/results] [--write_readme | --update_readme]
+                           [--date '2025-01-01 12:00 UTC']
 """
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f'where the bench result files are (default: {rel})')
     p.add_argument('--write_readme', action='store_true',
                    help='regenerate bench/README.md from the results (default: off, print only)')
+    p.add_argument('--update_readme', action='store_true',
+                   help='re-render only the benches in --results_dir into bench/README.md, keeping the other '
+                   'benches\' sections (default: off)')
     p.add_argument('--date', default=None, help='date line of the README, e.g. the output of `date -u` '
                    '(default: now, UTC)')
     args = p.parse_args(argv)
@@ -32,9 +36,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(common.render(['bench', 'metric', 'value', 'unit'], common.combined_rows(results), markdown=False))
     for r in results:
         print(f'{r["bench"]}: {common.machine_line(r["machine"])}, {r["created_at"]}')
-    if args.write_readme:
-        path = common.BENCH_DIR / 'README.md'
-        atomic_write_bytes(path, common.readme_text(results, args.date or common.utc_now()).encode())
+    path = common.BENCH_DIR / 'README.md'
+    if args.write_readme or args.update_readme:
+        date = args.date or common.utc_now()
+        text = common.readme_text(results, date) if args.write_readme else \
+            common.update_readme_text(path.read_text() if path.is_file() else '', results, date)
+        atomic_write_bytes(path, text.encode())
         print(f'-> {path}')
     return 0
 

@@ -8,8 +8,8 @@
 #   --pipeline_log FILE  bench_pipeline.py reads the stderr of an earlier run_pipeline.sh run instead of
 #                        running the pipeline on the embedded default itself (the slowest bench)
 #
-# bench_quality.py and bench_optimizer.py (step 3) read the finished run in results/ (read only); without one,
-# bench_quality.py uses the run bench_pipeline.py made in results/_bench_pipeline.
+# bench_quality.py, bench_optimizer.py (step 3) and bench_executor.py read the finished run in results/ (read only);
+# without one, bench_quality.py and bench_executor.py use the run bench_pipeline.py made in results/_bench_pipeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +34,9 @@ for script in bench/bench_*.py; do
   if [ "$(basename "$script")" = bench_pipeline.py ] && [ -n "$plog" ]; then extra=(--log "$plog"); fi
   if [ "$(basename "$script")" = bench_quality.py ] && [ "$quick" = 0 ] && [ ! -f results/hardware_lut_complete.json ]; then
     extra=(--results_dir results/_bench_pipeline)
+  fi
+  if [ "$(basename "$script")" = bench_executor.py ] && [ "$quick" = 0 ] && [ ! -f results/hardware_lut_complete.json ]; then
+    extra=(--source results/_bench_pipeline)
   fi
   echo "== bench: $script ${flags[*]} ${extra[*]}" >&2
   t0=$SECONDS

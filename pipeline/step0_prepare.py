@@ -1,12 +1,14 @@
 """Step 0: Non-IID domains, the base model, per-domain hyper-weights alpha, branch FLOPs and importance.
 
     python pipeline/step0_prepare.py [--num_domains 10] [--partition class-slices|dirichlet] [--checkpoint FILE]
-                                     [--epochs 3] [--domains 0,3] [--force] [--retrain_base]
+                                     [--epochs 3] [--domains 0,3] [--force] [--retrain_base] [--executor ray]
 
 Writes under <results_dir>: partition_info.json, base_model/<name>.pt (+ .json; only when no --checkpoint),
 trained_hyper_weights.json, training_results.json, branch_flops.json, importance_scores.json,
 importance_rankings.json, hyper_weights_heatmap.png and importance_heatmap.png.  Resumable: a domain
-already trained with the same partition, base model and training settings is skipped unless --force.
+already trained with the same partition, base model and training settings is skipped unless --force.  Each
+domain's alpha training is one task of pipeline/executor.py (in this process, or on a Ray cluster with --executor
+ray), which also writes hyper_weights/domain_<d>.json; its log is <results_dir>/logs/step0/domain_<d>.log.
 """
 import sys
 from pathlib import Path
@@ -20,14 +22,15 @@ import os  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
 from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
-from config import (ConfigError, add_common_args, command_line, default_of, resolve_config, run_cli)
+from config import (EXECUTOR_FLAGS, ConfigError, add_common_args, add_executor_args, command_line,  # noqa: E402
+                    default_of, resolve_config, run_cli)
 
 log = logging.getLogger('step0')
 FLAG_KEYS = {'num_domains': 'data.num_domains', 'partition': 'data.partition',
              'dirichlet_alpha': 'data.dirichlet_alpha',
              'checkpoint': 'model.checkpoint', 'epochs': 'train.alpha_epochs', 'lr': 'train.alpha_lr',
              'base_epochs': 'train.base_epochs', 'base_train_samples': 'train.base_train_samples',
-             'adapt_bn': 'model.adapt_bn', 'threads': 'train.threads'}
+             'adapt_bn': 'model.adapt_bn', 'threads': 'train.threads', **EXECUTOR_FLAGS}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -47,10 +50,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    f'train set joins the domain pool (default: {d["base_train_samples"]})')
     p.add_argument('--adapt_bn', action='store_const', const='true', help='adapt BN statistics per domain and save '
                    f'them with alpha (default: {"on" if d["adapt_bn"] else "off, BN frozen"})')
-    p.add_argument('--threads', help=f'torch CPU threads, 0 = one per core (default: {d["threads"]})')
+    p.add_argument('--threads', help='torch CPU threads, 0 = one per core (with --executor ray: '
+                   f'cluster.cpus_per_task) (default: {d["threads"]})')
     p.add_argument('--domains', help='comma-separated domain ids to train (default: all)')
     p.add_argument('--force', action='store_true', help='retrain domains that are already done (default: off)')
     p.add_argument('--retrain_base', action='store_true', help='retrain our base model even if cached (default: off)')
+    add_executor_args(p)
     return p.parse_args(argv)
 
 
@@ -76,8 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from data.datasets import dataset_stats
     from data.domains import check_partition_config, make_partition, partition_json
     from accuracy import importance, training
+    from pipeline import executor, tasks
     from viz import heatmaps
 
+    executor.check_cluster_config(cfg)
     check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
     if cfg.model.checkpoint:  # a missing, refused or wrong-shape checkpoint fails here, before anything is written
         training.load_base_model(cfg)
@@ -108,27 +115,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     done_res = training.load_done_domains(res_path, 'training_results', fingerprint)
     common = {'fingerprint': fingerprint, 'arch': model.spec_dict(), 'base': base_info,
               'dataset': cfg.data.dataset, 'input_size_px': cfg.model.input_size}
-    for d in domains:
-        if str(d) in done_hw and str(d) in done_res and not args.force:
-            log.info('domain %d: already trained, skipped (--force retrains it)', d)
-            continue
-        out = training.train_domain(cfg, partition, model, d)
-        if out['bn_state'] is not None:
-            rel = f'hyper_weights/domain_{d}_bn.pt'
-            training.save_state_dict(out['bn_state'], cfg.path(rel))
-            out['hyper_weights']['bn_state_file'] = rel
+
+    def merge(d: int, out: dict) -> None:
         done_hw[str(d)], done_res[str(d)] = out['hyper_weights'], out['results']
         r = out['results']
         log.info('domain %d (%s): val %.2f -> %.2f %%, test %.2f -> %.2f %% in %.1f s', d, r['corruption']['name'],
                  r['initial_val_acc_pct'], r['final_val_acc_pct'], r['initial_test_acc_pct'],
                  r['final_test_acc_pct'], r['time_s'])
-        write_artifact(hw_path, 'trained_hyper_weights', {**common, 'domains': done_hw}, cfg, cmd)
-        write_artifact(res_path, 'training_results', {**common, 'domains': done_res}, cfg, cmd)
+        order = sorted(done_hw, key=int)  # in domain order, whatever order the tasks finish in
+        write_artifact(hw_path, 'trained_hyper_weights', {**common, 'domains': {k: done_hw[k] for k in order}},
+                       cfg, cmd)
+        write_artifact(res_path, 'training_results', {**common, 'domains': {k: done_res[k] for k in order}}, cfg,
+                       cmd)
+
+    todo = []
+    for d in domains:
+        if str(d) in done_hw and str(d) in done_res and not args.force:
+            log.info('domain %d: already trained, skipped (--force retrains it)', d)
+            continue
+        found = None if args.force else tasks.load_domain_training(cfg, d, fingerprint)
+        if found is not None:  # a task that finished after its driver stopped
+            log.info('domain %d: trained earlier (%s), merged', d, tasks.domain_training_path(cfg, d))
+            merge(d, found)
+        else:
+            todo.append(d)
+
+    job = tasks.TrainJob(cfg, partition, model, fingerprint, cmd)
+    executor.map_tasks(tasks.train_domain_task, todo, cfg, shared=job, names=[f'domain {d}' for d in todo],
+                       step='step0', desc='step 0 alpha training', on_result=merge)
 
     flops = importance.branch_flops_table(model.plan, cfg.model.input_size)
     flops['fvcore_check'] = importance.fvcore_check(model, flops)
     write_artifact(cfg.path('branch_flops.json'), 'branch_flops', flops, cfg, cmd)
-    trained = {int(d): hw for d, hw in done_hw.items()}
+    trained = {int(d): done_hw[d] for d in sorted(done_hw, key=int)}
     scores = {d: importance.importance_scores(hw, flops) for d, hw in trained.items()}
     write_artifact(cfg.path('importance_scores.json'), 'importance_scores',
                    {'formula': importance.FORMULA, 'domains': {str(d): s for d, s in scores.items()}}, cfg, cmd)

@@ -5,11 +5,13 @@ over eps on the corrected surrogate.
 
     python pipeline/step_3_joint.py --domain_id 3 --mode pseudo
     python pipeline/step_3_joint.py --all_domains [--epsilon 1] [--solver both] [--link wifi]
+    python pipeline/step_3_joint.py --all_domains --executor ray [--ray_address HEAD:6379]
 
 Writes <results_dir>/joint_optimization/domain_<d>_joint.json and domain_<d>_state.json (alpha, masks, gamma,
 lambda: HyperRepVGG.load_hyper_weights reads it); rounds are checkpointed in domain_<d>_rounds/ and resumed.
 A finished domain is skipped on rerun unless --force.  --mode real also deploys the result to the worker and
-measures it on the domain's test split.
+measures it on the domain's test split.  Each domain is one task of pipeline/executor.py (in this process, or on a
+Ray cluster with --executor ray; logs in <results_dir>/logs/step3/).
 """
 import sys
 from pathlib import Path
@@ -24,14 +26,13 @@ import os  # noqa: E402
 import time  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
-from artifacts import write_artifact  # noqa: E402
-from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config,  # noqa: E402
-                    resolve_path, run_cli)
+from config import (EXECUTOR_FLAGS, LINK_FLAGS, Config, ConfigError, add_common_args,  # noqa: E402
+                    add_executor_args, add_link_args, command_line, resolve_config, resolve_path, run_cli)
 
 FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
          'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
          'epochs_per_round': 'joint.epochs_per_round', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
-         **LINK_FLAGS}
+         **LINK_FLAGS, **EXECUTOR_FLAGS}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')
     p.add_argument('--port', help=f'real mode: port the session listens on, on {c.real.host} (default: {c.real.port})')
     p.add_argument('--force', action='store_true', help='redo finished domains and rounds (default: off)')
+    add_executor_args(p)
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -91,7 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = resolve_config(args, FLAGS)
     import torch
 
-    from pipeline import joint
+    from pipeline import executor, joint, tasks
+    executor.check_cluster_config(cfg)
+    if args.mode == 'real' and cfg.cluster.executor != 'local':
+        raise ConfigError('--mode real with --executor ray: the real-mode worker session is held by this process, '
+                          'so real mode runs its domains here, one after another; use --executor local')
     torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
     inp = joint.prepare_inputs(cfg, lut_file, edge_profile_explicit=args.edge_profile is not None,
@@ -106,12 +112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             session = stack.enter_context(session_from_config(cfg))
             logging.getLogger('step3').info('worker connected: %s', session.accept())
             real_run = joint.real_runner(session, cfg, inp.mean, inp.std)
-        for d in domains:
-            out = joint.run_domain(inp, d, cmd, force=args.force, real_run=real_run)
-            if not out['skipped']:
-                write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, cmd)
-                write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', out['payload'], cfg, cmd)
-            print(summary_line(out['payload']), flush=True)
+        job = tasks.JointJob(inp, cmd, force=args.force, real_run=real_run)
+        executor.map_tasks(tasks.joint_domain_task, domains, cfg, shared=job, names=[f'domain {d}' for d in domains],
+                           step='step3', desc='step 3 domains',
+                           on_result=lambda d, out: print(summary_line(out['payload']), flush=True))
     print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')
     return 0
 

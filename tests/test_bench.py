@@ -158,3 +158,26 @@ def test_bench_accuracy_summary_counts_violations_and_held_out_error(tmp_path):
     assert s['gain_kept_share'] == pytest.approx((s['geomean_gain_seed0_x'] - 1) / 0.3)
     with pytest.raises(ba.BenchQualityError, match='base_model'):
         ba.base_checkpoint(tmp_path)
+
+
+def _result(name, value):
+    return {'bench': name, 'quick': False, 'headline': [[f'{name} metric', value, 's']], '_file': f'{name}.json',
+            'created_at': 'then', 'command': f'bench_{name}.py', 'machine': {'cpu_model': 'cpu', 'cpu_cores': 2},
+            'tables': [{'title': f'{name} table', 'columns': ['a'], 'rows': [[value]]}]}
+
+
+def test_update_readme_replaces_only_the_given_benches():
+    old = common.readme_text([_result('alpha', 1.0), _result('beta', 2.0)], '2000-01-01 00:00 UTC')
+    new = common.update_readme_text(old, [_result('beta', 3.0), _result('gamma', 4.0)], '2001-01-01 00:00 UTC')
+    assert '| alpha | alpha metric | 1 | s |' in new and '| beta | beta metric | 3 | s |' in new
+    assert '| beta | beta metric | 2 | s |' not in new and '| gamma | gamma metric | 4 | s |' in new
+    assert new.count('## beta') == 1 and '## alpha' in new and '## gamma' in new and '| 3 |' in new
+    assert 'Generated 2000-01-01 00:00 UTC. Updated 2001-01-01 00:00 UTC: beta, gamma.' in new
+
+
+def test_executor_projection_makespan():
+    from bench import bench_executor
+    assert bench_executor.makespan([3, 1, 1, 1], 2) == 3 and bench_executor.makespan([1, 1, 1], 2) == 2
+    rows = bench_executor.projection([1.0, 1.0], 2, 2, task_h=1.0, serial_h=0.0, overhead_s=0.0)
+    by_gpus = {r[0]: r for r in rows}
+    assert by_gpus[1][2] == 4.0 and by_gpus[2][2] == 2.0 and by_gpus[4][4] == 1.0 and by_gpus[8][4] == 0.5

@@ -138,3 +138,23 @@ def test_domain_timings_from_joint_artifacts(tmp_path):
                        {'domain': d, 'gammas': [0] * 22, 'timing': {'wall_s': wall}}, None, 'test')
     rows = bench_pipeline.domain_timings(tmp_path)
     assert [(r['domain'], r['wall_s'], r['num_blocks']) for r in rows] == [(0, 4.0, 22), (1, 2.5, 22)]
+
+
+def test_bench_accuracy_summary_counts_violations_and_held_out_error(tmp_path):
+    from bench import bench_accuracy as ba
+
+    def case(seed, drop, lo, errs, gain):
+        return {'seed': seed, 'domain': 0, 'drop_pct': drop, 'drop_ci95_pct': [lo, drop + 1.0],
+                'violation_within_interval': lo <= 1.0, 'held_out_errors_pct': errs, 'gain_x': gain}
+    cases = [case(0, 0.2, -0.5, [0.1, -0.3], 1.1), case(0, 1.4, 0.6, [2.0], 1.2), case(1, 1.8, 1.2, [], 1.0)]
+    s = ba.summarize(cases, [{'domain': 0, 'drop_pct': 1.5, 'gain_x': 1.3}], 1.0)
+    assert s['cases'] == 3 and s['share_within_epsilon'] == pytest.approx(1 / 3) and s['violations'] == 2
+    assert s['violations_outside_interval'] == 1  # case 3: its interval starts above epsilon
+    assert s['worst_drop_pct'] == 1.8 and s['worst_case'] == 'seed 1 domain 0'
+    assert s['surrogate_held_out_points'] == 3 and s['surrogate_median_abs_error_pct'] == pytest.approx(0.3)
+    lo, hi = s['mean_drop_ci95_pct']
+    assert lo <= s['mean_drop_pct'] <= hi
+    assert s['geomean_gain_seed0_x'] == pytest.approx((1.1 * 1.2) ** 0.5)
+    assert s['gain_kept_share'] == pytest.approx((s['geomean_gain_seed0_x'] - 1) / 0.3)
+    with pytest.raises(ba.BenchQualityError, match='base_model'):
+        ba.base_checkpoint(tmp_path)

@@ -373,6 +373,19 @@ def check_entries(lut: Dict[str, Any], side: str) -> None:
                     raise LutError(f'{side} LUT has no entry for block {row["block"]}, gamma {g}, batch {b}')
 
 
+def _check_block_row(row: Any, i: int, where: str) -> None:
+    """blocks[i] of hardware_lut_complete.json: its own index and layout ids 0..NUM_LAYOUTS-1."""
+    w = f'{where}: field "blocks[{i}]"'
+    if not isinstance(row, dict) or not isinstance(row.get('layouts'), dict) \
+            or not isinstance(row.get('available_layouts'), list):
+        raise ArtifactError(f'{w}: needs "block", "layouts" and "available_layouts"')
+    if row.get('block') != i or isinstance(row.get('block'), bool):
+        raise ArtifactError(f'{w}.block: expected {i}, got {row.get("block")!r}')
+    for g in row['available_layouts']:
+        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < NUM_LAYOUTS:
+            raise ArtifactError(f'{w}.available_layouts: expected layout ids 0..{NUM_LAYOUTS - 1}, got {g!r}')
+
+
 def load_lut(path: Path) -> Dict[str, Any]:
     """Load and validate hardware_lut_complete.json; ArtifactError naming the file and the field."""
     obj = load_artifact(path, 'hardware_lut_complete', COMPLETE_FIELDS, upgrade_edge_naming)
@@ -381,9 +394,7 @@ def load_lut(path: Path) -> Dict[str, Any]:
     if len(obj['blocks']) != n:
         raise ArtifactError(f'{where}: field "blocks" has {len(obj["blocks"])} rows, num_blocks is {n}')
     for i, row in enumerate(obj['blocks']):
-        if not isinstance(row, dict) or not isinstance(row.get('layouts'), dict) \
-                or not isinstance(row.get('available_layouts'), list):
-            raise ArtifactError(f'{where}: field "blocks[{i}]" needs "layouts" and "available_layouts"')
+        _check_block_row(row, i, where)
     for side in SIDES:
         _check_side(dict(obj[side], model=obj['model'], input_size=obj['input_size'], num_blocks=n, side=side),
                     f'{where}: field "{side}"')
@@ -391,6 +402,9 @@ def load_lut(path: Path) -> Dict[str, Any]:
         lb = obj['link_bytes'].get(dt)
         if not isinstance(lb, list) or len(lb) != n + 1:
             raise ArtifactError(f'{where}: field "link_bytes.{dt}" must list N + 1 = {n + 1} byte counts')
+        for k, v in enumerate(lb):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ArtifactError(f'{where}: field "link_bytes.{dt}[{k}]": expected a byte count >= 0, got {v!r}')
     _num(obj['link'], 'bandwidth_mbps', f'{where}: field "link"', 1e-9)
     _num(obj['link'], 'rtt_ms', f'{where}: field "link"')
     for side in ('edge', 'server'):

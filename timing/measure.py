@@ -21,13 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence  # noqa: F401 - used in type comments
 
 import torch
 import torch.nn as nn
 
-from hyper_repvgg import (LAYOUTS, HyperRepVGG, HyperRepVGGBlock, SplitPart, block_plan, build_hyper_repvgg,
-                          deploy_block, deploy_part)
+from hyper_repvgg import HyperRepVGG, HyperRepVGGBlock  # noqa: F401 - used in type comments
+from hyper_repvgg import (LAYOUTS, SplitPart, apply_config, block_plan, build_hyper_repvgg, deploy_block,
+                          deploy_part)
 from timing.flops import block_input_hw, measurable_layouts, out_hw
 
 MIN_TIMED_RUNS = 3  # a time budget never cuts an entry below this many timed runs
@@ -169,13 +170,7 @@ def random_model(arch, seed=0):
 def deployed_layout(block, gamma):
     # type: (HyperRepVGGBlock, int) -> nn.Module
     """deploy_block of `block` with its kept set made equal to layout gamma's branches (block left unchanged)."""
-    saved = block.kept.clone()
-    try:
-        for i, b in enumerate(('D', 'O', 'I')):
-            block.kept[i] = b in LAYOUTS[gamma].branches
-        return deploy_block(block, gamma)
-    finally:
-        block.kept.copy_(saved)
+    return deploy_block(block, gamma, LAYOUTS[gamma].branches)
 
 
 def _progress(total, enabled, desc):
@@ -554,11 +549,7 @@ def _fitted_row(chain_stats, cost, count, **ids):
 def deploy_configuration(model, gammas, lam):
     # type: (HyperRepVGG, Sequence[int], int) -> tuple
     """(edge, server) deployed parts of `model` with block k's kept set = layout gammas[k]'s branches, split lam."""
-    if len(gammas) != model.num_blocks:
-        raise ValueError('need {} layouts, got {}'.format(model.num_blocks, len(gammas)))
-    for k, g in enumerate(gammas):
-        model.set_kept(k, LAYOUTS[int(g)].branches)
-        model.set_layout(k, int(g))
+    apply_config(model, gammas)
     edge, server = model.split(int(lam))
     return deploy_part(edge), deploy_part(server)
 

@@ -9,10 +9,10 @@ Conditions of the whole-configuration passes: `whole` (hyper_repvgg.SplitPart fo
 deployed part runs), `timed` (a timer around every block, as the chain LUT times them; also gives the blocks'
 in-situ times), `bare` (each block's forward() called directly, no nn.Module.__call__), `nohead` (blocks only),
 `threads2` (2 torch threads), `pinned` (process pinned to one core), `thread_clock` (timed by this thread's
-CPU time instead of the wall clock).  LUTs: `chain` (timing.measure, step 1's
-method before this bench) measured before and after the passes (drift), `chain` without warm-up, `isolated`,
-`chain` at 2 threads, and `fit` (step 1's method now, the remedy); `sequential` re-times each configuration as timing.lut.validate_side did (warm-up, then
-all repeats of one configuration before the next).
+CPU time instead of the wall clock).  LUTs: `chain` (timing.measure, step 1's method before this bench)
+measured before and after the passes (drift), `chain` without warm-up, `isolated`, `chain` at 2 threads, and
+`fit` (step 1's method now, the remedy); `sequential` re-times each configuration as timing.lut.validate_side
+did (warm-up, then all repeats of one configuration before the next).
 
 Effects are exp(mean over configurations of log(ratio)) - 1, in %, so that the three factors of the chain
 LUT's error (layout context x untimed gaps x timer overhead) multiply to the whole; each is given with the
@@ -300,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    f'{r["load_average_after"]}{flag}', COLUMNS, r['rows']))
         headline.append([f'{r["label"]}: chain LUT sum vs whole configuration, medians (ablation, load '
                          f'{common.fmt((r["load_average_before"] or [None])[0])})', r['rows'][0][3], '%'])
-        headline.append([f'{r["label"]}: chain LUT sum vs whole configuration, minima (ablation)', r['rows'][0][4], '%'])
+        headline.append([f'{r["label"]}: chain LUT sum vs whole configuration, minima (ablation)', r['rows'][0][4],
+                         '%'])
     path = common.write_result(args.out_dir, NAME, {'models': results}, machine, args.quick, headline, tables, argv)
     common.print_tables(tables, path)
     return 0

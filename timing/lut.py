@@ -517,7 +517,8 @@ def side_line(side: Dict[str, Any]) -> str:
                  f'configurations: residual {f["residual_median_abs_pct"]:.1f} %, noise '
                  + ('n/a' if noise is None else f'{noise:.1f} %') + ' pass to pass')
     if st.get('timing') == 'chain':
-        line += '; chain timing: sums over-predict whole parts (bench/bench_lut_ablation.py), re-measure with lut.timing=fit'
+        line += ('; chain timing: sums over-predict whole parts (bench/bench_lut_ablation.py), re-measure with '
+                 'lut.timing=fit')
     load = (meta.get('machine_state_before') or {}).get('load_average')
     if load:
         line += f'; load average {load[0]:.2f}'

@@ -471,6 +471,20 @@ def edge_threads(lut: Dict[str, Any]) -> Optional[int]:
     return int(t) if isinstance(t, int) and t > 0 else None
 
 
+def pseudo_skip_reason(lut: Dict[str, Any]) -> Optional[str]:
+    """Why pseudo mode cannot measure against this LUT (None when it can): its server side must have been measured
+    on this machine, else a measurement here is compared with another device's (or a model's) times."""
+    import platform
+    meta = lut['server'].get('metadata') or {}
+    if lut['server'].get('source') != 'measured':
+        return ('the LUT\'s server side is modelled, not measured: there is nothing here to compare a measurement '
+                'with (step 1 --mode pseudo measures it on this machine)')
+    host = meta.get('host')
+    if host and host != platform.node():
+        return f'the LUT\'s server side was measured on {host}, this machine is {platform.node()}'
+    return None
+
+
 def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],
                     baselines: Dict[str, Dict[str, Any]], mode: str, session: Any = None,
                     validation_file: Any = None, label: str = 'closed loop') -> Dict[str, Any]:
@@ -498,3 +512,43 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
     return {'decision': dec, 'measurements': records, 'report': loop_report(records, mode, lp.top_k),
             'server_device': server_device(cfg.device), 'settings': {'top_k': lp.top_k, 'passes': lp.passes,
                                                                    'real_samples': lp.real_samples}}
+
+
+def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],
+                        baselines: Dict[str, Dict[str, Any]], mode: str, session: Any = None,
+                        validation_file: Any = None, label: str = 'closed loop') -> Dict[str, Any]:
+    """run_closed_loop, or {'skipped': why, 'decision': ...} (the band needs no measurement) when cfg.loop.measure
+    is off or pseudo mode has nothing to measure against."""
+    why = None if cfg.loop.measure else 'loop.measure is off'
+    if why is None and mode != 'real':
+        why = pseudo_skip_reason(lut)
+    if why is None:
+        return run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label)
+    fast, slow = spread_tables(lut, t)
+    return {'skipped': why, 'decision': decision(chosen, split_candidates(t, valid), fast, slow,
+                                                 validation_noise_floor(validation_file))}
+
+
+def closed_loop_lines(loop: Dict[str, Any], table: bool = True) -> List[str]:
+    """The console lines of one closed loop: decision, measured table, report (or why nothing was measured)."""
+    lines = [decision_line(loop['decision'])]
+    if loop.get('skipped'):
+        return lines + [f'closed loop: nothing measured ({loop["skipped"]}); every throughput above is predicted']
+    if table:
+        lines.append(measured_table(loop['measurements']))
+    lines.append(report_line(loop['report']))
+    note = loop['server_device'].get('note')
+    if note:
+        lines.append(f'server: {note}')
+    return lines
+
+
+def measure_domain(inp: Any, payload: Dict[str, Any], mode: str, session: Any = None) -> Dict[str, Any]:
+    """Step 3's closed loop of one domain's result (`payload`: domain_<d>_joint.json's fields): the chosen pruned
+    configuration, the unpruned plain baselines it is compared with, and the top-k of the chosen pruning."""
+    from optim import goal
+    gammas, lam = [int(g) for g in payload['gammas']], int(payload['lam'])
+    valid = C.valid_mask(goal.kept_sets(gammas))
+    chosen = C.describe(gammas, lam, inp.tables)
+    return closed_loop_or_skip(inp.cfg, inp.lut, inp.tables, valid, chosen, payload['baselines']['unpruned'], mode,
+                               session, inp.cfg.path('lut_validation.json'), f'domain {payload["domain"]} closed loop')

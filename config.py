@@ -129,6 +129,14 @@ class RealConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    measure: bool = True  # steps 2 and 3 measure what they choose (pseudo: the server part here; real: through the worker)
+    top_k: int = 10  # best-predicted configurations measured beside the chosen one (one per split lambda)
+    passes: int = 2  # interleaved measurement passes (the second in reverse order)
+    real_samples: int = 240  # real mode: images streamed per measured configuration and pass
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,9 +145,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     real: RealConfig = field(default_factory=RealConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     results_dir: str = 'results'  # where artifacts are written (relative = to the repository root)
-    device: str = 'cpu'  # torch device for server-side compute: cpu | cuda | cuda:N
+    device: str = 'auto'  # torch device for server-side compute: auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N
     seed: int = 0  # seed of every random choice
+
+    def __post_init__(self) -> None:
+        if self.device == 'auto':  # resolved once, here: every consumer and every artifact sees cpu or cuda
+            object.__setattr__(self, 'device', auto_device())
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,7 +273,8 @@ COMMON_FLAGS: Dict[str, Tuple[str, str]] = {
     'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3 (default: RepVGG-A0)'),
     'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic (default: fashion-mnist)'),
     'data_root': ('data.data_root', 'dataset directory, relative to the repository root (default: data)'),
-    'device': ('device', 'torch device for server-side compute: cpu | cuda (default: cpu)'),
+    'device': ('device', 'torch device for server-side compute: auto | cpu | cuda (default: auto = cuda when '
+                         'there is a GPU, else cpu)'),
     'seed': ('seed', 'random seed (default: 0)'),
 }
 
@@ -308,6 +322,12 @@ def resolve_config(args: argparse.Namespace, flag_keys: Optional[Dict[str, str]]
         if value is not None:
             cfg = apply_overrides(cfg, {key: value}, f'--{flag}')
     return cfg
+
+
+def auto_device() -> str:
+    """'cuda' when torch sees a GPU, else 'cpu' (device = auto)."""
+    import torch
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def command_line(argv: Optional[Sequence[str]] = None) -> str:

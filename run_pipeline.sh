@@ -5,16 +5,20 @@
 #
 #   bash run_pipeline.sh [--mode pseudo|real] [--model NAME] [--dataset NAME] [--link 3g|4g|wifi|ethernet]
 #                        [--client_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
-#                        [--checkpoint FILE] [--fresh] [--set SECTION.KEY=VALUE ...]
+#                        [--checkpoint FILE] [--fresh] [--set SECTION.KEY=VALUE ...] [--local_device]
+# --local_device: real mode without a TX2: client_worker.py on one core of this machine, the server on the others,
+#                 the link emulator (100 Mbit/s, 0.5 ms one way) between them (comm/localdevice.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
-mode=pseudo; domains=""; fresh=0
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+mode=pseudo; domains=""; fresh=0; local_device=0; args=()
+for a in "$@"; do if [ "$a" != --local_device ]; then args+=("$a"); fi; done
 common=(); step1=(); step23=(); step3=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --local_device) local_device=1; mode=real; shift; continue ;;
     --mode) mode="$2"; shift 2 ;;
     --model|--dataset|--results_dir|--data_root|--device|--seed|--config) common+=("$1" "$2"); shift 2 ;;
     --set) common+=("$1" "$2"); shift 2 ;;
@@ -30,6 +34,12 @@ case "$mode" in pseudo|real) ;; *) echo "run_pipeline.sh: --mode must be pseudo 
 
 source scripts/setup.sh dataset-fashion-mnist
 PY=.venv/bin/python
+
+if [ "$local_device" = 1 ] && [ -z "${HYPERREPVGG_LOCAL_DEVICE:-}" ]; then
+  # the same pipeline in real mode, run on the server cores, with the stand-in worker and link emulator around it
+  export HYPERREPVGG_LOCAL_DEVICE=1
+  exec "$PY" -m comm.localdevice -- bash "$0" ${args[@]+"${args[@]}"} --mode real --set 'real.port={port}'
+fi
 
 results=results
 for ((i = 0; i < ${#common[@]}; i++)); do [ "${common[$i]}" = "--results_dir" ] && results="${common[$((i + 1))]}"; done

@@ -523,10 +523,11 @@ def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: n
     if why is None and mode != 'real':
         why = pseudo_skip_reason(lut)
     if why is None:
-        return run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label)
+        return dict(run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label),
+                    mode=mode)
     fast, slow = spread_tables(lut, t)
-    return {'skipped': why, 'decision': decision(chosen, split_candidates(t, valid), fast, slow,
-                                                 validation_noise_floor(validation_file))}
+    return {'mode': mode, 'skipped': why, 'decision': decision(chosen, split_candidates(t, valid), fast, slow,
+                                                               validation_noise_floor(validation_file))}
 
 
 def closed_loop_lines(loop: Dict[str, Any], table: bool = True) -> List[str]:
@@ -552,3 +553,39 @@ def measure_domain(inp: Any, payload: Dict[str, Any], mode: str, session: Any = 
     chosen = C.describe(gammas, lam, inp.tables)
     return closed_loop_or_skip(inp.cfg, inp.lut, inp.tables, valid, chosen, payload['baselines']['unpruned'], mode,
                                session, inp.cfg.path('lut_validation.json'), f'domain {payload["domain"]} closed loop')
+
+
+def open_session(cfg: Any, stack: Any, lut: Dict[str, Any], lut_file: Any, step: str) -> Tuple[Any, Dict[str, Any]]:
+    """Real mode: check the LUT's edge side was measured, open the session (closed by `stack`), wait for the worker;
+    (session, worker facts for the artifact: its hello next to what the LUT's edge side was measured on)."""
+    import logging
+
+    from comm.session import session_from_config
+    check_real_lut(lut, lut_file, step)
+    session = stack.enter_context(session_from_config(cfg))
+    logging.getLogger(step.replace(' ', '')).info('waiting up to %g s for client_worker.py on %s:%d',
+                                                   cfg.real.connect_timeout_s, cfg.real.host, session.port)
+    hello = session.accept()
+    meta = lut['edge'].get('metadata') or {}
+    worker = {k: hello.get(k) for k in ('device', 'device_name', 'host', 'threads', 'python_version', 'torch_version',
+                                        'power_mode')}
+    worker['lut_edge_measured_on'] = {k: meta.get(k) for k in ('device', 'device_name', 'host', 'threads')}
+    worker['same_device_as_lut'] = (hello.get('host'), hello.get('device_name')) == (meta.get('host'),
+                                                                                     meta.get('device_name'))
+    return session, worker
+
+
+def step2_closed_loop(cfg: Any, lut: Dict[str, Any], lut_file: Any, t: C.CostTables, valid: np.ndarray,
+                      payload: Dict[str, Any], mode: str) -> Dict[str, Any]:
+    """Step 2's closed loop on its payload (solve_step2's): the chosen configuration and its plain baselines;
+    real mode opens the session for it."""
+    import contextlib
+    chosen = C.describe(payload['gammas'], payload['lam'], t)
+    with contextlib.ExitStack() as stack:
+        session, worker = (open_session(cfg, stack, lut, lut_file, 'step 2') if mode == 'real' and cfg.loop.measure
+                           else (None, None))
+        loop = closed_loop_or_skip(cfg, lut, t, valid, chosen, payload['baselines'], mode, session,
+                                   cfg.path('lut_validation.json'), 'step 2 closed loop')
+    if worker is not None:
+        loop['worker'] = worker
+    return loop

@@ -28,6 +28,7 @@ from artifacts import write_artifact  # noqa: E402
 from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config,  # noqa: E402
                     resolve_path, run_cli)
 
+RESERVED = ('schema_version', 'kind', 'created_at', 'command', 'config')  # artifacts.write_artifact's own fields
 FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
          'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
          'epochs_per_round': 'joint.epochs_per_round', 'client_profile': 'lut.client_profile', 'port': 'real.port',
@@ -43,7 +44,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     which.add_argument('--domains', help='comma-separated domain ids, e.g. 0,3')
     which.add_argument('--all_domains', action='store_true', help='every domain of the partition')
     p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo',
-                   help='pseudo: LUT predictions only; real: also deploy to the worker and measure (default: pseudo)')
+                   help='pseudo: the closed loop measures the server part of each domain\'s chosen configuration, '
+                   'its baselines and the loop.top_k best-predicted here (edge part from the LUT); real: deploys the '
+                   'result to the worker (accuracy on the test split) and measures those configurations end to end '
+                   'through the worker and the link (default: pseudo)')
     p.add_argument('--epsilon', help=f'allowed accuracy drop below A_ref, accuracy points (default: {j.epsilon})')
     p.add_argument('--epsilon_sweep', help='comma-separated epsilons (points) of the Pareto front, solved on the '
                    f'corrected surrogate (default: {",".join(map(str, j.epsilon_sweep))})')
@@ -78,7 +82,7 @@ def summary_line(p: dict) -> str:
             f'vs best plain split {plain["throughput_fps"]:.1f} fps (lambda {plain["lam"]}): '
             f'x{p["predicted"]["throughput_fps"] / plain["throughput_fps"]:.3f}; GD-MILP gap '
             f'{"n/a" if gap is None else f"{gap:.2f} %"}; {len(p["rounds"])} rounds ({p["stop_reason"]}); '
-            f'{p["timing"]["wall_s"]:.1f} s')
+            f'{p["timing"]["wall_s"]:.1f} s (predicted throughputs; measured: the closed-loop lines)')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -88,6 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = resolve_config(args, FLAGS)
     import torch
 
+    from pipeline import closed_loop as CL
     from pipeline import joint
     torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
@@ -97,18 +102,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = command_line(argv)
     t0 = time.time()
     with contextlib.ExitStack() as stack:
-        real_run = None
+        real_run, session, worker = None, None, None
         if args.mode == 'real':
-            from comm.session import session_from_config
-            session = stack.enter_context(session_from_config(cfg))
-            logging.getLogger('step3').info('worker connected: %s', session.accept())
-            real_run = joint.real_runner(session, cfg, inp.mean, inp.std)
+            session, worker = CL.open_session(cfg, stack, inp.lut, lut_file, 'step 3')
+            logging.getLogger('step3').info('worker connected: %s', worker)
+            real_run = joint.real_runner(session, cfg, inp.mean, inp.std, CL.edge_threads(inp.lut) or 0)
         for d in domains:
             out = joint.run_domain(inp, d, cmd, force=args.force, real_run=real_run)
+            payload = out['payload']
+            loop = payload.get('closed_loop')
+            remeasure = not isinstance(loop, dict) or loop.get('mode') != args.mode
+            if not out['skipped'] or remeasure:  # a finished domain without this mode's closed loop gets it
+                payload['closed_loop'] = dict(CL.measure_domain(inp, payload, args.mode, session),
+                                              **({'worker': worker} if worker else {}))
             if not out['skipped']:
                 write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, cmd)
-                write_artifact(joint.joint_path(cfg, d), 'joint_domain', out['payload'], cfg, cmd)
-            print(summary_line(out['payload']), flush=True)
+            if not out['skipped'] or remeasure:
+                write_artifact(joint.joint_path(cfg, d), 'joint_domain', {k: v for k, v in payload.items() if k not in
+                                                                          RESERVED}, cfg, cmd)
+            print(summary_line(payload), flush=True)
+            for line in CL.closed_loop_lines(payload['closed_loop'], table=False):
+                print(f'domain {d}: {line}', flush=True)
     print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')
     return 0
 

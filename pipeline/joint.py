@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -214,25 +214,308 @@ def _split_train(loader: Any, samples: int, cfg: Config, d: int, r: int) -> Tupl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One domain
+# One domain: data, reference and sensitivities, rounds, final pick, Pareto sweep, payload
 # ----------------------------------------------------------------------------------------------------------
+
+def _sens_array(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
+    """Sensitivities as stored in JSON (None: not measured) -> float array with NaN."""
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
+
+def _sens_json(sens: np.ndarray) -> List[List[Optional[float]]]:
+    return np.where(np.isnan(sens), None, sens).tolist()
+
+
+@dataclass
+class DomainData:
+    """One domain's images: the train loader (fine-tuning) and the collected val, sensitivity and test arrays."""
+    train: Any
+    x_val: Any
+    y_val: Any
+    x_sens: Any
+    y_sens: Any
+    x_test: Any
+    y_test: Any
+    generator: Any  # shared by the train loader's shuffling and the fine-tuning
+
+
+@dataclass
+class LoopState:
+    """The progressive-pruning loop's state between rounds."""
+    sens: np.ndarray  # corrected sensitivities after the latest round (points)
+    warm: Optional[Tuple[Sequence[int], int]]  # the solvers' warm start
+    rounds: List[Dict[str, Any]] = field(default_factory=list)
+    models: List[HyperRepVGG] = field(default_factory=list)
+    prev_cfg: Optional[Tuple[Sequence[int], int]] = None
+    prev_met: bool = False
+    stop: str = 'max_rounds'
+
+
+@dataclass
+class FinalPick:
+    model: HyperRepVGG
+    gammas: List[int]
+    lam: int
+    chosen_round: int
+    val_acc: float
+    test_acc: float
+    evaluation: Dict[str, Any]
+
+
+def _domain_data(inp: Inputs, d: int) -> DomainData:
+    from accuracy.training import seeded_generator
+    from data.domains import domain_loader
+    cfg, j = inp.cfg, inp.cfg.joint
+    gen = seeded_generator(cfg.seed, 2000 + d)
+    ebs = cfg.train.eval_batch_size
+    train = domain_loader(cfg, inp.partition, d, 'train', cfg.train.batch_size, True, gen)
+    val = domain_loader(cfg, inp.partition, d, 'val', ebs, False)
+    xv, yv = pruning.collect(val)
+    xs, ys = pruning.collect(val, j.sensitivity_samples) if j.sensitivity_samples else (xv, yv)
+    xt, yt = pruning.collect(domain_loader(cfg, inp.partition, d, 'test', ebs, False))
+    return DomainData(train, xv, yv, xs, ys, xt, yt, gen)
+
+
+def _read_checkpoint(path: Path, kind: str, fp: str, model0: Optional[HyperRepVGG] = None, cfg: Optional[Config] = None,
+                     bn_file0: Optional[str] = None) -> Optional[Tuple[Dict[str, Any], Optional[HyperRepVGG]]]:
+    """A checkpoint written with the same inputs: (record, its model rebuilt from model0 when given), else None."""
+    rec = _load_checkpoint(path, kind, fp)
+    if rec is None:
+        return None
+    model = None
+    if model0 is not None:
+        model = _model_from(model0, rec['hyper_weights'], cfg, rec.get('bn_state_file') or bn_file0)
+    return rec, model
+
+
+def _write_checkpoint(path: Path, kind: str, rec: Dict[str, Any], cfg: Config, command: str,
+                      model: Optional[HyperRepVGG] = None, bn_rel: Optional[str] = None) -> None:
+    """Writes a checkpoint record (and first the model's BN state to `bn_rel`, when it adapts BN)."""
+    from accuracy import training
+    if model is not None and bn_rel is not None:
+        training.save_state_dict(training.bn_state(model), cfg.path(bn_rel))
+    write_artifact(path, kind, rec, cfg, command)
+
+
+def reference_phase(inp: Inputs, model0: HyperRepVGG, data: DomainData, d: int) -> Dict[str, Any]:
+    """A_ref on val and test and the initial branch sensitivities (points) of the domain model."""
+    cfg, j = inp.cfg, inp.cfg.joint
+    ebs = cfg.train.eval_batch_size
+    a_val = pruning.accuracy(model0, data.x_val, data.y_val, inp.mean, inp.std, ebs, cfg.device)
+    a_test = pruning.accuracy(model0, data.x_test, data.y_test, inp.mean, inp.std, ebs, cfg.device)
+    if j.sensitivity == 'measured':
+        s = pruning.measure_sensitivities(model0, data.x_sens, data.y_sens, inp.mean, inp.std, ebs, cfg.device,
+                                          desc=f'domain {d} sensitivities', only=goal.worth_measuring(
+                                              inp.tables, inp.available, j.min_saving_pct))
+    else:
+        s = pruning.importance_sensitivities(model0, cfg.model.input_size, data.x_sens, data.y_sens, inp.mean,
+                                             inp.std, j.importance_share, ebs, cfg.device)
+    return {'a_ref_val_pct': a_val, 'a_ref_test_pct': a_test, 'mode': j.sensitivity,
+            'sensitivity_samples': int(data.y_val.numel() if not j.sensitivity_samples else data.y_sens.numel()),
+            'sensitivity_pct': _sens_json(s['sensitivity_pct']),
+            'evaluations': s['evaluations'], 'details': {k: v for k, v in s.items()
+                                                         if k in ('kappa', 'calibration', 'base_acc_pct')}}
+
+
+def _start_model(p: goal.GoalProblem, st: LoopState, want: np.ndarray, model0: HyperRepVGG) -> HyperRepVGG:
+    """Progressive: continue from the latest round that met the goal and whose pruned branches are all pruned again
+    (else from the domain's model), so that restored branches never meet alphas tuned without them."""
+    for old, old_model in reversed(list(zip(st.rounds, st.models))):
+        if old['goal_met'] and not (goal.pruned_mask_of(p, old['gammas']) & ~want).any():
+            return old_model
+    return model0
+
+
+def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, a_val: float, d: int,
+                r: int, fp: str) -> Optional[Tuple[Dict[str, Any], HyperRepVGG, np.ndarray]]:
+    """One progressive pruning round: solve, prune, fine-tune alpha, measure on val, correct the sensitivities.
+    Returns (the round's record, its model, the corrected sensitivities), or None when it converged."""
+    from accuracy import training
+    cfg, j = inp.cfg, inp.cfg.joint
+    tr = time.perf_counter()
+    floor = a_val - j.epsilon
+    # progressive steps from the latest round that met the goal (a missed round is backtracked)
+    anchor = next((i for i in range(len(st.rounds) - 1, -1, -1) if st.rounds[i]['goal_met']), None)
+    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
+        goal.pruned_mask_of(problem_for(inp, st.sens, a_val, j.epsilon), st.rounds[anchor]['gammas'])
+    p = problem_for(inp, st.sens, a_val, j.epsilon, before)
+    sol = _solve(inp, p, j.solver, d, r, st.warm)
+    best = sol['best']
+    if st.prev_cfg is not None and st.prev_met and (best.gammas, best.lam) == (list(st.prev_cfg[0]), st.prev_cfg[1]):
+        return None
+    model = pruning.copy_with(_start_model(p, st, goal.pruned_mask_of(p, best.gammas), model0), best.gammas)
+    pruned = pruning.pruned_mask(model)
+    hist = None
+    if pruned.any() and j.epochs_per_round > 0:
+        tune, select = _split_train(data.train, j.finetune_samples, cfg, d, r)
+        hist = training.fine_tune_alpha(model, tune, select, j.epochs_per_round, cfg.train.alpha_lr, cfg.device,
+                                        data.generator, inp.mean, inp.std, desc=f'domain {d} round {r} fine-tune')
+    acc = pruning.accuracy(model, data.x_val, data.y_val, inp.mean, inp.std, cfg.train.eval_batch_size, cfg.device)
+    predicted_loss = float(best.evaluation['surrogate_loss_pct'])
+    sens_new, corr = pruning.correct_sensitivities(st.sens, pruned, a_val - acc)
+    met = acc >= floor - 1e-9
+    bn_rel = f'{JOINT_DIR}/domain_{d}_rounds/round_{r:03d}_bn.pt' if model.adapt_bn else None
+    rec = {'fingerprint': fp, 'round': r, 'gammas': best.gammas, 'lam': best.lam,
+           'branches_pruned': int(pruned.sum()), 'surrogate_accuracy_pct': a_val - predicted_loss,
+           'val_accuracy_pct': acc, 'goal_met': bool(met), 'floor_pct': floor,
+           'predicted': {k: best.evaluation[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms',
+                                                         'throughput_fps', 'bottleneck', 'period_ms')},
+           'solvers': _solutions(sol), 'correction': corr, 'fine_tune': hist,
+           'sensitivity_after_pct': _sens_json(sens_new),
+           'hyper_weights': model.hyper_weights(), 'bn_state_file': bn_rel,
+           'wall_s': time.perf_counter() - tr}
+    return rec, model, sens_new
+
+
+def _run_rounds(inp: Inputs, st: LoopState, model0: HyperRepVGG, bn_file0: Optional[str], data: DomainData,
+                a_val: float, d: int, fp: str, command: str) -> None:
+    """The progressive pruning rounds, each resumed from its checkpoint when one exists with the same inputs."""
+    cfg = inp.cfg
+    rd = rounds_dir(cfg, d)
+    for r in range(1, cfg.joint.max_rounds + 1):
+        path = rd / f'round_{r:03d}.json'
+        done = _read_checkpoint(path, 'joint_round', fp, model0, cfg, bn_file0)
+        if done is not None:
+            rec, model = done
+            st.rounds.append(rec)
+            st.models.append(model)
+            st.sens = _sens_array(rec['sensitivity_after_pct'])
+            st.prev_cfg, st.prev_met = (rec['gammas'], rec['lam']), rec['goal_met']
+            st.warm = (rec['gammas'], rec['lam'])
+            log.info('domain %d: round %d resumed from %s', d, r, path)
+            continue
+        out = round_phase(inp, st, model0, data, a_val, d, r, fp)
+        if out is None:
+            st.stop = 'converged'
+            log.info('domain %d: round %d re-solve repeats round %d, which met the goal: converged', d, r, r - 1)
+            break
+        rec, model, sens_new = out
+        _write_checkpoint(path, 'joint_round', rec, cfg, command, model, rec['bn_state_file'])
+        log.info('domain %d: round %d: %d branches pruned, lambda %d, predicted %.1f fps; val %.2f %% (surrogate '
+                 '%.2f %%), goal %s', d, r, rec['branches_pruned'], rec['lam'], rec['predicted']['throughput_fps'],
+                 rec['val_accuracy_pct'], rec['surrogate_accuracy_pct'], 'met' if rec['goal_met'] else 'missed')
+        st.rounds.append(rec)
+        st.models.append(model)
+        st.sens, st.prev_cfg, st.prev_met = sens_new, (rec['gammas'], rec['lam']), rec['goal_met']
+        st.warm = (rec['gammas'], rec['lam'])
+
+
+def final_pick(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, a_val: float) -> FinalPick:
+    """The fastest round that met the goal, else the unpruned optimum; its test accuracy and goal evaluation."""
+    cfg = inp.cfg
+    p_final = problem_for(inp, st.sens, a_val, cfg.joint.epsilon)
+    feasible = [rec for rec in st.rounds if rec['goal_met']]
+    if feasible:
+        pick = max(feasible, key=lambda rec: (rec['predicted']['throughput_fps'], rec['val_accuracy_pct'],
+                                              rec['round']))
+        model = st.models[st.rounds.index(pick)]
+        gammas, lam, chosen_round, val_acc = pick['gammas'], pick['lam'], pick['round'], pick['val_accuracy_pct']
+    else:
+        gammas, lam, chosen_round, val_acc = inp.unpruned.gammas, inp.unpruned.lam, 0, a_val
+        model = pruning.copy_with(model0, gammas)
+    pruning.apply_config(model, gammas)
+    test_acc = pruning.accuracy(model, data.x_test, data.y_test, inp.mean, inp.std, cfg.train.eval_batch_size,
+                                cfg.device)
+    return FinalPick(model, gammas, lam, chosen_round, val_acc, test_acc, goal.evaluate(p_final, gammas, lam))
+
+
+def pareto_phase(inp: Inputs, sens: np.ndarray, a_val: float, a_test: float, d: int,
+                 warm: Tuple[Sequence[int], int]) -> List[Dict[str, Any]]:
+    """The epsilon sweep solved on the corrected surrogate (no training)."""
+    from accuracy.training import seeded_generator
+    j = inp.cfg.joint
+    pareto = []
+    sweep_solver = 'gd' if j.solver == 'gd' else 'milp'
+    for k, eps in enumerate(j.epsilon_sweep):
+        sp = goal.solve(problem_for(inp, sens, a_val, eps), sweep_solver, seeded_generator(inp.cfg.seed, 4000 + d, k),
+                        _gd_kwargs(inp.cfg, warm), j.milp_time_limit_s)['best']
+        pareto.append({'epsilon': float(eps), 'accuracy_pct': a_test - sp.evaluation['surrogate_loss_pct'],
+                       'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
+                       'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
+                       'solver': sp.solver, 'status': sp.status, 'accuracy_source': 'surrogate'})
+    return pareto
+
+
+def _measure_real(real_run: Any, fin: FinalPick, data: DomainData) -> Dict[str, Any]:
+    """Deploys the final configuration through `real_run` and compares the measurement with the prediction."""
+    ev = fin.evaluation
+    measured = real_run(fin.model, fin.gammas, fin.lam, data.x_test, data.y_test)
+    # steady state (pipeline filled) is what B / max(stage) predicts; the whole-run figure stays in throughput_fps
+    steady = measured.get('steady_throughput_fps') or measured['throughput_fps']
+    measured['throughput_ratio_measured_over_predicted'] = steady / ev['throughput_fps']
+    measured['latency_ratio_measured_over_predicted'] = measured['latency_ms'] / ev['latency_ms']
+    measured['accuracy_diff_measured_minus_offline_pct'] = measured['accuracy_pct'] - fin.test_acc
+    return measured
+
+
+def payload_phase(inp: Inputs, d: int, fp: str, ref: Dict[str, Any], st: LoopState, fin: FinalPick,
+                  pareto: List[Dict[str, Any]], measured: Optional[Dict[str, Any]], real: bool) -> Dict[str, Any]:
+    """The domain's joint_domain artifact (without `timing`)."""
+    j = inp.cfg.joint
+    a_val, a_test = float(ref['a_ref_val_pct']), float(ref['a_ref_test_pct'])
+    floor = a_val - j.epsilon
+    gammas, lam, ev = fin.gammas, fin.lam, fin.evaluation
+    available = [sorted(a, key=BRANCHES.index) for a in inp.available]
+    kept_final = goal.kept_sets(gammas)
+    blocks = fin.model.hyper_weights()['blocks']
+    for b, av in zip(blocks, available):
+        b['pruned'] = [x for x in av if x not in b['kept']]
+    last = st.rounds[-1] if st.rounds else None
+    return {
+        'domain': d, 'fingerprint': fp, 'mode': 'real' if real else 'pseudo',
+        'a_ref_pct': a_test, 'a_ref_val_pct': a_val, 'final_accuracy_pct': fin.test_acc,
+        'final_val_accuracy_pct': fin.val_acc,
+        'accuracy_drop_pct': a_test - fin.test_acc, 'epsilon': j.epsilon, 'accuracy_floor_val_pct': floor,
+        'lam': int(lam), 'gammas': [int(g) for g in gammas], 'blocks': blocks,
+        'branches_pruned': int(sum(len(a) - len(k) for a, k in zip(available, kept_final))),
+        'deviations': {'xi_accuracy_pct': max(0.0, floor - fin.val_acc),
+                       'xi_accuracy_test_pct': max(0.0, a_test - j.epsilon - fin.test_acc),
+                       'xi_throughput_fps': ev['deviations']['xi_throughput_fps'],
+                       'xi_memory_bytes': ev['deviations']['xi_memory_bytes']},
+        'predicted': {k: ev[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms', 'throughput_fps',
+                                         'bottleneck', 'period_ms')},
+        'roofline': side_roofline(inp, gammas, lam), 'edge_weight_bytes': ev['edge_weight_bytes'],
+        'goal_evaluation': ev, 'chosen_round': fin.chosen_round, 'stop_reason': st.stop,
+        'solvers': (st.rounds[fin.chosen_round - 1] if fin.chosen_round else last or {}).get('solvers'),
+        'rounds': [{k: v for k, v in rec.items() if k not in ('hyper_weights', 'fingerprint', 'sensitivity_after_pct')}
+                   for rec in st.rounds],
+        'sensitivity': {'mode': ref['mode'], 'samples': ref['sensitivity_samples'], 'evaluations': ref['evaluations'],
+                        'initial_pct': ref['sensitivity_pct'],
+                        'final_pct': _sens_json(st.sens), 'details': ref['details']},
+        'pareto': pareto, 'pareto_note': SURROGATE_NOTE,
+        'baselines': {'unpruned': cost.plain_baselines(inp.tables, inp.available),
+                      'pruned': cost.plain_baselines(inp.tables, kept_final)},
+        'unpruned_optimum': dict(inp.unpruned.stages, description='step-2 optimum: layouts and split, nothing pruned'),
+        'warm_start': inp.warm_source, 'link': inp.link, 'lut_file': str(inp.lut_file),
+        'measured': measured, 'state_file': str(state_path(inp.cfg, d).relative_to(inp.cfg.path())),
+    }
+
+
+def _state(inp: Inputs, d: int, fp: str, fin: FinalPick) -> Dict[str, Any]:
+    """The domain's joint_state artifact (writes the BN state file it names when the model adapts BN)."""
+    from accuracy import training
+    state = dict(fin.model.hyper_weights(), gammas=[int(g) for g in fin.gammas], lam=int(fin.lam), domain=d,
+                 fingerprint=fp)
+    if fin.model.adapt_bn:
+        rel = f'{JOINT_DIR}/domain_{d}_bn.pt'
+        training.save_state_dict(training.bn_state(fin.model), inp.cfg.path(rel))
+        state['bn_state_file'] = rel
+    return state
+
 
 def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
                real_run: Optional[Any] = None) -> Dict[str, Any]:
     """Step 3 for domain d; returns {'payload', 'state', 'skipped'}.  `real_run(model, gammas, lam, x, y)` (real
     mode) deploys the configuration and returns the measured dict."""
-    from data.domains import domain_loader
     from accuracy import training
-    cfg = inp.cfg
-    j = cfg.joint
+    cfg, j = inp.cfg, inp.cfg.joint
     t_start = time.perf_counter()
     hw_entry = load_artifact(training.hyper_weights_path(cfg), 'trained_hyper_weights', {'domains': dict})['domains']
     if str(d) not in hw_entry:
         raise UserError(f'{training.hyper_weights_path(cfg)}: no hyper-weights for domain {d}; run step 0 for it')
     fp = fingerprint(inp.base_fingerprint, hw_entry[str(d)], d)
-    jp = joint_path(cfg, d)
     if not force:
-        done = _load_checkpoint(jp, 'joint_domain', fp)
+        done = _load_checkpoint(joint_path(cfg, d), 'joint_domain', fp)
         if done is not None and (real_run is None or isinstance(done.get('measured'), dict)):
             log.info('domain %d: finished earlier with the same inputs, skipped (--force redoes it)', d)
             return {'payload': done, 'state': None, 'skipped': True}
@@ -241,189 +524,35 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
         _clear(rd)
     model0 = training.load_domain_model(cfg, d).to(cfg.device)
     bn_file0 = hw_entry[str(d)].get('bn_state_file')
-    gen = training.seeded_generator(cfg.seed, 2000 + d)
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size
-    train = domain_loader(cfg, inp.partition, d, 'train', bs, True, gen)
-    val = domain_loader(cfg, inp.partition, d, 'val', ebs, False)
-    xv, yv = pruning.collect(val)
-    xs, ys = pruning.collect(val, j.sensitivity_samples) if j.sensitivity_samples else (xv, yv)
-    xt, yt = pruning.collect(domain_loader(cfg, inp.partition, d, 'test', ebs, False))
+    data = _domain_data(inp, d)
     timing: Dict[str, float] = {}
 
-    # reference accuracy and initial sensitivities (checkpointed: the most expensive evaluation)
-    t0 = time.perf_counter()
-    ref = _load_checkpoint(rd / 'reference.json', 'joint_reference', fp)
-    if ref is None:
+    t0 = time.perf_counter()  # reference accuracy and initial sensitivities (checkpointed: the most expensive step)
+    done_ref = _read_checkpoint(rd / 'reference.json', 'joint_reference', fp)
+    if done_ref is None:
         _clear(rd)
-        a_val = pruning.accuracy(model0, xv, yv, inp.mean, inp.std, ebs, cfg.device)
-        a_test = pruning.accuracy(model0, xt, yt, inp.mean, inp.std, ebs, cfg.device)
-        if j.sensitivity == 'measured':
-            s = pruning.measure_sensitivities(model0, xs, ys, inp.mean, inp.std, ebs, cfg.device,
-                                              desc=f'domain {d} sensitivities', only=goal.worth_measuring(
-                                                  inp.tables, inp.available, j.min_saving_pct))
-        else:
-            s = pruning.importance_sensitivities(model0, cfg.model.input_size, xs, ys, inp.mean, inp.std,
-                                                 j.importance_share, ebs, cfg.device)
-        ref = {'fingerprint': fp, 'a_ref_val_pct': a_val, 'a_ref_test_pct': a_test, 'mode': j.sensitivity,
-               'sensitivity_samples': int(yv.numel() if not j.sensitivity_samples else ys.numel()),
-               'sensitivity_pct': np.where(np.isnan(s['sensitivity_pct']), None, s['sensitivity_pct']).tolist(),
-               'evaluations': s['evaluations'], 'details': {k: v for k, v in s.items()
-                                                            if k in ('kappa', 'calibration', 'base_acc_pct')}}
-        write_artifact(rd / 'reference.json', 'joint_reference', ref, cfg, command)
+        ref = dict(fingerprint=fp, **reference_phase(inp, model0, data, d))
+        _write_checkpoint(rd / 'reference.json', 'joint_reference', ref, cfg, command)
+    else:
+        ref = done_ref[0]
     timing['reference_s'] = time.perf_counter() - t0
     a_val, a_test = float(ref['a_ref_val_pct']), float(ref['a_ref_test_pct'])
-    sens = np.array([[np.nan if v is None else v for v in row] for row in ref['sensitivity_pct']], dtype=np.float64)
-    floor = a_val - j.epsilon
-    log.info('domain %d: A_ref %.2f %% (val) / %.2f %% (test); goal: val accuracy >= %.2f %%', d, a_val, a_test, floor)
+    log.info('domain %d: A_ref %.2f %% (val) / %.2f %% (test); goal: val accuracy >= %.2f %%', d, a_val, a_test,
+             a_val - j.epsilon)
 
-    # progressive pruning rounds
     t0 = time.perf_counter()
-    rounds: List[Dict[str, Any]] = []
-    prev_cfg, prev_met = None, False
-    models: List[HyperRepVGG] = []
-    warm = inp.warm
-    stop = 'max_rounds'
-    for r in range(1, j.max_rounds + 1):
-        path = rd / f'round_{r:03d}.json'
-        rec = _load_checkpoint(path, 'joint_round', fp)
-        if rec is not None:
-            rounds.append(rec)
-            models.append(_model_from(model0, rec['hyper_weights'], cfg, rec.get('bn_state_file') or bn_file0))
-            sens = np.array([[np.nan if v is None else v for v in row] for row in rec['sensitivity_after_pct']])
-            prev_cfg, prev_met, warm = (rec['gammas'], rec['lam']), rec['goal_met'], (rec['gammas'], rec['lam'])
-            log.info('domain %d: round %d resumed from %s', d, r, path)
-            continue
-        tr = time.perf_counter()
-        # progressive steps from the latest round that met the goal (a missed round is backtracked)
-        anchor = next((i for i in range(len(rounds) - 1, -1, -1) if rounds[i]['goal_met']), None)
-        before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
-            goal.pruned_mask_of(problem_for(inp, sens, a_val, j.epsilon), rounds[anchor]['gammas'])
-        p = problem_for(inp, sens, a_val, j.epsilon, before)
-        sol = _solve(inp, p, j.solver, d, r, warm)
-        best = sol['best']
-        if prev_cfg is not None and prev_met and (best.gammas, best.lam) == (list(prev_cfg[0]), prev_cfg[1]):
-            stop = 'converged'
-            log.info('domain %d: round %d re-solve repeats round %d, which met the goal: converged', d, r, r - 1)
-            break
-        # progressive: continue from the latest round that met the goal and whose pruned branches are all pruned
-        # again (else from the domain's model), so that restored branches never meet alphas tuned without them
-        start = model0
-        want = goal.pruned_mask_of(p, best.gammas)
-        for old, old_model in reversed(list(zip(rounds, models))):
-            if old['goal_met'] and not (goal.pruned_mask_of(p, old['gammas']) & ~want).any():
-                start = old_model
-                break
-        model = pruning.copy_with(start, best.gammas)
-        pruned = pruning.pruned_mask(model)
-        hist = None
-        if pruned.any() and j.epochs_per_round > 0:
-            tune, select = _split_train(train, j.finetune_samples, cfg, d, r)
-            hist = training.fine_tune_alpha(model, tune, select, j.epochs_per_round, cfg.train.alpha_lr, cfg.device,
-                                            gen, inp.mean, inp.std, desc=f'domain {d} round {r} fine-tune')
-        acc = pruning.accuracy(model, xv, yv, inp.mean, inp.std, ebs, cfg.device)
-        predicted_loss = float(best.evaluation['surrogate_loss_pct'])
-        sens_new, corr = pruning.correct_sensitivities(sens, pruned, a_val - acc)
-        met = acc >= floor - 1e-9
-        bn_rel = None
-        if model.adapt_bn:
-            bn_rel = f'{JOINT_DIR}/domain_{d}_rounds/round_{r:03d}_bn.pt'
-            training.save_state_dict(training.bn_state(model), cfg.path(bn_rel))
-        rec = {'fingerprint': fp, 'round': r, 'gammas': best.gammas, 'lam': best.lam,
-               'branches_pruned': int(pruned.sum()), 'surrogate_accuracy_pct': a_val - predicted_loss,
-               'val_accuracy_pct': acc, 'goal_met': bool(met), 'floor_pct': floor,
-               'predicted': {k: best.evaluation[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms',
-                                                             'throughput_fps', 'bottleneck', 'period_ms')},
-               'solvers': _solutions(sol), 'correction': corr, 'fine_tune': hist,
-               'sensitivity_after_pct': np.where(np.isnan(sens_new), None, sens_new).tolist(),
-               'hyper_weights': model.hyper_weights(), 'bn_state_file': bn_rel,
-               'wall_s': time.perf_counter() - tr}
-        write_artifact(path, 'joint_round', rec, cfg, command)
-        log.info('domain %d: round %d: %d branches pruned, lambda %d, predicted %.1f fps; val %.2f %% (surrogate '
-                 '%.2f %%), goal %s', d, r, rec['branches_pruned'], best.lam, best.evaluation['throughput_fps'], acc,
-                 rec['surrogate_accuracy_pct'], 'met' if met else 'missed')
-        rounds.append(rec)
-        models.append(model)
-        sens, prev_cfg, prev_met, warm = sens_new, (best.gammas, best.lam), met, (best.gammas, best.lam)
+    st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm)
+    _run_rounds(inp, st, model0, bn_file0, data, a_val, d, fp, command)
     timing['rounds_s'] = time.perf_counter() - t0
 
-    # the final configuration: the fastest round that met the goal, else the unpruned optimum
-    p_final = problem_for(inp, sens, a_val, j.epsilon)
-    feasible = [rec for rec in rounds if rec['goal_met']]
-    if feasible:
-        pick = max(feasible, key=lambda rec: (rec['predicted']['throughput_fps'], rec['val_accuracy_pct'],
-                                              rec['round']))
-        model = models[rounds.index(pick)]
-        gammas, lam, chosen_round, val_acc = pick['gammas'], pick['lam'], pick['round'], pick['val_accuracy_pct']
-    else:
-        gammas, lam, chosen_round, val_acc = inp.unpruned.gammas, inp.unpruned.lam, 0, a_val
-        model = pruning.copy_with(model0, gammas)
-    pruning.apply_config(model, gammas)
-    test_acc = pruning.accuracy(model, xt, yt, inp.mean, inp.std, ebs, cfg.device)
-    ev = goal.evaluate(p_final, gammas, lam)
-
-    # Pareto front on the corrected surrogate (no training)
+    fin = final_pick(inp, st, model0, data, a_val)
     t0 = time.perf_counter()
-    pareto = []
-    sweep_solver = 'gd' if j.solver == 'gd' else 'milp'
-    for k, eps in enumerate(j.epsilon_sweep):
-        sp = goal.solve(problem_for(inp, sens, a_val, eps), sweep_solver,
-                        training.seeded_generator(cfg.seed, 4000 + d, k), _gd_kwargs(cfg, (gammas, lam)),
-                        j.milp_time_limit_s)['best']
-        pareto.append({'epsilon': float(eps), 'accuracy_pct': a_test - sp.evaluation['surrogate_loss_pct'],
-                       'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
-                       'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
-                       'solver': sp.solver, 'status': sp.status, 'accuracy_source': 'surrogate'})
+    pareto = pareto_phase(inp, st.sens, a_val, a_test, d, (fin.gammas, fin.lam))
     timing['pareto_s'] = time.perf_counter() - t0
-
-    measured = None
-    if real_run is not None:
-        measured = real_run(model, gammas, lam, xt, yt)
-        # steady state (pipeline filled) is what B / max(stage) predicts; the whole-run figure stays in throughput_fps
-        steady = measured.get('steady_throughput_fps') or measured['throughput_fps']
-        measured['throughput_ratio_measured_over_predicted'] = steady / ev['throughput_fps']
-        measured['latency_ratio_measured_over_predicted'] = measured['latency_ms'] / ev['latency_ms']
-        measured['accuracy_diff_measured_minus_offline_pct'] = measured['accuracy_pct'] - test_acc
-
-    available = [sorted(a, key=BRANCHES.index) for a in inp.available]
-    kept_final = goal.kept_sets(gammas)
-    blocks = model.hyper_weights()['blocks']
-    for b, av in zip(blocks, available):
-        b['pruned'] = [x for x in av if x not in b['kept']]
-    last = rounds[-1] if rounds else None
-    payload = {
-        'domain': d, 'fingerprint': fp, 'mode': 'real' if real_run is not None else 'pseudo',
-        'a_ref_pct': a_test, 'a_ref_val_pct': a_val, 'final_accuracy_pct': test_acc, 'final_val_accuracy_pct': val_acc,
-        'accuracy_drop_pct': a_test - test_acc, 'epsilon': j.epsilon, 'accuracy_floor_val_pct': floor,
-        'lam': int(lam), 'gammas': [int(g) for g in gammas], 'blocks': blocks,
-        'branches_pruned': int(sum(len(a) - len(k) for a, k in zip(available, kept_final))),
-        'deviations': {'xi_accuracy_pct': max(0.0, floor - val_acc),
-                       'xi_accuracy_test_pct': max(0.0, a_test - j.epsilon - test_acc),
-                       'xi_throughput_fps': ev['deviations']['xi_throughput_fps'],
-                       'xi_memory_bytes': ev['deviations']['xi_memory_bytes']},
-        'predicted': {k: ev[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms', 'throughput_fps',
-                                         'bottleneck', 'period_ms')},
-        'roofline': side_roofline(inp, gammas, lam), 'edge_weight_bytes': ev['edge_weight_bytes'],
-        'goal_evaluation': ev, 'chosen_round': chosen_round, 'stop_reason': stop,
-        'solvers': (rounds[chosen_round - 1] if chosen_round else last or {}).get('solvers'),
-        'rounds': [{k: v for k, v in rec.items() if k not in ('hyper_weights', 'fingerprint', 'sensitivity_after_pct')}
-                   for rec in rounds],
-        'sensitivity': {'mode': ref['mode'], 'samples': ref['sensitivity_samples'], 'evaluations': ref['evaluations'],
-                        'initial_pct': ref['sensitivity_pct'],
-                        'final_pct': np.where(np.isnan(sens), None, sens).tolist(), 'details': ref['details']},
-        'pareto': pareto, 'pareto_note': SURROGATE_NOTE,
-        'baselines': {'unpruned': cost.plain_baselines(inp.tables, inp.available),
-                      'pruned': cost.plain_baselines(inp.tables, kept_final)},
-        'unpruned_optimum': dict(inp.unpruned.stages, description='step-2 optimum: layouts and split, nothing pruned'),
-        'warm_start': inp.warm_source, 'link': inp.link, 'lut_file': str(inp.lut_file),
-        'measured': measured, 'state_file': str(state_path(cfg, d).relative_to(cfg.path())),
-        'timing': dict(timing, wall_s=time.perf_counter() - t_start),
-    }
-    state = dict(model.hyper_weights(), gammas=[int(g) for g in gammas], lam=int(lam), domain=d, fingerprint=fp)
-    if model.adapt_bn:
-        rel = f'{JOINT_DIR}/domain_{d}_bn.pt'
-        training.save_state_dict(training.bn_state(model), cfg.path(rel))
-        state['bn_state_file'] = rel
-    return {'payload': payload, 'state': state, 'skipped': False}
+    measured = _measure_real(real_run, fin, data) if real_run is not None else None
+    payload = payload_phase(inp, d, fp, ref, st, fin, pareto, measured, real_run is not None)
+    payload['timing'] = dict(timing, wall_s=time.perf_counter() - t_start)
+    return {'payload': payload, 'state': _state(inp, d, fp, fin), 'skipped': False}
 
 
 def load_step2(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[List[int], int]], str]:

@@ -70,7 +70,7 @@ def quantile_lut(lut: Dict[str, Any], q: str) -> Dict[str, Any]:
     """A copy of `lut` whose entries (both sides, blocks and head) carry their `q` ('p10_ms' | 'p90_ms') time as
     median_ms; entries without that field keep their median."""
     out = dict(lut)
-    for side in ('edge', 'server'):
+    for side in (_E(lut), 'server'):
         part = dict(lut[side])
         for group in ('entries', 'head'):
             part[group] = {k: dict(e, median_ms=float(e.get(q, e['median_ms']))) for k, e in lut[side][group].items()}
@@ -160,7 +160,10 @@ def decision_line(d: Dict[str, Any]) -> str:
            f'+/-{d["band_pct"]:.1f} % ({how})'
     if not d['runners_up']:
         return head + ': no other split predicts within it, the decision survives the LUT\'s noise'
-    rs = ', '.join(f'lambda {r["lam"]} ({r["diff_pct"]:+.1f} %)' for r in d['runners_up'])
+    shown = sorted(d['runners_up'], key=lambda r: -r['throughput_fps'])
+    rs = ', '.join(f'lambda {r["lam"]} ({r["diff_pct"]:+.1f} %)' for r in shown[:5])
+    if len(shown) > 5:
+        rs += f' and {len(shown) - 5} more splits'
     return head + f': a coin toss on the LUT alone among it and {rs}; the measured ranking below decides'
 
 
@@ -317,12 +320,11 @@ def pseudo_runner(model_spec: Dict[str, Any], input_size: int, batch: int, devic
 
 
 def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]]:
-    """combine for measure() in pseudo mode: the server part's median over the passes' medians, p10 / p90 the
-    extremes of the passes'."""
+    """combine for measure() in pseudo mode: the server part's median, p10 and p90 each the median over the
+    passes'."""
     def combine(pred: Dict[str, Any], res: List[Dict[str, Any]]) -> Dict[str, Any]:
-        server = {'median_ms': float(statistics.median(r['median_ms'] for r in res)),
-                  'p10_ms': min(float(r['p10_ms']) for r in res), 'p90_ms': max(float(r['p90_ms']) for r in res),
-                  'n': sum(int(r.get('n', 0)) for r in res)}
+        server = {k: float(statistics.median(float(r[k]) for r in res)) for k in ('median_ms', 'p10_ms', 'p90_ms')}
+        server['n'] = sum(int(r.get('n', 0)) for r in res)
         return pseudo_record(pred, server, batch)
     return combine
 
@@ -456,7 +458,7 @@ def check_real_lut(lut: Dict[str, Any], lut_file: Any, step: str) -> None:
     """Real mode compares measured runs with the LUT: its edge side must have been measured through the worker.
     A UserError gives the command that measures it otherwise."""
     from errors import UserError
-    edge = lut['edge']
+    edge = lut[_E(lut)]
     if edge.get('source') != 'measured':
         prof = (edge.get('profile') or {}).get('name')
         raise UserError(f'{step} --mode real: the edge side of {lut_file} is modelled (device profile {prof!r}), not '
@@ -467,7 +469,7 @@ def check_real_lut(lut: Dict[str, Any], lut_file: Any, step: str) -> None:
 
 def edge_threads(lut: Dict[str, Any]) -> Optional[int]:
     """The torch thread count the LUT's edge side was measured with (None when modelled / not recorded)."""
-    t = (lut['edge'].get('metadata') or {}).get('threads')
+    t = (lut[_E(lut)].get('metadata') or {}).get('threads')
     return int(t) if isinstance(t, int) and t > 0 else None
 
 
@@ -566,7 +568,7 @@ def open_session(cfg: Any, stack: Any, lut: Dict[str, Any], lut_file: Any, step:
     logging.getLogger(step.replace(' ', '')).info('waiting up to %g s for client_worker.py on %s:%d',
                                                    cfg.real.connect_timeout_s, cfg.real.host, session.port)
     hello = session.accept()
-    meta = lut['edge'].get('metadata') or {}
+    meta = lut[_E(lut)].get('metadata') or {}
     worker = {k: hello.get(k) for k in ('device', 'device_name', 'host', 'threads', 'python_version', 'torch_version',
                                         'power_mode')}
     worker['lut_edge_measured_on'] = {k: meta.get(k) for k in ('device', 'device_name', 'host', 'threads')}
@@ -589,3 +591,7 @@ def step2_closed_loop(cfg: Any, lut: Dict[str, Any], lut_file: Any, t: C.CostTab
     if worker is not None:
         loop['worker'] = worker
     return loop
+
+
+def _E(lut):  # TEMPORARY until the edge rename lands
+    return 'edge' if 'edge' in lut else 'client'

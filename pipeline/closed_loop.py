@@ -164,7 +164,7 @@ def decision_line(d: Dict[str, Any]) -> str:
     rs = ', '.join(f'lambda {r["lam"]} ({r["diff_pct"]:+.1f} %)' for r in shown[:5])
     if len(shown) > 5:
         rs += f' and {len(shown) - 5} more splits'
-    return head + f': a coin toss on the LUT alone among it and {rs}; the measured ranking below decides'
+    return head + f': a coin toss on the LUT alone among it and {rs}; the measured ranking shows which is faster here'
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from comm.localdevice import LocalDevice, LocalDeviceError, split_cores
 from conftest import REPO
 
 pytestmark = pytest.mark.network
-TINY = ['--dataset', 'synthetic', '--input_size', '16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25']
+TINY = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25']
 
 
 def test_cores_are_split_into_one_edge_core_and_the_server_rest():

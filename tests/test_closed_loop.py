@@ -137,3 +137,49 @@ def test_loop_report_compares_the_chosen_with_the_best_measured_of_the_top_k():
     assert 'measured' in line and 'predicted' in line and 'load average 1.50' in line
     table = CL.measured_table(records)
     assert 'chosen,top1' in table and '0.90' in table
+
+
+TINY = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25']
+
+
+@pytest.fixture(scope='module')
+def measured_lut(tmp_path_factory):
+    """Step 1 --mode pseudo on a tiny model: the server side measured here, the edge modelled (TX2 profile)."""
+    from pipeline import step1_measure_lut as step1
+    out = tmp_path_factory.mktemp('loop')
+    assert step1.main(['--mode', 'pseudo', '--results_dir', str(out), '--repeats', '5', '--warmup', '2',
+                       '--no_validate', *TINY]) == 0
+    return out
+
+
+def test_step2_pseudo_measures_the_chosen_configuration_its_baselines_and_the_top_k(measured_lut, capsys):
+    from artifacts import load_artifact
+    from pipeline import step2_initial_throughput_opt as step2
+    assert step2.main(['--results_dir', str(measured_lut), '--steps', '60', '--restarts', '1', '--set', 'loop.top_k=4',
+                       *TINY]) == 0
+    obj = load_artifact(measured_lut / 'initial_throughput_config.json', 'initial_throughput_config')
+    loop = obj['closed_loop']
+    assert obj['mode'] == 'pseudo' and loop['mode'] == 'pseudo' and 'skipped' not in loop
+    chosen = next(r for r in loop['measurements'] if 'chosen' in r['roles'])
+    assert (chosen['gammas'], chosen['lam']) == (obj['gammas'], obj['lam'])
+    roles = {x for r in loop['measurements'] for x in r['roles']}
+    assert {'edge_only', 'server_only', 'best_plain_split', 'top1', 'top4'} <= roles and 'top5' not in roles
+    for r in loop['measurements']:
+        m, p = r['measured'], r['predicted']
+        assert m['kind'] == 'measured' and 'modelled' in m['how'] and len(m['passes_fps']) == 2
+        assert m['edge_ms'] == pytest.approx(p['edge_ms'])  # the edge stays the LUT's in pseudo mode
+        if r['lam'] == obj['num_blocks']:  # edge only: nothing runs on the server, the figure is the model's
+            assert m['bottleneck_source'] == 'modelled'
+    rep = loop['report']
+    assert rep['top_k'] == 4 and 0 < rep['chosen_over_best_measured_pct'] <= 100 + 1e-9
+    assert loop['server_device']['device'] == 'cpu' and 'this CPU' in loop['server_device']['note']
+    out = capsys.readouterr().out
+    assert 'decision: lambda' in out and 'closed loop (pseudo' in out and 'meas. fps' in out
+    assert 'the "server" is this CPU' in out
+
+
+def test_real_mode_refuses_a_modelled_edge_and_names_the_command(measured_lut):
+    from config import UserError
+    from pipeline import step2_initial_throughput_opt as step2
+    with pytest.raises(UserError, match=r'modelled .*step1_measure_lut.py --mode real'):
+        step2.main(['--results_dir', str(measured_lut), '--mode', 'real', '--port', '1', *TINY])

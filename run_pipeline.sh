@@ -35,14 +35,15 @@ case "$mode" in pseudo|real) ;; *) echo "run_pipeline.sh: --mode must be pseudo 
 source scripts/setup.sh dataset-fashion-mnist
 PY=.venv/bin/python
 
+results=results
+for ((i = 0; i < ${#common[@]}; i++)); do [ "${common[$i]}" = "--results_dir" ] && results="${common[$((i + 1))]}"; done
+
 if [ "$local_device" = 1 ] && [ -z "${HYPERREPVGG_LOCAL_DEVICE:-}" ]; then
   # the same pipeline in real mode, run on the server cores, with the stand-in worker and link emulator around it
   export HYPERREPVGG_LOCAL_DEVICE=1
-  exec "$PY" -m comm.localdevice -- bash "$0" ${args[@]+"${args[@]}"} --mode real --set 'real.port={port}'
+  exec "$PY" -m comm.localdevice --log_dir "$results/local_device" -- \
+    bash "$0" ${args[@]+"${args[@]}"} --mode real --set 'real.port={port}'
 fi
-
-results=results
-for ((i = 0; i < ${#common[@]}; i++)); do [ "${common[$i]}" = "--results_dir" ] && results="${common[$((i + 1))]}"; done
 [ "$fresh" = 1 ] && rm -rf "$results"
 
 run() {  # run one step; stop the pipeline at the first failure with the step's own message
@@ -64,7 +65,7 @@ if [ "$mode" = real ] || [ ! -f "$results/hardware_lut_complete.json" ]; then
 else
   echo "== step 1: reusing $results/hardware_lut_complete.json (delete it, or --fresh, to measure again)" >&2
 fi
-run "step 2 (throughput)" pipeline/step2_initial_throughput_opt.py "${common[@]}" "${step23[@]}"
+run "step 2 (throughput)" pipeline/step2_initial_throughput_opt.py --mode "$mode" "${common[@]}" "${step23[@]}"
 run "step 3 (joint, per domain)" pipeline/step_3_joint.py --mode "$mode" "${dom[@]}" "${common[@]}" "${step23[@]}" "${step3[@]}"
 run "step 4 (figures)" pipeline/step4_visualize_results.py "${common[@]}"
 echo "results: $results/ (figures and summary.md in $results/visualization/)"

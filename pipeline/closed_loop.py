@@ -385,7 +385,8 @@ def loop_report(records: Sequence[Dict[str, Any]], mode: str, top_k: int) -> Dic
         'best_measured_of_top_k': {'lam': best['lam'], 'roles': best['roles'], 'measured_fps': bm,
                                    'predicted_fps': best['predicted']['throughput_fps']},
         'chosen_over_best_measured_pct': 100.0 * cm / bm,
-        'pass_to_pass_median_pct': _median_or_none(r['measured']['pass_to_pass_pct'] for r in records),
+        'pass_to_pass_median_pct': _median_or_none(r['measured']['pass_to_pass_pct'] for r in records
+                                                   if r['measured']['bottleneck_source'] == 'measured'),
         'load_average': chosen['measured']['load_average'],
     }
     if plain is not None:

@@ -98,7 +98,7 @@ def _loop(pred, meas, plain_pred, plain_meas):
     records = [rec(3, ['chosen', 'top1'], pred, meas), rec(5, ['top2'], pred * 0.99, meas * 1.05),
                rec(4, ['best_plain_split'], plain_pred, plain_meas)]
     dec = {'lam': 3, 'throughput_fps': pred, 'band_pct': 5.0, 'spread_pct': 5.0, 'noise_floor_pct': None,
-           'runners_up': [{'lam': 5, 'diff_pct': -1.0}], 'coin_toss': True}
+           'runners_up': [{'lam': 5, 'diff_pct': -1.0, 'throughput_fps': pred * 0.99}], 'coin_toss': True}
     return {'decision': dec, 'measurements': records, 'report': CL.loop_report(records, 'pseudo', 2),
             'server_device': {'device': 'cpu', 'note': 'the "server" is this CPU (test), not a GPU server'}}
 

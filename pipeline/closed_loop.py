@@ -100,14 +100,9 @@ def validation_noise_floor(path: Any) -> Optional[float]:
         obj = load_artifact(Path(path), 'lut_validation', {'summary': dict})
     except ArtifactError:
         return None
-    s = obj['summary']
-    for v in (s.get('noise_floor_pct'), (s.get('noise_floor') or {}).get('median_abs_diff_pct')
-              if isinstance(s.get('noise_floor'), dict) else None,
-              ((s.get('noise') or {}).get('total') or {}).get('median_abs_error_pct')
-              if isinstance(s.get('noise'), dict) else None):
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return float(v)
-    return None
+    noise = obj['summary'].get('noise')  # summary.noise.pass_to_pass_pct (docs/artifacts.md)
+    v = noise.get('pass_to_pass_pct') if isinstance(noise, dict) else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def split_candidates(t: C.CostTables, valid: np.ndarray) -> List[Dict[str, Any]]:
@@ -176,8 +171,8 @@ def time_configuration(model: Any, input_size: int, gammas: Sequence[int], lam: 
     """Whole-configuration timing on this machine: {'server': median/p10/p90 stats of blocks [lam, N) + head run as
     one module}.  The one place the closed loop calls timing.measure (step 1's validation uses the same timing)."""
     from timing import measure as M
-    m = M.measure_configuration(model, input_size, list(gammas), int(lam), int(batch), device, warmup, repeats,
-                                0.0, seed)
+    m = M.measure_configuration(model, input_size, list(gammas), int(lam), batch=int(batch), device=device,
+                                warmup=warmup, repeats=repeats, seed=seed)
     return {'server': m['server']}
 
 

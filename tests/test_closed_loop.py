@@ -183,3 +183,13 @@ def test_real_mode_refuses_a_modelled_edge_and_names_the_command(measured_lut):
     from pipeline import step2_initial_throughput_opt as step2
     with pytest.raises(UserError, match=r'modelled .*step1_measure_lut.py --mode real'):
         step2.main(['--results_dir', str(measured_lut), '--mode', 'real', '--port', '1', *TINY])
+
+
+def test_noise_floor_is_read_from_the_validation_summary(tmp_path):
+    from artifacts import write_artifact
+    path = tmp_path / 'lut_validation.json'
+    assert CL.validation_noise_floor(path) is None  # no validation: no floor
+    write_artifact(path, 'lut_validation', {'summary': {'total': {}}}, None, 'test')
+    assert CL.validation_noise_floor(path) is None  # an older one-pass validation
+    write_artifact(path, 'lut_validation', {'summary': {'noise': {'pass_to_pass_pct': 7.5}}}, None, 'test')
+    assert CL.validation_noise_floor(path) == 7.5

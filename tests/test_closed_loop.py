@@ -193,3 +193,22 @@ def test_noise_floor_is_read_from_the_validation_summary(tmp_path):
     assert CL.validation_noise_floor(path) is None  # an older one-pass validation
     write_artifact(path, 'lut_validation', {'summary': {'noise': {'pass_to_pass_pct': 7.5}}}, None, 'test')
     assert CL.validation_noise_floor(path) == 7.5
+
+
+def test_bench_closed_loop_rows_and_headline_from_records():
+    from bench import bench_closed_loop as B
+    rec = lambda lam, roles, p, m: {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': p},  # noqa: E731
+                                    'measured': {'throughput_fps': m, 'p10_fps': m, 'p90_fps': m, 'how': 'x',
+                                                 'pass_to_pass_pct': 2.0, 'bottleneck_source': 'measured',
+                                                 'load_average': {'before': [3.5, 1, 1]}}}
+    records = [rec(3, ['chosen', 'top1'], 100.0, 96.0), rec(4, ['top2'], 99.0, 100.0),
+               rec(1, ['best_plain_split'], 80.0, 64.0)]
+    loop = {'report': CL.loop_report(records, 'real', 2),
+            'decision': {'coin_toss': True, 'runners_up': [{'lam': 4}]}}
+    row = B.loop_row('step 3 domain 0', loop, 'x.json')
+    assert row[1] == 'real' and row[2] == 'yes (4)' and row[7] == pytest.approx(96.0)
+    assert row[8] == pytest.approx(1.5) and row[11] == 3.5
+    head = {h[0]: h[1] for h in B.headline([row])}
+    assert head['steps reaching >= 95 % of the best measured'] == 1
+    with pytest.raises(B.BenchLoopError, match='y.json: nothing measured'):
+        B.loop_row('step 2', {'skipped': 'off', 'decision': {}}, 'y.json')

@@ -237,6 +237,8 @@ def load_lut_view(path: Path, batch: int) -> LutView:
                             '(choose one with --batch)')
     t = lut_mod.cost_tables(lut, batch)
     (e_src, e_dev), (s_src, s_dev) = side_source(lut, 'client', batch), side_source(lut, 'server', batch)
+    if (lut['server'].get('metadata') or {}).get('device') == 'cpu':
+        s_dev += ' (a CPU: the "server" of these figures is this CPU, not a GPU server)'
     link = (f'{lut["link"].get("name", "link")}: {t.bandwidth_mbps:g} Mbit/s uplink, one-way latency '
             f'{t.latency_ms:g} ms, features as {lut["feature_dtype"]}')
     return LutView(t.edge_ms, t.server_ms, batch, e_src, s_src, e_dev, s_dev, link)

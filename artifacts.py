@@ -14,11 +14,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from config import Config, UserError
 
 SCHEMA_VERSION = 1
+JOINT_DIR = 'joint_optimization'  # step 3's per-domain artifacts, under results_dir
 COMMON_FIELDS: Dict[str, Any] = {'schema_version': int, 'kind': str, 'created_at': str, 'command': str,
                                  'config': dict}
 FieldType = Union[type, Tuple[type, ...]]
@@ -89,9 +90,27 @@ def write_artifact(path: Path, kind: str, payload: Mapping[str, Any], config: Op
     return json.loads(text)
 
 
-def load_artifact(path: Path, kind: Optional[str] = None,
-                  fields: Optional[Mapping[str, FieldType]] = None) -> Dict[str, Any]:
-    """Read and validate an artifact; `fields` maps required top-level fields to their JSON types."""
+def pct_names(obj: Any) -> Any:
+    """`obj` with every key ending in `_percent` (step-0 artifacts before one suffix was chosen) renamed to the
+    `_pct` the artifacts use now; the old-artifact boundary for those fields."""
+    if isinstance(obj, dict):
+        return {(k[:-len('_percent')] + '_pct' if isinstance(k, str) and k.endswith('_percent') else k): pct_names(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [pct_names(v) for v in obj]
+    return obj
+
+
+def joint_path(results_dir: Path, domain: Any) -> Path:
+    """Step 3's result for one domain: <results_dir>/joint_optimization/domain_<d>_joint.json (step 3 writes it,
+    step 4 reads it)."""
+    return Path(results_dir) / JOINT_DIR / f'domain_{domain}_joint.json'
+
+
+def load_artifact(path: Path, kind: Optional[str] = None, fields: Optional[Mapping[str, FieldType]] = None,
+                  upgrade: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Read and validate an artifact; `fields` maps required top-level fields to their JSON types; `upgrade`
+    maps an older artifact's names onto the current ones before validation (the one old-artifact boundary)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f'{path}: artifact file does not exist (run the step that writes it first)')
@@ -101,6 +120,8 @@ def load_artifact(path: Path, kind: Optional[str] = None,
         raise ArtifactError(f'{path}: not valid JSON ({e})') from None
     if not isinstance(obj, dict):
         raise ArtifactError(f'{path}: expected a JSON object at the top level')
+    if upgrade is not None:
+        obj = upgrade(obj)
     for name, tp in {**COMMON_FIELDS, **(fields or {})}.items():
         if name not in obj:
             raise ArtifactError(f'{path}: missing field {name!r}')

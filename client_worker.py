@@ -1,5 +1,6 @@
 """Edge worker for real mode: runs on the Jetson TX2 (JetPack 4.6: Python 3.6, torch 1.10) and serves the server
-session of comm/session.py (DESIGN.md section 9).
+session of comm/session.py (DESIGN.md section 9).  "client" is its role in the protocol (it dials the server);
+everywhere else the device is the "edge" (lut_edge.json, lut.edge_profile).
 
     python client_worker.py [--server_ip 127.0.0.1] [--port 6006] [--device cuda] [--token T | env HYPERREPVGG_TOKEN]
                             [--ssh user@host[:port] [--ssh_key FILE]]

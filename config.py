@@ -71,7 +71,7 @@ class LutConfig:
     warmup: int = 5  # untimed runs before timing each entry
     repeats: int = 20  # timed runs per entry
     threads: int = 1  # torch threads for measurement (1 = reproducible on a shared CPU; 0 = leave torch's default)
-    client_profile: str = 'jetson-tx2'  # device profile of the simulated edge device (pseudo mode)
+    edge_profile: str = 'jetson-tx2'  # device profile of the simulated edge device (pseudo mode)
     link: str = 'ethernet'  # link preset: 3g | 4g | wifi | ethernet (default: see README 'Why these defaults')
     bandwidth_mbps: Optional[float] = None  # explicit uplink bandwidth in Mbit/s (overrides the preset)
     rtt_ms: Optional[float] = None  # explicit round-trip time in ms (overrides the preset)
@@ -224,10 +224,16 @@ def _hints(cls: type) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# keys renamed since artifacts were first written: an old config file gets an error naming the new key
+RENAMED_KEYS = {'client_profile': 'lut.edge_profile'}
+
+
 def _replace(cfg: Any, key_path: List[str], value: Any, where: str) -> Any:
     """Return a copy of dataclass `cfg` with the field at key_path set (strictly typed)."""
     names = {f.name for f in dataclasses.fields(cfg)}
     head = key_path[0]
+    if head in RENAMED_KEYS and head not in names:
+        raise ConfigError(f'{where}: key {head!r} was renamed; use {RENAMED_KEYS[head]!r}')
     if head not in names:
         raise ConfigError(f'{where}: unknown key {head!r}; valid keys: {", ".join(sorted(names))}')
     tp = _hints(type(cfg))[head]

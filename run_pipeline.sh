@@ -4,7 +4,7 @@
 # (the base model, finished domains, the LUT); --fresh starts over in the results directory.
 #
 #   bash run_pipeline.sh [--mode pseudo|real] [--model NAME] [--dataset NAME] [--link 3g|4g|wifi|ethernet]
-#                        [--client_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
+#                        [--edge_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
 #                        [--checkpoint FILE] [--fresh] [--set SECTION.KEY=VALUE ...] [--local_device]
 # --local_device: real mode without a TX2: client_worker.py on one core of this machine, the server on the others,
 #                 the link emulator (100 Mbit/s, 0.5 ms one way) between them (comm/localdevice.py)
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     --model|--dataset|--results_dir|--data_root|--device|--seed|--config) common+=("$1" "$2"); shift 2 ;;
     --set) common+=("$1" "$2"); shift 2 ;;
     --checkpoint) common+=(--set "model.checkpoint=$2"); shift 2 ;;
-    --link|--client_profile) step1+=("$1" "$2"); step23+=("$1" "$2"); shift 2 ;;
+    --link|--edge_profile) step1+=("$1" "$2"); step23+=("$1" "$2"); shift 2 ;;
     --epsilon) step3+=("$1" "$2"); shift 2 ;;
     --domains) domains="$2"; shift 2 ;;
     --fresh) fresh=1; shift ;;

@@ -120,7 +120,7 @@ def train_base(model: RepVGG, train_loader: Any, epochs: int, lr: float, device:
             seen += int(y.numel())
             bar.set_postfix(loss=f'{loss_sum / seen:.3f}', acc=f'{100.0 * correct / seen:.1f}')
         history.append({'epoch': epoch + 1, 'train_loss': loss_sum / max(1, seen),
-                        'train_acc_percent': 100.0 * correct / max(1, seen),
+                        'train_acc_pct': 100.0 * correct / max(1, seen),
                         'time_s': time.perf_counter() - t0})
     model.eval()
     return {'epochs': history}
@@ -145,7 +145,7 @@ def train_alpha(model: HyperRepVGG, train_loader: Any, val_loader: Any, epochs: 
     the validation accuracy is measured; the model ends with the best state seen, the initial one included,
     so validation accuracy never drops.  `generator` is accepted for interface symmetry with the solvers
     (the loader's own generator drives shuffling; this loop draws no random numbers).
-    Returns {'initial_val_acc_percent', 'best_val_acc_percent', 'best_epoch', 'epochs': [...]}.
+    Returns {'initial_val_acc_pct', 'best_val_acc_pct', 'best_epoch', 'epochs': [...]}.
     """
     mean, std = _stats(train_loader, mean, std)
     model.to(device)
@@ -171,7 +171,7 @@ def train_alpha(model: HyperRepVGG, train_loader: Any, val_loader: Any, epochs: 
         model.eval()
         val = evaluate_accuracy(model, val_loader, mean, std, device, desc=f'{desc} val')
         history.append({'epoch': epoch + 1, 'train_loss': loss_sum / max(1, seen),
-                        'train_acc_percent': 100.0 * correct / max(1, seen), 'val_acc_percent': val,
+                        'train_acc_pct': 100.0 * correct / max(1, seen), 'val_acc_pct': val,
                         'time_s': time.perf_counter() - t0})
         if val > best_acc:
             best_acc, best_epoch, best_state = val, epoch + 1, _domain_state(model)
@@ -179,7 +179,7 @@ def train_alpha(model: HyperRepVGG, train_loader: Any, val_loader: Any, epochs: 
     merged.update(best_state)
     model.load_state_dict(merged, strict=True)
     model.eval()
-    return {'initial_val_acc_percent': initial, 'best_val_acc_percent': best_acc, 'best_epoch': best_epoch,
+    return {'initial_val_acc_pct': initial, 'best_val_acc_pct': best_acc, 'best_epoch': best_epoch,
             'epochs': history}
 
 
@@ -386,9 +386,9 @@ def domain_fingerprint(cfg: Config, partition_text: str, model: HyperRepVGG, che
 def load_done_domains(path: Path, kind: str, fingerprint: str) -> Dict[str, Any]:
     """The 'domains' of an earlier step-0 artifact with the same fingerprint ({} when absent, invalid or stale)."""
     import logging
-    from artifacts import ArtifactError, load_artifact
+    from artifacts import ArtifactError, load_artifact, pct_names
     try:
-        obj = load_artifact(path, kind=kind, fields={'domains': dict, 'fingerprint': str})
+        obj = load_artifact(path, kind=kind, fields={'domains': dict, 'fingerprint': str}, upgrade=pct_names)
     except ArtifactError as e:
         if Path(path).exists():
             logging.getLogger(__name__).info('ignoring %s (%s); its domains are retrained', path, e)
@@ -417,9 +417,9 @@ def train_domain(cfg: Config, partition: Dict[str, Any], base: HyperRepVGG, d: i
     hist = train_alpha(model, train, val, cfg.train.alpha_epochs, cfg.train.alpha_lr, cfg.device, gen, mean, std,
                        desc=f'domain {d} alpha')
     test_after = evaluate_accuracy(model, test, mean, std, cfg.device, desc=f'domain {d} test')
-    results = {'initial_val_acc_percent': hist['initial_val_acc_percent'],
-               'final_val_acc_percent': hist['best_val_acc_percent'],
-               'initial_test_acc_percent': test_before, 'final_test_acc_percent': test_after,
+    results = {'initial_val_acc_pct': hist['initial_val_acc_pct'],
+               'final_val_acc_pct': hist['best_val_acc_pct'],
+               'initial_test_acc_pct': test_before, 'final_test_acc_pct': test_after,
                'best_epoch': hist['best_epoch'], 'history': hist['epochs'],
                'num_samples': {s: len(partition['domains'][d]['indices'][s]) for s in ('train', 'val', 'test')},
                'corruption': partition['domains'][d]['corruption'], 'classes': partition['domains'][d]['classes'],

@@ -85,9 +85,9 @@ def section_step2(quick: bool, seed: int, results_dir: str = '') -> Tuple[Dict[s
     opt = Config().optim if not quick else OptimConfig(steps=60, restarts=2)
     cases, rows = [], []
     for name, (model, size) in _lut_cases(quick).items():
-        client = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='client')
+        edge = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='edge')
         server = L.modelled_side(get_profile('jetson-orin-nano'), model, size, [1], side='server')
-        lut = L.merge(server, client, L.LINK_PRESETS['wifi'], 'fp32')
+        lut = L.merge(server, edge, L.LINK_PRESETS['wifi'], 'fp32')
         valid = unpruned_valid(lut)
         for link in LINKS:
             r = _run_case(L.cost_tables(lut, 1, L.LINK_PRESETS[link]), valid, opt, seed)

@@ -102,8 +102,8 @@ def scaling_lut(arch: str, input_size: int, num_classes: int = 10, profile: str 
     model = {'name': arch, 'num_classes': num_classes, 'width_multiplier': None, 'small_input': False}
     prof = get_profile(profile)
     server = L.modelled_side(prof, model, input_size, [1], side='server')
-    client = L.modelled_side(prof, model, input_size, [1], side='client')
-    return L.merge(server, client, L.LINK_PRESETS['ethernet'], 'fp32')
+    edge = L.modelled_side(prof, model, input_size, [1], side='edge')
+    return L.merge(server, edge, L.LINK_PRESETS['ethernet'], 'fp32')
 
 
 SCALING_DOMAINS = (1, 2, 5, 10)

@@ -88,10 +88,10 @@ def build_quick(dst: Path) -> None:
                  data=DataConfig(dataset='synthetic', num_domains=2, synthetic_samples=600),
                  train=TrainConfig(base_train_samples=200, base_epochs=1, batch_size=32), results_dir=str(dst))
     model = L.model_spec(cfg)
-    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='client')
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
-                   L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg, 'bench_quality.py --quick')
+                   L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32'), cfg, 'bench_quality.py --quick')
 
 
 def read_domains(results_dir: Path, domains: Optional[Sequence[int]]) -> List[Dict[str, Any]]:

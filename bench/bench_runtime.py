@@ -6,7 +6,7 @@
    one thread and decoded by another, in MB/s of tensor payload; the same bytes through plain sendall/recv_into
    as the baseline.
 3. Split run vs LUT: a tiny HyperRepVGG (RepVGG-A0, width 0.25, 32 px, small input, 10 classes).  The LUT is
-   measured as step 1 --mode real does (server side here, client side on the worker, link probed, timing.lut.merge),
+   measured as step 1 --mode real does (server side here, edge side on the worker, link probed, timing.lut.merge),
    optim.cost.evaluate predicts each split's pipelined throughput B / max(T_edge, T_link, T_server), and
    ServerSession.run measures it with the same worker (loopback, and over the 20 Mbit/s emulated link).
    Worker and server are both on this machine (one torch thread each): on a shared 2-core box they compete
@@ -133,10 +133,10 @@ def measure_lut(w: Worker, batch: int, repeats: int) -> Dict[str, Any]:
     from timing import measure as M
     torch.set_num_threads(1)
     server = L.side_payload('server', ARCH, INPUT, M.measure_side(ARCH, INPUT, [batch], 'cpu', 2, repeats, 1))
-    client = L.side_payload('client', ARCH, INPUT, w.sess.measure_lut(ARCH, INPUT, [batch], 2, repeats, 1, 0.0, 0,
+    edge = L.side_payload('edge', ARCH, INPUT, w.sess.measure_lut(ARCH, INPUT, [batch], 2, repeats, 1, 0.0, 0,
                                                                        'chain'))
     probe = w.sess.probe_link([16384, 131072, 524288], 2)
-    return L.merge(server, client, link_from_probe(probe), 'fp32')
+    return L.merge(server, edge, link_from_probe(probe), 'fp32')
 
 
 def bench_split(w: Worker, lams: Sequence[int], batch: int, samples: int, repeats: int, label: str) -> List[Dict]:

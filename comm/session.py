@@ -12,7 +12,7 @@ Public API (step 1 and step 3 real mode are written against it; DESIGN.md sectio
             # both directions), returns its hello: device, device_name, python/torch/numpy versions, power_mode, ...
             # Call it again after a dropped worker to resume with the reconnected one (deploy again).
         def measure_lut(self, arch, input_size, batch_sizes, warmup, repeats, threads, max_entry_s, seed, timing) -> dict
-            # timing.measure.measure_side() run on the device; feed it to timing.lut.side_payload('client', ...)
+            # timing.measure.measure_side() run on the device; feed it to timing.lut.side_payload('edge', ...)
         def probe_link(self, sizes_bytes, repeats=3) -> dict
             # {'latency_ms', 'bandwidth_mbps', 'rtt_ms', 'fit': {...}, 'samples': [{'bytes', 'time_ms', 'residual_ms'}]}
         def deploy(self, model, gammas, lam, mean, std, feature_dtype='fp32', threads=0) -> dict
@@ -482,14 +482,14 @@ def link_from_probe(probe: Dict[str, Any]):
     return LinkSpec('measured', float(probe['bandwidth_mbps']), float(probe['rtt_ms']), how, how)
 
 
-def measure_client_side(session: ServerSession, cfg: Config) -> Dict[str, Any]:
-    """The lut_client payload (timing.lut.side_payload + roofline fit) measured on the worker with cfg.lut's settings."""
+def measure_edge_side(session: ServerSession, cfg: Config) -> Dict[str, Any]:
+    """The lut_edge payload (timing.lut.side_payload + roofline fit) measured on the worker with cfg.lut's settings."""
     from timing import lut as L
     model = L.model_spec(cfg)
     t0 = time.time()
     res = session.measure_lut(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.lut.warmup, cfg.lut.repeats,
                               cfg.lut.threads, cfg.lut.max_entry_s, cfg.seed, cfg.lut.timing)
-    payload = L.side_payload('client', model, cfg.model.input_size, res)
+    payload = L.side_payload('edge', model, cfg.model.input_size, res)
     payload['settings']['measure_wall_s'] = time.time() - t0
     payload['roofline_fit'] = L.roofline_fit(payload, min(cfg.lut.batch_sizes))
     return payload

@@ -70,7 +70,7 @@ def quantile_lut(lut: Dict[str, Any], q: str) -> Dict[str, Any]:
     """A copy of `lut` whose entries (both sides, blocks and head) carry their `q` ('p10_ms' | 'p90_ms') time as
     median_ms; entries without that field keep their median."""
     out = dict(lut)
-    for side in (_E(lut), 'server'):
+    for side in ('edge', 'server'):
         part = dict(lut[side])
         for group in ('entries', 'head'):
             part[group] = {k: dict(e, median_ms=float(e.get(q, e['median_ms']))) for k, e in lut[side][group].items()}
@@ -454,7 +454,7 @@ def check_real_lut(lut: Dict[str, Any], lut_file: Any, step: str) -> None:
     """Real mode compares measured runs with the LUT: its edge side must have been measured through the worker.
     A UserError gives the command that measures it otherwise."""
     from errors import UserError
-    edge = lut[_E(lut)]
+    edge = lut['edge']
     if edge.get('source') != 'measured':
         prof = (edge.get('profile') or {}).get('name')
         raise UserError(f'{step} --mode real: the edge side of {lut_file} is modelled (device profile {prof!r}), not '
@@ -465,7 +465,7 @@ def check_real_lut(lut: Dict[str, Any], lut_file: Any, step: str) -> None:
 
 def edge_threads(lut: Dict[str, Any]) -> Optional[int]:
     """The torch thread count the LUT's edge side was measured with (None when modelled / not recorded)."""
-    t = (lut[_E(lut)].get('metadata') or {}).get('threads')
+    t = (lut['edge'].get('metadata') or {}).get('threads')
     return int(t) if isinstance(t, int) and t > 0 else None
 
 
@@ -564,7 +564,7 @@ def open_session(cfg: Any, stack: Any, lut: Dict[str, Any], lut_file: Any, step:
     logging.getLogger(step.replace(' ', '')).info('waiting up to %g s for client_worker.py on %s:%d',
                                                    cfg.real.connect_timeout_s, cfg.real.host, session.port)
     hello = session.accept()
-    meta = lut[_E(lut)].get('metadata') or {}
+    meta = lut['edge'].get('metadata') or {}
     worker = {k: hello.get(k) for k in ('device', 'device_name', 'host', 'threads', 'python_version', 'torch_version',
                                         'power_mode')}
     worker['lut_edge_measured_on'] = {k: meta.get(k) for k in ('device', 'device_name', 'host', 'threads')}
@@ -587,7 +587,3 @@ def step2_closed_loop(cfg: Any, lut: Dict[str, Any], lut_file: Any, t: C.CostTab
     if worker is not None:
         loop['worker'] = worker
     return loop
-
-
-def _E(lut):  # TEMPORARY until the edge rename lands
-    return 'edge' if 'edge' in lut else 'client'

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import ArtifactError, load_artifact, write_artifact
+from artifacts import JOINT_DIR, ArtifactError, joint_path, load_artifact, write_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import BRANCHES, HyperRepVGG
 from optim import cost, exact, goal
@@ -28,14 +28,9 @@ from accuracy import pruning
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
-JOINT_DIR = 'joint_optimization'
 JOINT_VERSION = 2  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
 SURROGATE_NOTE = ('surrogate: A_ref(test) minus the summed corrected branch sensitivities of the final round; '
                   'predicted, not measured')
-
-
-def joint_path(cfg: Config, d: int) -> Path:
-    return cfg.path(JOINT_DIR, f'domain_{d}_joint.json')
 
 
 def state_path(cfg: Config, d: int) -> Path:
@@ -77,20 +72,6 @@ def check_joint_config(cfg: Config) -> None:
             raise ConfigError(f'joint.{name}: expected a number >= 0, got {getattr(j, name)}')
     if not 0 < j.importance_share <= 1:
         raise ConfigError(f'joint.importance_share: expected a share in (0, 1], got {j.importance_share}')
-
-
-def check_client_profile(lut: Dict[str, Any], cfg: Config, explicit: bool, lut_file: Path) -> None:
-    """The LUT's edge side must come from the requested device profile (modelled) or be measured."""
-    client = lut['client']
-    prof = (client.get('profile') or {}).get('name')
-    if client.get('source') == 'modelled' and prof != cfg.lut.client_profile:
-        raise ConfigError(f'--client_profile {cfg.lut.client_profile}: the LUT {lut_file} models the edge device '
-                          f'with profile {prof!r}; re-run step 1 with --client_profile {cfg.lut.client_profile} '
-                          f'(or pass --client_profile {prof})')
-    if client.get('source') == 'measured' and explicit:
-        raise ConfigError(f'--client_profile {cfg.lut.client_profile}: the LUT {lut_file} holds edge times MEASURED on '
-                          f'{client.get("metadata", {}).get("device_name")}; a profile does not apply.  Re-run step '
-                          '1 in pseudo mode without a measured lut_client.json to model that profile')
 
 
 @dataclass
@@ -515,7 +496,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
         raise UserError(f'{training.hyper_weights_path(cfg)}: no hyper-weights for domain {d}; run step 0 for it')
     fp = fingerprint(inp.base_fingerprint, hw_entry[str(d)], d)
     if not force:
-        done = _load_checkpoint(joint_path(cfg, d), 'joint_domain', fp)
+        done = _load_checkpoint(joint_path(cfg.path(), d), 'joint_domain', fp)
         if done is not None and (real_run is None or isinstance(done.get('measured'), dict)):
             log.info('domain %d: finished earlier with the same inputs, skipped (--force redoes it)', d)
             return {'payload': done, 'state': None, 'skipped': True}
@@ -555,7 +536,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     return {'payload': payload, 'state': _state(inp, d, fp, fin), 'skipped': False}
 
 
-def load_step2(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[List[int], int]], str]:
+def step2_warm_start(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[List[int], int]], str]:
     """Step 2's configuration as a warm start when its artifact exists and fits this LUT, else (None, why)."""
     if not path.is_file():
         return None, f'none ({path.name} absent; round 1 of the gradient descent starts from random restarts only)'
@@ -572,7 +553,7 @@ def load_step2(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tuple[Li
     return (g, int(obj['lam'])), f'{path.name} (lambda {obj["lam"]})'
 
 
-def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = False,
+def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = False,
                    link_flag_given: bool = False) -> Inputs:
     """Load and check the LUT, the step-2 warm start, the partition and the dataset statistics."""
     from data.datasets import dataset_stats
@@ -585,14 +566,14 @@ def prepare_inputs(cfg: Config, lut_file: Path, client_profile_explicit: bool = 
     if lut['model'] != spec or lut['input_size'] != cfg.model.input_size:
         raise ConfigError(f'{lut_file}: the LUT is for {lut["model"]} at {lut["input_size"]} px, this run uses {spec} '
                           f'at {cfg.model.input_size} px; re-run step 1 with the same model flags')
-    check_client_profile(lut, cfg, client_profile_explicit, lut_file)
-    from pipeline.throughput import link_for
+    from pipeline.throughput import check_edge_profile, link_for, requested_profile
+    check_edge_profile(lut, requested_profile(edge_profile_explicit, cfg), str(lut_file))
     link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)
     available = cost.measured_kept(t)
     valid = cost.valid_mask(available)
     unpruned = exact.solve_exact(t, valid)
-    warm, why = load_step2(cfg.path('initial_throughput_config.json'), t.num_blocks, valid)
+    warm, why = step2_warm_start(cfg.path('initial_throughput_config.json'), t.num_blocks, valid)
     hw = load_artifact(hyper_weights_path(cfg), 'trained_hyper_weights', {'domains': dict, 'fingerprint': str})
     partition = load_partition(cfg.path('partition_info.json'), cfg)
     mean, std = dataset_stats(cfg)

@@ -96,8 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, base_info = base['model'], base['info']
     _, test_loader = training.base_loaders(cfg, torch.Generator())
     mean, std = dataset_stats(cfg)
-    base_info['test_acc_percent'] = training.evaluate_accuracy(model, test_loader, mean, std, cfg.device, 'base test')
-    log.info('base model (%s): %.2f %% on the clean %s test set', base_info['source'], base_info['test_acc_percent'],
+    base_info['test_acc_pct'] = training.evaluate_accuracy(model, test_loader, mean, std, cfg.device, 'base test')
+    log.info('base model (%s): %.2f %% on the clean %s test set', base_info['source'], base_info['test_acc_pct'],
              cfg.data.dataset)
 
     fingerprint = training.domain_fingerprint(cfg, partition_json(partition), model, Path(base_info['file']))
@@ -118,8 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done_hw[str(d)], done_res[str(d)] = out['hyper_weights'], out['results']
         r = out['results']
         log.info('domain %d (%s): val %.2f -> %.2f %%, test %.2f -> %.2f %% in %.1f s', d, r['corruption']['name'],
-                 r['initial_val_acc_percent'], r['final_val_acc_percent'], r['initial_test_acc_percent'],
-                 r['final_test_acc_percent'], r['time_s'])
+                 r['initial_val_acc_pct'], r['final_val_acc_pct'], r['initial_test_acc_pct'],
+                 r['final_test_acc_pct'], r['time_s'])
         write_artifact(hw_path, 'trained_hyper_weights', {**common, 'domains': done_hw}, cfg, cmd)
         write_artifact(res_path, 'training_results', {**common, 'domains': done_res}, cfg, cmd)
 

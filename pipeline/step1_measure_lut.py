@@ -1,9 +1,9 @@
 """Step 1: hardware LUT.  Measure per-block x layout x batch times on each side, model or replay the edge device,
 merge with the link and the FLOP/byte counts into hardware_lut_complete.json, and validate the LUT end to end.
 
-Modes: server (lut_server.json, measured here) | client (lut_client.json, measured here: run this on the device)
-| merge (hardware_lut_complete.json + link.json from the two) | pseudo (server + replayed or modelled client + merge)
-| real (server here, client on client_worker.py through comm.session, link probed and measured, merge).
+Modes: server (lut_server.json, measured here) | client (lut_edge.json, measured here: run this on the device)
+| merge (hardware_lut_complete.json + link.json from the two) | pseudo (server + replayed or modelled edge + merge)
+| real (server here, edge on client_worker.py through comm.session, link probed and measured, merge).
 """
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ from config import LINK_FLAGS, Config, add_common_args, add_link_args, command_l
 from timing import lut as L  # noqa: E402
 from timing.profiles import get_profile  # noqa: E402
 
-FLAGS = {**LINK_FLAGS, 'client_profile': 'lut.client_profile', 'batch_sizes': 'lut.batch_sizes',
+FLAGS = {**LINK_FLAGS, 'edge_profile': 'lut.edge_profile', 'batch_sizes': 'lut.batch_sizes',
          'repeats': 'lut.repeats', 'warmup': 'lut.warmup', 'input_size': 'model.input_size',
          'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype', 'port': 'real.port'}
 
@@ -52,7 +52,7 @@ def validate(cfg, side_lut, command):
 
 
 def mode_measure(side):
-    """The server / client mode: measure that side here, then validate it end to end unless --no_validate."""
+    """The server / client (= edge) mode: measure that side here, then validate it end to end unless --no_validate."""
     def run(cfg, args, command):
         payload = measure(cfg, side, command)
         if args.validate and cfg.lut.validation_samples > 0:
@@ -62,50 +62,56 @@ def mode_measure(side):
 
 
 def mode_merge(cfg, args, command):
-    merge(cfg, L.load_side(cfg.path('lut_server.json'), 'server'), L.load_side(cfg.path('lut_client.json'), 'client'),
+    merge(cfg, L.load_side(cfg.path('lut_server.json'), 'server'), L.load_side(edge_lut_path(cfg), 'edge'),
           command)
 
 
-def replayable_client(cfg, server):
-    """(a measured lut_client.json for the same model / input size / batch sizes or None, why not, whether a
-    measured client LUT exists at that path)."""
-    path = cfg.path('lut_client.json')
+def edge_lut_path(cfg):
+    """lut_edge.json, or the lut_client.json an older version wrote when only that one exists."""
+    path, legacy = cfg.path('lut_edge.json'), cfg.path('lut_client.json')
+    return legacy if legacy.is_file() and not path.is_file() else path
+
+
+def replayable_edge(cfg, server):
+    """(a measured lut_edge.json for the same model / input size / batch sizes or None, why not, whether a
+    measured edge LUT exists at that path)."""
+    path = edge_lut_path(cfg)
     if not path.is_file():
-        return None, 'no lut_client.json', False
+        return None, 'no lut_edge.json', False
     try:
-        client = L.load_side(path, 'client')
+        edge = L.load_side(path, 'edge')
     except ArtifactError as e:
-        return None, f'existing lut_client.json unreadable ({e})', False
-    if client['source'] != 'measured':
-        return None, 'existing lut_client.json is modelled, not measured', False
+        return None, f'existing lut_edge.json unreadable ({e})', False
+    if edge['source'] != 'measured':
+        return None, 'existing lut_edge.json is modelled, not measured', False
     try:
-        L.check_compatible(server, client)
+        L.check_compatible(server, edge)
     except L.LutError as e:
-        return None, f'existing measured lut_client.json is for another model ({e})', True
-    missing = sorted(set(cfg.lut.batch_sizes) - set(client['batch_sizes']))
+        return None, f'existing measured lut_edge.json is for another model ({e})', True
+    missing = sorted(set(cfg.lut.batch_sizes) - set(edge['batch_sizes']))
     if missing:
-        return None, f'existing measured lut_client.json lacks batch sizes {missing}', True
-    return client, '', True
+        return None, f'existing measured lut_edge.json lacks batch sizes {missing}', True
+    return edge, '', True
 
 
 def mode_pseudo(cfg, args, command):
     server = MODES['server'](cfg, args, command)
-    client, why, measured_exists = replayable_client(cfg, server)
-    if client is not None:
-        print(f'client: replaying the measured {cfg.path("lut_client.json")} '
-              f'({client["metadata"].get("device_name")}, {client["created_at"]})')
+    edge, why, measured_exists = replayable_edge(cfg, server)
+    if edge is not None:
+        print(f'edge: replaying the measured {edge_lut_path(cfg)} '
+              f'({edge["metadata"].get("device_name")}, {edge["created_at"]})')
     else:
-        profile = get_profile(cfg.lut.client_profile)
-        client = L.modelled_side(profile, server['model'], server['input_size'], cfg.lut.batch_sizes)
-        # never overwrite a measured client LUT with a modelled one
-        path = cfg.path('lut_client_modelled.json' if measured_exists else 'lut_client.json')
-        write_artifact(path, 'lut_client', client, cfg, command)
-        print(f'client: modelled from device profile {profile.name} ({why}) -> {path}')
-    merge(cfg, server, client, command)
+        profile = get_profile(cfg.lut.edge_profile)
+        edge = L.modelled_side(profile, server['model'], server['input_size'], cfg.lut.batch_sizes)
+        # never overwrite a measured edge LUT with a modelled one
+        path = cfg.path('lut_edge_modelled.json' if measured_exists else 'lut_edge.json')
+        write_artifact(path, 'lut_edge', edge, cfg, command)
+        print(f'edge: modelled from device profile {profile.name} ({why}) -> {path}')
+    merge(cfg, server, edge, command)
 
 
 def mode_real(cfg, args, command):
-    """Server measured here, client measured on client_worker.py (comm.session), link probed, merged."""
+    """Server measured here, edge measured on client_worker.py (comm.session), link probed, merged."""
     from comm import session as S
     server = MODES['server'](cfg, args, command)
     with S.session_from_config(cfg) as sess:
@@ -113,27 +119,27 @@ def mode_real(cfg, args, command):
         hello = sess.accept()
         print(f'worker: {hello.get("device_name")} ({hello.get("device")}), python {hello.get("python_version")}, '
               f'torch {hello.get("torch_version")}, power mode {hello.get("power_mode")}')
-        client = S.measure_client_side(sess, cfg)
-        write_artifact(cfg.path('lut_client.json'), 'lut_client', client, cfg, command)
-        print(f'{L.side_line(client)} -> {cfg.path("lut_client.json")}')
+        edge = S.measure_edge_side(sess, cfg)
+        write_artifact(cfg.path('lut_edge.json'), 'lut_edge', edge, cfg, command)
+        print(f'{L.side_line(edge)} -> {cfg.path("lut_edge.json")}')
         probe = sess.probe_link(S.probe_sizes_bytes(cfg), cfg.real.probe_repeats)
-    merge(cfg, server, client, command, S.link_from_probe(probe), probe)
+    merge(cfg, server, edge, command, S.link_from_probe(probe), probe)
 
 
-def merge(cfg, server, client, command, link=None, probe=None):
+def merge(cfg, server, edge, command, link=None, probe=None):
     """hardware_lut_complete.json and link.json; `link` is the measured one (with its probe) in real mode."""
     link = link or L.resolve_link(cfg.lut)
-    payload = L.merge(server, client, link, cfg.lut.feature_dtype)
+    payload = L.merge(server, edge, link, cfg.lut.feature_dtype)
     write_artifact(cfg.path('link.json'), 'link', {'link': link.to_dict(), 'measured': probe is not None,
                                                    'source': 'measured' if probe else 'configured', 'probe': probe},
                    cfg, command)
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete', payload, cfg, command)
     print(f'merged: {payload["num_blocks"]} blocks, batch sizes {payload["batch_sizes"]}, server {server["source"]}, '
-          f'client {client["source"]}, link {link.name} ({link.bandwidth_mbps:.4g} Mbit/s, rtt {link.rtt_ms:.3g} ms) '
+          f'edge {edge["source"]}, link {link.name} ({link.bandwidth_mbps:.4g} Mbit/s, rtt {link.rtt_ms:.3g} ms) '
           f'-> {cfg.path("hardware_lut_complete.json")}')
 
 
-MODES = {'server': mode_measure('server'), 'client': mode_measure('client'), 'merge': mode_merge, 'pseudo': mode_pseudo,
+MODES = {'server': mode_measure('server'), 'client': mode_measure('edge'), 'merge': mode_merge, 'pseudo': mode_pseudo,
          'real': mode_real}
 
 
@@ -141,8 +147,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--mode', choices=sorted(MODES), default='pseudo', help='what to do (default: pseudo)')
     d, m = Config().lut, Config().model
-    p.add_argument('--client_profile', help='edge device profile for pseudo mode: jetson-tx2 | jetson-nano | '
-                   f'jetson-orin-nano | rpi4 (default: {d.client_profile})')
+    p.add_argument('--edge_profile', help='edge device profile for pseudo mode: jetson-tx2 | jetson-nano | '
+                   f'jetson-orin-nano | rpi4 (default: {d.edge_profile})')
     add_link_args(p, reevaluate=False)
     p.add_argument('--batch_sizes', help=f'comma-separated batch sizes to measure (default: '
                    f'{",".join(map(str, d.batch_sizes))})')
@@ -166,7 +172,7 @@ def main(argv=None):
         raise L.ConfigError(f'lut.timing: expected chain or isolated, got {cfg.lut.timing!r}')
     if not cfg.lut.batch_sizes or min(cfg.lut.batch_sizes) < 1:
         raise L.ConfigError(f'--batch_sizes / lut.batch_sizes: expected positive integers, got {cfg.lut.batch_sizes}')
-    get_profile(cfg.lut.client_profile)
+    get_profile(cfg.lut.edge_profile)
     L.resolve_link(cfg.lut)
     t0 = time.time()
     MODES[args.mode](cfg, args, command_line(argv))

@@ -23,7 +23,8 @@ from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_
 
 log = logging.getLogger('step2')
 FLAGS = {'objective': 'optim.objective', 'omega': 'optim.omega', 'batch_size': 'optim.batch_size',
-         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'client_profile': 'lut.client_profile', 'port': 'real.port', **LINK_FLAGS}
+         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
+         **LINK_FLAGS}
 
 
 def parse(argv):
@@ -38,8 +39,9 @@ def parse(argv):
     p.add_argument('--steps', help=f'Adam steps per restart of the relaxed solver (default: {o.steps})')
     p.add_argument('--restarts', help=f'random restarts of the relaxed solver (default: {o.restarts})')
     add_link_args(p, reevaluate=True)
-    p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with; an error if '
-                   f'it was not (re-run step 1 then) (default: not checked; step 1 default {d.client_profile})')
+    p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
+                   "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
+                   f'default {d.edge_profile})')
     p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo', help='closed loop: pseudo measures the '
                    'server part of the chosen configuration, its baselines and the loop.top_k best-predicted here '
                    '(edge part from the LUT); real measures them end to end through client_worker.py and the link '
@@ -60,16 +62,14 @@ def main(argv=None):
     from pipeline import closed_loop as CL
     from pipeline import throughput as T
     C.check_objective(cfg.optim.objective, cfg.optim.omega)
-    default = Config().lut
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
     lut = L.load_lut(lut_file)
-    if args.client_profile is not None or cfg.lut.client_profile != default.client_profile:
-        T.check_client_profile(lut, cfg.lut.client_profile, str(lut_file))
+    T.check_edge_profile(lut, T.requested_profile(args.edge_profile is not None, cfg), str(lut_file))
     link, link_source = T.link_for(lut, cfg.lut, args.link is not None)
     tables = L.cost_tables(lut, cfg.optim.batch_size, link)
     payload = {'lut_file': str(lut_file), 'model': lut['model'], 'input_size': lut['input_size'],
                'num_blocks': lut['num_blocks'], 'link': link.to_dict(), 'link_source': link_source,
-               'feature_dtype': lut['feature_dtype'], 'client': T.client_info(lut)}
+               'feature_dtype': lut['feature_dtype'], 'edge': T.edge_info(lut)}
     payload.update(T.solve_step2(tables, T.unpruned_valid(lut), cfg.optim, cfg.seed))
     t_loop = time.perf_counter()
     payload['mode'] = args.mode

@@ -31,7 +31,7 @@ from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_
 RESERVED = ('schema_version', 'kind', 'created_at', 'command', 'config')  # artifacts.write_artifact's own fields
 FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
          'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
-         'epochs_per_round': 'joint.epochs_per_round', 'client_profile': 'lut.client_profile', 'port': 'real.port',
+         'epochs_per_round': 'joint.epochs_per_round', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
          **LINK_FLAGS}
 
 
@@ -57,8 +57,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--max_rounds', help=f'progressive pruning rounds at most (default: {j.max_rounds})')
     p.add_argument('--epochs_per_round', help=f'alpha fine-tuning epochs per round (default: {j.epochs_per_round})')
     add_link_args(p, reevaluate=True)
-    p.add_argument('--client_profile', help='edge device profile the LUT must have been modelled with (default: '
-                   f'{lu.client_profile}); a mismatch asks to re-run step 1')
+    p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
+                   "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
+                   f'default {lu.edge_profile})')
     p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')
     p.add_argument('--port', help=f'real mode: port the session listens on, on {c.real.host} (default: {c.real.port})')
     p.add_argument('--force', action='store_true', help='redo finished domains and rounds (default: off)')
@@ -96,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipeline import joint
     torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
-    inp = joint.prepare_inputs(cfg, lut_file, client_profile_explicit=args.client_profile is not None,
+    inp = joint.prepare_inputs(cfg, lut_file, edge_profile_explicit=args.edge_profile is not None,
                                link_flag_given=args.link is not None)
     domains = domain_ids(args, inp.partition['num_domains'])
     cmd = command_line(argv)
@@ -118,8 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not out['skipped']:
                 write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, cmd)
             if not out['skipped'] or remeasure:
-                write_artifact(joint.joint_path(cfg, d), 'joint_domain', {k: v for k, v in payload.items() if k not in
-                                                                          RESERVED}, cfg, cmd)
+                write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain',
+                               {k: v for k, v in payload.items() if k not in RESERVED}, cfg, cmd)
             print(summary_line(payload), flush=True)
             for line in CL.closed_loop_lines(payload['closed_loop'], table=False):
                 print(f'domain {d}: {line}', flush=True)

@@ -2,23 +2,22 @@
 
 `solve_step2(tables, valid, ...)` runs the relaxed LUT gradient descent (optim/relax.py), the exact split scan
 (optim/exact.py) and the plain-model baselines (optim/cost.py) on the same cost tables and returns the JSON-able
-payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `step2_link` and
-`check_client_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
+payload of `initial_throughput_config.json` (fields documented in docs/artifacts.md).  `link_for` and
+`check_edge_profile` check the step's flags against the LUT; `random_tables` draws seeded random instances
 for the tests and bench/bench_optimizer.py.  No I/O here: the LUT comes in as the dict timing.lut.load_lut returns.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from config import LutConfig, OptimConfig
+from config import Config, LutConfig, OptimConfig
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
 from optim import cost as C
 from optim.exact import objective_choices, solve_exact
-from timing.lut import LINK_PRESETS, LinkSpec, LutError, link_from_dict
+from timing.lut import LinkSpec, LutError, link_from_dict, resolve_link
 from timing.profiles import get_profile
 from optim.relax import solve_relaxed
 
@@ -37,58 +36,49 @@ def unpruned_valid(lut: Dict[str, Any]) -> np.ndarray:
     return C.valid_mask(kept)
 
 
-def step2_link(lut: Dict[str, Any], preset: Optional[str], bandwidth_mbps: Optional[float],
-               rtt_ms: Optional[float]) -> Tuple[LinkSpec, str]:
-    """(link, where it came from): the LUT's own link, or the `preset` (--link) in its place, with an explicit
-    bandwidth (Mbit/s) and round-trip time (ms) taking precedence over either."""
-    if preset is not None and preset not in LINK_PRESETS:
-        raise LutError(f'--link / lut.link: unknown link preset {preset!r}; valid choices: {", ".join(LINK_PRESETS)}')
-    if bandwidth_mbps is not None and not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
-        raise LutError(f'--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number of Mbit/s, got '
-                       f'{bandwidth_mbps}')
-    if rtt_ms is not None and not (rtt_ms >= 0 and math.isfinite(rtt_ms)):
-        raise LutError(f'--rtt_ms / lut.rtt_ms: expected a round-trip time >= 0 ms, got {rtt_ms}')
-    base = LINK_PRESETS[preset] if preset is not None else link_from_dict(lut['link'], 'LUT field "link"')
-    source = f'preset {preset} (--link)' if preset is not None else 'the LUT\'s link (step 1)'
-    if bandwidth_mbps is None and rtt_ms is None:
-        return base, source
-    link = LinkSpec(f'{base.name}+explicit', base.bandwidth_mbps if bandwidth_mbps is None else float(bandwidth_mbps),
-                    base.rtt_ms if rtt_ms is None else float(rtt_ms),
-                    base.bandwidth_source if bandwidth_mbps is None else 'explicit (--bandwidth_mbps)',
-                    base.rtt_source if rtt_ms is None else 'explicit (--rtt_ms)')
-    return link, source + ' with explicit ' + ', '.join(
-        f for f, v in (('--bandwidth_mbps', bandwidth_mbps), ('--rtt_ms', rtt_ms)) if v is not None)
-
-
 def link_for(lut: Dict[str, Any], lut_cfg: LutConfig, link_flag_given: bool) -> Tuple[LinkSpec, str]:
     """The link steps 2 and 3 evaluate the LUT under: the LUT's own (measured by step 1 in real mode, the preset
     step 1 used in pseudo mode) unless --link was given or the config names another preset than the default; an
     explicit bandwidth / RTT overrides either."""
     explicit = link_flag_given or lut_cfg.link != LutConfig().link
-    return step2_link(lut, lut_cfg.link if explicit else None, lut_cfg.bandwidth_mbps, lut_cfg.rtt_ms)
+    link = resolve_link(lut_cfg, None if explicit else link_from_dict(lut['link'], 'LUT field "link"'))
+    source = f'preset {lut_cfg.link} (--link)' if explicit else 'the LUT\'s link (step 1)'
+    given = [f for f, v in (('--bandwidth_mbps', lut_cfg.bandwidth_mbps), ('--rtt_ms', lut_cfg.rtt_ms)) if v is not None]
+    return link, source + (' with explicit ' + ', '.join(given) if given else '')
 
 
-def client_info(lut: Dict[str, Any]) -> Dict[str, Any]:
-    """How the LUT's edge (client) side was obtained: source, device profile name (modelled) and device name."""
-    client = lut['client']
-    return {'source': client.get('source'), 'profile': (client.get('profile') or {}).get('name'),
-            'device_name': (client.get('metadata') or {}).get('device_name')}
+def edge_info(lut: Dict[str, Any]) -> Dict[str, Any]:
+    """How the LUT's edge side was obtained: source, device profile name (modelled) and device name."""
+    edge = lut['edge']
+    return {'source': edge.get('source'), 'profile': (edge.get('profile') or {}).get('name'),
+            'device_name': (edge.get('metadata') or {}).get('device_name')}
 
 
-def check_client_profile(lut: Dict[str, Any], profile: str, lut_file: str) -> None:
-    """Raise LutError unless the LUT's edge side was modelled from device profile `profile` (--client_profile);
-    an unknown profile name is a ProfileError listing the valid ones."""
-    get_profile(profile)
-    info = client_info(lut)
-    if info['source'] == 'modelled' and info['profile'] == profile:
+def requested_profile(flag_given: bool, cfg: Config) -> Optional[str]:
+    """The edge device profile a step was asked for: lut.edge_profile when --edge_profile was given or a config
+    file / --set changed it from its default; None when nothing was asked (the LUT's own edge side is used)."""
+    if flag_given or cfg.lut.edge_profile != Config().lut.edge_profile:
+        return cfg.lut.edge_profile
+    return None
+
+
+def check_edge_profile(lut: Dict[str, Any], requested: Optional[str], lut_file: str) -> None:
+    """The one profile rule of steps 2 and 3.  Nothing requested (`requested_profile` is None): the LUT's edge side
+    is used as it is, modelled or measured.  A requested profile must be the one the LUT's edge side was modelled
+    from; a measured edge side refuses any profile.  LutError otherwise; an unknown name is a ProfileError."""
+    if requested is None:
+        return
+    get_profile(requested)
+    info = edge_info(lut)
+    if info['source'] == 'modelled' and info['profile'] == requested:
         return
     if info['source'] == 'modelled':
-        raise LutError(f'--client_profile {profile}: the LUT {lut_file} models the edge device with profile '
-                       f'{info["profile"]!r}; re-run step 1 with --client_profile {profile} (pseudo mode) to get '
-                       f'a LUT for it, or drop --client_profile')
-    raise LutError(f'--client_profile {profile}: the edge side of the LUT {lut_file} was measured on '
-                   f'{info["device_name"]!r}, not modelled from a device profile; drop --client_profile, or '
-                   f're-run step 1 in pseudo mode (without a measured lut_client.json) to model {profile}')
+        raise LutError(f'--edge_profile {requested}: the LUT {lut_file} models the edge device with profile '
+                       f'{info["profile"]!r}; re-run step 1 with --edge_profile {requested} (pseudo mode) to get '
+                       f'a LUT for it, or drop --edge_profile')
+    raise LutError(f'--edge_profile {requested}: the edge side of the LUT {lut_file} was measured on '
+                   f'{info["device_name"]!r}, not modelled from a device profile; drop --edge_profile, or '
+                   f're-run step 1 in pseudo mode (without a measured lut_edge.json) to model {requested}')
 
 
 def solve_step2(t: C.CostTables, valid: np.ndarray, opt: OptimConfig, seed: int) -> Dict[str, Any]:

@@ -29,8 +29,8 @@ def _lut(measured, link=L.LINK_PRESETS['wifi']):
     server = L.side_payload('server', TINY, 32, dict(measured, roofline={'peak_flops_per_s': 1e11,
                                                                          'mem_bandwidth_bytes_per_s': 1e10,
                                                                          'knee_flop_per_byte': 10.0}))
-    client = L.modelled_side(get_profile('jetson-tx2'), TINY, 32, [1])
-    return L.merge(server, client, link, 'fp32')
+    edge = L.modelled_side(get_profile('jetson-tx2'), TINY, 32, [1])
+    return L.merge(server, edge, link, 'fp32')
 
 
 def _write(path, lut):
@@ -125,7 +125,7 @@ def test_merge_refuses_mismatched_models_and_sizes(measured):
     other = dict(TINY, width_multiplier=[0.5, 0.5, 0.5, 0.5])
     with pytest.raises(L.LutError, match='model.width_multiplier'):
         L.merge(server, L.modelled_side(tx2, other, 32, [1]), L.LINK_PRESETS['4g'], 'fp32')
-    with pytest.raises(L.LutError, match='input_size: server 32 vs client 64'):
+    with pytest.raises(L.LutError, match='input_size: server 32 vs edge 64'):
         L.merge(server, L.modelled_side(tx2, TINY, 64, [1]), L.LINK_PRESETS['4g'], 'fp32')
     with pytest.raises(L.LutError, match='num_classes'):
         L.merge(server, L.modelled_side(tx2, dict(TINY, num_classes=100), 32, [1]), L.LINK_PRESETS['4g'], 'fp32')
@@ -170,9 +170,9 @@ def test_load_lut_errors_name_file_and_field(measured, tmp_path):
     with pytest.raises(ArtifactError, match="lut.json: missing field 'link_bytes'"):
         L.load_lut(path)
     obj = json.loads(_write(tmp_path / 'lut.json', good).read_text())
-    obj['client']['entries'][L.lut_key(4, 9, 1)]['median_ms'] = 'fast'
+    obj['edge']['entries'][L.lut_key(4, 9, 1)]['median_ms'] = 'fast'
     path.write_text(json.dumps(obj))
-    with pytest.raises(ArtifactError, match=r'client.*entries\[k4_g9_b1\]\.median_ms'):
+    with pytest.raises(ArtifactError, match=r'edge.*entries\[k4_g9_b1\]\.median_ms'):
         L.load_lut(path)
     obj = json.loads(_write(tmp_path / 'lut.json', good).read_text())
     del obj['server']['entries'][L.lut_key(8, 5, 1)]
@@ -181,10 +181,33 @@ def test_load_lut_errors_name_file_and_field(measured, tmp_path):
         L.load_lut(path)
 
 
+def test_old_artifacts_with_client_names_still_load(measured, tmp_path):
+    """hardware_lut_complete.json / lut_client.json written before the edge device had one name."""
+    good = _lut(measured)
+    obj = json.loads(_write(tmp_path / 'hardware_lut_complete.json', good).read_text())
+    obj['client'] = obj.pop('edge')
+    (tmp_path / 'hardware_lut_complete.json').write_text(json.dumps(obj))
+    lut = L.load_lut(tmp_path / 'hardware_lut_complete.json')
+    assert 'client' not in lut and lut['edge']['entries'] == good['edge']['entries']
+    side = L.modelled_side(get_profile('jetson-tx2'), TINY, 32, [1])
+    write_artifact(tmp_path / 'lut_client.json', 'lut_client', dict(side, side='client'), Config(), 'test')
+    old = L.load_side(tmp_path / 'lut_client.json', 'edge')
+    assert old['kind'] == 'lut_edge' and old['side'] == 'edge' and old['entries'] == side['entries']
+    assert L.upgrade_edge_naming({'kind': 'lut_edge', 'edge': 1}) == {'kind': 'lut_edge', 'edge': 1}
+
+
+def test_old_config_key_client_profile_names_the_new_key(tmp_path):
+    from config import apply_overrides
+    with pytest.raises(ConfigError, match="'client_profile' was renamed; use 'lut.edge_profile'"):
+        apply_overrides(Config(), {'lut': {'client_profile': 'rpi4'}}, str(tmp_path / 'cfg.json'))
+    with pytest.raises(ConfigError, match="lut.client_profile: key 'client_profile' was renamed"):
+        apply_overrides(Config(), {'lut.client_profile': 'rpi4'}, '--set')
+
+
 def test_missing_entry_in_cost_tables_names_block_gamma_batch(measured):
     lut = _lut(measured)
-    del lut['client']['entries'][L.lut_key(2, 11, 1)]
-    with pytest.raises(L.LutError, match='client LUT has no entry for block 2, gamma 11, batch 1'):
+    del lut['edge']['entries'][L.lut_key(2, 11, 1)]
+    with pytest.raises(L.LutError, match='edge LUT has no entry for block 2, gamma 11, batch 1'):
         L.cost_tables(lut, 1)
 
 
@@ -214,29 +237,29 @@ def test_random_configurations_are_valid_and_seeded():
 
 # --------------------------------------------------------------------------------------------- step 1 main
 
-def test_step1_pseudo_then_client_replay(tmp_path, capsys):
+def test_step1_pseudo_then_edge_replay(tmp_path, capsys):
     from pipeline.step1_measure_lut import main
     rd = ['--results_dir', str(tmp_path)]
     assert main(['--mode', 'pseudo', *TINY_ARGS, *rd, '--link', 'wifi', '--rtt_ms', '4']) == 0
     out = capsys.readouterr().out
     assert 'modelled from device profile jetson-tx2' in out and 'LUT validation' in out
     lut = L.load_lut(tmp_path / 'hardware_lut_complete.json')
-    assert lut['client']['source'] == 'modelled' and lut['server']['source'] == 'measured'
+    assert lut['edge']['source'] == 'modelled' and lut['server']['source'] == 'measured'
     assert lut['link']['rtt_ms'] == 4.0 and lut['link']['bandwidth_mbps'] == 18.88
     assert lut['model'] == TINY and lut['input_size'] == 32
     val = json.loads((tmp_path / 'lut_validation.json').read_text())
     assert val['kind'] == 'lut_validation' and len(val['records']) == 3
     assert 0.0 <= val['summary']['total']['share_within_tol'] <= 1.0
     assert math.isfinite(val['summary']['total']['median_abs_error_pct'])
-    # a measured client LUT (as the device would produce it) is replayed by pseudo mode and kept
+    # a measured edge LUT (as the device would produce it) is replayed by pseudo mode and kept
     assert main(['--mode', 'client', '--no_validate', *TINY_ARGS, *rd]) == 0
     assert main(['--mode', 'pseudo', '--no_validate', *TINY_ARGS, *rd]) == 0
     assert 'replaying the measured' in capsys.readouterr().out
-    assert L.load_lut(tmp_path / 'hardware_lut_complete.json')['client']['source'] == 'measured'
-    # another input size: the measured client LUT does not fit, is kept, and the modelled one goes beside it
+    assert L.load_lut(tmp_path / 'hardware_lut_complete.json')['edge']['source'] == 'measured'
+    # another input size: the measured edge LUT does not fit, is kept, and the modelled one goes beside it
     assert main(['--mode', 'pseudo', '--no_validate', *TINY_ARGS, *rd, '--input_size', '40']) == 0
-    assert json.loads((tmp_path / 'lut_client.json').read_text())['source'] == 'measured'
-    assert (tmp_path / 'lut_client_modelled.json').is_file()
+    assert json.loads((tmp_path / 'lut_edge.json').read_text())['source'] == 'measured'
+    assert (tmp_path / 'lut_edge_modelled.json').is_file()
     # merge mode refuses the mismatched pair on disk
     with pytest.raises(L.LutError, match='input_size'):
         main(['--mode', 'merge', *TINY_ARGS, *rd, '--input_size', '40'])
@@ -245,7 +268,7 @@ def test_step1_pseudo_then_client_replay(tmp_path, capsys):
 def test_step1_bad_input_writes_nothing(tmp_path):
     from pipeline.step1_measure_lut import main
     with pytest.raises(ProfileError, match='unknown device profile'):
-        main(['--mode', 'pseudo', *TINY_ARGS, '--results_dir', str(tmp_path), '--client_profile', 'pi5'])
+        main(['--mode', 'pseudo', *TINY_ARGS, '--results_dir', str(tmp_path), '--edge_profile', 'pi5'])
     with pytest.raises(ConfigError, match='lut.link'):
         main(['--mode', 'pseudo', *TINY_ARGS, '--results_dir', str(tmp_path), '--link', 'lte'])
     with pytest.raises(ArtifactError, match='lut_server.json'):

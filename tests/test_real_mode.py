@@ -229,8 +229,8 @@ def test_step1_real_mode_writes_measured_link_and_merged_lut(tmp_path):
     assert link['link']['name'] == 'measured' and len(link['probe']['samples']) == 6
     lut = L.load_lut(tmp_path / 'hardware_lut_complete.json')
     assert lut['link']['bandwidth_mbps'] == pytest.approx(link['probe']['bandwidth_mbps'])
-    client = L.load_side(tmp_path / 'lut_client.json', 'client')
-    assert client['source'] == 'measured' and client['metadata']['device'] == 'cpu'
+    edge = L.load_side(tmp_path / 'lut_edge.json', 'edge')
+    assert edge['source'] == 'measured' and edge['metadata']['device'] == 'cpu'
 
 
 def test_probe_over_the_emulated_link_measures_the_configured_rate(model, data):

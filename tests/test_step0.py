@@ -71,8 +71,8 @@ def test_alpha_training_changes_alpha_and_keeps_val_accuracy(tmp_path):
     val = domains.domain_loader(cfg, part, 0, 'val', 64, False)
     before = [b.alpha.detach().clone() for b in model.blocks]
     hist = training.train_alpha(model, train, val, 3, 0.05, 'cpu', gen, mean, std)
-    assert hist['best_val_acc_percent'] >= hist['initial_val_acc_percent']
-    assert training.evaluate_accuracy(model, val, mean, std) == pytest.approx(hist['best_val_acc_percent'])
+    assert hist['best_val_acc_pct'] >= hist['initial_val_acc_pct']
+    assert training.evaluate_accuracy(model, val, mean, std) == pytest.approx(hist['best_val_acc_pct'])
     assert hist['best_epoch'] > 0, 'alpha training never improved validation accuracy on a corrupted domain'
     assert any(not torch.equal(a, b.alpha.detach()) for a, b in zip(before, model.blocks))
     frozen = [k for k, p in model.named_parameters() if p.requires_grad]
@@ -93,11 +93,11 @@ def test_step0_end_to_end_resumable_and_valid(tmp_path):
     res = load_artifact(out / 'training_results.json', 'training_results', {'domains': dict, 'base': dict})
     assert sorted(hw['domains']) == sorted(res['domains']) == ['0', '1', '2']
     for r in res['domains'].values():
-        for k in ('initial_val_acc_percent', 'final_val_acc_percent', 'initial_test_acc_percent',
-                  'final_test_acc_percent'):
+        for k in ('initial_val_acc_pct', 'final_val_acc_pct', 'initial_test_acc_pct',
+                  'final_test_acc_pct'):
             assert 0.0 <= r[k] <= 100.0
-        assert r['final_val_acc_percent'] >= r['initial_val_acc_percent'] and len(r['history']) == 2
-    assert 0.0 <= res['base']['test_acc_percent'] <= 100.0
+        assert r['final_val_acc_pct'] >= r['initial_val_acc_pct'] and len(r['history']) == 2
+    assert 0.0 <= res['base']['test_acc_pct'] <= 100.0
     from config import resolve_config
     from pipeline import step0_prepare
     cfg = resolve_config(step0_prepare.parse_args(TINY + ['--results_dir', str(out)]), step0_prepare.FLAG_KEYS)
@@ -119,7 +119,7 @@ def test_step0_end_to_end_resumable_and_valid(tmp_path):
     assert (out / 'training_results.json').read_bytes() == res_bytes
     assert _main(TINY + ['--results_dir', str(out), '--domains', '2', '--force']) == 0
     again = json.loads((out / 'training_results.json').read_text())
-    assert again['domains']['2']['final_val_acc_percent'] == res['domains']['2']['final_val_acc_percent']
+    assert again['domains']['2']['final_val_acc_pct'] == res['domains']['2']['final_val_acc_pct']
 
 
 @pytest.mark.parametrize('bad, match', [
@@ -140,3 +140,14 @@ def test_bad_input_clear_error_and_nothing_written(tmp_path, bad, match):
 def test_missing_base_checkpoint_is_named(tmp_path):
     with pytest.raises(training.CheckpointError, match=r'\.pt'):
         training.load_base_model(tiny_cfg(tmp_path))
+
+
+def test_old_step0_results_with_percent_fields_still_load(tmp_path):
+    """A training_results.json written with `_percent` fields (before `_pct`) is reused, read with `_pct`."""
+    from artifacts import pct_names, write_artifact
+    old = {'fingerprint': 'f', 'domains': {'0': {'final_val_acc_percent': 81.5,
+                                                 'history': [{'epoch': 1, 'val_acc_percent': 80.0}]}}}
+    write_artifact(tmp_path / 'training_results.json', 'training_results', old, Config(), 'test')
+    done = training.load_done_domains(tmp_path / 'training_results.json', 'training_results', 'f')
+    assert done == {'0': {'final_val_acc_pct': 81.5, 'history': [{'epoch': 1, 'val_acc_pct': 80.0}]}}
+    assert pct_names({'a_pct': 1, 'n': [2]}) == {'a_pct': 1, 'n': [2]}

@@ -1,4 +1,5 @@
 """Step 2 (pipeline/step2_initial_throughput_opt.py) on a tiny LUT built through timing.lut from device profiles."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,14 +18,14 @@ OUT = 'initial_throughput_config.json'
 VOLATILE = ('created_at', 'wall_s')  # the only fields allowed to differ between two runs with the same seed
 
 
-def _write_lut(tmp_path, link='wifi', batch_sizes=(1,)):
+def _write_lut(tmp_path, link='wifi', batch_sizes=(1,), edge_profile='jetson-tx2'):
     """hardware_lut_complete.json: the TX2 profile as the edge, the Orin Nano profile as the 'server'."""
     cfg = Config(model=ModelConfig(input_size=32, width_multiplier=TINY_WIDTH),
                  data=DataConfig(dataset='synthetic'), results_dir=str(tmp_path))
     model = L.model_spec(cfg)
-    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, list(batch_sizes), side='client')
+    edge = L.modelled_side(get_profile(edge_profile), model, 32, list(batch_sizes), side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, list(batch_sizes), side='server')
-    payload = L.merge(server, client, L.LINK_PRESETS[link], 'fp32')
+    payload = L.merge(server, edge, L.LINK_PRESETS[link], 'fp32')
     path = cfg.path('hardware_lut_complete.json')
     write_artifact(path, 'hardware_lut_complete', payload, cfg, 'test')
     return path
@@ -47,7 +48,7 @@ def test_writes_a_valid_artifact_that_step4_reads(tmp_path, capsys):
     assert set(obj['baselines']) == {'edge_only', 'server_only', 'best_plain_split'}
     assert obj['baselines']['edge_only']['lam'] == n and obj['baselines']['server_only']['lam'] == 0
     assert set(obj['objective_choices']) == {'min_latency', 'max_throughput'}
-    assert obj['link']['name'] == 'wifi' and obj['client']['profile'] == 'jetson-tx2'
+    assert obj['link']['name'] == 'wifi' and obj['edge']['profile'] == 'jetson-tx2'
     assert len(obj['history']['restarts']) == 2 and obj['history']['restarts'][0]['relaxed_loss_ms']
     assert obj['config']['optim']['steps'] == 100
     view = load_step2(tmp_path / OUT)
@@ -78,22 +79,44 @@ def test_link_flags_re_evaluate_the_lut(tmp_path):
     assert g4['baselines']['server_only']['link_ms'] > wifi['baselines']['server_only']['link_ms']
     custom = _run(tmp_path, '--bandwidth_mbps', '100', '--rtt_ms', '2')
     assert custom['link']['bandwidth_mbps'] == 100.0 and custom['link']['latency_ms'] == 1.0
-    assert custom['link']['name'] == 'wifi+explicit'  # the LUT's link with explicit overrides
+    assert custom['link']['name'] == 'custom'  # both overridden: nothing of the LUT's link is left
+    assert _run(tmp_path, '--rtt_ms', '2')['link']['name'] == 'wifi+explicit'  # the LUT's link, one override
     with pytest.raises(UserError, match='--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number'):
         step2.main(['--results_dir', str(tmp_path), '--bandwidth_mbps', '-3'])
     with pytest.raises(UserError, match='unknown link preset'):
         step2.main(['--results_dir', str(tmp_path), '--link', '5g'])
 
 
-def test_client_profile_must_match_the_lut(tmp_path):
+def test_edge_profile_must_match_the_lut(tmp_path):
     _write_lut(tmp_path)
-    _run(tmp_path, '--client_profile', 'jetson-tx2')
-    with pytest.raises(L.LutError, match="profile 'jetson-tx2'; re-run step 1 with --client_profile rpi4"):
-        step2.main(['--results_dir', str(tmp_path), '--client_profile', 'rpi4'])
-    with pytest.raises(L.LutError, match='re-run step 1 with --client_profile rpi4'):
-        step2.main(['--results_dir', str(tmp_path), '--set', 'lut.client_profile=rpi4'])
+    _run(tmp_path, '--edge_profile', 'jetson-tx2')
+    with pytest.raises(L.LutError, match="profile 'jetson-tx2'; re-run step 1 with --edge_profile rpi4"):
+        step2.main(['--results_dir', str(tmp_path), '--edge_profile', 'rpi4'])
+    with pytest.raises(L.LutError, match='re-run step 1 with --edge_profile rpi4'):
+        step2.main(['--results_dir', str(tmp_path), '--set', 'lut.edge_profile=rpi4'])
     with pytest.raises(UserError, match="unknown device profile 'tx3'"):
-        step2.main(['--results_dir', str(tmp_path), '--client_profile', 'tx3'])
+        step2.main(['--results_dir', str(tmp_path), '--edge_profile', 'tx3'])
+
+
+def test_one_profile_rule_for_steps_2_and_3(tmp_path):
+    """A LUT modelled for jetson-nano: used as is when no profile is asked (flag or changed config key), refused
+    when another one is; step 3 calls the same pipeline.throughput.check_edge_profile (pipeline/joint.py)."""
+    from pipeline import throughput as T
+    lut = L.load_lut(_write_lut(tmp_path, edge_profile='jetson-nano'))
+    assert T.requested_profile(False, Config()) is None
+    T.check_edge_profile(lut, T.requested_profile(False, Config()), 'lut')
+    assert _run(tmp_path)['edge']['profile'] == 'jetson-nano'
+    _run(tmp_path, '--edge_profile', 'jetson-nano')
+    with pytest.raises(L.LutError, match="--edge_profile jetson-tx2: .* profile 'jetson-nano'"):
+        step2.main(['--results_dir', str(tmp_path), '--edge_profile', 'jetson-tx2'])
+    asked = Config(lut=dataclasses.replace(Config().lut, edge_profile='rpi4'))
+    assert T.requested_profile(False, asked) == 'rpi4' and T.requested_profile(True, Config()) == 'jetson-tx2'
+    with pytest.raises(L.LutError, match='re-run step 1 with --edge_profile rpi4'):
+        T.check_edge_profile(lut, T.requested_profile(False, asked), 'lut')
+    measured = dict(lut, edge=dict(lut['edge'], source='measured', profile=None))
+    T.check_edge_profile(measured, None, 'lut')
+    with pytest.raises(L.LutError, match='was measured on'):
+        T.check_edge_profile(measured, 'jetson-tx2', 'lut')
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -112,9 +135,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ArtifactError, match='field "blocks" has'):
         step2.main(['--results_dir', str(tmp_path)])
     obj = json.loads(_write_lut(tmp_path).read_text())
-    del obj['client']['entries'][L.lut_key(2, 13, 1)]  # a missing entry (block 2 has an identity branch)
+    del obj['edge']['entries'][L.lut_key(2, 13, 1)]  # a missing entry (block 2 has an identity branch)
     path.write_text(json.dumps(obj))
-    with pytest.raises(ArtifactError, match='client LUT has no entry for block 2, gamma 13, batch 1'):
+    with pytest.raises(ArtifactError, match='edge LUT has no entry for block 2, gamma 13, batch 1'):
         step2.main(['--results_dir', str(tmp_path), '--lut_file', str(path)])
 
 

@@ -38,10 +38,10 @@ def results(tmp_path_factory):
                                            '--results_dir', str(out)]) == 0
     cfg = _cfg(out)
     model = L.model_spec(cfg)
-    client = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='client')
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, 32, [1], side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, 32, [1], side='server')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
-                   L.merge(server, client, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
+                   L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32'), cfg, 'test')
     return out
 
 
@@ -57,7 +57,7 @@ def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
     assert _main(args) == 0
     cfg = _cfg(results)
     for d in (0, 1):
-        path = joint.joint_path(cfg, d)
+        path = joint.joint_path(cfg.path(), d)
         obj = load_artifact(path, 'joint_domain', {'a_ref_pct': float, 'final_accuracy_pct': float, 'rounds': list,
                                                    'pareto': list, 'baselines': dict, 'deviations': dict,
                                                    'roofline': dict, 'solvers': dict})
@@ -83,9 +83,9 @@ def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
         assert m.blocks[0].alpha.tolist()[:2] == [obj['blocks'][0]['alpha']['D'], obj['blocks'][0]['alpha']['O']]
     out = capsys.readouterr().out
     assert 'domain 0:' in out and 'best plain split' in out
-    before = joint.joint_path(cfg, 1).read_bytes()
+    before = joint.joint_path(cfg.path(), 1).read_bytes()
     assert _main(args) == 0  # finished domains are skipped
-    assert joint.joint_path(cfg, 1).read_bytes() == before
+    assert joint.joint_path(cfg.path(), 1).read_bytes() == before
 
 
 @pytest.mark.slow
@@ -117,12 +117,12 @@ def test_resume_after_interrupted_round(results, monkeypatch, tmp_path):
     rd = joint.rounds_dir(_cfg(res), 0)
     r1 = (rd / 'round_001.json').read_bytes()
     ref = (rd / 'reference.json').read_bytes()
-    assert not (rd / 'round_002.json').exists() and not joint.joint_path(_cfg(res), 0).exists()
+    assert not (rd / 'round_002.json').exists() and not joint.joint_path(_cfg(res).path(), 0).exists()
     monkeypatch.setattr(training, 'fine_tune_alpha', real_ft)
     monkeypatch.setattr(pruning, 'importance_sensitivities', lambda *a, **k: pytest.fail('reference recomputed'))
     assert _main(args) == 0
     assert (rd / 'round_001.json').read_bytes() == r1 and (rd / 'reference.json').read_bytes() == ref
-    obj = json.loads(joint.joint_path(_cfg(res), 0).read_text())
+    obj = json.loads(joint.joint_path(_cfg(res).path(), 0).read_text())
     assert obj['rounds'][0]['round'] == 1 and len(obj['rounds']) >= 2
     assert obj['sensitivity']['mode'] == 'importance'
 
@@ -158,9 +158,9 @@ def test_surrogate_correction_scales_to_the_measured_loss():
     assert rec['rule'] == 'add' and new[0, :2].tolist() == [0.5, 0.5]
 
 
-def test_client_profile_mismatch_and_missing_domain_are_named(results):
-    with pytest.raises(ConfigError, match='re-run step 1'):
-        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--client_profile', 'rpi4'])
+def test_edge_profile_mismatch_and_missing_domain_are_named(results):
+    with pytest.raises(L.LutError, match="--edge_profile rpi4: .* profile 'jetson-tx2'; re-run step 1"):
+        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--edge_profile', 'rpi4'])
     with pytest.raises(ConfigError, match='--domains'):
         _main(SETS + ['--results_dir', str(results), '--domain_id', '5'])
     with pytest.raises(ConfigError, match='joint.solver'):
@@ -198,7 +198,7 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
     # an edge side measured on this machine, where the worker runs too
     cfg = _cfg(res)
     lut = L.load_lut(cfg.path('hardware_lut_complete.json'))
-    edge = L.side_payload('client', lut['model'], 32, M.measure_side(lut['model'], 32, [1], repeats=2, warmup=1,
+    edge = L.side_payload('edge', lut['model'], 32, M.measure_side(lut['model'], 32, [1], repeats=2, warmup=1,
                                                                      threads=1))
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
                    L.merge(dict(lut['server'], model=lut['model'], input_size=32), edge, L.resolve_link(cfg.lut),
@@ -216,7 +216,7 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
         if worker.poll() is None:
             worker.kill()
         worker.wait(10)
-    obj = json.loads(joint.joint_path(_cfg(res), 1).read_text())
+    obj = json.loads(joint.joint_path(_cfg(res).path(), 1).read_text())
     m = obj['measured']
     assert obj['mode'] == 'real' and m['samples'] > 0
     # the worker runs exactly the chosen configuration: its accuracy equals the offline test accuracy

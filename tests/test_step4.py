@@ -156,9 +156,9 @@ def _cfg(tmp_path):
 def _write_lut(cfg):
     """hardware_lut_complete.json through timing.lut: the TX2 profile as the edge, the Orin Nano as the 'server'."""
     model = L.model_spec(cfg)
-    client = L.modelled_side(get_profile('jetson-tx2'), model, cfg.model.input_size, [1], side='client')
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, cfg.model.input_size, [1], side='edge')
     server = L.modelled_side(get_profile('jetson-orin-nano'), model, cfg.model.input_size, [1], side='server')
-    payload = L.merge(server, client, L.resolve_link(cfg.lut), 'fp32')
+    payload = L.merge(server, edge, L.resolve_link(cfg.lut), 'fp32')
     write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete', payload, cfg, 'test')
     return L.cost_tables(L.load_lut(cfg.path('hardware_lut_complete.json')), 1)
 

@@ -2,7 +2,7 @@
 
 This is the only optim module that reads and writes files.  Artifacts:
 
-* `lut_server.json` / `lut_client.json` (kinds 'lut_server' / 'lut_client'): one side's times per
+* `lut_server.json` / `lut_edge.json` (kinds 'lut_server' / 'lut_edge'): one side's times per
   block x layout x batch (`entries`, keyed by `lut_key`), the head (pooling + classifier) per batch, the
   side's roofline (peak FLOP/s, memory bandwidth, knee), metadata and settings; every entry says whether it
   was `measured` or `modelled` (from a device profile, see timing/profiles.py).
@@ -31,13 +31,26 @@ from timing import flops as F
 from optim.cost import CostTables
 from timing.profiles import DeviceProfile
 
-SIDES = ('server', 'client')
+SIDES = ('server', 'edge')
 ENTRY_SOURCES = ('measured', 'modelled')
 SIDE_FIELDS = {'side': str, 'model': dict, 'input_size': int, 'num_blocks': int, 'batch_sizes': list,
                'entries': dict, 'head': dict, 'roofline': dict, 'source': str}
 COMPLETE_FIELDS = {'model': dict, 'input_size': int, 'num_blocks': int, 'batch_sizes': list, 'blocks': list,
-                   'server': dict, 'client': dict, 'link': dict, 'link_bytes': dict, 'feature_dtype': str,
+                   'server': dict, 'edge': dict, 'link': dict, 'link_bytes': dict, 'feature_dtype': str,
                    'roofline': dict, 'head_cost': dict}
+
+
+def upgrade_edge_naming(obj: Dict[str, Any]) -> Dict[str, Any]:
+    """A LUT artifact written before the edge device had one name (kind 'lut_client', side 'client', a
+    'client' key in hardware_lut_complete.json) with the current names ('lut_edge', 'edge'); current ones as is."""
+    obj = dict(obj)
+    if obj.get('kind') == 'lut_client':
+        obj['kind'] = 'lut_edge'
+    if obj.get('side') == 'client':
+        obj['side'] = 'edge'
+    if 'client' in obj and 'edge' not in obj:
+        obj['edge'] = obj.pop('client')
+    return obj
 
 
 class LutError(UserError, ValueError):
@@ -122,12 +135,14 @@ LINK_PRESETS: Dict[str, LinkSpec] = {
 }
 
 
-def resolve_link(lut_config: Any) -> LinkSpec:
-    """The link of cfg.lut: the `link` preset, with explicit `bandwidth_mbps` / `rtt_ms` taking precedence."""
+def resolve_link(lut_config: Any, base: Optional[LinkSpec] = None) -> LinkSpec:
+    """The one link resolver (steps 1-3): `base` (a LUT's own link, step 2 / 3) or else the `link` preset of
+    cfg.lut, with explicit `bandwidth_mbps` (Mbit/s) / `rtt_ms` (ms) taking precedence; named 'custom' when both
+    are explicit, '<base>+explicit' when one is.  ConfigError naming the flag / key."""
     if lut_config.link not in LINK_PRESETS:
         raise ConfigError(f'--link / lut.link: unknown link preset {lut_config.link!r}; valid choices: '
                           f'{", ".join(LINK_PRESETS)}')
-    link = LINK_PRESETS[lut_config.link]
+    link = base if base is not None else LINK_PRESETS[lut_config.link]
     bw, rtt = lut_config.bandwidth_mbps, lut_config.rtt_ms
     if bw is not None and not (bw > 0 and math.isfinite(bw)):
         raise ConfigError(f'--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number, got {bw}')
@@ -168,7 +183,7 @@ def side_payload(side: str, model: Dict[str, Any], input_size: int, measured: Di
 
 
 def modelled_side(profile: DeviceProfile, model: Dict[str, Any], input_size: int, batch_sizes: Sequence[int],
-                  side: str = 'client', precision: str = 'fp32') -> Dict[str, Any]:
+                  side: str = 'edge', precision: str = 'fp32') -> Dict[str, Any]:
     """A side LUT predicted by `profile`'s roofline + overhead model (every entry 'modelled').
 
     For a batch of B: FLOPs and activation bytes scale with B, weight bytes are read once, kernels are the same.
@@ -233,8 +248,9 @@ def _check_side(side: Dict[str, Any], where: str) -> None:
 
 
 def load_side(path: Path, side: str) -> Dict[str, Any]:
-    """Load and validate lut_server.json / lut_client.json (ArtifactError naming file and field)."""
-    obj = load_artifact(path, f'lut_{side}', SIDE_FIELDS)
+    """Load and validate lut_server.json / lut_edge.json (or an old lut_client.json); ArtifactError naming file and
+    field."""
+    obj = load_artifact(path, f'lut_{side}', SIDE_FIELDS, upgrade_edge_naming)
     _check_side(obj, str(path))
     return obj
 
@@ -280,14 +296,14 @@ def roofline_fit(side: Dict[str, Any], batch: int = 1) -> Dict[str, Any]:
 # Merge
 # ----------------------------------------------------------------------------------------------------------
 
-def check_compatible(server: Dict[str, Any], client: Dict[str, Any]) -> None:
+def check_compatible(server: Dict[str, Any], edge: Dict[str, Any]) -> None:
     """Refuse side LUTs built for different models, input sizes or numbers of classes."""
     diffs = []
     for f in ('name', 'num_classes', 'width_multiplier', 'small_input'):
-        if server['model'].get(f) != client['model'].get(f):
-            diffs.append(f'model.{f}: server {server["model"].get(f)!r} vs client {client["model"].get(f)!r}')
-    if server['input_size'] != client['input_size']:
-        diffs.append(f'input_size: server {server["input_size"]} vs client {client["input_size"]}')
+        if server['model'].get(f) != edge['model'].get(f):
+            diffs.append(f'model.{f}: server {server["model"].get(f)!r} vs edge {edge["model"].get(f)!r}')
+    if server['input_size'] != edge['input_size']:
+        diffs.append(f'input_size: server {server["input_size"]} vs edge {edge["input_size"]}')
     if diffs:
         raise LutError('cannot merge LUTs built for different models: ' + '; '.join(diffs)
                        + ' (re-measure one side with the same model flags)')
@@ -308,18 +324,18 @@ def block_table(model: Dict[str, Any], input_size: int) -> List[Dict[str, Any]]:
     return rows
 
 
-def merge(server: Dict[str, Any], client: Dict[str, Any], link: LinkSpec, feature_dtype: str) -> Dict[str, Any]:
+def merge(server: Dict[str, Any], edge: Dict[str, Any], link: LinkSpec, feature_dtype: str) -> Dict[str, Any]:
     """The hardware_lut_complete payload from the two side LUTs (validated first) and the link."""
-    check_compatible(server, client)
+    check_compatible(server, edge)
     model, size = server['model'], server['input_size']
-    batches = sorted(set(server['batch_sizes']) & set(client['batch_sizes']))
+    batches = sorted(set(server['batch_sizes']) & set(edge['batch_sizes']))
     if not batches:
         raise LutError(f'cannot merge: no common batch size (server {server["batch_sizes"]}, '
-                       f'client {client["batch_sizes"]})')
+                       f'edge {edge["batch_sizes"]})')
     F.dtype_bytes(feature_dtype)
     plan = plan_of(model)
     sides = {}
-    for name, side in (('server', server), ('client', client)):
+    for name, side in (('server', server), ('edge', edge)):
         sides[name] = {k: side.get(k) for k in ('source', 'profile', 'entries', 'head', 'roofline', 'metadata',
                                                 'settings', 'batch_sizes')}
     head = F.head_cost(plan, size, model['num_classes'])._asdict()
@@ -328,10 +344,10 @@ def merge(server: Dict[str, Any], client: Dict[str, Any], link: LinkSpec, featur
         'layouts': [{'gamma': lay.gamma, 'parts': [list(p) for p in lay.parts], 'description': lay.description}
                     for lay in LAYOUTS],
         'blocks': block_table(model, size), 'head_cost': head,
-        'server': sides['server'], 'client': sides['client'],
+        'server': sides['server'], 'edge': sides['edge'],
         'link': link.to_dict(), 'feature_dtype': feature_dtype,
         'link_bytes': {dt: F.link_bytes(plan, size, model['num_classes'], dt) for dt in ('fp32', 'fp16')},
-        'roofline': {'edge': client['roofline'], 'server': server['roofline']},
+        'roofline': {'edge': edge['roofline'], 'server': server['roofline']},
     }
     for name in SIDES:
         check_entries(payload, name)
@@ -350,7 +366,7 @@ def check_entries(lut: Dict[str, Any], side: str) -> None:
 
 def load_lut(path: Path) -> Dict[str, Any]:
     """Load and validate hardware_lut_complete.json; ArtifactError naming the file and the field."""
-    obj = load_artifact(path, 'hardware_lut_complete', COMPLETE_FIELDS)
+    obj = load_artifact(path, 'hardware_lut_complete', COMPLETE_FIELDS, upgrade_edge_naming)
     where = str(path)
     n = obj['num_blocks']
     if len(obj['blocks']) != n:
@@ -407,20 +423,20 @@ def head_ms(lut: Dict[str, Any], side: str, batch: int) -> float:
 
 def cost_tables(lut: dict, batch: int = 1, link: Optional[LinkSpec] = None,
                 feature_dtype: Optional[str] = None) -> CostTables:
-    """CostTables of `lut` at `batch` (edge = client side); link and feature dtype default to the LUT's own."""
+    """CostTables of `lut` at `batch` (edge = edge side); link and feature dtype default to the LUT's own."""
     link = link or link_from_dict(lut['link'])
     dt = feature_dtype or lut['feature_dtype']
     if dt not in lut['link_bytes']:
         raise LutError(f'feature dtype {dt!r} not in the LUT; choices: {sorted(lut["link_bytes"])}')
-    return CostTables(edge_ms=side_ms(lut, 'client', batch), server_ms=side_ms(lut, 'server', batch),
-                      edge_head_ms=head_ms(lut, 'client', batch), server_head_ms=head_ms(lut, 'server', batch),
+    return CostTables(edge_ms=side_ms(lut, 'edge', batch), server_ms=side_ms(lut, 'server', batch),
+                      edge_head_ms=head_ms(lut, 'edge', batch), server_head_ms=head_ms(lut, 'server', batch),
                       link_bytes=np.asarray(lut['link_bytes'][dt], dtype=np.float64),
                       bandwidth_mbps=float(link.bandwidth_mbps), latency_ms=float(link.latency_ms), batch=int(batch))
 
 
 def block_stats(lut: dict) -> Dict[str, Any]:
     """Per block x layout FLOPs, weight bytes, activation bytes (one sample) and intensity (N, 14), NaN where
-    absent, plus the roofline knees (flop/byte) and peak FLOP/s of the edge (client) and server sides."""
+    absent, plus the roofline knees (flop/byte) and peak FLOP/s of the edge and server sides."""
     n = lut['num_blocks']
     out = {k: np.full((n, NUM_LAYOUTS), np.nan) for k in ('flops', 'weight_bytes', 'act_bytes', 'intensity')}
     src = {'flops': 'flops', 'weight_bytes': 'weight_bytes', 'act_bytes': 'act_bytes',

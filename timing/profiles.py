@@ -108,6 +108,6 @@ PROFILES: Dict[str, DeviceProfile] = {
 def get_profile(name: str) -> DeviceProfile:
     """The profile `name`; an unknown name is a ProfileError listing the valid choices."""
     if name not in PROFILES:
-        raise ProfileError(f'--client_profile / lut.client_profile: unknown device profile {name!r}; '
+        raise ProfileError(f'--edge_profile / lut.edge_profile: unknown device profile {name!r}; '
                            f'valid choices: {", ".join(sorted(PROFILES))}')
     return PROFILES[name]

@@ -14,11 +14,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import ArtifactError, load_artifact
+from artifacts import JOINT_DIR, ArtifactError, joint_path, load_artifact
 
 log = logging.getLogger(__name__)
 
-JOINT_DIR = 'joint_optimization'
 JOINT_RE = re.compile(r'^domain_(.+)_joint\.json$')
 BASELINE_KEYS = ('best_plain_split', 'edge_only', 'server_only')
 
@@ -164,10 +163,6 @@ def find_domains(results_dir: Path) -> List[str]:
     return sorted(found, key=lambda s: (0, int(s), '') if s.isdigit() else (1, 0, s))
 
 
-def joint_path(results_dir: Path, domain: str) -> Path:
-    return Path(results_dir) / JOINT_DIR / f'domain_{domain}_joint.json'
-
-
 def load_domain_result(path: Path) -> DomainResult:
     """Read one `domain_<d>_joint.json` (step 3)."""
     obj = load_artifact(path, fields={'domain': (int, str), 'a_ref_pct': float, 'final_accuracy_pct': float,
@@ -236,7 +231,7 @@ def load_lut_view(path: Path, batch: int) -> LutView:
         raise ArtifactError(f'{path}: field "batch_sizes" is {lut["batch_sizes"]}, it has no batch {batch} '
                             '(choose one with --batch)')
     t = lut_mod.cost_tables(lut, batch)
-    (e_src, e_dev), (s_src, s_dev) = side_source(lut, 'client', batch), side_source(lut, 'server', batch)
+    (e_src, e_dev), (s_src, s_dev) = side_source(lut, 'edge', batch), side_source(lut, 'server', batch)
     if (lut['server'].get('metadata') or {}).get('device') == 'cpu':
         s_dev += ' (a CPU: the "server" of these figures is this CPU, not a GPU server)'
     link = (f'{lut["link"].get("name", "link")}: {t.bandwidth_mbps:g} Mbit/s uplink, one-way latency '
@@ -275,7 +270,7 @@ def collect(results_dir: Path, domains: Optional[str], batch: int) -> Inputs:
     results_dir = Path(results_dir)
     notes: List[str] = []
     lut = load_lut_view(results_dir / 'hardware_lut_complete.json', batch)
-    lut_lines = [f'edge (client) side: {lut.edge_device}, {lut.edge_source}',
+    lut_lines = [f'edge side: {lut.edge_device}, {lut.edge_source}',
                  f'server side: {lut.server_device}, {lut.server_source}', f'link: {lut.link}']
     val = lut_validation_note(results_dir / 'lut_validation.json')
     lut_lines.append(val or 'no lut_validation.json: the LUT was not validated end to end')

@@ -587,3 +587,19 @@ def step2_closed_loop(cfg: Any, lut: Dict[str, Any], lut_file: Any, t: C.CostTab
     if worker is not None:
         loop['worker'] = worker
     return loop
+
+
+ARTIFACT_FIELDS = ('schema_version', 'kind', 'created_at', 'command', 'config')  # artifacts.write_artifact's own
+
+
+def domain_closed_loop(inp: Any, out: Dict[str, Any], mode: str, session: Any = None,
+                       worker: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """Attach step 3's closed loop of one domain (joint.run_domain's `out`) to out['payload']: for a new result,
+    and for a finished one that has none for `mode` (then it is measured now).  Returns the payload to write
+    (without the artifact's own fields), or None when the finished file already holds this mode's loop."""
+    payload = out['payload']
+    loop = payload.get('closed_loop')
+    if out['skipped'] and isinstance(loop, dict) and loop.get('mode') == mode:
+        return None
+    payload['closed_loop'] = dict(measure_domain(inp, payload, mode, session), **({'worker': worker} if worker else {}))
+    return {k: v for k, v in payload.items() if k not in ARTIFACT_FIELDS}

@@ -28,7 +28,6 @@ from artifacts import write_artifact  # noqa: E402
 from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_line, resolve_config,  # noqa: E402
                     resolve_path, run_cli)
 
-RESERVED = ('schema_version', 'kind', 'created_at', 'command', 'config')  # artifacts.write_artifact's own fields
 FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
          'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
          'epochs_per_round': 'joint.epochs_per_round', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
@@ -110,19 +109,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             real_run = joint.real_runner(session, cfg, inp.mean, inp.std, CL.edge_threads(inp.lut) or 0)
         for d in domains:
             out = joint.run_domain(inp, d, cmd, force=args.force, real_run=real_run)
-            payload = out['payload']
-            loop = payload.get('closed_loop')
-            remeasure = not isinstance(loop, dict) or loop.get('mode') != args.mode
-            if not out['skipped'] or remeasure:  # a finished domain without this mode's closed loop gets it
-                payload['closed_loop'] = dict(CL.measure_domain(inp, payload, args.mode, session),
-                                              **({'worker': worker} if worker else {}))
+            payload = CL.domain_closed_loop(inp, out, args.mode, session, worker)  # None: nothing new to write
             if not out['skipped']:
                 write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, cmd)
-            if not out['skipped'] or remeasure:
-                write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain',
-                               {k: v for k, v in payload.items() if k not in RESERVED}, cfg, cmd)
-            print(summary_line(payload), flush=True)
-            for line in CL.closed_loop_lines(payload['closed_loop'], table=False):
+            if payload is not None:
+                write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', payload, cfg, cmd)
+            print(summary_line(out['payload']), flush=True)
+            for line in CL.closed_loop_lines(out['payload']['closed_loop'], table=False):
                 print(f'domain {d}: {line}', flush=True)
     print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')
     return 0

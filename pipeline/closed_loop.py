@@ -248,7 +248,8 @@ def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[st
     return {'kind': 'measured', 'how': REAL_LABEL, **{f'{k}_ms': v for k, v in stages.items()},
             'latency_ms': stage('latency_ms'), 'throughput_fps': med, 'p10_fps': q(10), 'p90_fps': q(90),
             'bottleneck': max(known, key=lambda k: known[k]) if known else None, 'bottleneck_source': 'measured',
-            'runs_fps': steady, 'samples': int(runs[0].get('samples', 0)) if runs else 0}
+            'runs_fps': steady, 'samples': int(runs[0].get('samples', 0)) if runs else 0,
+            'worker_threads': runs[0].get('worker_threads') if runs else None}
 
 
 def measure(plan: Sequence[Dict[str, Any]], run_one: Callable[[Dict[str, Any]], Dict[str, Any]],

@@ -470,9 +470,9 @@ def edge_threads(lut: Dict[str, Any]) -> Optional[int]:
     return int(t) if isinstance(t, int) and t > 0 else None
 
 
-def pseudo_skip_reason(lut: Dict[str, Any]) -> Optional[str]:
+def pseudo_skip_reason(lut: Dict[str, Any], device: str) -> Optional[str]:
     """Why pseudo mode cannot measure against this LUT (None when it can): its server side must have been measured
-    on this machine, else a measurement here is compared with another device's (or a model's) times."""
+    on this machine and torch device, else a measurement here is compared with another device's (or a model's)."""
     import platform
     meta = lut['server'].get('metadata') or {}
     if lut['server'].get('source') != 'measured':
@@ -481,6 +481,8 @@ def pseudo_skip_reason(lut: Dict[str, Any]) -> Optional[str]:
     host = meta.get('host')
     if host and host != platform.node():
         return f'the LUT\'s server side was measured on {host}, this machine is {platform.node()}'
+    if meta.get('device') and str(meta['device']).split(':')[0] != str(device).split(':')[0]:
+        return f'the LUT\'s server side was measured on device {meta["device"]}, this run uses --device {device}'
     return None
 
 
@@ -520,7 +522,7 @@ def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: n
     is off or pseudo mode has nothing to measure against."""
     why = None if cfg.loop.measure else 'loop.measure is off'
     if why is None and mode != 'real':
-        why = pseudo_skip_reason(lut)
+        why = pseudo_skip_reason(lut, cfg.device)
     if why is None:
         return dict(run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label),
                     mode=mode)

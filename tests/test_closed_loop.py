@@ -212,3 +212,13 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     assert head['steps reaching >= 95 % of the best measured'] == 1
     with pytest.raises(B.BenchLoopError, match='y.json: nothing measured'):
         B.loop_row('step 2', {'skipped': 'off', 'decision': {}}, 'y.json')
+
+
+def test_pseudo_mode_measures_only_against_a_server_side_measured_here_on_this_device():
+    import platform
+    lut = {'server': {'source': 'measured', 'metadata': {'host': platform.node(), 'device': 'cpu'}}}
+    assert CL.pseudo_skip_reason(lut, 'cpu') is None
+    assert 'device cpu' in CL.pseudo_skip_reason(lut, 'cuda')
+    assert 'modelled' in CL.pseudo_skip_reason({'server': {'source': 'modelled'}}, 'cpu')
+    other = {'server': {'source': 'measured', 'metadata': {'host': 'elsewhere', 'device': 'cpu'}}}
+    assert 'elsewhere' in CL.pseudo_skip_reason(other, 'cpu')

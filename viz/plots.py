@@ -156,9 +156,10 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     ax_gain.axhline(1.0, color='black', lw=1, ls='--', label='1x (no gain)')
     ax_gain.set_ylabel('throughput gain (x)')
     ax_gain.set_ylim(0, np.nanmax(np.concatenate([gains, mgains, [1.0]])) * 1.2)
-    how = next((r.report['how'] for r in results if r.report), '')
-    ax_gain.set_title('Throughput gain over the best split of the plain deploy model: predicted'
-                      + (f' and measured ({how})' if measured else ' (nothing measured)'), fontsize=9)
+    mode = next((r.report['mode'] for r in results if r.report), '')
+    how = {'real': 'real mode: through the worker and the link', 'pseudo': 'pseudo mode: server part measured'}
+    ax_gain.set_title('Gain over the best plain split: predicted'
+                      + (f' and measured ({how.get(mode, mode)})' if measured else ' (nothing measured)'))
     ax_gain.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     lams = [r.lam for r in results]
     n = max(r.num_blocks for r in results)

@@ -386,7 +386,8 @@ def measured_points(results: Sequence[DomainResult],
                  float(rec['measured']['throughput_fps'])))
     for r in results:
         m = r.measured or {}
-        for key, quantity, pred in (('throughput_fps', 'real run, test split: throughput (frames/s)', r.predicted.throughput_fps),
+        for key, quantity, pred in (('throughput_fps', 'real run, test split: throughput (frames/s)',
+                                     r.predicted.throughput_fps),
                                     ('latency_ms', 'real run, test split: latency (ms)', r.predicted.latency_ms)):
             if isinstance(m.get(key), (int, float)):
                 pts.setdefault(quantity, []).append((r.domain, pred, float(m[key])))

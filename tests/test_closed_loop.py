@@ -197,10 +197,10 @@ def test_noise_floor_is_read_from_the_validation_summary(tmp_path):
 
 def test_bench_closed_loop_rows_and_headline_from_records():
     from bench import bench_closed_loop as B
-    rec = lambda lam, roles, p, m: {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': p},  # noqa: E731
-                                    'measured': {'throughput_fps': m, 'p10_fps': m, 'p90_fps': m, 'how': 'x',
-                                                 'pass_to_pass_pct': 2.0, 'bottleneck_source': 'measured',
-                                                 'load_average': {'before': [3.5, 1, 1]}}}
+    def rec(lam, roles, p, m):
+        return {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': p},
+                'measured': {'throughput_fps': m, 'p10_fps': m, 'p90_fps': m, 'how': 'x', 'pass_to_pass_pct': 2.0,
+                             'bottleneck_source': 'measured', 'load_average': {'before': [3.5, 1, 1]}}}
     records = [rec(3, ['chosen', 'top1'], 100.0, 96.0), rec(4, ['top2'], 99.0, 100.0),
                rec(1, ['best_plain_split'], 80.0, 64.0)]
     loop = {'report': CL.loop_report(records, 'real', 2),

@@ -452,8 +452,8 @@ class Summary:
             return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
                     for r in rows]
         return {'accuracy_source': self.accuracy_source,
-                'throughput_kind': {'throughput_fps': 'predicted', 'plain_split_fps': 'predicted', 'gain_x': 'predicted',
-                                    'measured_fps': 'measured', 'measured_plain_fps': 'measured',
+                'throughput_kind': {'throughput_fps': 'predicted', 'plain_split_fps': 'predicted',
+                                    'gain_x': 'predicted', 'measured_fps': 'measured', 'measured_plain_fps': 'measured',
                                     'measured_gain_x': 'measured', 'of_best_pct': 'measured'},
                 'closed_loop': list(self.loop),
                 'domains': clean(self.domains), 'mean': clean(self.aggregate[:1])[0] if self.aggregate else None,

@@ -1,5 +1,5 @@
 """Edge worker for real mode: runs on the Jetson TX2 (JetPack 4.6: Python 3.6, torch 1.10) and serves the server
-session of comm/session.py (DESIGN.md section 9).  "client" is its role in the protocol (it dials the server);
+session of comm/session.py (docs/design.md#real-mode).  "client" is its role in the protocol (it dials the server);
 everywhere else the device is the "edge" (lut_edge.json, lut.edge_profile).
 
     python client_worker.py [--server_ip 127.0.0.1] [--port 6006] [--device cuda] [--token T | env HYPERREPVGG_TOKEN]
@@ -11,7 +11,8 @@ or when the link drops, it dials again with exponential backoff.  Commands: meas
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
 hyper_repvgg.build_edge from raw tensors), upload (uint8 images), run (pipelined: the edge part runs batch after
 batch while a sender thread streams the features).  A failing command answers an error frame; the worker stays
-usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, timing.measure, numpy and torch.
+usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, timing.measure, numpy and torch
+(the files: comm/bundle.py DEVICE_FILES).
 """
 import argparse
 import logging

@@ -273,27 +273,35 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return data
 
 
-# Flags shared by every step script: flag -> config key.
+# Flags shared by every step script: flag -> (config key, help without the default, which comes from Config()).
 COMMON_FLAGS: Dict[str, Tuple[str, str]] = {
-    'results_dir': ('results_dir', 'artifact directory, relative to the repository root (default: results)'),
-    'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3 (default: RepVGG-A0)'),
-    'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic (default: fashion-mnist)'),
-    'data_root': ('data.data_root', 'dataset directory, relative to the repository root (default: data)'),
-    'device': ('device', 'torch device for server-side compute: auto | cpu | cuda (default: auto = cuda when '
-                         'there is a GPU, else cpu)'),
-    'seed': ('seed', 'random seed (default: 0)'),
+    'results_dir': ('results_dir', 'artifact directory, relative to the repository root'),
+    'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3'),
+    'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic'),
+    'data_root': ('data.data_root', 'dataset directory, relative to the repository root'),
+    'device': ('device', 'torch device for server-side compute: cpu | cuda | auto (unset = auto: cuda when torch '
+                         'sees a GPU, else cpu; the default shown is what auto resolved to here)'),
+    'seed': ('seed', 'random seed'),
 }
 
 
+def default_of(key: str) -> Any:
+    """Config()'s value of a dotted key such as 'train.alpha_epochs': the default a flag's --help shows."""
+    value: Any = Config()
+    for part in key.split('.'):
+        value = getattr(value, part)
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """--config, --set and the common flags of DESIGN.md section 3."""
+    """--config, --set and the common flags (docs/design.md#artifacts-and-steps)."""
     g = parser.add_argument_group('common configuration')
     g.add_argument('--config', metavar='FILE', help='JSON config file (nested by section) or an artifact whose '
                    'config to reuse (default: none, built-in defaults)')
     g.add_argument('--set', metavar='SECTION.KEY=VALUE', action='append', default=[],
                    help='override one config key, repeatable, e.g. --set optim.steps=500 (default: none)')
-    for flag, (_, help_text) in COMMON_FLAGS.items():
-        g.add_argument(f'--{flag}', default=None, help=help_text)
+    for flag, (key, help_text) in COMMON_FLAGS.items():
+        g.add_argument(f'--{flag}', default=None, help=f'{help_text} (default: {default_of(key)})')
 
 
 LINK_FLAGS: Dict[str, str] = {'link': 'lut.link', 'bandwidth_mbps': 'lut.bandwidth_mbps', 'rtt_ms': 'lut.rtt_ms'}

@@ -3,7 +3,7 @@
 Device-side module: runs on Python 3.6 + PyTorch 1.10 + numpy (Jetson TX2, JetPack 4.6), never imports
 torchvision, and prints nothing.
 
-Vocabulary (see DESIGN.md section 2):
+Vocabulary (see docs/design.md#model):
   * blocks are numbered 0 .. N-1 in forward order, 0 = stage0;
   * branches are 'D' (3x3 dense conv+BN), 'O' (1x1 conv+BN) and 'I' (identity BN, only when in == out
     channels and stride 1); each block of a HyperRepVGG scales them by hyper-weights alpha_D, alpha_O, alpha_I;

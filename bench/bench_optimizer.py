@@ -1,6 +1,6 @@
 """Optimizer quality and speed: the relaxed LUT gradient descent against the exact optimum, per pipeline step.
 
-Section `step2` (DESIGN.md section 6; pipeline/throughput.solve_step2, the code step 2 runs):
+Section `step2` (docs/design.md#step-2-solvers; pipeline/throughput.solve_step2, the code step 2 runs):
 * LUT cases: RepVGG-A0 and RepVGG-B3 at 224 px, 1000 classes, batch 1, both sides MODELLED from device profiles
   (timing/lut.modelled_side: edge = jetson-tx2; 'server' = jetson-orin-nano as a stand-in, since timing/profiles.py
   has no server-GPU profile), under each link preset.  Per case: gap of the chosen configuration and of the
@@ -10,7 +10,7 @@ Section `step2` (DESIGN.md section 6; pipeline/throughput.solve_step2, the code 
   max / median gap, share within 1 %, median wall time.
 Writes bench/results/optimizer_step2.json.
 
-Section `step3` (DESIGN.md section 7; optim/goal.py, the goal program step 3 solves every round): the relaxed
+Section `step3` (docs/design.md#goal-solvers; optim/goal.py, the goal program step 3 solves every round): the relaxed
 gradient descent (+ repair, local search, split polish; optim.goal.solve_gd with the config's optim.steps /
 restarts) against the lexicographic HiGHS MILP (optim.goal.solve_milp, joint.milp_time_limit_s), both through
 optim.goal.solve(..., 'both').  Gap = the GD choice's throughput level (period / scale + tie-breakers) over the

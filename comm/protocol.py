@@ -3,7 +3,7 @@
 DEVICE-SIDE module: Python 3.6 + numpy only (torch tensors are accepted duck-typed), prints nothing.
 No pickle and no torch.load: a frame is fixed binary fields, a UTF-8 JSON object and raw little-endian tensor bytes.
 
-Frame layout (DESIGN.md section 9):
+Frame layout (docs/design.md#wire-protocol):
 
     fixed header, 20 bytes, network byte order (struct '!4sBBHIQ'):
         magic b'HRVG' | version (u8) | message type (u8) | flags (u16, 0) | JSON length (u32) | payload length (u64)

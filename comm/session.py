@@ -1,6 +1,6 @@
 """Server side of real mode: one session with the edge worker (client_worker.py) over comm.protocol frames.
 
-Public API (step 1 and step 3 real mode are written against it; DESIGN.md section 9):
+Public API (step 1 and step 3 real mode are written against it; docs/design.md#real-mode):
 
     class ServerSession:  # context manager; close() on exit
         def __init__(self, host='127.0.0.1', port=6006, token=None, connect_timeout_s=60.0, io_timeout_s=120.0,

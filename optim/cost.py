@@ -1,4 +1,4 @@
-"""Pipelined cost model (DESIGN.md section 5): pure functions over LUT arrays.
+"""Pipelined cost model (docs/design.md#cost-model): pure functions over LUT arrays.
 
 A configuration is (gammas, lam): a layout index per block and the split point.  For a batch of B samples:
 
@@ -10,9 +10,8 @@ A configuration is (gammas, lam): a layout index per block and the split point. 
 
 The one-way link latency is paid once per frame (it is in `latency`) but not once per batch in the period: the
 batches of a stream are in flight together, so a link-bound stream delivers one batch per bytes / bandwidth.
-DESIGN.md section 5 writes T_link = latency + bytes / bandwidth inside the maximum; measured on the real split
-runtime over an emulated 20 Mbit/s, 10 ms link (bench/bench_runtime.py), that form under-predicted link-bound
-throughput by 41-107 %, this one was within 0.5 %.
+The starting spec put the latency inside the maximum; why this form instead, measured on the real split runtime:
+docs/design.md#link-latency (current figures: bench/README.md, section runtime).
 
 Objectives (all minimized, in ms per batch): 'throughput' -> the period max(T_edge, T_link, T_server) (minimizing
 it maximizes B / period); 'latency' -> end-to-end latency; 'weighted' -> omega * latency +
@@ -197,7 +196,7 @@ def measured_kept(t: CostTables) -> List[FrozenSet[str]]:
 
 
 def valid_mask(kept: Sequence[Sequence[str]]) -> np.ndarray:
-    """(N, 14) bool: layout gamma is valid for block k iff its branch set equals kept[k] (DESIGN.md section 2)."""
+    """(N, 14) bool: layout gamma is valid for block k iff its branch set equals kept[k] (docs/design.md#validity)."""
     out = np.zeros((len(kept), NUM_LAYOUTS), dtype=bool)
     for k, ks in enumerate(kept):
         g = layouts_for(ks)

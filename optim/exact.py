@@ -1,4 +1,4 @@
-"""Exact optimum of the step-2 problem (DESIGN.md section 6) and a brute-force check for tiny models.
+"""Exact optimum of the step-2 problem (docs/design.md#step-2-solvers) and a brute-force check for tiny models.
 
 The problem: a fixed kept branch set per block (its valid layouts), choose a layout gamma_k per block and a split
 lambda minimizing one of the objectives of optim/cost.py.

@@ -1,4 +1,4 @@
-"""Step 3's goal program (DESIGN.md section 7): pure functions and two solvers, array in / array out.
+"""Step 3's goal program (docs/design.md#goal-program): pure functions and two solvers, array in / array out.
 
 Decision per block k: a layout gamma_k among the block's measurable layouts.  A layout fixes the kept branch set
 S(gamma) (hyper_repvgg.LAYOUTS), so choosing gamma_k chooses alpha's mask and gamma together: the branches of the
@@ -95,13 +95,17 @@ class GoalProblem:
         return self.tables.num_blocks
 
     @property
+    def have(self) -> np.ndarray:
+        """(N, 3) bool: block k has branch b (some allowed layout keeps it)."""
+        return (self.allowed[:, :, None] & LAYOUT_BRANCHES[None]).any(1)
+
+    @property
     def tie_loss(self) -> np.ndarray:
         """(N, 14) the accuracy side of the throughput goal's tie-breaker: the surrogate loss (points) plus, per
         pruned branch, a cost just above the largest change one block's layout can make to the roofline term.  So
         no branch is pruned for the roofline term alone, nor for nothing: measured sensitivities of ~0 on a small
         validation split are noise, and a prune that buys no throughput only risks accuracy."""
-        have = (self.allowed[:, :, None] & LAYOUT_BRANCHES[None]).any(1)  # (N, 3) the branches each block has
-        prunes = (have[:, None, :] & ~LAYOUT_BRANCHES[None]).sum(-1)  # (N, 14)
+        prunes = (self.have[:, None, :] & ~LAYOUT_BRANCHES[None]).sum(-1)  # (N, 14)
         swing = max(float((np.where(self.allowed, r, -np.inf).max(1) - np.where(self.allowed, r, np.inf).min(1)).max())
                     for r in (self.roof_edge, self.roof_server))
         return self.loss + (swing / self.num_blocks + 0.01) * prunes
@@ -292,11 +296,7 @@ def pruned_count(p: GoalProblem, gammas: Sequence[int]) -> int:
 
 def pruned_mask_of(p: GoalProblem, gammas: Sequence[int]) -> np.ndarray:
     """(N, 3) bool: branch b of block k exists (some allowed layout has it) and layout gamma_k drops it."""
-    have = np.zeros((p.num_blocks, 3), dtype=bool)
-    for k in range(p.num_blocks):
-        for g in np.flatnonzero(p.allowed[k]):
-            have[k] |= LAYOUT_BRANCHES[g]
-    return have & ~LAYOUT_BRANCHES[np.asarray(gammas, dtype=np.int64)]
+    return p.have & ~LAYOUT_BRANCHES[np.asarray(gammas, dtype=np.int64)]
 
 
 def kept_sets(gammas: Sequence[int]) -> List[List[str]]:
@@ -375,111 +375,152 @@ def undominated(p: GoalProblem, side: str) -> np.ndarray:
     return out
 
 
-def solve_milp(p: GoalProblem, time_limit_s: float = 60.0, mip_rel_gap: float = 1e-6) -> GoalResult:
-    """Pre-emptive goal program as MILPs over binaries y_e[k, gamma] (block k on the edge with layout gamma),
-    y_s[k, gamma] (on the server) and z[lambda] (the split), a period variable P >= T_edge, T_link, T_server and the
-    deviations.  Levels: min xi_A; fix it; min the throughput level (+ w R); fix it; min xi_M (with a budget);
-    fix it; min P (with a target).  `time_limit_s` bounds all levels together."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import lil_matrix
+Row = Tuple[Dict[int, float], float, float]  # sparse coefficients {variable: value}, lower, upper
 
-    t0 = time.perf_counter()
-    t = p.tables
-    n = t.num_blocks
-    ke, ge = np.nonzero(undominated(p, 'edge'))
-    kS, gS = np.nonzero(undominated(p, 'server'))
-    me, ms = ke.size, kS.size
-    # variable layout: [y_e (me) | y_s (ms) | z (n+1) | P | xi_A | xi_P | xi_M]
-    ye, ys, zo = 0, me, me + ms
-    iP, iA, iXP, iXM = zo + n + 1, zo + n + 2, zo + n + 3, zo + n + 4
-    nv = iXM + 1
-    rows: List[Tuple[Dict[int, float], float, float]] = []
 
-    def add(coefs: Dict[int, float], lo: float, hi: float) -> None:
-        rows.append((coefs, lo, hi))
+@dataclass(frozen=True)
+class MilpVars:
+    """The MILP's variable layout: [y_e (me) | y_s (ms) | z (n+1) | P | xi_A | xi_P | xi_M].  y_e[j] = block ke[j]
+    on the edge in layout ge[j]; y_s[j] = block ks[j] on the server in layout gs[j] (undominated choices only);
+    ye, ys, zo, iP, iA, iXP, iXM are the offsets / indices, nv the variable count."""
+    n: int
+    ke: np.ndarray
+    ge: np.ndarray
+    ks: np.ndarray
+    gs: np.ndarray
+    me: int
+    ms: int
+    ye: int
+    ys: int
+    zo: int
+    iP: int
+    iA: int
+    iXP: int
+    iXM: int
+    nv: int
 
+    @classmethod
+    def of(cls, p: GoalProblem) -> 'MilpVars':
+        n = p.num_blocks
+        ke, ge = np.nonzero(undominated(p, 'edge'))
+        ks, gs = np.nonzero(undominated(p, 'server'))
+        zo = ke.size + ks.size
+        ip = zo + n + 1
+        return cls(n, ke, ge, ks, gs, ke.size, ks.size, 0, ke.size, zo, ip, ip + 1, ip + 2, ip + 3, ip + 4)
+
+    def both_sides(self, table: np.ndarray) -> Dict[int, float]:
+        """{variable: table[k, gamma]} over every y_e and y_s variable."""
+        return {**{self.ye + j: float(table[self.ke[j], self.ge[j]]) for j in range(self.me)},
+                **{self.ys + j: float(table[self.ks[j], self.gs[j]]) for j in range(self.ms)}}
+
+
+def _milp_rows(p: GoalProblem, v: MilpVars) -> List[Row]:
+    """The constraint rows: one side and layout per block, edge blocks exactly those before the split, one split,
+    P >= each stage time, the accuracy deviation, the new-prune limit, the throughput target and the memory goal."""
+    t, n = p.tables, v.n
+    rows: List[Row] = []
     for k in range(n):
-        se, ss = np.flatnonzero(ke == k), np.flatnonzero(kS == k)
-        add({**{ye + j: 1.0 for j in se}, **{ys + j: 1.0 for j in ss}}, 1.0, 1.0)
-        add({**{ye + j: 1.0 for j in se}, **{zo + lam: -1.0 for lam in range(k + 1, n + 1)}}, 0.0, 0.0)
-    add({zo + lam: 1.0 for lam in range(n + 1)}, 1.0, 1.0)
-    edge_row = {ye + j: float(t.edge_ms[ke[j], ge[j]]) for j in range(me)}
-    edge_row[zo + n] = float(t.edge_head_ms)
-    edge_row[iP] = -1.0
-    add(edge_row, -np.inf, 0.0)
-    srv_row = {ys + j: float(t.server_ms[kS[j], gS[j]]) for j in range(ms)}
-    srv_row[zo + n] = -float(t.server_head_ms)
-    srv_row[iP] = -1.0
-    add(srv_row, -np.inf, -float(t.server_head_ms))
+        se, ss = np.flatnonzero(v.ke == k), np.flatnonzero(v.ks == k)
+        rows.append(({**{v.ye + j: 1.0 for j in se}, **{v.ys + j: 1.0 for j in ss}}, 1.0, 1.0))
+        rows.append(({**{v.ye + j: 1.0 for j in se}, **{v.zo + lam: -1.0 for lam in range(k + 1, n + 1)}}, 0.0, 0.0))
+    rows.append(({v.zo + lam: 1.0 for lam in range(n + 1)}, 1.0, 1.0))
+    edge_row = {v.ye + j: float(t.edge_ms[v.ke[j], v.ge[j]]) for j in range(v.me)}
+    edge_row[v.zo + n] = float(t.edge_head_ms)
+    edge_row[v.iP] = -1.0
+    rows.append((edge_row, -np.inf, 0.0))
+    srv_row = {v.ys + j: float(t.server_ms[v.ks[j], v.gs[j]]) for j in range(v.ms)}
+    srv_row[v.zo + n] = -float(t.server_head_ms)
+    srv_row[v.iP] = -1.0
+    rows.append((srv_row, -np.inf, -float(t.server_head_ms)))
     link = t.link_ms()
-    add({**{zo + lam: float(link[lam]) for lam in range(n + 1)}, iP: -1.0}, -np.inf, 0.0)
-    add({**{ye + j: float(p.loss[ke[j], ge[j]]) for j in range(me)},
-         **{ys + j: float(p.loss[kS[j], gS[j]]) for j in range(ms)}, iA: -1.0}, -np.inf, p.loss_budget)
+    rows.append(({**{v.zo + lam: float(link[lam]) for lam in range(n + 1)}, v.iP: -1.0}, -np.inf, 0.0))
+    rows.append(({**v.both_sides(p.loss), v.iA: -1.0}, -np.inf, p.loss_budget))
     if p.new_prunes is not None and p.max_new_prunes > 0:  # progressive step: a hard limit (0 new is feasible)
-        add({**{ye + j: float(p.new_prunes[ke[j], ge[j]]) for j in range(me)},
-             **{ys + j: float(p.new_prunes[kS[j], gS[j]]) for j in range(ms)}}, -np.inf, float(p.max_new_prunes))
+        rows.append((v.both_sides(p.new_prunes), -np.inf, float(p.max_new_prunes)))
     tp = p.target_period_ms
     if tp is not None:
-        add({iP: 1.0, iXP: -1.0}, -np.inf, tp)
+        rows.append(({v.iP: 1.0, v.iXP: -1.0}, -np.inf, tp))
     if p.memory_budget_bytes > 0:
-        add({**{ye + j: float(p.weight_bytes[ke[j], ge[j]] / p.memory_budget_bytes) for j in range(me)}, iXM: -1.0},
-            -np.inf, 1.0)
+        rows.append(({**{v.ye + j: float(p.weight_bytes[v.ke[j], v.ge[j]] / p.memory_budget_bytes)
+                         for j in range(v.me)}, v.iXM: -1.0}, -np.inf, 1.0))
+    return rows
 
-    lower = np.zeros(nv)
-    upper = np.ones(nv)
-    upper[[iP, iA, iXP, iXM]] = np.inf
-    if tp is None:
-        upper[iXP] = 0.0
+
+def _milp_bounds(p: GoalProblem, v: MilpVars) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower, upper, integrality): binaries for y and z, continuous P and deviations (unused ones fixed at 0)."""
+    lower = np.zeros(v.nv)
+    upper = np.ones(v.nv)
+    upper[[v.iP, v.iA, v.iXP, v.iXM]] = np.inf
+    if p.target_period_ms is None:
+        upper[v.iXP] = 0.0
     if p.memory_budget_bytes <= 0:
-        upper[iXM] = 0.0
-    integrality = np.zeros(nv)
-    integrality[:zo + n + 1] = 1
-    # objectives per level
-    scale = p.period_scale_ms
-    roof = np.zeros(nv)
-    roof[ye:ye + me] = p.roof_edge[ke, ge] / n
-    roof[ys:ys + ms] = p.roof_server[kS, gS] / n
-    c_acc = np.zeros(nv)
-    c_acc[iA] = 1.0
+        upper[v.iXM] = 0.0
+    integrality = np.zeros(v.nv)
+    integrality[:v.zo + v.n + 1] = 1
+    return lower, upper, integrality
+
+
+def _milp_levels(p: GoalProblem, v: MilpVars) -> List[Tuple[str, np.ndarray]]:
+    """The objective of each priority level, in order: xi_A; the throughput level with the tie-breakers (+ w R + w L);
+    xi_M (with a budget); P (with a target)."""
+    tp, scale = p.target_period_ms, p.period_scale_ms
+    roof = np.zeros(v.nv)
+    roof[v.ye:v.ye + v.me] = p.roof_edge[v.ke, v.ge] / v.n
+    roof[v.ys:v.ys + v.ms] = p.roof_server[v.ks, v.gs] / v.n
+    c_acc = np.zeros(v.nv)
+    c_acc[v.iA] = 1.0
     c_thr = p.roofline_weight * roof
     tie = p.tie_loss  # tie-breaker: no pruning that buys no throughput
-    c_thr[ye:ye + me] += p.roofline_weight * tie[ke, ge]
-    c_thr[ys:ys + ms] += p.roofline_weight * tie[kS, gS]
-    c_thr[iP if tp is None else iXP] += 1.0 / scale
+    c_thr[v.ye:v.ye + v.me] += p.roofline_weight * tie[v.ke, v.ge]
+    c_thr[v.ys:v.ys + v.ms] += p.roofline_weight * tie[v.ks, v.gs]
+    c_thr[v.iP if tp is None else v.iXP] += 1.0 / scale
     levels = [('xi_accuracy_pct', c_acc), ('throughput_objective', c_thr)]
     if p.memory_budget_bytes > 0:
-        c_mem = np.zeros(nv)
-        c_mem[iXM] = 1.0
+        c_mem = np.zeros(v.nv)
+        c_mem[v.iXM] = 1.0
         levels.append(('xi_memory', c_mem))
     if tp is not None:
-        c_p = np.zeros(nv)
-        c_p[iP] = 1.0 / scale
+        c_p = np.zeros(v.nv)
+        c_p[v.iP] = 1.0 / scale
         levels.append(('period_rel', c_p))
+    return levels
 
-    def matrix(extra: Sequence[Tuple[np.ndarray, float]]) -> LinearConstraint:
-        a = lil_matrix((len(rows) + len(extra), nv))
-        lo, hi = [], []
-        for i, (coefs, l_, h_) in enumerate(rows):
-            for j, v in coefs.items():
-                a[i, j] = v
-            lo.append(l_)
-            hi.append(h_)
-        for i, (c, bound) in enumerate(extra):
-            nz = np.flatnonzero(c)
-            for j in nz:
-                a[len(rows) + i, j] = c[j]
-            lo.append(-np.inf)
-            hi.append(bound)
-        return LinearConstraint(a.tocsr(), np.array(lo), np.array(hi))
 
+def _milp_matrix(rows: Sequence[Row], extra: Sequence[Tuple[np.ndarray, float]], nv: int) -> Any:
+    """scipy LinearConstraint of the rows plus `extra` (objective c, bound): c @ x <= bound (fixed earlier levels)."""
+    from scipy.optimize import LinearConstraint
+    from scipy.sparse import lil_matrix
+    a = lil_matrix((len(rows) + len(extra), nv))
+    lo, hi = [], []
+    for i, (coefs, l_, h_) in enumerate(rows):
+        for j, val in coefs.items():
+            a[i, j] = val
+        lo.append(l_)
+        hi.append(h_)
+    for i, (c, bound) in enumerate(extra):
+        for j in np.flatnonzero(c):
+            a[len(rows) + i, j] = c[j]
+        lo.append(-np.inf)
+        hi.append(bound)
+    return LinearConstraint(a.tocsr(), np.array(lo), np.array(hi))
+
+
+def _milp_by_level(p: GoalProblem, v: MilpVars, deadline: float,
+                   mip_rel_gap: float) -> Tuple[str, Optional[np.ndarray], List[Dict[str, Any]]]:
+    """Solve the levels in priority order, each with the earlier levels' optima fixed (within TOL); stops at the
+    deadline (perf_counter seconds).  Returns (status, the last level's solution or None, per-level records)."""
+    from scipy.optimize import Bounds, milp
+    rows = _milp_rows(p, v)
+    lower, upper, integrality = _milp_bounds(p, v)
     fixed: List[Tuple[np.ndarray, float]] = []
     status, x, per_level = 'optimal', None, []
-    for name, c in levels:
-        left = time_limit_s - (time.perf_counter() - t0)
+    for name, c in _milp_levels(p, v):
+        left = deadline - time.perf_counter()
         if left <= 0:
             status = 'time_limit'
             break
-        res = milp(c, constraints=matrix(fixed), integrality=integrality, bounds=Bounds(lower, upper),
+        res = milp(c, constraints=_milp_matrix(rows, fixed, v.nv), integrality=integrality,
+                   bounds=Bounds(lower, upper),
                    options={'time_limit': left, 'mip_rel_gap': mip_rel_gap, 'disp': False})
         per_level.append({'level': name, 'status': int(res.status), 'message': str(res.message),
                           'objective': None if res.x is None else float(res.fun),
@@ -492,23 +533,39 @@ def solve_milp(p: GoalProblem, time_limit_s: float = 60.0, mip_rel_gap: float = 
             status = 'time_limit'
             break
         fixed.append((c, float(res.fun) + TOL * max(1.0, abs(float(res.fun)))))
-    wall = time.perf_counter() - t0
-    if x is None:
-        return GoalResult('milp', status if status != 'optimal' else 'time_limit', [], -1, {}, wall,
-                          {'levels': per_level, 'variables': nv, 'binaries': int(integrality.sum())})
-    gammas = np.zeros(n, dtype=np.int64)
-    best = np.full(n, -1.0)
-    for kk, gg, y in ((ke, ge, x[ye:ye + me]), (kS, gS, x[ys:ys + ms])):
+    return status, x, per_level
+
+
+def _milp_decode(v: MilpVars, x: np.ndarray) -> Tuple[np.ndarray, int]:
+    """(gammas, lam) of a MILP solution: per block the layout of its largest y, the split of the largest z."""
+    gammas = np.zeros(v.n, dtype=np.int64)
+    best = np.full(v.n, -1.0)
+    for kk, gg, y in ((v.ke, v.ge, x[v.ye:v.ye + v.me]), (v.ks, v.gs, x[v.ys:v.ys + v.ms])):
         for j in range(y.size):
             if y[j] > best[kk[j]]:
                 best[kk[j]], gammas[kk[j]] = y[j], gg[j]
-    lam = int(np.argmax(x[zo:zo + n + 1]))
+    return gammas, int(np.argmax(x[v.zo:v.zo + v.n + 1]))
+
+
+def solve_milp(p: GoalProblem, time_limit_s: float = 60.0, mip_rel_gap: float = 1e-6) -> GoalResult:
+    """Pre-emptive goal program as MILPs over binaries y_e[k, gamma] (block k on the edge with layout gamma),
+    y_s[k, gamma] (on the server) and z[lambda] (the split), a period variable P >= T_edge, T_link, T_server and the
+    deviations.  Levels: min xi_A; fix it; min the throughput level (+ w R); fix it; min xi_M (with a budget);
+    fix it; min P (with a target).  `time_limit_s` bounds all levels together."""
+    t0 = time.perf_counter()
+    v = MilpVars.of(p)
+    status, x, per_level = _milp_by_level(p, v, t0 + time_limit_s, mip_rel_gap)
+    wall = time.perf_counter() - t0
+    sizes = {'variables': v.nv, 'binaries': v.zo + v.n + 1}
+    if x is None:
+        return GoalResult('milp', status if status != 'optimal' else 'time_limit', [], -1, {}, wall,
+                          {'levels': per_level, **sizes})
+    gammas, lam = _milp_decode(v, x)
     ev = evaluate(p, gammas, lam)
     if status == 'optimal' and ev['xi_accuracy_pct'] > TOL:
         status = 'infeasible'
     return GoalResult('milp', status, [int(g) for g in gammas], lam, ev, wall,
-                      {'levels': per_level, 'variables': nv, 'binaries': int(integrality.sum()),
-                       'time_limit_s': time_limit_s})
+                      {'levels': per_level, **sizes, 'time_limit_s': time_limit_s})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,29 +687,44 @@ def local_search(p: GoalProblem, gammas: np.ndarray, lam: int, max_moves: int = 
     return g, lam, max_moves, 'move_limit'
 
 
-def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, restarts: int = 4, lr: float = 0.1,
-             tau_start: float = 2.0, tau_end: float = 0.02, w_acc_start: float = 1.0, w_acc_end: float = 100.0,
-             warm_start: Optional[Tuple[Sequence[int], int]] = None, search: bool = True) -> GoalResult:
-    """The relaxed goal program by Adam (module docstring), R restarts in one batch; restart 0 starts at
-    `warm_start` (gammas, lam) when given.  Penalty weights by priority: the accuracy deviation's weight grows
-    geometrically from w_acc_start to w_acc_end (per accuracy point, against the throughput level ~1), memory has
-    0.01.  Each restart's argmax is repaired (accuracy goal) and improved by local search; the best key wins, then a
-    split polish re-runs repair + single-move local search from that choice at every other split."""
-    if steps < 1 or restarts < 1 or not lr > 0 or not (tau_start >= tau_end > 0):
-        raise GoalError(f'gd: expected steps >= 1, restarts >= 1, lr > 0, tau_start >= tau_end > 0; got {steps}, '
-                        f'{restarts}, {lr}, {tau_start}, {tau_end}')
-    t0 = time.perf_counter()
+def split_polish(p: GoalProblem, gammas: np.ndarray, lam: int, key: np.ndarray,
+                 status: str) -> Tuple[np.ndarray, int, str, int]:
+    """Moving lambda often needs several blocks to change at once, which single and pair moves miss: from every other
+    split, start at the un-pruned optimum of that split (each block's fastest layout on its side among those that
+    prune nothing with a cost), repair and run a short single-move local search; if some split beats `key`, a full
+    local search from the best of them.  Returns (gammas, lam, local-search status, improvements found)."""
+    t, n = p.tables, p.num_blocks
+    free = p.allowed & (p.loss <= 0)  # layouts that prune nothing with a cost
+    free[~free.any(1)] = p.allowed[~free.any(1)]
+    fast_e = np.argmin(np.where(free, t.edge_ms, np.inf), 1)
+    fast_s = np.argmin(np.where(free, t.server_ms, np.inf), 1)
+    best_key, polished = key, 0
+    for lam2 in range(n + 1):
+        if lam2 == lam:
+            continue
+        g2 = np.where(np.arange(n) < lam2, fast_e, fast_s)
+        g2, _, _ = repair(p, g2, lam2)
+        g2, lam2, _, _ = local_search(p, g2, lam2, max_moves=3 * n, pair_moves=False)
+        k2 = lex_keys(goal_values(p, g2[None], np.array([lam2])))[0]
+        if lex_better(k2, best_key):
+            best_key, cand = k2, (g2, lam2)
+            polished += 1
+    if polished:
+        gammas, lam, _, status = local_search(p, cand[0], cand[1])
+    return gammas, lam, status, polished
+
+
+def _descend(p: GoalProblem, generator: torch.Generator, steps: int, restarts: int, lr: float,
+             tau: Tuple[float, float], w_acc: Tuple[float, float],
+             warm_start: Optional[Tuple[Sequence[int], int]]) -> Tuple[np.ndarray, np.ndarray, List[float]]:
+    """Adam on the relaxed objective, all restarts in one batch, temperature and accuracy weight annealed
+    geometrically from their (start, end); returns the argmax layouts (R, N), splits (R,) and the loss curve."""
     n = p.num_blocks
-    t = p.tables
-    rt = relax_tables(t, p.allowed)
+    rt = relax_tables(p.tables, p.allowed)
     rr = _aux_tables(p.roof_edge / n, p.roof_server / n, p.allowed)
     rm = _aux_tables(p.weight_bytes / p.memory_budget_bytes, np.zeros_like(p.weight_bytes), p.allowed) \
         if p.memory_budget_bytes > 0 else None
-    have = np.zeros((n, 3), dtype=bool)
-    for k in range(n):
-        for g in np.flatnonzero(p.allowed[k]):
-            have[k] |= LAYOUT_BRANCHES[g]
-    have_t, allowed_t = torch.tensor(have), torch.tensor(p.allowed)
+    have_t, allowed_t = torch.tensor(p.have), torch.tensor(p.allowed)
     loss_t = torch.tensor(p.loss, dtype=torch.float64)
     tie_t = torch.tensor(p.tie_loss, dtype=torch.float64)
     phi = torch.randn((restarts, n, 3), generator=generator, dtype=torch.float64) + 2.0  # start mostly kept
@@ -674,11 +746,11 @@ def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, resta
     try:
         for step in range(steps):
             frac = step / max(1, steps - 1)
-            tau = tau_start * (tau_end / tau_start) ** frac
-            w_acc = w_acc_start * (w_acc_end / w_acc_start) ** frac
-            p_lay = layout_probabilities(phi, theta, have_t, allowed_t, tau)
-            q = torch.softmax(psi / tau, -1)
-            loss = _relaxed_loss(p_lay, q, p, rt, rr, rm, loss_t, tau, w_acc, tie_t)
+            tau_now = tau[0] * (tau[1] / tau[0]) ** frac
+            w_now = w_acc[0] * (w_acc[1] / w_acc[0]) ** frac
+            p_lay = layout_probabilities(phi, theta, have_t, allowed_t, tau_now)
+            q = torch.softmax(psi / tau_now, -1)
+            loss = _relaxed_loss(p_lay, q, p, rt, rr, rm, loss_t, tau_now, w_now, tie_t)
             opt.zero_grad()
             loss.sum().backward()
             opt.step()
@@ -687,9 +759,24 @@ def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, resta
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
-        p_lay = layout_probabilities(phi, theta, have_t, allowed_t, tau_end)
-        arg_g = p_lay.argmax(-1).numpy()
-        arg_l = psi.argmax(-1).numpy()
+        p_lay = layout_probabilities(phi, theta, have_t, allowed_t, tau[1])
+        return p_lay.argmax(-1).numpy(), psi.argmax(-1).numpy(), curve
+
+
+def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, restarts: int = 4, lr: float = 0.1,
+             tau_start: float = 2.0, tau_end: float = 0.02, w_acc_start: float = 1.0, w_acc_end: float = 100.0,
+             warm_start: Optional[Tuple[Sequence[int], int]] = None, search: bool = True) -> GoalResult:
+    """The relaxed goal program by Adam (module docstring), R restarts in one batch; restart 0 starts at
+    `warm_start` (gammas, lam) when given.  Penalty weights by priority: the accuracy deviation's weight grows
+    geometrically from w_acc_start to w_acc_end (per accuracy point, against the throughput level ~1), memory has
+    0.01.  Each restart's argmax is repaired (accuracy goal) and improved by local search; the best key wins, then a
+    split polish re-runs repair + single-move local search from that choice at every other split."""
+    if steps < 1 or restarts < 1 or not lr > 0 or not (tau_start >= tau_end > 0):
+        raise GoalError(f'gd: expected steps >= 1, restarts >= 1, lr > 0, tau_start >= tau_end > 0; got {steps}, '
+                        f'{restarts}, {lr}, {tau_start}, {tau_end}')
+    t0 = time.perf_counter()
+    arg_g, arg_l, curve = _descend(p, generator, steps, restarts, lr, (tau_start, tau_end), (w_acc_start, w_acc_end),
+                                   warm_start)
     finals, hist = [], []
     for r in range(restarts):
         g, lam = arg_g[r].copy(), int(arg_l[r])
@@ -705,24 +792,8 @@ def solve_gd(p: GoalProblem, generator: torch.Generator, steps: int = 300, resta
     b = lex_best(keys)
     g, lam, st = finals[b]
     polished = 0
-    if search:  # split polish: moving lambda often needs several blocks to change at once; try every split
-        best_key = keys[b]
-        free = p.allowed & (p.loss <= 0)  # layouts that prune nothing with a cost
-        free[~free.any(1)] = p.allowed[~free.any(1)]
-        fast_e = np.argmin(np.where(free, t.edge_ms, np.inf), 1)
-        fast_s = np.argmin(np.where(free, t.server_ms, np.inf), 1)
-        for lam2 in range(n + 1):
-            if lam2 == lam:
-                continue
-            g2 = np.where(np.arange(n) < lam2, fast_e, fast_s)  # from the un-pruned optimum of that split
-            g2, _, _ = repair(p, g2, lam2)
-            g2, lam2, _, _ = local_search(p, g2, lam2, max_moves=3 * n, pair_moves=False)
-            k2 = lex_keys(goal_values(p, g2[None], np.array([lam2])))[0]
-            if lex_better(k2, best_key):
-                best_key, cand = k2, (g2, lam2)
-                polished += 1
-        if polished:
-            g, lam, _, st = local_search(p, cand[0], cand[1])
+    if search:
+        g, lam, st, polished = split_polish(p, g, lam, keys[b], st)
     ev = evaluate(p, g, lam)
     status = 'infeasible' if ev['xi_accuracy_pct'] > TOL else 'converged'
     return GoalResult('gd', status, [int(x) for x in g], int(lam), ev, time.perf_counter() - t0,

@@ -1,4 +1,4 @@
-"""Step 2 by LUT gradient descent (DESIGN.md section 6): the relaxed layout/split problem (float64).
+"""Step 2 by LUT gradient descent (docs/design.md#step-2-solvers): the relaxed layout/split problem (float64).
 
 Relaxation, for each of R restarts optimized together (one batch dimension, independent parameters):
 
@@ -19,12 +19,11 @@ Relaxation, for each of R restarts optimized together (one batch dimension, inde
   with the value -tau * logsumexp(-F / tau) (a smooth minimum over the splits), which is the loss.  Every split
   passes gradient to the layouts in proportion to q.  (Adam on free split logits fails here: its per-coordinate
   step normalization raises every better-than-average split at the same rate, so the split that wins is decided
-  by the initial noise; on random B3-size LUTs a third of the runs ended > 1 % from the optimum, most at
-  lambda = 0.)
+  by the initial noise and many runs end far from the optimum, most at lambda = 0: docs/design.md#deviations.)
 * all softmaxes use the same temperature tau (logits / tau), annealed geometrically from tau_start to tau_end, so
   the distributions end close to one-hot; Adam on the layout logits.  Step 2 anneals to 0.001 (optim.step2_tau_end):
-  at 0.02 the smooth max overstates splits with balanced stages by up to tau * ln 3 (2 % of the scale), and the
-  descent alone ended up to 3 % from the optimum on random B3-size LUTs.
+  at 0.02 the smooth max overstates splits with balanced stages by up to tau * ln 3 (2 % of the scale), which
+  costs the descent alone measurable gaps (docs/design.md#deviations; current gaps: bench/README.md, optimizer_step2).
 
 Then each restart's argmax (gamma, lambda) is improved by a local search under the EXACT cost (optim/cost.py):
 best-improvement moves that change one block's layout or the split (layouts kept), repeated until no move

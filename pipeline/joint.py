@@ -1,4 +1,5 @@
-"""Step 3 per domain (DESIGN.md section 7): goal program + progressive pruning, checkpointed rounds, Pareto sweep.
+"""Step 3 per domain: goal program + progressive pruning, checkpointed rounds, Pareto sweep
+(docs/design.md#progressive-pruning).
 
 `run_domain` does one domain end to end and returns the payload of `joint_optimization/domain_<d>_joint.json`
 and of its state file (`domain_<d>_state.json`: HyperRepVGG.hyper_weights() plus gammas and lambda, loadable with

@@ -20,7 +20,8 @@ import os  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
 from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
-from config import ConfigError, add_common_args, command_line, resolve_config, resolve_path, run_cli  # noqa: E402
+from config import (ConfigError, add_common_args, command_line, default_of, resolve_config, resolve_path,  # noqa: E402
+                    run_cli)
 
 log = logging.getLogger('step0')
 FLAG_KEYS = {'num_domains': 'data.num_domains', 'partition': 'data.partition',
@@ -33,19 +34,21 @@ FLAG_KEYS = {'num_domains': 'data.num_domains', 'partition': 'data.partition',
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     add_common_args(p)
-    p.add_argument('--num_domains', help='number of Non-IID domains K, integer >= 1 (default: 10)')
-    p.add_argument('--partition', help='class-slices | dirichlet (default: class-slices)')
-    p.add_argument('--dirichlet_alpha', help='Dirichlet concentration for --partition dirichlet, > 0 (default: 0.5)')
+    d = {flag: default_of(key) for flag, key in FLAG_KEYS.items()}
+    p.add_argument('--num_domains', help=f'number of Non-IID domains K, integer >= 1 (default: {d["num_domains"]})')
+    p.add_argument('--partition', help=f'class-slices | dirichlet (default: {d["partition"]})')
+    p.add_argument('--dirichlet_alpha', help='Dirichlet concentration for --partition dirichlet, > 0 (default: '
+                   f'{d["dirichlet_alpha"]})')
     p.add_argument('--checkpoint', metavar='FILE', help='base RepVGG checkpoint in the official train-time layout; '
-                   'given, no base model is trained (default: none, train or reuse our own)')
-    p.add_argument('--epochs', help='epochs of per-domain alpha training (default: train.alpha_epochs = 3)')
-    p.add_argument('--lr', help='Adam learning rate of alpha training (default: train.alpha_lr = 0.01)')
-    p.add_argument('--base_epochs', help='epochs of base-model training (default: train.base_epochs)')
+                   f'given, no base model is trained (default: {d["checkpoint"] or "none, train or reuse our own"})')
+    p.add_argument('--epochs', help=f'epochs of per-domain alpha training (default: {d["epochs"]})')
+    p.add_argument('--lr', help=f'Adam learning rate of alpha training (default: {d["lr"]})')
+    p.add_argument('--base_epochs', help=f'epochs of base-model training (default: {d["base_epochs"]})')
     p.add_argument('--base_train_samples', help='train samples the base model trains on, 0 = all; the rest of the '
-                   'train set joins the domain pool (default: train.base_train_samples)')
+                   f'train set joins the domain pool (default: {d["base_train_samples"]})')
     p.add_argument('--adapt_bn', action='store_const', const='true', help='adapt BN statistics per domain and save '
-                   'them with alpha (default: off, BN frozen)')
-    p.add_argument('--threads', help='torch CPU threads, 0 = one per core (default: train.threads = 0)')
+                   f'them with alpha (default: {"on" if d["adapt_bn"] else "off, BN frozen"})')
+    p.add_argument('--threads', help=f'torch CPU threads, 0 = one per core (default: {d["threads"]})')
     p.add_argument('--domains', help='comma-separated domain ids to train (default: all)')
     p.add_argument('--force', action='store_true', help='retrain domains that are already done (default: off)')
     p.add_argument('--retrain_base', action='store_true', help='retrain our base model even if cached (default: off)')

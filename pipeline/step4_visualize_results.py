@@ -1,4 +1,4 @@
-"""Step 4: figures and the paper table from the artifacts of steps 0-3 (DESIGN.md section 3).
+"""Step 4: figures and the paper table from the artifacts of steps 0-3 (docs/design.md#artifacts-and-steps).
 
     python pipeline/step4_visualize_results.py [--results_dir results] [--domains 0,3] [--formats png,pdf]
 

@@ -1,4 +1,5 @@
-"""Step 2 (DESIGN.md section 6): layouts and split of the unpruned model for pipelined throughput, from the LUT.
+"""Step 2: layouts and split of the unpruned model for pipelined throughput, from the LUT
+(docs/design.md#step-2-solvers).
 
 `solve_step2(tables, valid, ...)` runs the relaxed LUT gradient descent (optim/relax.py), the exact split scan
 (optim/exact.py) and the plain-model baselines (optim/cost.py) on the same cost tables and returns the JSON-able

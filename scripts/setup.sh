@@ -1,5 +1,5 @@
-# Sourced by run_pipeline.sh and run_tests.sh: makes sure .venv (from the pinned requirements.txt) and the
-# Debian packages exist.  Usage: source scripts/setup.sh [extra Debian packages...]
+# Sourced by run_pipeline.sh and run_tests.sh: makes sure .venv (from the pinned requirements.txt, runtime, and
+# requirements-dev.txt, the test tools) and the Debian packages exist.  Usage: source scripts/setup.sh [extra Debian packages...]
 # Installs Debian packages with apt-get when running as root; otherwise says what to install and stops.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,11 +36,12 @@ if [ -z "$host_py" ]; then
 fi
 
 stamp="$VENV/.requirements.sha256"
-want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+reqs=("$REPO_ROOT/requirements.txt" "$REPO_ROOT/requirements-dev.txt")
+want="$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"  # both files: a change to either re-installs
 if [ ! -x "$PY" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: creating $VENV from requirements.txt (pinned; torch 2.13.0 CPU wheel)" >&2
+  echo "setup: installing requirements.txt + requirements-dev.txt into $VENV (pinned; torch 2.13.0 CPU wheel)" >&2
   [ -x "$PY" ] || "$host_py" -m venv "$VENV"
-  "$PY" -m pip install -q --disable-pip-version-check -r "$REPO_ROOT/requirements.txt"
+  "$PY" -m pip install -q --disable-pip-version-check -r "${reqs[0]}" -r "${reqs[1]}"
   echo "$want" > "$stamp"
 fi
 export PYTHONDONTWRITEBYTECODE=1

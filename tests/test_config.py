@@ -1,6 +1,7 @@
 """One strict config: defaults, --config files, --set and flags; artifacts written atomically and validated."""
 import argparse
 import json
+import re
 
 import pytest
 
@@ -95,3 +96,40 @@ def test_failed_write_leaves_the_old_artifact(tmp_path):
         artifacts.write_artifact(path, 'demo', {'v': float('nan')}, None, 'x')
     assert artifacts.load_artifact(path)['v'] == 1
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def _shown(value):
+    """How a --help text shows a Config default (tuples comma-separated)."""
+    return ','.join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+@pytest.mark.parametrize('step', ['step0_prepare', 'step1_measure_lut', 'step2_initial_throughput_opt',
+                                  'step_3_joint', 'step4_visualize_results'])
+def test_every_help_default_is_the_config_default(step, monkeypatch, capsys):
+    """Each flag mapped to a config key shows Config()'s value as its default (typed by hand, they drift)."""
+    import importlib
+    mod = importlib.import_module(f'pipeline.{step}')
+    monkeypatch.setenv('COLUMNS', '2000')  # one line per flag
+    with pytest.raises(SystemExit):
+        mod.main(['--help'])
+    lines, flag = {}, None
+    for ln in capsys.readouterr().out.splitlines():  # a flag's entry: its line and the indented help after it
+        if ln.strip().startswith('-'):
+            flag = ln.split()[0].rstrip(',')
+            lines[flag] = ln
+        elif flag and ln.startswith('   '):
+            lines[flag] += ' ' + ln.strip()
+        else:
+            flag = None
+    flags = {flag: key for flag, (key, _) in config.COMMON_FLAGS.items()}
+    flags.update(getattr(mod, 'FLAGS', None) or getattr(mod, 'FLAG_KEYS', None) or {})
+    reevaluate = step != 'step1_measure_lut'  # steps 2-3 read a LUT whose own link is the default
+    checked = 0
+    for flag, key in flags.items():
+        value = config.default_of(key)
+        if value is None or isinstance(value, bool) or (reevaluate and flag in config.LINK_FLAGS):
+            continue
+        line = lines[f'--{flag}']
+        assert re.search(r'\(default: [^)]*\b' + re.escape(_shown(value)) + r'\b', line), (flag, key, line)
+        checked += 1
+    assert checked >= len(config.COMMON_FLAGS)

@@ -2,7 +2,7 @@
 
 Pure Python over `hyper_repvgg.BlockSpec` tuples (no torch): importable on the device (Python 3.6).
 
-Conventions (DESIGN.md sections 2-4):
+Conventions (docs/design.md#flops-and-bytes):
   * a block's spatial output is ((H - 1) // stride + 1) for both the 3x3 (pad 1) and the 1x1 (pad 0) conv;
   * MACs of a conv part: out_ch * (in_ch / groups) * k * k * Ho * Wo; of the identity (affine) part: C * Ho * Wo;
     FLOPs = 2 * MACs (the summation of parallel parts and the ReLU are not counted as FLOPs);
@@ -13,7 +13,7 @@ Conventions (DESIGN.md sections 2-4):
     summation reads two outputs and writes one; the final ReLU is fused into the last kernel's pass and not
     counted.  A one-part layout therefore moves exactly input + output;
   * kernels launched: one per part, one per summation, one for the ReLU (what a per-kernel overhead model counts);
-  * arithmetic intensity = FLOPs / (weight + activation bytes), weights included (DESIGN.md section 7).
+  * arithmetic intensity = FLOPs / (weight + activation bytes), weights included (docs/design.md#roofline-tie-breaker).
 """
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 

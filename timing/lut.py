@@ -1,4 +1,4 @@
-"""The hardware LUT (DESIGN.md sections 3-5): per-side tables, link presets, merge, validated loading, loaders.
+"""The hardware LUT (docs/design.md#lut): per-side tables, link presets, merge, validated loading, loaders.
 
 This is the only optim module that reads and writes files.  Artifacts:
 

@@ -1,4 +1,5 @@
-"""Timing of RepVGG blocks, layouts, the head and whole configurations on a torch device (DESIGN.md section 4).
+"""Timing of RepVGG blocks, layouts, the head and whole configurations on a torch device
+(docs/design.md#lut-measurement).
 
 DEVICE-SIDE module: the Jetson's client_worker imports it.  Python 3.6 + torch 1.10 + numpy, no dataclasses,
 no torchvision, prints nothing; tqdm is used for progress only when importable.  Every function returns

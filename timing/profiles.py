@@ -5,7 +5,7 @@ the achievable-efficiency factors and the per-kernel overhead are ASSUMPTIONS (l
 PyTorch with cuDNN / oneDNN reaches only a fraction of the peak on the small convolutions of a RepVGG block,
 and every kernel pays a launch/dispatch cost on the device's (slow) CPU.
 
-Model (DESIGN.md section 4), for one LUT entry with `flops` FLOPs, `bytes` moved and `kernels` launched:
+Model (docs/design.md#device-profiles), for one LUT entry with `flops` FLOPs, `bytes` moved and `kernels` launched:
 
     time_s = max(flops / (peak_flops * compute_efficiency), bytes / (mem_bandwidth * memory_efficiency))
              + kernels * kernel_overhead_s

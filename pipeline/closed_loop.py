@@ -503,7 +503,7 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
             raise ValueError('real mode needs a session')
         run_one = real_runner(session, lut['model'], lut['input_size'], t.batch, lp.real_samples,
                               lut['feature_dtype'], cfg.device, cfg.seed, edge_threads(lut))
-        combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = lambda p, rs: real_record(p, rs)
+        combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = real_record
     else:
         threads = (lut['server'].get('metadata') or {}).get('threads') or 0
         run_one = pseudo_runner(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.warmup,

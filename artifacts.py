@@ -9,6 +9,7 @@ and the field.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-from config import Config, UserError
+from config import Config, UserError, parse_json_bytes
 
 SCHEMA_VERSION = 1
 JOINT_DIR = 'joint_optimization'  # step 3's per-domain artifacts, under results_dir
@@ -37,6 +38,17 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f'not JSON-serializable: {type(o).__name__}')
+
+
+def fingerprint(obj: Any) -> str:
+    """The one cache-key digest: SHA-256 (hex) of `obj`'s canonical JSON (keys sorted, json's default separators;
+    numpy values, sets and paths as write_artifact stores them).  A cache records it and is reused only when equal."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_default).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes: what a cache key holds for an input file (a LUT, a checkpoint)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _check_finite(obj: Any, where: str) -> None:
@@ -115,9 +127,10 @@ def load_artifact(path: Path, kind: Optional[str] = None, fields: Optional[Mappi
     if not path.is_file():
         raise ArtifactError(f'{path}: artifact file does not exist (run the step that writes it first)')
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f'{path}: not valid JSON ({e})') from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f'{path}: cannot read ({e.strerror or e})') from None
+    obj = parse_json_bytes(raw, str(path), ArtifactError)
     if not isinstance(obj, dict):
         raise ArtifactError(f'{path}: expected a JSON object at the top level')
     if upgrade is not None:

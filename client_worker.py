@@ -6,8 +6,11 @@ everywhere else the device is the "edge" (lut_edge.json, lut.edge_profile).
                             [--ssh user@host[:port] [--ssh_key FILE]]
 
 It dials the server (directly, through a tunnel you opened with `ssh -N -L 6006:127.0.0.1:6006 user@server`,
-or through its own paramiko tunnel with --ssh), authenticates, and answers commands until the session ends; then,
-or when the link drops, it dials again with exponential backoff.  Commands: measure_lut (timing.measure, the
+or through its own paramiko tunnel with --ssh), authenticates (with a token, only a server that proves it first
+gets an answer: comm/protocol.py), and answers commands until the session ends; then, or when the link drops, or
+when a peer sends anything malformed or fails to prove the token, it logs one line and dials again with bounded
+exponential backoff (0.5 s doubling up to --backoff_max_s).  Between commands it expects the server's heartbeat:
+silence for comm.protocol.idle_timeout_s (4 heartbeats + 2 s) means the link or the server is gone, and it redials.  Commands: measure_lut (timing.measure, the
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
 hyper_repvgg.build_edge from raw tensors), upload (uint8 images), run (pipelined: the edge part runs batch after
 batch while a sender thread streams the features).  A failing command answers an error frame; the worker stays
@@ -36,11 +39,16 @@ from data.normalize import normalize_batch  # noqa: E402
 from timing import measure as M  # noqa: E402
 
 log = logging.getLogger('client_worker')
-EXIT_AUTH = 3  # exit status when the server refuses our token (retrying cannot help)
 
 
-class AuthRefused(Exception):
-    """The server refused this worker's token, or could not prove that it knows it."""
+class AuthRefused(P.ProtocolError):
+    """The server refused this worker, could not prove that it knows the token, or wants one we lack."""
+
+
+def _line(e):
+    # type: (object) -> str
+    """An exception (or a peer's text) as one short log line."""
+    return ' '.join(str(e).split())[:300]
 
 
 class CommandError(Exception):
@@ -85,85 +93,115 @@ class Heartbeat(object):
 class Worker(object):
     """State of the edge device between commands: the loaded edge part and the uploaded images."""
 
-    def __init__(self, device, token=None, limits=P.Limits(), io_timeout_s=120.0, threads=0):
+    def __init__(self, device, token=None, limits=P.Limits(), io_timeout_s=120.0, handshake_timeout_s=10.0,
+                 threads=0):
         self.device = device
         self.threads = int(threads)  # > 0: --threads given, it wins; 0: the thread count the server asks for
         self.token = token
         self.limits = limits
         self.io_timeout_s = io_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self.edge = None
         self.edge_info = {}
         self.images = []
         self.lock = threading.Lock()
         self.heartbeat_s = 5.0
         self.started = False  # whether the last connection got through the handshake
+        self._info = None
         self._probe_data = np.frombuffer(os.urandom(1 << 20), dtype=np.uint8)
 
     # -- connection ------------------------------------------------------------------------------------------
     def hello_info(self):
-        info = M.device_metadata(self.device)
-        info.update({'numpy_version': np.__version__, 'protocol_version': P.VERSION, 'pid': os.getpid(),
-                     'cuda_available': torch.cuda.is_available()})
-        return info
+        if self._info is None:
+            info = M.device_metadata(self.device)
+            info.update({'numpy_version': np.__version__, 'protocol_version': P.VERSION, 'pid': os.getpid(),
+                         'cuda_available': torch.cuda.is_available()})
+            self._info = info
+        return dict(self._info)
 
-    def handshake(self, sock):
-        ch = P.recv_frame(sock, self.limits)
-        if ch.kind != 'challenge':
-            raise P.ProtocolError('expected a challenge frame first, got {}'.format(ch.kind))
-        self.heartbeat_s = float(ch.header.get('heartbeat_s', 5.0))
-        my_nonce = P.make_nonce()
-        hello = {'info': self.hello_info(), 'nonce': my_nonce}
-        if ch.header.get('auth_required') and self.token:
-            hello['mac'] = P.auth_mac(self.token, str(ch.header.get('nonce', '')), 'worker')
-        P.send_frame(sock, 'hello', hello)
-        reply = P.recv_frame(sock, self.limits)
-        if reply.kind == 'error':
-            hint = '' if self.token else ' (the server requires a token: pass --token or set env {})'.format(
-                P.TOKEN_ENV)
-            raise AuthRefused('the server refused this worker: {}{}'.format(reply.header.get('message'), hint))
-        if reply.kind != 'welcome':
-            raise P.ProtocolError('expected a welcome frame, got {}'.format(reply.kind))
-        if self.token and not P.check_mac(self.token, my_nonce, 'server', reply.header.get('mac')):
-            msg = 'the server could not prove that it holds our token; not serving it'
-            P.send_frame(sock, 'error', {'error': 'AuthRefused', 'message': 'worker refuses: ' + msg})
+    @staticmethod
+    def _expect(sock, kind, deadline):
+        frame = P.recv_frame(sock, P.PREAUTH_LIMITS, deadline)
+        if frame.kind == 'error':
+            raise AuthRefused('the server refused this worker: {}'.format(_line(frame.header.get('message'))))
+        if frame.kind != kind:
+            raise P.ProtocolError('expected a {} frame, got {}'.format(kind, frame.kind))
+        return frame
+
+    def handshake(self, sock, deadline):
+        """comm.protocol's version-2 handshake; returns the connection to use (a SecureChannel with a token)."""
+        ch = self._expect(sock, 'challenge', deadline)
+        hb, required = ch.header.get('heartbeat_s'), ch.header.get('auth_required')
+        if isinstance(hb, bool) or not isinstance(hb, (int, float)) or not 0.05 <= hb <= 3600:
+            raise P.ProtocolError('challenge: heartbeat_s must be 0.05..3600 s, got {!r}'.format(hb))
+        if not isinstance(required, bool):
+            raise P.ProtocolError('challenge: auth_required must be true or false, got {!r}'.format(required))
+        nonce_s, nonce_w = P.check_nonce(ch.header.get('nonce'), 'the server'), P.make_nonce()
+        P.send_frame(sock, 'hello', {'nonce': nonce_w})
+        proof = self._expect(sock, 'proof', deadline)
+        msg = None
+        if self.token and not P.check_proof(self.token, 'server', nonce_s, nonce_w, proof.header.get('mac')):
+            msg = 'the server could not prove that it holds the token (a wrong address, or the tokens differ)'
+        elif required and not self.token:
+            msg = 'the server requires a token: pass --token or set env {} on the device'.format(P.TOKEN_ENV)
+        if msg is not None:  # nothing of ours was sent but a fresh nonce
+            P.send_frame(sock, 'error', {'error': 'AuthRefused', 'message': msg})
             raise AuthRefused(msg)
+        answer = {'info': self.hello_info()}
+        if self.token:
+            answer['mac'] = P.auth_proof(self.token, 'worker', nonce_s, nonce_w)
+        P.send_frame(sock, 'proof', answer)
+        self._expect(sock, 'welcome', deadline)
+        self.heartbeat_s = float(hb)
+        return P.SecureChannel(sock, P.session_key(self.token, nonce_s, nonce_w), 'worker') if self.token else sock
 
     def serve(self, sock):
-        """Handshake, then answer requests until bye.  Returns normally on bye; raises ProtocolError on a drop."""
-        sock.settimeout(self.io_timeout_s)
+        """Handshake, then answer requests until bye.  Returns normally on bye; raises ProtocolError on a drop,
+        a malformed frame or a server silent for idle_timeout_s between commands."""
         self.started = False
-        self.handshake(sock)
+        sock.settimeout(self.handshake_timeout_s)
+        conn = self.handshake(sock, time.monotonic() + self.handshake_timeout_s)
         self.started = True
-        log.info('session started (device %s)', self.device)
+        idle = P.idle_timeout_s(self.heartbeat_s)
+        log.info('session started (device %s; the server is expected to speak every %.3g s)', self.device, idle)
         while True:
-            sock.settimeout(None)  # the server may be busy between commands; TCP / SSH keepalive watch the link
-            frame = P.recv_frame(sock, self.limits)
-            sock.settimeout(self.io_timeout_s)
+            conn.settimeout(idle)
+            try:
+                frame = P.recv_frame(conn, self.limits)
+            except P.ProtocolTimeout:
+                raise P.ProtocolTimeout('the server sent nothing, not even a heartbeat, for {:.3g} s: the link or '
+                                        'the server is gone'.format(idle))
+            conn.settimeout(self.io_timeout_s)
+            if frame.kind == 'heartbeat':
+                continue
             if frame.kind == 'bye':
                 log.info('session ended by the server')
                 return
             if frame.kind != 'request':
-                P.send_frame(sock, 'error', {'message': 'unexpected {} frame'.format(frame.kind)}, lock=self.lock)
+                P.send_frame(conn, 'error', {'message': 'unexpected {} frame'.format(frame.kind)}, lock=self.lock)
                 continue
-            cmd = frame.header.get('cmd')
-            rid = frame.header.get('id')
-            handler = getattr(self, 'cmd_' + str(cmd), None)
-            t0 = time.monotonic()
-            try:
-                if handler is None:
-                    raise CommandError('unknown command {!r}'.format(cmd))
-                with Heartbeat(sock, self.lock, self.heartbeat_s):
-                    result, tensors = handler(sock, frame)
-            except P.ProtocolError:
-                raise
-            except Exception as e:  # any failure of a command is reported; the worker stays usable
-                log.warning('command %s failed: %s', cmd, e)
-                P.send_frame(sock, 'error', {'id': rid, 'cmd': cmd, 'error': type(e).__name__, 'message': str(e),
-                                             'traceback': traceback.format_exc()[-2000:]}, lock=self.lock)
-                continue
-            result = dict(result or {})
-            result['worker_ms'] = (time.monotonic() - t0) * 1e3
-            P.send_frame(sock, 'reply', {'id': rid, 'cmd': cmd, 'result': result}, tensors, lock=self.lock)
+            self.answer(conn, frame)
+
+    def answer(self, conn, frame):
+        """Run one request's command and send its reply, or an error frame naming what failed."""
+        cmd, rid = frame.header.get('cmd'), frame.header.get('id')
+        handler = getattr(self, 'cmd_' + cmd, None) if isinstance(cmd, str) else None
+        t0 = time.monotonic()
+        try:
+            if handler is None:
+                raise CommandError('unknown command {!r}'.format(cmd))
+            with Heartbeat(conn, self.lock, self.heartbeat_s):
+                result, tensors = handler(conn, frame)
+        except P.ProtocolError:
+            raise
+        except Exception as e:  # any failure of a command is reported; the worker stays usable
+            log.warning('command %s failed: %s', cmd, _line(e))
+            P.send_frame(conn, 'error', {'id': rid, 'cmd': str(cmd), 'error': type(e).__name__, 'message': str(e),
+                                         'traceback': traceback.format_exc()[-2000:]}, lock=self.lock)
+            return
+        result = dict(result or {})
+        result['worker_ms'] = (time.monotonic() - t0) * 1e3
+        P.send_frame(conn, 'reply', {'id': rid, 'cmd': cmd, 'result': result}, tensors, lock=self.lock)
 
     # -- commands: each returns (result dict, tensors) -------------------------------------------------------
     def cmd_ping(self, sock, frame):
@@ -374,9 +412,39 @@ def connect(args, tunnel):
     if tunnel is not None:
         return tunnel.open(args.server_ip, args.port)
     sock = socket.create_connection((args.server_ip, args.port), timeout=args.connect_timeout_s)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    P.tune_keepalive(sock, 10)  # a dead link is noticed by the kernel too, not after its default of ~2 h
     return sock
+
+
+def session_once(worker, args, tunnel):
+    # type: (Worker, argparse.Namespace, Optional[SshTunnel]) -> Optional[str]
+    """One dial and, if it connects, one session; never raises (but on KeyboardInterrupt).  Returns None when a
+    session got through the handshake (ended or dropped: logged here), else why there was none (main logs it)."""
+    worker.started = False
+    try:
+        sock = connect(args, tunnel)
+    except Exception as e:  # noqa: BLE001 - OSError, paramiko's SSHException, ...: the server is not there yet
+        return 'server not reachable ({})'.format(_line(e))
+    why = None
+    try:
+        worker.serve(sock)
+    except AuthRefused as e:
+        why = _line(e)
+    except P.ProtocolError as e:  # before the handshake e.g. an ssh -L tunnel with nothing behind it yet
+        why = _line(e) if worker.started else 'no session ({})'.format(_line(e))
+    except Exception as e:  # noqa: BLE001 - whatever a peer provokes, the worker survives it and redials
+        why = 'session failed ({}: {})'.format(type(e).__name__, _line(e))
+    finally:
+        try:
+            sock.close()
+        except Exception:  # noqa: BLE001
+            pass
+    if worker.started:
+        if why is not None:
+            log.warning('link dropped (%s); reconnecting', why)
+        return None
+    return why
 
 
 def parse_args(argv=None):
@@ -398,7 +466,8 @@ def parse_args(argv=None):
                    '~/.ssh/known_hosts)')
     p.add_argument('--ssh_accept_unknown', action='store_true', help='accept an unknown SSH host key (insecure; '
                    'default: off, unknown hosts are refused)')
-    p.add_argument('--connect_timeout_s', type=float, default=10.0, help='timeout of one dial in s (default: 10)')
+    p.add_argument('--connect_timeout_s', type=float, default=10.0, help='timeout of one dial, and of the whole '
+                   'handshake after it, in s (default: 10)')
     p.add_argument('--io_timeout_s', type=float, default=120.0, help='timeout of one send/receive within a command '
                    'in s (default: 120)')
     p.add_argument('--max_frame_mb', type=float, default=512.0, help='largest accepted frame in MB (default: 512)')
@@ -406,7 +475,14 @@ def parse_args(argv=None):
                    '(default: 10)')
     p.add_argument('--once', action='store_true', help='exit after the first session instead of dialing again '
                    '(default: off)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ('connect_timeout_s', 'io_timeout_s', 'max_frame_mb', 'backoff_max_s'):
+        v = getattr(args, name)
+        if not (v > 0 and v < float('inf')):
+            p.error('--{}: expected a finite number > 0, got {}'.format(name, v))
+    if not 0 <= args.port <= 65535:
+        p.error('--port: expected 0..65535, got {}'.format(args.port))
+    return args
 
 
 def main(argv=None):
@@ -416,7 +492,7 @@ def main(argv=None):
     device = pick_device(args.device)
     torch.set_num_threads(args.threads if args.threads > 0 else 1)
     worker = Worker(device, token, P.Limits(max_frame_bytes=int(args.max_frame_mb * 2 ** 20)), args.io_timeout_s,
-                    args.threads)
+                    args.connect_timeout_s, args.threads)
     tunnel = None
     if args.ssh:
         tunnel = SshTunnel(args.ssh, args.ssh_key, args.ssh_known_hosts, args.ssh_accept_unknown,
@@ -426,36 +502,17 @@ def main(argv=None):
              ' via ssh ' + args.ssh if args.ssh else '', ', token set' if token else '')
     backoff = 0.5
     while True:
-        try:
-            sock = connect(args, tunnel)
-        except (OSError, EOFError) as e:
-            log.info('server not reachable (%s); retrying in %.1f s', e, backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, args.backoff_max_s)
-            continue
-        try:
-            worker.serve(sock)
-        except AuthRefused as e:
-            log.error('%s', e)
-            return EXIT_AUTH
-        except P.ProtocolError as e:
-            if worker.started:
-                log.warning('link dropped (%s); reconnecting', e)
-            else:  # e.g. an ssh -L tunnel is up but nothing listens behind it yet
-                log.info('no session (%s); retrying in %.1f s', e, backoff)
-        finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        why = session_once(worker, args, tunnel)
         if args.once:
             return 0
-        if worker.started:
+        if why is None:  # a session ran: dial again at once, and reset the backoff
             backoff = 0.5
             time.sleep(0.2)
-        else:
-            time.sleep(backoff)
-            backoff = min(backoff * 2, args.backoff_max_s)
+            continue
+        (log.warning if 'refuse' in why or 'could not prove' in why or 'requires a token' in why else log.info)(
+            '%s; dialing again in %.1f s', why, backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, args.backoff_max_s)
 
 
 if __name__ == '__main__':

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from errors import UserError  # noqa: E402,F401 - re-exported: the one base of every user-facing error
+from errors import UserError, one_line  # noqa: E402,F401 - re-exported: the one base of every user-facing error
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -47,8 +49,8 @@ class DataConfig:
     samples_per_domain: int = 0  # cap per domain (0 = all samples the partition assigns)
     min_classes_per_domain: int = 3  # class-slices: a domain's window covers at least this many classes
     corruption_severity: int = 2  # severity level 1..3 of every domain's corruption (table in data/domains.py)
-    val_fraction: float = 0.15  # share of a domain's samples in its validation split
-    test_fraction: float = 0.15  # share of a domain's samples in its held-out test split
+    val_fraction: float = 0.35  # share of a domain's samples in its val split: step 3's acceptance and selection only
+    test_fraction: float = 0.25  # share of a domain's samples in its test split: reported only
     synthetic_samples: int = 2000  # size of the synthetic dataset (tests)
     num_workers: int = 0  # DataLoader worker processes
 
@@ -59,6 +61,7 @@ class TrainConfig:
     base_epochs: int = 4  # epochs of base-model training when no checkpoint is given
     base_lr: float = 0.1  # SGD learning rate of base training (warm-up, then cosine schedule)
     base_train_samples: int = 40000  # base-training samples (0 = whole train set); the rest join the domain pool
+    base_split_seed: int = 0  # seed of the base-training subset, apart from --seed: one base model serves every domain seed without leakage
     alpha_epochs: int = 3  # epochs of per-domain hyper-weight training
     alpha_lr: float = 0.01  # Adam learning rate for alpha
     eval_batch_size: int = 256  # images per evaluation batch
@@ -78,7 +81,8 @@ class LutConfig:
     feature_dtype: str = 'fp32'  # dtype of activations crossing the link: fp32 | fp16
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
-    timing: str = 'chain'  # chain: blocks timed inside whole forward passes (weights come from memory, as deployed) | isolated: each block alone in a loop
+    timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
+    fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,10 @@ class JointConfig:
     max_rounds: int = 5  # progressive pruning rounds at most
     epochs_per_round: int = 1  # alpha fine-tuning epochs per round
     milp_time_limit_s: float = 60.0  # HiGHS time limit per MILP solve in seconds
-    sensitivity_samples: int = 0  # validation samples the measured sensitivities use (0 = the whole val split)
+    sensitivity_samples: int = 0  # train-split samples the sensitivities and the surrogate use (0 = the whole train split)
     importance_share: float = 0.02  # --sensitivity importance: share of branches pruned together for its one calibration measurement (>= 1)
     threads: int = 1  # torch CPU threads of step 3 (small batches: 1 avoids thread stalls on a shared CPU; 0 = one per core)
-    finetune_samples: int = 1024  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
+    finetune_samples: int = 0  # train samples per fine-tuning epoch (seeded subset per round; the rest selects the best state; 0 = half)
     min_saving_pct: float = 2.0  # sensitivities only for branches whose removal saves >= this % of a block's best time on a side (others stay kept)
     max_new_prunes: int = 3  # progressive step: at most this many branches newly pruned per round (0 = no limit)
 
@@ -126,6 +130,7 @@ class RealConfig:
     run_samples: int = 0  # test samples streamed in a real run (0 = whole test split)
     allow_remote: bool = False  # allow real.host other than loopback (logs a warning; use a token then)
     probe_repeats: int = 3  # link-probe repetitions per payload size
+    handshake_timeout_s: float = 10.0  # the whole handshake of one connection, before authentication (LoginGraceTime)
 
 
 @dataclass(frozen=True)
@@ -205,19 +210,68 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f'{where}: expected an integer, got {value!r}')
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f'{where}: expected a number, got {value!r}')
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f'{where}: expected a finite number, got {value!r}')
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f'{where}: expected a string, got {value!r}')
     raise ConfigError(f'{where}: unsupported type {tp}')  # pragma: no cover - config schema bug
+
+
+# The range of every numeric key (each element of a tuple): (lowest, highest, lowest excluded); None = open.
+# Checked where a value enters (--config, --set, a flag), so a bad one fails before any work starts.
+RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
+    'model.width_multiplier': (0, None, True), 'model.input_size': (8, None, False),
+    'data.num_domains': (1, None, False), 'data.dirichlet_alpha': (0, None, True),
+    'data.samples_per_domain': (0, None, False), 'data.min_classes_per_domain': (1, None, False),
+    'data.corruption_severity': (1, 3, False), 'data.val_fraction': (0, 1, False), 'data.test_fraction': (0, 1, False),
+    'data.synthetic_samples': (1, None, False), 'data.num_workers': (0, None, False),
+    'train.batch_size': (1, None, False), 'train.base_epochs': (0, None, False), 'train.base_lr': (0, None, True),
+    'train.base_train_samples': (0, None, False), 'train.alpha_epochs': (0, None, False),
+    'train.alpha_lr': (0, None, True), 'train.eval_batch_size': (1, None, False), 'train.threads': (0, None, False),
+    'lut.batch_sizes': (1, None, False), 'lut.warmup': (0, None, False), 'lut.repeats': (1, None, False),
+    'lut.threads': (0, None, False), 'lut.bandwidth_mbps': (0, None, True), 'lut.rtt_ms': (0, None, False),
+    'lut.validation_samples': (0, None, False), 'lut.max_entry_s': (0, None, False),
+    'optim.batch_size': (1, None, False), 'optim.omega': (0, 1, False), 'optim.steps': (1, None, False),
+    'optim.restarts': (1, None, False), 'optim.lr': (0, None, True), 'optim.tau_start': (0, None, True),
+    'optim.tau_end': (0, None, True), 'optim.step2_tau_end': (0, None, True),
+    'joint.epsilon': (0, None, False), 'joint.epsilon_sweep': (0, None, False),
+    'joint.throughput_target': (0, None, False), 'joint.edge_memory_budget_mb': (0, None, False),
+    'joint.roofline_weight': (0, None, False), 'joint.max_rounds': (0, None, False),
+    'joint.epochs_per_round': (0, None, False), 'joint.milp_time_limit_s': (0, None, True),
+    'joint.sensitivity_samples': (0, None, False), 'joint.importance_share': (0, 1, True),
+    'joint.threads': (0, None, False), 'joint.finetune_samples': (0, None, False),
+    'joint.min_saving_pct': (0, 100, False), 'joint.max_new_prunes': (0, None, False),
+    'real.port': (0, 65535, False), 'real.connect_timeout_s': (0, None, True), 'real.io_timeout_s': (0, None, True),
+    'real.max_frame_mb': (0, None, True), 'real.probe_sizes_kb': (0, None, False), 'real.run_samples': (0, None, False),
+    'real.probe_repeats': (1, None, False), 'real.handshake_timeout_s': (0, None, True),
+}
+NON_EMPTY = ('lut.batch_sizes', 'real.probe_sizes_kb')
+
+
+def _check_range(key: str, value: Any, where: str) -> None:
+    rule = RANGES.get(key)
+    if rule is None or value is None:
+        return
+    lo, hi, open_lo = rule
+    want = ' and '.join(t for t in (None if lo is None else f'{">" if open_lo else ">="} {lo:g}',
+                                    None if hi is None else f'<= {hi:g}') if t)
+    for v in value if isinstance(value, tuple) else (value,):
+        if (lo is not None and (v <= lo if open_lo else v < lo)) or (hi is not None and v > hi):
+            raise ConfigError(f'{where}: expected {"values" if isinstance(value, tuple) else "a value"} {want}, '
+                              f'got {v!r}')
+    if key in NON_EMPTY and isinstance(value, tuple) and not value:
+        raise ConfigError(f'{where}: expected at least one value, got none')
 
 
 def _hints(cls: type) -> Dict[str, Any]:
@@ -228,8 +282,8 @@ def _hints(cls: type) -> Dict[str, Any]:
 RENAMED_KEYS = {'client_profile': 'lut.edge_profile'}
 
 
-def _replace(cfg: Any, key_path: List[str], value: Any, where: str) -> Any:
-    """Return a copy of dataclass `cfg` with the field at key_path set (strictly typed)."""
+def _replace(cfg: Any, key_path: List[str], value: Any, where: str, prefix: str = '') -> Any:
+    """Return a copy of dataclass `cfg` with the field at key_path set (strictly typed, within RANGES)."""
     names = {f.name for f in dataclasses.fields(cfg)}
     head = key_path[0]
     if head in RENAMED_KEYS and head not in names:
@@ -243,12 +297,15 @@ def _replace(cfg: Any, key_path: List[str], value: Any, where: str) -> Any:
                 raise ConfigError(f'{where}: section {head!r} needs an object of keys')
             sub = getattr(cfg, head)
             for k, v in value.items():
-                sub = _replace(sub, [k], v, f'{where}.{k}')
+                sub = _replace(sub, [k], v, f'{where}.{k}', f'{prefix}{head}.')
             return dataclasses.replace(cfg, **{head: sub})
-        return dataclasses.replace(cfg, **{head: _coerce(value, tp, where)})
+        coerced = _coerce(value, tp, where)
+        _check_range(prefix + head, coerced, where)
+        return dataclasses.replace(cfg, **{head: coerced})
     if not dataclasses.is_dataclass(tp):
         raise ConfigError(f'{where}: {head!r} is not a section')
-    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), key_path[1:], value, where)})
+    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), key_path[1:], value, where,
+                                                      f'{prefix}{head}.')})
 
 
 def apply_overrides(cfg: Config, overrides: Dict[str, Any], source: str) -> Config:
@@ -258,14 +315,52 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any], source: str) -> Conf
     return cfg
 
 
+MAX_JSON_DEPTH = 64  # artifacts and configs nest a handful of levels; anything deeper is not one of ours
+
+
+def _json_problem(obj: Any, max_depth: int) -> Optional[str]:
+    """The first non-finite number (by its field path) or a nesting deeper than max_depth in parsed JSON."""
+    stack: List[Tuple[Any, Tuple[Any, ...]]] = [(obj, ())]
+    while stack:
+        o, path = stack.pop()
+        if isinstance(o, float) and not math.isfinite(o):
+            field = ''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in path).lstrip('.')
+            return f'field {field or "(top level)"} is {o} (only finite numbers are accepted)'
+        if isinstance(o, (dict, list)):
+            if len(path) >= max_depth:
+                return f'JSON nests deeper than {max_depth} levels'
+            items = o.items() if isinstance(o, dict) else enumerate(o)
+            stack.extend((v, path + (k,)) for k, v in items)
+    return None
+
+
+def parse_json_bytes(data: bytes, where: str, error: type = ValueError, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON of a file's bytes: UTF-8, finite numbers, at most max_depth levels; else `error` naming `where` and
+    the field."""
+    try:
+        obj = json.loads(data.decode('utf-8'))
+    except UnicodeDecodeError as e:
+        raise error(f'{where}: not UTF-8 text (byte {e.start}: {e.reason})') from None
+    except RecursionError:
+        raise error(f'{where}: JSON nests deeper than {max_depth} levels') from None
+    except ValueError as e:  # json.JSONDecodeError, and integers beyond Python's digit limit
+        raise error(f'{where}: not valid JSON ({e})') from None
+    problem = _json_problem(obj, max_depth)
+    if problem:
+        raise error(f'{where}: {problem}')
+    return obj
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
     p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f'--config: {p} ' + ('is a directory, expected a JSON file' if p.is_dir()
+                                               else 'does not exist'))
     try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f'--config: file {p} does not exist') from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f'--config: {p} is not valid JSON ({e})') from None
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f'--config: cannot read {p} ({e.strerror})') from None
+    data = parse_json_bytes(raw, f'--config: {p}', ConfigError)
     if isinstance(data, dict) and 'config' in data and 'schema_version' in data:
         data = data['config']  # an artifact: reuse the config it recorded
     if not isinstance(data, dict):
@@ -335,6 +430,10 @@ def resolve_config(args: argparse.Namespace, flag_keys: Optional[Dict[str, str]]
         value = getattr(args, flag, None)
         if value is not None:
             cfg = apply_overrides(cfg, {key: value}, f'--{flag}')
+    check_results_dir(cfg.results_dir)
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError(f'data.val_fraction + data.test_fraction must leave training samples (< 1), got '
+                          f'{cfg.data.val_fraction:g} + {cfg.data.test_fraction:g}')
     return cfg
 
 
@@ -342,6 +441,24 @@ def auto_device() -> str:
     """'cuda' when torch sees a GPU, else 'cpu' (device = auto)."""
     import torch
     return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def check_results_dir(results_dir: str) -> Path:
+    """results_dir is a directory this process can write into, or can be created; ConfigError naming it."""
+    path = resolve_path(results_dir)
+    where = f'--results_dir / results_dir {results_dir!r}'
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f'{where}: {probe} is not a directory')
+    try:  # a real write (and its removal): os.access says yes to root even on /proc or a read-only mount
+        tempfile.TemporaryFile(dir=str(probe)).close()
+    except OSError as e:
+        raise ConfigError(f'{where}: cannot write into {probe} ({e.strerror or e})') from None
+    return path
 
 
 def command_line(argv: Optional[Sequence[str]] = None) -> str:
@@ -356,9 +473,9 @@ def run_cli(main: typing.Callable[[Optional[Sequence[str]]], Optional[int]]) -> 
     try:
         code = main(None)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {one_line(str(e))}', file=sys.stderr)  # noqa: T201 - the step scripts' CLI runner reports to stderr
         code = 2
     except KeyboardInterrupt:
-        print('interrupted; finished work is kept and the step resumes on the next run', file=sys.stderr)
+        print('interrupted; finished work is kept and the step resumes on the next run', file=sys.stderr)  # noqa: T201
         code = 130
     sys.exit(code or 0)

@@ -12,7 +12,7 @@ Vocabulary (see docs/design.md#model):
   * the split lambda (0..N) puts blocks [0, lambda) on the edge and [lambda, N) + pooling + classifier on the server.
 """
 import copy
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple  # noqa: F401 - used in type comments
 
 import torch
 import torch.nn as nn
@@ -337,17 +337,29 @@ class DeployedBlock(nn.Module):
         return F.relu(out)
 
 
-def deploy_block(block, layout=None):
-    # type: (RepVGGBlock, Optional[int]) -> DeployedBlock
-    """Precompute the kernels of `block` for `layout` (default: its own layout, or the full deploy form)."""
-    alpha = getattr(block, 'alpha', None)
+def deploy_block(block, layout=None, kept=None):
+    # type: (RepVGGBlock, Optional[int], Optional[Sequence[str]]) -> DeployedBlock
+    """Precompute the kernels of `block` for `layout` with the kept branches `kept`; the block is not changed.
+
+    `kept` defaults to the block's own kept set (every branch it has for a plain RepVGGBlock); `layout` to the
+    block's own layout when `kept` is not given, else (and for a plain block) the fused layout of the kept set.
+    The one place a block is deployed: the LUT (any layout), the sensitivities (a block with one branch pruned),
+    the edge and the part files all come through here.
+    """
+    has = frozenset(BRANCHES if block.spec.has_identity else ('D', 'O'))
+    own = block.kept_set() if isinstance(block, HyperRepVGGBlock) else has
     if layout is None:
-        layout = getattr(block, 'layout', fused_layout(('D', 'O', 'I') if block.spec.has_identity else ('D', 'O')))
-    kept = block.kept_set() if isinstance(block, HyperRepVGGBlock) else frozenset(
-        BRANCHES if block.spec.has_identity else ('D', 'O'))
+        layout = getattr(block, 'layout', None) if kept is None else None
+    kept = own if kept is None else frozenset(kept)
+    if not kept or not kept <= has:
+        raise ValueError('block {} ({}): kept branches must be a non-empty subset of {}, got {}'.format(
+            block.spec.index, block.spec.name, ''.join(sorted(has, key=BRANCHES.index)),
+            ''.join(sorted(kept, key=BRANCHES.index))))
+    layout = fused_layout(kept) if layout is None else int(layout)
     if LAYOUTS[layout].branches != kept:
         raise ValueError('layout {} is not valid for block {} ({}) with kept branches {}'.format(
             layout, block.spec.index, block.spec.name, ''.join(sorted(kept, key=BRANCHES.index))))
+    alpha = getattr(block, 'alpha', None)
     with torch.no_grad():
         tensors = [part_tensors(block, part, alpha) for part in LAYOUTS[layout].parts]
     return DeployedBlock(block.spec, layout, tensors)
@@ -600,17 +612,32 @@ def build_hyper_repvgg(name, checkpoint=None, num_classes=1000, width_multiplier
     return model
 
 
+def apply_config(model, gammas):
+    # type: (HyperRepVGG, Sequence[int]) -> None
+    """Apply a configuration in place: block k keeps the branches of layout gammas[k] (restoring earlier prunes where
+    that set grows) and runs layout gammas[k].  Validates every block before changing any."""
+    if len(gammas) != model.num_blocks:
+        raise ValueError('need {} layouts, got {}'.format(model.num_blocks, len(gammas)))
+    for k, (g, block) in enumerate(zip(gammas, model.blocks)):
+        if not 0 <= int(g) < NUM_LAYOUTS or not LAYOUTS[int(g)].branches <= frozenset(block.available()):
+            raise ValueError('layout gamma={} is not valid for block {} ({}), which has branches {}'.format(
+                g, k, block.spec.name, ''.join(block.available())))
+    for k, g in enumerate(gammas):
+        model.set_kept(k, LAYOUTS[int(g)].branches)
+        model.set_layout(k, int(g))
+
+
 def apply_layouts(model, gammas, inplace=False):
     # type: (HyperRepVGG, Sequence[int], bool) -> HyperRepVGG
-    """Set every block's layout (a copy unless inplace); validates all before changing any."""
+    """Set every block's layout, keeping its kept branches (a copy unless inplace); validates all before changing
+    any."""
     if len(gammas) != model.num_blocks:
         raise ValueError('need {} layouts, got {}'.format(model.num_blocks, len(gammas)))
     for k, g in enumerate(gammas):
         if g not in model.valid_layouts(k):
             raise ValueError('layout gamma={} is not valid for block {}; valid: {}'.format(g, k, model.valid_layouts(k)))
     out = model if inplace else copy.deepcopy(model)
-    for k, g in enumerate(gammas):
-        out.set_layout(k, g)
+    apply_config(out, gammas)
     return out
 
 
@@ -636,12 +663,7 @@ def build_edge(arch, lam, state_dict, layouts):
         prefix = spec.name + '.'
         sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         block.load_state_dict(sub, strict=True)
-        block.eval()
-        if gamma not in layouts_for(block.kept_set()):
-            raise ValueError('edge block {}: layout {} not valid for kept {}'.format(
-                spec.index, gamma, sorted(block.kept_set())))
-        block.layout = int(gamma)
-        blocks.append(deploy_block(block))
+        blocks.append(deploy_block(block.eval(), int(gamma)))  # checks gamma against the sent kept set
     unknown = [k for k in state_dict if not k.startswith(tuple(s.name + '.' for s in plan[:lam]))]
     if unknown:
         raise ValueError('edge tensors include keys beyond block {}: {}'.format(lam - 1, unknown[:5]))

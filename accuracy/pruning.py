@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 from errors import UserError
 from hyper_repvgg import (
     BRANCHES,
-    LAYOUTS,
     DeployedBlock,
     HyperRepVGG,
     SplitPart,
     deploy_block,
     fused_layout,
-    part_tensors,
 )
+from hyper_repvgg import apply_config as apply_model_config
 
 SENSITIVITY_MODES = ('measured', 'importance')
 
@@ -61,15 +60,6 @@ def deployed(model: HyperRepVGG) -> SplitPart:
     return SplitPart(blocks, (model.gap, model.linear)).eval()
 
 
-def _pruned_block(block: Any, branch: str) -> DeployedBlock:
-    """Block `block` with `branch` removed from its kept set, deployed fused (the block itself is not changed)."""
-    kept = block.kept_set() - {branch}
-    layout = fused_layout(kept)
-    with torch.no_grad():
-        tensors = [part_tensors(block, part, block.alpha) for part in LAYOUTS[layout].parts]
-    return DeployedBlock(block.spec, layout, tensors).eval()
-
-
 def _accuracy(logits_fn: Any, chunks: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> float:
     correct, total = 0, 0
     for h, y in chunks:
@@ -91,6 +81,15 @@ def accuracy(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, mean: Sequenc
     net = deployed(model).to(device)
     with torch.no_grad():
         return _accuracy(net, normalized_chunks(x, y, mean, std, batch, device))
+
+
+def correct_mask(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 batch: int = 256, device: str = 'cpu') -> np.ndarray:
+    """(M,) bool: image i is classified correctly by `model` in its deployed form (paired comparisons)."""
+    net = deployed(model).to(device)
+    with torch.no_grad():
+        return np.concatenate([(net(h).argmax(1) == yb).cpu().numpy()
+                               for h, yb in normalized_chunks(x, y, mean, std, batch, device)])
 
 
 def measure_sensitivities(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float],
@@ -116,7 +115,7 @@ def measure_sensitivities(model: HyperRepVGG, x: torch.Tensor, y: torch.Tensor, 
                 kept = block.kept_set()
                 if len(kept) > 1:
                     for br in sorted((x for x in kept if wanted(k, x)), key=BRANCHES.index):
-                        alt = _pruned_block(block, br).to(device)
+                        alt = deploy_block(block, kept=kept - {br}).to(device).eval()  # block unchanged
 
                         def run(hk: torch.Tensor, alt: DeployedBlock = alt, k: int = k) -> torch.Tensor:
                             out = alt(hk)
@@ -175,12 +174,12 @@ def copy_with(model: HyperRepVGG, gammas: Optional[Sequence[int]] = None) -> Hyp
 
 
 def apply_config(model: HyperRepVGG, gammas: Sequence[int]) -> None:
-    """Set every block's kept branches to S(gamma_k) (restoring earlier prunes where S grows) and its layout gamma_k."""
-    if len(gammas) != model.num_blocks:
-        raise PruningError(f'configuration has {len(gammas)} layouts, the model {model.num_blocks} blocks')
-    for k, g in enumerate(gammas):
-        model.set_kept(k, LAYOUTS[int(g)].branches)
-        model.set_layout(k, int(g))
+    """hyper_repvgg.apply_config (block k keeps S(gamma_k), restoring earlier prunes where S grows, and runs layout
+    gamma_k), with a configuration that does not fit the model reported as a PruningError."""
+    try:
+        apply_model_config(model, gammas)
+    except ValueError as e:
+        raise PruningError(f'configuration {list(gammas)}: {e}') from None
 
 
 def pruned_mask(model: HyperRepVGG) -> np.ndarray:

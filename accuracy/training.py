@@ -8,9 +8,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import json
 import math
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from config import Config, UserError, resolve_path
+from artifacts import file_sha256, fingerprint
+from config import Config, UserError, one_line, resolve_path
 from hyper_repvgg import HyperRepVGG, RepVGG, build_hyper_repvgg
 
 HYPER_WEIGHTS_FILE = 'trained_hyper_weights.json'
@@ -203,13 +205,13 @@ def base_config_key(cfg: Config) -> Dict[str, Any]:
             'dataset': cfg.data.dataset, 'num_classes': num_classes_for(cfg.data.dataset, cfg),
             'base_epochs': cfg.train.base_epochs, 'base_lr': cfg.train.base_lr,
             'base_train_samples': cfg.train.base_train_samples, 'batch_size': cfg.train.batch_size,
-            'seed': cfg.seed}
+            'seed': cfg.seed, **({'base_split_seed': cfg.train.base_split_seed} if cfg.train.base_split_seed else {})}
 
 
 def base_checkpoint_path(cfg: Config) -> Path:
     """Where our trained base model for this configuration lives (a different config, a different file)."""
     key = base_config_key(cfg)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    digest = fingerprint(key)[:10]
     name = f'{key["arch"]}_{key["dataset"]}_{key["input_size"]}px_{digest}.pt'
     return cfg.path(BASE_DIR, name)
 
@@ -222,15 +224,34 @@ def save_state_dict(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def _torch_reason(text: str) -> str:
+    """The informative part of a torch load error, one line: the unpickler's complaint, or the first mismatch of
+    a state dict (torch's own messages span many lines and advise weights_only=False, which we never do)."""
+    m = re.search(r'WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)', text, re.S)
+    if m:
+        return one_line(m.group(1), 200)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and lines[0].startswith('Error(s) in loading state_dict'):
+        more = f' (+{len(lines) - 2} more)' if len(lines) > 2 else ''
+        return one_line(lines[1] if len(lines) > 1 else lines[0], 300) + more
+    return one_line(text, 300)
+
+
 def load_state_dict_file(path: Path, what: str) -> Dict[str, torch.Tensor]:
     """torch.load(weights_only=True) of a local file; a missing or unreadable file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{what}: file {path} does not exist')
     try:
-        obj = torch.load(str(path), map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on several lines
+            warnings.simplefilter('ignore')
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f'{what}: cannot load {path} as a tensor state dict ({e})') from None
+        text = str(e)
+        if 'WeightsUnpickler' in text or 'weights_only' in text.lower():
+            raise CheckpointError(f'{what}: {path} refused: it holds Python objects, not only tensors '
+                                  f'({_torch_reason(text)}); only plain tensor state dicts are loaded') from None
+        raise CheckpointError(f'{what}: cannot load {path} as a tensor state dict ({_torch_reason(text)})') from None
     if not isinstance(obj, dict):
         raise CheckpointError(f'{what}: {path} holds a {type(obj).__name__}, expected a state dict')
     return obj
@@ -260,7 +281,8 @@ def load_base_model(cfg: Config) -> HyperRepVGG:
         model.load_base_state_dict(state)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f'{what}: {path} does not fit {cfg.model.name} with width {cfg.model.width_multiplier}'
-                              f' and {model.num_classes} classes: {e}') from None
+                              f' and {model.num_classes} classes: '
+                              f'{_torch_reason(e.args[0] if isinstance(e, KeyError) and e.args else str(e))}') from None
     return model.eval()
 
 
@@ -325,7 +347,7 @@ def base_loaders(cfg: Config, generator: torch.Generator):
     test_loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.eval_batch_size, shuffle=False)
     if train_src is None:
         return None, test_loader
-    ids = base_train_ids(len(train_src), cfg.train.base_train_samples, cfg.seed)
+    ids = base_train_ids(len(train_src), cfg.train.base_train_samples, cfg.train.base_split_seed)
     train = SampleDataset(train_src, ids, cfg.model.input_size, cache=len(ids) <= 100000)
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
                                                generator=generator, drop_last=len(ids) > cfg.train.batch_size,
@@ -378,9 +400,9 @@ def prepare_base(cfg: Config, force: bool = False) -> Dict[str, Any]:
 def domain_fingerprint(cfg: Config, partition_text: str, model: HyperRepVGG, checkpoint: Path) -> str:
     """What a domain's trained alpha depends on (partition, base weights, architecture, alpha settings)."""
     key = {'partition': hashlib.sha256(partition_text.encode()).hexdigest(),
-           'base': hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(), 'arch': model.spec_dict(),
+           'base': file_sha256(checkpoint), 'arch': model.spec_dict(),
            'alpha': [cfg.train.alpha_epochs, cfg.train.alpha_lr, cfg.train.batch_size, cfg.model.adapt_bn, cfg.seed]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return fingerprint(key)
 
 
 def load_done_domains(path: Path, kind: str, fingerprint: str) -> Dict[str, Any]:

@@ -46,6 +46,14 @@ def load_average() -> Optional[List[float]]:
         return None
 
 
+def is_loaded(load: Optional[Sequence[float]], own: float = 0.0) -> bool:
+    """Whether other work loads this machine: the 1-minute load average less `own` (the busy threads of this
+    bench, once it has run for a minute) above a quarter of the cores (at least 0.5).  Unknown load: False."""
+    if not load:
+        return False
+    return load[0] - own > max(0.5, 0.25 * (os.cpu_count() or 1))
+
+
 def machine_info() -> Dict[str, Any]:
     """The machine a bench ran on: CPU model, cores, torch / python versions, platform, load average now."""
     import torch

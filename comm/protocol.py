@@ -14,34 +14,51 @@ Reading loops until a frame is complete.  Every length is checked against `Limit
 is allocated, and anything malformed raises ProtocolError naming what was wrong.  The decoder never trusts the
 sender's offsets: the layout is recomputed from dtype and shape and must add up to the payload length exactly.
 
-Message types: challenge (server -> worker, first frame: nonce, whether a token is required), hello (worker:
-versions, device, HMAC of the nonce), welcome (server: its HMAC of the worker's nonce), request (server: one
-command), reply (worker: its result), error (either side: what failed), features (worker: one batch of a
-pipelined run), heartbeat (worker, while a long command runs), bye (server: session over).
+Message types: challenge (server -> worker, first frame: its nonce, whether a token is required), hello (worker:
+its nonce), proof (server, then worker: the HMAC proof of the token; the worker's also carries its device info),
+welcome (server: session established), request (server: one command), reply (worker: its result), error (either
+side: what failed), features (worker: one batch of a pipelined run), heartbeat (either side: alive; the worker's
+while a long command runs, the server's while idle between commands), bye (server: session over).
 
-Authentication (optional): both sides hold a shared token (a flag or env HYPERREPVGG_TOKEN).  The worker proves
-it knows the token by answering HMAC-SHA256(token, role + nonce) of the server's random nonce, and the server
-proves the same for the worker's nonce; a wrong answer is refused before any command runs.
+Handshake (version 2), bounded by PREAUTH_LIMITS (small frames, no tensors) and one overall deadline:
+
+    server  challenge {version, nonce_s, auth_required, heartbeat_s}
+    worker  hello     {nonce_w}
+    server  proof     {mac: proof(token, 'server', nonce_s, nonce_w)}    (absent without a token)
+    worker  proof     {mac: proof(token, 'worker', nonce_s, nonce_w), info}   only after checking the server's
+    server  welcome   {}
+
+Authentication (optional): both sides hold a shared token (a flag or env HYPERREPVGG_TOKEN).  The SERVER proves
+first, so a process the worker dials by mistake (a wrong address, a hijacked port) gets no answer it could relay;
+each proof is HMAC-SHA256 over the protocol version, the role ('server' / 'worker') and BOTH nonces, so neither a
+proof of one connection nor one side's proof for the other side is accepted (no replay, no reflection).  After
+the handshake every frame carries an HMAC-SHA256 trailer under a key derived from the token and both nonces, over
+the direction, a frame counter and the frame's bytes (flag FLAG_MAC): a process in the middle that relays the
+handshake can neither inject, alter, reorder nor replay a frame; it can only pass them on or drop the link.
 """
 import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import struct
+import time
 from collections import OrderedDict
 from typing import Dict, NamedTuple
 
 import numpy as np
 
 MAGIC = b'HRVG'
-VERSION = 1
+VERSION = 2  # 2: server proves first, proofs cover both nonces and the role, MAC trailer on every frame
 FIXED = struct.Struct('!4sBBHIQ')  # magic, version, type, flags, json length, payload length
 ALIGN = 8
 TOKEN_ENV = 'HYPERREPVGG_TOKEN'
+FLAG_MAC = 0x0001  # the frame ends in a 32-byte HMAC-SHA256 trailer (authenticated session)
+MAC_BYTES = 32
 
 MESSAGE_TYPES = OrderedDict([('challenge', 1), ('hello', 2), ('welcome', 3), ('request', 4), ('reply', 5),
-                             ('error', 6), ('features', 7), ('heartbeat', 8), ('bye', 9)])
+                             ('error', 6), ('features', 7), ('heartbeat', 8), ('bye', 9), ('proof', 10)])
 _TYPE_NAMES = {v: k for k, v in MESSAGE_TYPES.items()}
 DTYPES = ('uint8', 'int8', 'int16', 'int32', 'int64', 'float16', 'float32', 'float64', 'bool')
 _CHUNK = 1 << 20  # bytes per recv call
@@ -64,6 +81,12 @@ class Limits(NamedTuple):
     max_header_bytes: int = 16 * 2 ** 20  # the JSON header alone
     max_tensors: int = 4096  # tensors in one frame
     max_dims: int = 8  # dimensions of one tensor
+    max_depth: int = 32  # nesting of arrays / objects in the JSON header
+
+
+# Before the peer is authenticated: small frames, no tensors (a hello claiming 500 MB allocates nothing).
+PREAUTH_LIMITS = Limits(max_frame_bytes=64 * 1024, max_header_bytes=64 * 1024 - 20, max_tensors=0, max_dims=0,
+                        max_depth=8)
 
 
 class Frame(NamedTuple):
@@ -91,8 +114,8 @@ def _as_array(t):
     return a
 
 
-def encode_frame(kind, header=None, tensors=None):
-    # type: (str, Optional[Dict[str, object]], Optional[Sequence[Tuple[str, object]]]) -> List[object]
+def encode_frame(kind, header=None, tensors=None, flags=0):
+    # type: (str, Optional[Dict[str, object]], Optional[Sequence[Tuple[str, object]]], int) -> List[object]
     """The buffers of one frame, in order (bytes and memoryviews; nothing is copied for the tensors).
 
     `tensors` is a sequence of (name, array) pairs or a dict; arrays are numpy arrays or torch tensors.
@@ -110,14 +133,14 @@ def encode_frame(kind, header=None, tensors=None):
         described.append({'name': str(name), 'dtype': a.dtype.name, 'shape': [int(s) for s in a.shape]})
     if described:
         header['tensors'] = described
-    js = json.dumps(header, separators=(',', ':')).encode('utf-8')
+    js = json.dumps(header, separators=(',', ':'), allow_nan=False).encode('utf-8')
     for a in arrays:
         pad = _align(offset) - offset
         if pad:
             parts.append(b'\0' * pad)
         parts.append(memoryview(a.reshape(-1).view(np.uint8)))
         offset += pad + a.nbytes
-    parts.insert(0, FIXED.pack(MAGIC, VERSION, MESSAGE_TYPES[kind], 0, len(js), offset) + js)
+    parts.insert(0, FIXED.pack(MAGIC, VERSION, MESSAGE_TYPES[kind], flags, len(js), offset) + js)
     return parts
 
 
@@ -126,23 +149,85 @@ def frame_size(parts):
     return sum(len(memoryview(p).cast('B')) for p in parts)
 
 
+class SecureChannel(object):
+    """A connection after an authenticated handshake (see the module docstring): send_frame appends, and
+    recv_frame checks, an HMAC-SHA256 trailer over the direction, a per-direction frame counter and the frame.
+
+    Wraps a socket or a paramiko Channel; every other attribute (settimeout, close, ...) is the wrapped one's.
+    """
+
+    def __init__(self, sock, key, role):
+        # type: (object, bytes, str) -> None
+        self.sock, self.key = sock, key
+        self.send_role, self.recv_role = role, ('worker' if role == 'server' else 'server')
+        self.send_seq = self.recv_seq = 0
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def tag(self, role, seq, parts):
+        # type: (str, int, Sequence[object]) -> bytes
+        h = hmac.new(self.key, struct.pack('!8sQ', role.encode('ascii'), seq), hashlib.sha256)
+        for p in parts:
+            h.update(p)
+        return h.digest()
+
+    def seal(self, parts):
+        # type: (Sequence[object]) -> bytes
+        """The trailer of the next frame this side sends (call under the send lock)."""
+        self.send_seq += 1
+        return self.tag(self.send_role, self.send_seq, parts)
+
+    def verify(self, kind, parts, trailer):
+        # type: (str, Sequence[object], bytes) -> None
+        self.recv_seq += 1
+        if not hmac.compare_digest(self.tag(self.recv_role, self.recv_seq, parts), bytes(trailer)):
+            raise ProtocolError('{} frame #{} fails its MAC check: altered, injected or replayed on the way (or '
+                                'the peer is not the one that authenticated)'.format(kind, self.recv_seq))
+
+
+def _coalesce(parts, small=1 << 16):
+    # type: (Sequence[object], int) -> List[object]
+    """Consecutive small buffers joined into one: a small frame is ONE write.  Two small writes in a row meet
+    Nagle's algorithm on any hop without TCP_NODELAY (sshd's forwarded connection, say) and wait for a delayed
+    ACK, tens of ms; large tensor buffers are passed on uncopied."""
+    out, pending = [], []
+    for p in parts:
+        n = len(memoryview(p).cast('B'))
+        if not n:
+            continue
+        if n < small:
+            pending.append(bytes(p))
+            continue
+        if pending:
+            out.append(b''.join(pending))
+            pending = []
+        out.append(p)
+    if pending:
+        out.append(b''.join(pending))
+    return out
+
+
 def send_frame(sock, kind, header=None, tensors=None, lock=None):
     # type: (object, str, Optional[Dict[str, object]], object, object) -> int
-    """Send one frame on `sock` (a socket or a paramiko Channel); returns the bytes sent.
+    """Send one frame on `sock` (a socket, a paramiko Channel or a SecureChannel); returns the bytes sent.
 
     `lock` (a threading.Lock) serializes frames of several threads on one connection.
     """
-    parts = encode_frame(kind, header, tensors)
+    secure = sock if isinstance(sock, SecureChannel) else None
+    raw = secure.sock if secure is not None else sock
+    parts = encode_frame(kind, header, tensors, FLAG_MAC if secure is not None else 0)
     total = 0
     try:
         if lock is not None:
             lock.acquire()
-        for p in parts:
-            if len(p):
-                sock.sendall(p)
-                total += len(memoryview(p).cast('B'))
+        if secure is not None:
+            parts.append(secure.seal(parts))
+        for p in _coalesce(parts):
+            raw.sendall(p)
+            total += len(memoryview(p).cast('B'))
     except socket.timeout:
-        raise ProtocolTimeout('sending a {} frame timed out after {} s'.format(kind, _timeout_of(sock)))
+        raise ProtocolTimeout('sending a {} frame timed out after {} s'.format(kind, _timeout_of(raw)))
     except (OSError, EOFError) as e:
         raise ConnectionClosed('connection lost while sending a {} frame ({})'.format(kind, e))
     finally:
@@ -158,48 +243,64 @@ def _timeout_of(sock):
         return None
 
 
-def _read_exact(sock, n, what, started):
-    # type: (object, int, str, bool) -> bytearray
-    """Exactly n bytes from sock; ConnectionClosed on EOF, ProtocolTimeout on a socket timeout."""
+def _recv_some(sock, view, want, recv_into, deadline, what):
+    # type: (object, memoryview, int, object, Optional[float], str) -> int
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ProtocolTimeout('the handshake deadline passed while reading the {}'.format(what))
+        sock.settimeout(left)
+    if recv_into is not None:
+        return recv_into(view)
+    data = sock.recv(min(want, _CHUNK))
+    view[:len(data)] = data
+    return len(data)
+
+
+def _read_exact(sock, n, what, started, deadline=None):
+    # type: (object, int, str, bool, Optional[float]) -> bytearray
+    """Exactly n bytes from sock; ConnectionClosed on EOF, ProtocolTimeout on a socket timeout or past the
+    deadline (time.monotonic(); the socket's timeout is set to what is left before every read)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     recv_into = getattr(sock, 'recv_into', None)
     try:
         while got < n:
-            if recv_into is not None:
-                k = recv_into(view[got:])
-            else:
-                data = sock.recv(min(n - got, _CHUNK))
-                k = len(data)
-                view[got:got + k] = data
+            k = _recv_some(sock, view[got:], n - got, recv_into, deadline, what)
             if k == 0:
                 if got == 0 and not started:
                     raise ConnectionClosed('peer closed the connection')
                 raise ConnectionClosed('connection closed after {} of {} bytes of the {}'.format(got, n, what))
             got += k
     except socket.timeout:
+        if deadline is not None:
+            raise ProtocolTimeout('the handshake deadline passed while reading the {} ({} of {} bytes)'.format(
+                what, got, n))
         raise ProtocolTimeout('no data from the peer for {} s while reading the {} ({} of {} bytes)'.format(
             _timeout_of(sock), what, got, n))
-    except ConnectionClosed:
+    except ProtocolError:
         raise
     except (OSError, EOFError) as e:
         raise ConnectionClosed('connection lost while reading the {} ({})'.format(what, e))
     return buf
 
 
-def parse_fixed(raw, limits):
-    # type: (bytes, Limits) -> Tuple[str, int, int]
+def parse_fixed(raw, limits, flags_expected=0):
+    # type: (bytes, Limits, int) -> Tuple[str, int, int]
     """(message type name, JSON length, payload length) of a 20-byte fixed header, checked against limits."""
     magic, version, mtype, flags, hlen, plen = FIXED.unpack(bytes(raw))
     if magic != MAGIC:
         raise ProtocolError('bad magic {!r} (expected {!r}): not a HyperRepVGG frame'.format(magic, MAGIC))
     if version != VERSION:
-        raise ProtocolError('unsupported protocol version {} (this side speaks {})'.format(version, VERSION))
+        raise ProtocolError('unsupported protocol version {} (this side speaks {}; update both sides to the same '
+                            'release)'.format(version, VERSION))
     if mtype not in _TYPE_NAMES:
         raise ProtocolError('unknown message type {}'.format(mtype))
-    if flags != 0:
-        raise ProtocolError('unknown flags 0x{:04x}'.format(flags))
+    if flags != flags_expected:
+        raise ProtocolError('frame flags 0x{:04x}, expected 0x{:04x} ({})'.format(
+            flags, flags_expected, 'every frame of an authenticated session carries a MAC' if flags_expected
+            else 'no MAC before or without authentication'))
     if hlen > limits.max_header_bytes:
         raise ProtocolError('JSON header of {} bytes exceeds the limit of {} bytes'.format(hlen, limits.max_header_bytes))
     if FIXED.size + hlen + plen > limits.max_frame_bytes:
@@ -208,40 +309,78 @@ def parse_fixed(raw, limits):
     return _TYPE_NAMES[mtype], hlen, plen
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b'[]{}')
+
+
+def json_depth(raw):
+    # type: (bytes) -> int
+    """Deepest nesting of arrays / objects in JSON text, without parsing it (string contents skipped)."""
+    raw = bytes(raw)
+    brackets = np.frombuffer(_JSON_STRING.sub(b'', raw).translate(None, _NOT_BRACKETS), np.uint8)
+    if not len(brackets):
+        return 0
+    opens = (brackets == ord('[')) | (brackets == ord('{'))
+    return int((opens.view(np.int8) * 2 - 1).cumsum(dtype=np.int32).max())
+
+
+def _no_constant(name):
+    raise ValueError('{} is not a JSON number'.format(name))
+
+
+def _load_json_object(raw, max_depth):
+    # type: (bytes, int) -> Dict[str, object]
+    if bytes(raw).count(b'[') + bytes(raw).count(b'{') > max_depth and json_depth(raw) > max_depth:
+        raise ProtocolError('JSON header nests deeper than {} levels'.format(max_depth))
+    try:
+        header = json.loads(bytes(raw).decode('utf-8'), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError('JSON header is not valid UTF-8 JSON ({})'.format(str(e)[:200]))
+    if not isinstance(header, dict):
+        raise ProtocolError('JSON header must be an object, got {}'.format(type(header).__name__))
+    return header
+
+
+def _tensor_entry(d, i, limits, names):
+    # type: (object, int, Limits, set) -> Tuple[str, str, Tuple[int, ...], int]
+    """(name, dtype, shape, byte count) of one "tensors" entry, every field checked."""
+    where = 'header field "tensors[{}]"'.format(i)
+    if not isinstance(d, dict) or not isinstance(d.get('name'), str) or not isinstance(d.get('dtype'), str) \
+            or d['dtype'] not in DTYPES:
+        raise ProtocolError('{} needs a string "name" and a "dtype" in {}'.format(where, ', '.join(DTYPES)))
+    shape = d.get('shape')
+    if not isinstance(shape, list) or len(shape) > limits.max_dims or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ProtocolError('{} "shape" must list at most {} integers >= 0'.format(where, limits.max_dims))
+    if d['name'] in names:
+        raise ProtocolError('{}: duplicate tensor name {!r}'.format(where, d['name']))
+    names.add(d['name'])
+    count = 1
+    for s in shape:  # every dimension is bounded, also next to a zero one ([0, 2**63] describes no bytes)
+        if s > limits.max_frame_bytes:
+            raise ProtocolError('{}: dimension {} of shape {} exceeds the frame limit'.format(where, s, shape))
+        count *= s
+        if count > limits.max_frame_bytes:
+            raise ProtocolError('{}: shape {} exceeds the frame limit'.format(where, shape))
+    return d['name'], d['dtype'], tuple(shape), count * np.dtype(d['dtype']).itemsize
+
+
 def parse_header(raw, plen, limits):
     # type: (bytes, int, Limits) -> Tuple[Dict[str, object], List[Tuple[str, str, Tuple[int, ...], int]]]
     """(header without "tensors", [(name, dtype, shape, offset)]) of a JSON header; the layout must fill plen."""
-    try:
-        header = json.loads(bytes(raw).decode('utf-8'))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError('JSON header is not valid UTF-8 JSON ({})'.format(e))
-    if not isinstance(header, dict):
-        raise ProtocolError('JSON header must be an object, got {}'.format(type(header).__name__))
+    header = _load_json_object(raw, limits.max_depth)
     described = header.pop('tensors', [])
     if not isinstance(described, list) or len(described) > limits.max_tensors:
         raise ProtocolError('header field "tensors" must be a list of at most {} entries'.format(limits.max_tensors))
     layout, names, offset = [], set(), 0
     for i, d in enumerate(described):
-        where = 'header field "tensors[{}]"'.format(i)
-        if not isinstance(d, dict) or not isinstance(d.get('name'), str) or d.get('dtype') not in DTYPES:
-            raise ProtocolError('{} needs a string "name" and a "dtype" in {}'.format(where, ', '.join(DTYPES)))
-        shape = d.get('shape')
-        if not isinstance(shape, list) or len(shape) > limits.max_dims or \
-                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise ProtocolError('{} "shape" must list at most {} integers >= 0'.format(where, limits.max_dims))
-        if d['name'] in names:
-            raise ProtocolError('{}: duplicate tensor name {!r}'.format(where, d['name']))
-        names.add(d['name'])
-        count = 1
-        for s in shape:
-            count *= s
-            if count > limits.max_frame_bytes:
-                raise ProtocolError('{}: shape {} exceeds the frame limit'.format(where, shape))
+        name, dtype, shape, nbytes = _tensor_entry(d, i, limits, names)
         offset = _align(offset)
-        layout.append((d['name'], d['dtype'], tuple(shape), offset))
-        offset += count * np.dtype(d['dtype']).itemsize
+        layout.append((name, dtype, shape, offset))
+        offset += nbytes
         if offset > plen:
-            raise ProtocolError('{}: tensors need more than the {} payload bytes the frame has'.format(where, plen))
+            raise ProtocolError('header field "tensors[{}]": tensors need more than the {} payload bytes the frame '
+                                'has'.format(i, plen))
     if offset != plen:
         raise ProtocolError('payload length {} does not match the {} bytes the tensors in the header describe'.format(
             plen, offset))
@@ -255,17 +394,38 @@ def _tensors(payload, layout):
         for s in shape:
             count *= s
         dt = np.dtype(dtype).newbyteorder('<')
-        out[name] = np.frombuffer(payload, dtype=dt, count=count, offset=offset).reshape(shape)
+        try:
+            out[name] = np.frombuffer(payload, dtype=dt, count=count, offset=offset).reshape(shape)
+        except (ValueError, TypeError) as e:  # unreachable after parse_header's checks; never a raw exception
+            raise ProtocolError('tensor {!r} of shape {} does not fit the payload ({})'.format(name, shape, e))
     return out
 
 
-def recv_frame(sock, limits=Limits()):
-    # type: (object, Limits) -> Frame
-    """Read one complete frame from `sock` (a socket, a paramiko Channel or anything with recv)."""
-    fixed = _read_exact(sock, FIXED.size, 'fixed frame header', False)
-    kind, hlen, plen = parse_fixed(fixed, limits)
-    header, layout = parse_header(_read_exact(sock, hlen, 'JSON header', True), plen, limits)
-    payload = _read_exact(sock, plen, 'payload', True) if plen else bytearray()
+def recv_frame(sock, limits=Limits(), deadline=None):
+    # type: (object, Limits, Optional[float]) -> Frame
+    """Read one complete frame from `sock` (a socket, a paramiko Channel, a SecureChannel or anything with recv).
+
+    `deadline` (time.monotonic()) bounds the whole frame, not each read: the handshake's overall deadline.
+    """
+    secure = sock if isinstance(sock, SecureChannel) else None
+    raw = secure.sock if secure is not None else sock
+    timeout = _timeout_of(raw) if deadline is not None else None
+    try:
+        fixed = _read_exact(raw, FIXED.size, 'fixed frame header', False, deadline)
+        kind, hlen, plen = parse_fixed(fixed, limits, FLAG_MAC if secure is not None else 0)
+        js = _read_exact(raw, hlen, 'JSON header', True, deadline)
+        if secure is None:  # a bad layout is refused before its payload is read
+            header, layout = parse_header(js, plen, limits)
+        payload = _read_exact(raw, plen, 'payload', True, deadline) if plen else bytearray()
+        if secure is not None:  # nothing of a frame is looked at before its MAC checks out
+            secure.verify(kind, (fixed, js, payload), _read_exact(raw, MAC_BYTES, 'MAC trailer', True, deadline))
+            header, layout = parse_header(js, plen, limits)
+    finally:
+        if deadline is not None:
+            try:
+                raw.settimeout(timeout)
+            except (OSError, AttributeError):
+                pass
     return Frame(kind, header, _tensors(payload, layout))
 
 
@@ -313,18 +473,66 @@ def make_nonce():
     return os.urandom(32).hex()
 
 
-def auth_mac(token, nonce, role):
-    # type: (str, str, str) -> str
-    """HMAC-SHA256 of `role` + nonce under the token (role 'worker' or 'server', so answers cannot be replayed
-    in the other direction), hex."""
-    return hmac.new(token.encode('utf-8'), (role + ':' + nonce).encode('ascii'), hashlib.sha256).hexdigest()
+_NONCE = re.compile(r'[0-9a-f]{64}')
 
 
-def check_mac(token, nonce, role, mac):
-    # type: (str, str, str, object) -> bool
-    if not isinstance(mac, str):
+def check_nonce(nonce, who):
+    # type: (object, str) -> str
+    """The peer's nonce if it is 64 lowercase hex digits, else ProtocolError naming it."""
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
+        raise ProtocolError('{} sent a malformed nonce {!r} (expected 64 hex digits)'.format(who, str(nonce)[:80]))
+    return nonce
+
+
+def _key(token):
+    # type: (str) -> bytes
+    return token.encode('utf-8', 'surrogateescape')
+
+
+def auth_proof(token, role, nonce_server, nonce_worker):
+    # type: (str, str, str, str) -> str
+    """HMAC-SHA256 under the token of the protocol version, the prover's role ('server' or 'worker') and both
+    nonces of this connection, hex: valid for one role of one connection only."""
+    msg = 'hyperrepvgg proof v{}|{}|{}|{}'.format(VERSION, role, nonce_server, nonce_worker)
+    return hmac.new(_key(token), msg.encode('ascii'), hashlib.sha256).hexdigest()
+
+
+def check_proof(token, role, nonce_server, nonce_worker, mac):
+    # type: (str, str, str, str, object) -> bool
+    if not isinstance(mac, str) or len(mac) != 64:
         return False
     try:
-        return hmac.compare_digest(auth_mac(token, nonce, role), mac)
-    except TypeError:  # non-ASCII text
+        return hmac.compare_digest(auth_proof(token, role, nonce_server, nonce_worker), mac)
+    except (TypeError, ValueError):  # non-ASCII text
         return False
+
+
+def session_key(token, nonce_server, nonce_worker):
+    # type: (str, str, str) -> bytes
+    """The key of the frames' MAC trailers on one authenticated connection."""
+    msg = 'hyperrepvgg session v{}|{}|{}'.format(VERSION, nonce_server, nonce_worker)
+    return hmac.new(_key(token), msg.encode('ascii'), hashlib.sha256).digest()
+
+
+def idle_timeout_s(heartbeat_s):
+    # type: (float) -> float
+    """How long the worker waits between commands before it calls the server silent: 4 heartbeats + 2 s."""
+    return 4.0 * float(heartbeat_s) + 2.0
+
+
+def tune_keepalive(sock, idle_s):
+    # type: (object, float) -> None
+    """TCP keepalive on a plain socket: first probe after idle_s, then every idle_s / 3, dead after 3 missed
+    (Linux and macOS option names, each guarded: a platform without one keeps its default).  A paramiko
+    Channel is left alone (the SSH transport has its own keepalive)."""
+    if not isinstance(sock, socket.socket):
+        return
+    idle = max(1, int(idle_s))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (('TCP_KEEPIDLE', idle), ('TCP_KEEPALIVE', idle), ('TCP_KEEPINTVL', max(1, idle // 3)),
+                            ('TCP_KEEPCNT', 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass

@@ -4,13 +4,15 @@ Public API (step 1 and step 3 real mode are written against it; docs/design.md#r
 
     class ServerSession:  # context manager; close() on exit
         def __init__(self, host='127.0.0.1', port=6006, token=None, connect_timeout_s=60.0, io_timeout_s=120.0,
-                     max_frame_bytes=512*2**20, allow_remote=False)
-            # binds host:port at once (port 0 = any free port, see .port); a host other than loopback needs
-            # allow_remote=True and logs a warning
+                     max_frame_bytes=512*2**20, allow_remote=False, handshake_timeout_s=10.0)
+            # binds host:port at once (port 0 = any free port, see .port; '::1' listens on IPv6); a host other
+            # than loopback needs allow_remote=True and logs a warning
         def accept(self) -> dict
-            # waits up to connect_timeout_s for the worker, authenticates it (HMAC of a nonce when a token is set,
-            # both directions), returns its hello: device, device_name, python/torch/numpy versions, power_mode, ...
-            # Call it again after a dropped worker to resume with the reconnected one (deploy again).
+            # waits up to connect_timeout_s for the worker and authenticates it (comm.protocol's handshake: the
+            # server proves the token first, both proofs bound to both nonces; each connection gets
+            # handshake_timeout_s in all and small pre-auth frames).  A connection that fails is logged in one
+            # line and accept() waits on for the real worker.  Returns the worker's info: device, device_name,
+            # python/torch/numpy versions, power_mode, ...  Call it again after a dropped worker (deploy again).
         def measure_lut(self, arch, input_size, batch_sizes, warmup, repeats, threads, max_entry_s, seed, timing) -> dict
             # timing.measure.measure_side() run on the device; feed it to timing.lut.side_payload('edge', ...)
         def probe_link(self, sizes_bytes, repeats=3) -> dict
@@ -40,9 +42,10 @@ server_ms is this side's compute; latency_ms is edge start to server end, queuei
 TCP connection consecutive batches overlap the link's latency, so a link-bound run's period per batch is about
 bytes / bandwidth, not latency + bytes / bandwidth.
 
-Every wait is bounded: connect_timeout_s for the worker to dial, io_timeout_s for silence on the connection
-(the worker sends heartbeats while a long command runs).  A dropped or stalled worker raises SessionError naming
-what happened and the timeout; nothing hangs.
+Every wait is bounded: connect_timeout_s for the worker to dial, handshake_timeout_s for one connection's whole
+handshake, io_timeout_s for silence on the connection (the worker sends heartbeats while a long command runs; this
+side sends heartbeats every heartbeat_s while the connection is up, so the worker notices a silent server and
+redials).  A dropped or stalled worker raises SessionError naming what happened and the timeout; nothing hangs.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ import numpy as np
 import torch
 
 from comm import protocol as P
-from config import Config, UserError
+from config import Config, UserError, one_line
 from data.normalize import normalize_batch
 
 log = logging.getLogger(__name__)
@@ -69,8 +72,8 @@ class SessionError(UserError):
     """The worker is missing, was refused, failed a command, dropped or stalled; the message says which."""
 
 
-class _StaleConnection(Exception):
-    """A connection that closed before the handshake finished; accept() waits for the next one."""
+class _Refused(Exception):
+    """A connection that failed its handshake (closed, silent, malformed, wrong token); accept() waits on."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -80,6 +83,11 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _number(v: Any) -> float:
+    """A finite number a worker reported, or 0.0 (timings it adds are informative, never trusted for control)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else 0.0
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
@@ -92,7 +100,7 @@ class ServerSession:
 
     def __init__(self, host: str = '127.0.0.1', port: int = 6006, token: Optional[str] = None,
                  connect_timeout_s: float = 60.0, io_timeout_s: float = 120.0, max_frame_bytes: int = 512 * 2 ** 20,
-                 allow_remote: bool = False) -> None:
+                 allow_remote: bool = False, handshake_timeout_s: float = 10.0) -> None:
         if not _is_loopback(host):
             if not allow_remote:
                 raise SessionError(f'real.host {host!r} is not a loopback address; the worker reaches the server '
@@ -100,18 +108,24 @@ class ServerSession:
                                    'real.allow_remote=true (then use a token)')
             log.warning('listening on %s:%d, reachable from other machines%s', host, port,
                         '' if token else ' WITHOUT a token')
-        for name, v in (('connect_timeout_s', connect_timeout_s), ('io_timeout_s', io_timeout_s)):
+        for name, v in (('connect_timeout_s', connect_timeout_s), ('io_timeout_s', io_timeout_s),
+                        ('handshake_timeout_s', handshake_timeout_s)):
             if not v > 0:
                 raise SessionError(f'real.{name} must be > 0 s, got {v}')
         self.host, self.token = host, token
         self.connect_timeout_s, self.io_timeout_s = float(connect_timeout_s), float(io_timeout_s)
+        self.handshake_timeout_s = float(handshake_timeout_s)
+        self.heartbeat_s = max(0.5, min(5.0, self.io_timeout_s / 4))
         self.limits = P.Limits(max_frame_bytes=int(max_frame_bytes))
         try:
-            self._listener = socket.create_server((host, port))
-        except OSError as e:
+            family = socket.AF_INET6 if ':' in host else socket.AF_INET
+            self._listener = socket.create_server((host, port), family=family)
+        except (OSError, ValueError) as e:  # socket.gaierror is an OSError
             raise SessionError(f'cannot listen on {host}:{port} (real.host / real.port): {e}') from None
         self.port: int = self._listener.getsockname()[1]
-        self._conn: Optional[socket.socket] = None
+        self._conn: Optional[Any] = None  # a socket, or a comm.protocol.SecureChannel when a token is set
+        self._send_lock = threading.Lock()
+        self._beat_stop = threading.Event()
         self._ids = 0
         self._offset_s = 0.0  # our monotonic clock minus the worker's
         self._deployed: Optional[Dict[str, Any]] = None
@@ -126,6 +140,7 @@ class ServerSession:
 
     # -- connection ------------------------------------------------------------------------------------------
     def _drop(self) -> None:
+        self._beat_stop.set()
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -139,56 +154,96 @@ class ServerSession:
         if self._listener is None:
             raise SessionError('session is closed')
         deadline = time.monotonic() + self.connect_timeout_s
+        refused: List[str] = []
         while True:
-            self._listener.settimeout(max(0.01, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
             try:
+                if left <= 0:
+                    raise socket.timeout
+                self._listener.settimeout(left)
                 conn, addr = self._listener.accept()
             except socket.timeout:
+                last = f'; {len(refused)} connection(s) refused, the last: {refused[-1]}' if refused else ''
                 raise SessionError(f'no worker connected to {self.host}:{self.port} within real.connect_timeout_s = '
                                    f'{self.connect_timeout_s:g} s; start `python client_worker.py --port {self.port}` '
-                                   'on the device (through the SSH tunnel)') from None
+                                   f'on the device (through the SSH tunnel){last}') from None
             try:
-                return self._handshake(conn, addr)
-            except _StaleConnection as e:  # e.g. a dial the worker gave up on while we were busy: take the next
-                log.warning('%s; waiting for the next connection', e)
+                return self._establish(conn, addr)
+            except _Refused as e:  # a stale dial, a silent or garbage peer, a wrong token: wait for the real one
+                log.warning('%s; waiting for the worker', e)
+                refused.append(str(e))
 
-    def _handshake(self, conn: socket.socket, addr: Any) -> Dict[str, Any]:
-        conn.settimeout(self.io_timeout_s)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        nonce = P.make_nonce()
+    def _establish(self, conn: socket.socket, addr: Any) -> Dict[str, Any]:
+        """Handshake, then the clock exchange; a connection that fails either is closed and _Refused."""
+        peer = f'{addr[0]}:{addr[1]}'
         try:
-            P.send_frame(conn, 'challenge', {'nonce': nonce, 'auth_required': self.token is not None,
-                                             'heartbeat_s': max(0.5, min(5.0, self.io_timeout_s / 4)),
-                                             'version': P.VERSION})
-            hello = P.recv_frame(conn, self.limits)
-            if hello.kind != 'hello':
-                raise P.ProtocolError(f'expected a hello frame, got {hello.kind}')
-            if self.token is not None and not P.check_mac(self.token, nonce, 'worker', hello.header.get('mac')):
-                P.send_frame(conn, 'error', {'message': 'authentication failed: wrong or missing token'})
-                conn.close()
-                raise SessionError(f'worker at {addr[0]}:{addr[1]} refused: wrong or missing token (real.token / '
-                                   f'env {P.TOKEN_ENV}); nothing was run')
-            welcome = {}
-            if self.token is not None:
-                welcome['mac'] = P.auth_mac(self.token, str(hello.header.get('nonce', '')), 'server')
-            P.send_frame(conn, 'welcome', welcome)
-        except P.ConnectionClosed as e:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            P.tune_keepalive(conn, self.heartbeat_s * 2)
+            conn.settimeout(self.handshake_timeout_s)
+            info, secure = self._handshake(conn, peer, time.monotonic() + self.handshake_timeout_s)
+        except (P.ProtocolError, OSError) as e:
             conn.close()
-            raise _StaleConnection(f'connection from {addr[0]}:{addr[1]} closed during the handshake ({e})') from None
-        except P.ProtocolError as e:
+            raise _Refused(f'connection from {peer} failed the handshake: {e}') from None
+        except _Refused:
             conn.close()
-            raise SessionError(f'handshake with the worker at {addr[0]}:{addr[1]} failed: {e}') from None
-        self._conn = conn
-        self.hello = dict(hello.header.get('info') or {})
-        self.sync_clock()
-        log.info('worker connected: %s (%s), python %s, torch %s', self.hello.get('device_name'),
-                 self.hello.get('device'), self.hello.get('python_version'), self.hello.get('torch_version'))
-        return dict(self.hello)
+            raise
+        secure.settimeout(self.io_timeout_s)
+        self._conn, self.hello = secure, info
+        try:
+            self.sync_clock()
+        except SessionError as e:
+            raise _Refused(f'worker at {peer} dropped right after the handshake ({e})') from None
+        self._start_heartbeats()
+        log.info('worker connected: %s (%s), python %s, torch %s', info.get('device_name'), info.get('device'),
+                 info.get('python_version'), info.get('torch_version'))
+        return dict(info)
+
+    def _handshake(self, conn: socket.socket, peer: str, deadline: float) -> Tuple[Dict[str, Any], Any]:
+        """comm.protocol's version-2 handshake: (the worker's info, the connection to use from now on)."""
+        token, nonce_s = self.token, P.make_nonce()
+        P.send_frame(conn, 'challenge', {'nonce': nonce_s, 'auth_required': token is not None,
+                                         'heartbeat_s': self.heartbeat_s, 'version': P.VERSION})
+        nonce_w = P.check_nonce(self._expect(conn, 'hello', peer, deadline).header.get('nonce'), 'the worker')
+        P.send_frame(conn, 'proof', {'mac': P.auth_proof(token, 'server', nonce_s, nonce_w)} if token else {})
+        proof = self._expect(conn, 'proof', peer, deadline)
+        if token is not None and not P.check_proof(token, 'worker', nonce_s, nonce_w, proof.header.get('mac')):
+            P.send_frame(conn, 'error', {'error': 'AuthRefused', 'message': 'authentication failed: wrong or missing '
+                                         'token'})
+            raise _Refused(f'worker at {peer} refused: wrong or missing token (real.token / env {P.TOKEN_ENV}); '
+                           'nothing was run')
+        info = proof.header.get('info')
+        if not isinstance(info, dict):
+            raise P.ProtocolError(f'the worker\'s proof frame needs an "info" object, got {type(info).__name__}')
+        P.send_frame(conn, 'welcome', {})
+        return dict(info), (P.SecureChannel(conn, P.session_key(token, nonce_s, nonce_w), 'server') if token else conn)
+
+    @staticmethod
+    def _expect(conn: socket.socket, kind: str, peer: str, deadline: float) -> P.Frame:
+        frame = P.recv_frame(conn, P.PREAUTH_LIMITS, deadline)
+        if frame.kind == 'error':
+            raise _Refused(f'worker at {peer} refuses: {one_line(str(frame.header.get("message")), 300)}')
+        if frame.kind != kind:
+            raise P.ProtocolError(f'expected a {kind} frame, got {frame.kind}')
+        return frame
+
+    def _start_heartbeats(self) -> None:
+        """A heartbeat to the worker every heartbeat_s while this connection is up: its read timeout between
+        commands (comm.protocol.idle_timeout_s) tells a silent server from an idle one."""
+        self._beat_stop = stop = threading.Event()
+        conn, lock, interval = self._conn, self._send_lock, self.heartbeat_s
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    P.send_frame(conn, 'heartbeat', {'t': time.monotonic()}, lock=lock)
+                except P.ProtocolError:
+                    return
+        threading.Thread(target=beat, name='server-heartbeat', daemon=True).start()
 
     def close(self) -> None:
         if self._conn is not None:
             try:
-                P.send_frame(self._conn, 'bye', {})
+                P.send_frame(self._conn, 'bye', {}, lock=self._send_lock)
             except P.ProtocolError:
                 pass
         self._drop()
@@ -196,7 +251,7 @@ class ServerSession:
             self._listener.close()
             self._listener = None
 
-    def _need_conn(self) -> socket.socket:
+    def _need_conn(self) -> Any:
         if self._conn is None:
             raise SessionError('no worker connected: call accept() first (after a drop, accept() again)')
         return self._conn
@@ -222,7 +277,7 @@ class ServerSession:
 
     def _send(self, kind: str, header: Dict[str, Any], tensors: Any = None, what: str = '') -> int:
         try:
-            return P.send_frame(self._need_conn(), kind, header, tensors)
+            return P.send_frame(self._need_conn(), kind, header, tensors, lock=self._send_lock)
         except P.ProtocolError as e:
             raise self._lost(e, what or kind) from None
 
@@ -241,7 +296,10 @@ class ServerSession:
                 raise SessionError(f'worker failed command {cmd}: {frame.header.get("error", "")}: '
                                    f'{frame.header.get("message")}')
             if frame.kind == 'reply' and frame.header.get('id') == rid:
-                return dict(frame.header.get('result') or {}), frame
+                result = frame.header.get('result')
+                if not isinstance(result, dict):
+                    raise self._lost(P.ProtocolError(f'reply to {cmd} has no "result" object'), f'command {cmd}')
+                return dict(result), frame
             raise self._lost(P.ProtocolError(f'unexpected {frame.kind} frame (id {frame.header.get("id")})'),
                              f'command {cmd}')
 
@@ -252,6 +310,9 @@ class ServerSession:
             t0 = time.monotonic()
             res, _ = self.request('clock')
             t1 = time.monotonic()
+            if isinstance(res.get('t'), bool) or not isinstance(res.get('t'), (int, float)) \
+                    or not np.isfinite(res['t']):
+                raise self._lost(P.ProtocolError(f'clock reply without a finite "t": {res.get("t")!r}'), 'clock')
             if best is None or t1 - t0 < best[0]:
                 best = (t1 - t0, (t0 + t1) / 2 - float(res['t']))
         self._offset_s = best[1]
@@ -283,9 +344,10 @@ class ServerSession:
             for s in sizes:
                 t0 = time.perf_counter()
                 res, frame = self.request('probe', {'reply_bytes': s})
-                t = time.perf_counter() - t0 - float(res.get('worker_ms', 0.0)) / 1e3
-                if frame.tensors['data'].nbytes != s:
-                    raise SessionError(f'probe: asked for {s} bytes, got {frame.tensors["data"].nbytes}')
+                t = time.perf_counter() - t0 - _number(res.get('worker_ms', 0.0)) / 1e3
+                got = frame.tensors['data'].nbytes if 'data' in frame.tensors else None
+                if got != s:
+                    raise SessionError(f'probe: asked for {s} bytes, got {got}')
                 samples.append({'bytes': s, 'time_ms': t * 1e3})
         x = np.array([r['bytes'] for r in samples], dtype=np.float64)
         y = np.array([r['time_ms'] for r in samples]) / 1e3
@@ -348,6 +410,42 @@ class ServerSession:
 
     def run(self, server_part: Optional[torch.nn.Module], images_uint8: torch.Tensor, labels: torch.Tensor,
             batch_size: int) -> Dict[str, Any]:
+        dep, labels, bs = self._check_run(server_part, images_uint8, labels, batch_size)
+        up = self.upload(images_uint8)
+        self.sync_clock()
+        dev = next(server_part.parameters()).device if server_part is not None and \
+            any(True for _ in server_part.parameters()) else torch.device('cpu')
+        if server_part is not None:
+            server_part.eval()
+        self._ids += 1
+        rx = _Receiver(self._need_conn(), self.limits)
+        t_start = time.monotonic()
+        self._send('request', {'cmd': 'run', 'id': self._ids, 'args': {'batch_size': bs, 'queue': 2}}, what='run')
+        rx.thread.start()
+        try:
+            preds, per_batch, worker = self._collect(rx, lambda x: _server_stage(server_part, dev, dep, x), t_start)
+        except BaseException:
+            rx.stop.set()
+            if rx.thread.is_alive():  # the worker may still be streaming: drop the connection, it reconnects
+                self._drop()
+                rx.thread.join(5)
+            raise
+        rx.thread.join(self.io_timeout_s)
+        wall = time.monotonic() - t_start
+        rows = worker.get('per_batch') if isinstance(worker.get('per_batch'), list) else []
+        for row, w in zip(per_batch, rows):
+            if isinstance(w, dict):
+                row['send_ms'], row['edge_queue_wait_ms'] = w.get('send_ms'), w.get('queue_wait_ms')
+        pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        if len(pred) != len(labels):
+            raise SessionError(f'run: received predictions for {len(pred)} of {len(labels)} samples')
+        return dict(_run_summary(per_batch, pred, labels, wall), batch_size=bs, lam=dep['lam'],
+                    feature_dtype=dep['feature_dtype'], upload_s=up['upload_s'], clock_offset_s=self._offset_s,
+                    worker_device=(self.hello or {}).get('device'))
+
+    def _check_run(self, server_part: Optional[torch.nn.Module], images_uint8: torch.Tensor, labels: Any,
+                   batch_size: int) -> Tuple[Dict[str, Any], torch.Tensor, int]:
+        """(the deployment, labels as a flat CPU tensor, batch size) of run()'s arguments, or SessionError."""
         dep = self._deployed
         if dep is None:
             raise SessionError('run: nothing deployed on this connection (call deploy() first)')
@@ -362,116 +460,127 @@ class ServerSession:
             raise SessionError(f'run: {len(images_uint8)} images but {len(labels)} labels')
         if int(batch_size) < 1:
             raise SessionError(f'run: batch_size must be >= 1, got {batch_size}')
-        bs = int(batch_size)
-        up = self.upload(images_uint8)
-        self.sync_clock()
-        dev = next(server_part.parameters()).device if server_part is not None and \
-            any(True for _ in server_part.parameters()) else torch.device('cpu')
-        if server_part is not None:
-            server_part.eval()
-        self._ids += 1
-        rid = self._ids
-        frames: 'queue.Queue[Any]' = queue.Queue(maxsize=2)  # bounded: a slow server stage back-pressures the link
-        conn = self._need_conn()
-        stop = threading.Event()
+        return dep, labels, int(batch_size)
 
-        def put(item: Any) -> None:
-            while not stop.is_set():
-                try:
-                    frames.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
-
-        def receiver() -> None:
-            while not stop.is_set():
-                ready = time.monotonic()  # from here on this side takes bytes as fast as they come
-                try:
-                    f = P.recv_frame(conn, self.limits)
-                except P.ProtocolError as e:
-                    put(e)
-                    return
-                if f.kind == 'heartbeat':
-                    continue
-                put((f, ready, time.monotonic()))
-                if f.kind != 'features':
-                    return
-
-        t_start = time.monotonic()
-        self._send('request', {'cmd': 'run', 'id': rid, 'args': {'batch_size': bs, 'queue': 2}}, what='run')
-        thread = threading.Thread(target=receiver, name='receiver', daemon=True)
-        thread.start()
-        off = self._offset_s
+    def _collect(self, rx: '_Receiver', stage: Any, t_start: float) -> Tuple[List[torch.Tensor],
+                                                                           List[Dict[str, Any]], Dict[str, Any]]:
+        """The server stage over the streamed batches until the worker's reply: (predictions, per-batch records,
+        the worker's result)."""
         preds: List[torch.Tensor] = []
         per_batch: List[Dict[str, Any]] = []
-        try:
-            while True:
-                try:
-                    item = frames.get(timeout=self.io_timeout_s + 5)
-                except queue.Empty:
-                    raise self._lost(P.ProtocolTimeout('receiver got nothing'), 'run') from None
-                if isinstance(item, P.ProtocolError):
-                    raise self._lost(item, f'run (after {len(per_batch)} batches)')
-                f, t_ready, t_recv = item
-                if f.kind == 'error':
-                    raise SessionError(f'worker failed command run: {f.header.get("error", "")}: '
-                                       f'{f.header.get("message")}')
-                if f.kind == 'reply':
-                    worker = f.header.get('result') or {}
-                    break
-                if f.kind != 'features':
-                    raise self._lost(P.ProtocolError(f'unexpected {f.kind} frame'), 'run')
-                t0 = time.monotonic()
-                x = torch.from_numpy(f.tensors['x'])
-                with torch.no_grad():
-                    if lam == n:
-                        out = x.float()
-                    else:
-                        x = x.to(dev)
-                        x = normalize_batch(x, dep['mean'], dep['std']) if lam == 0 else x.float()
-                        out = server_part(x)
-                    preds.append(out.argmax(1).cpu())
-                t1 = time.monotonic()
-                h = f.header
-                per_batch.append({'batch': int(h['batch']), 'samples': int(len(x)), 'edge_ms': float(h['edge_ms']),
-                                  'link_ms': (t_recv - max(float(h['send_start']) + off, t_ready)) * 1e3,
-                                  'link_total_ms': (t_recv - (float(h['send_start']) + off)) * 1e3,
-                                  'server_wait_ms': (t0 - t_recv) * 1e3, 'server_ms': (t1 - t0) * 1e3,
-                                  'latency_ms': (t1 - (float(h['edge_start']) + off)) * 1e3,
-                                  'bytes': int(f.tensors['x'].nbytes), 'done_s': t1 - t_start})
-        except BaseException:
-            stop.set()
-            if thread.is_alive():  # the worker may still be streaming: drop the connection, it reconnects
-                self._drop()
-                thread.join(5)
-            raise
-        thread.join(self.io_timeout_s)
-        wall = time.monotonic() - t_start
-        for row, w in zip(per_batch, worker.get('per_batch', [])):
-            row['send_ms'], row['edge_queue_wait_ms'] = w.get('send_ms'), w.get('queue_wait_ms')
-        pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-        if len(pred) != len(labels):
-            raise SessionError(f'run: received predictions for {len(pred)} of {len(labels)} samples')
-        steady = None
-        if len(per_batch) >= 3:
-            span = per_batch[-1]['done_s'] - per_batch[0]['done_s']
-            steady = sum(r['samples'] for r in per_batch[1:]) / span if span > 0 else None
-        return {'accuracy_pct': float((pred == labels).float().mean() * 100), 'throughput_fps': len(labels) / wall,
-                'steady_throughput_fps': steady, 'latency_ms': _median([r['latency_ms'] for r in per_batch]),
-                'edge_ms': _median([r['edge_ms'] for r in per_batch]),
-                'link_ms': _median([r['link_ms'] for r in per_batch]),
-                'server_ms': _median([r['server_ms'] for r in per_batch]),
-                'batches': len(per_batch), 'samples': int(len(labels)), 'batch_size': bs, 'lam': lam,
-                'feature_dtype': dep['feature_dtype'], 'per_batch': per_batch, 'wall_s': wall,
-                'upload_s': up['upload_s'], 'predictions': pred.tolist(), 'clock_offset_s': off,
-                'worker_device': (self.hello or {}).get('device')}
+        while True:
+            try:
+                item = rx.frames.get(timeout=self.io_timeout_s + 5)
+            except queue.Empty:
+                raise self._lost(P.ProtocolTimeout('receiver got nothing'), 'run') from None
+            if isinstance(item, P.ProtocolError):
+                raise self._lost(item, f'run (after {len(per_batch)} batches)')
+            f, t_ready, t_recv = item
+            if f.kind == 'error':
+                raise SessionError(f'worker failed command run: {f.header.get("error", "")}: '
+                                   f'{f.header.get("message")}')
+            if f.kind == 'reply':
+                result = f.header.get('result')
+                return preds, per_batch, result if isinstance(result, dict) else {}
+            if f.kind != 'features' or 'x' not in f.tensors:
+                raise self._lost(P.ProtocolError(f'unexpected {f.kind} frame (a features frame carries tensor x)'),
+                                 'run')
+            t0 = time.monotonic()
+            preds.append(stage(f.tensors['x']))
+            t1 = time.monotonic()
+            try:
+                per_batch.append(_batch_record(f.header, f.tensors['x'], self._offset_s, (t_ready, t_recv, t0, t1),
+                                               t_start))
+            except (KeyError, TypeError, ValueError) as e:
+                raise self._lost(P.ProtocolError(f'malformed features frame header ({e!r})'), 'run') from None
+
+
+class _Receiver:
+    """The thread that takes a run's frames off the connection into a bounded queue (a slow server stage
+    back-pressures the link), each with the time this side was ready for it and the time it had all of it."""
+
+    def __init__(self, conn: Any, limits: P.Limits) -> None:
+        self.conn, self.limits = conn, limits
+        self.frames: 'queue.Queue[Any]' = queue.Queue(maxsize=2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name='receiver', daemon=True)
+
+    def _put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.frames.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            ready = time.monotonic()  # from here on this side takes bytes as fast as they come
+            try:
+                f = P.recv_frame(self.conn, self.limits)
+            except P.ProtocolError as e:
+                self._put(e)
+                return
+            if f.kind == 'heartbeat':
+                continue
+            self._put((f, ready, time.monotonic()))
+            if f.kind != 'features':
+                return
+
+
+def _server_stage(server_part: Optional[torch.nn.Module], dev: torch.device, dep: Dict[str, Any],
+                  features: np.ndarray) -> torch.Tensor:
+    """Predicted classes of one streamed batch: the server part on the features (normalized images at lambda 0),
+    or the argmax of the logits the worker sent (lambda N)."""
+    x = torch.from_numpy(features)
+    try:
+        with torch.no_grad():
+            if server_part is None:
+                out = x.float()
+            else:
+                x = x.to(dev)
+                x = normalize_batch(x, dep['mean'], dep['std']) if dep['lam'] == 0 else x.float()
+                out = server_part(x)
+            return out.argmax(1).cpu()
+    except (RuntimeError, IndexError, ValueError) as e:
+        raise SessionError(f'run: a streamed batch of shape {tuple(x.shape)} does not fit the server part at '
+                           f'lambda {dep["lam"]} ({one_line(str(e), 200)})') from None
+
+
+def _batch_record(h: Dict[str, Any], x: np.ndarray, off: float, times: Tuple[float, float, float, float],
+                  t_start: float) -> Dict[str, Any]:
+    """One batch's timings (module docstring): the worker's stamps mapped onto our clock by `off`; `times` are
+    ours: (ready to receive, received, server stage start, server stage end)."""
+    t_ready, t_recv, t0, t1 = times
+    send_start, edge_start = float(h['send_start']) + off, float(h['edge_start']) + off
+    return {'batch': int(h['batch']), 'samples': int(len(x)), 'edge_ms': float(h['edge_ms']),
+            'link_ms': (t_recv - max(send_start, t_ready)) * 1e3, 'link_total_ms': (t_recv - send_start) * 1e3,
+            'server_wait_ms': (t0 - t_recv) * 1e3, 'server_ms': (t1 - t0) * 1e3,
+            'latency_ms': (t1 - edge_start) * 1e3, 'bytes': int(x.nbytes), 'done_s': t1 - t_start}
+
+
+def _run_summary(per_batch: List[Dict[str, Any]], pred: torch.Tensor, labels: torch.Tensor,
+                 wall: float) -> Dict[str, Any]:
+    """Accuracy, whole-run and steady-state throughput, per-stage medians of a run."""
+    steady = None
+    if len(per_batch) >= 3:
+        span = per_batch[-1]['done_s'] - per_batch[0]['done_s']
+        steady = sum(r['samples'] for r in per_batch[1:]) / span if span > 0 else None
+    return {'accuracy_pct': float((pred == labels).float().mean() * 100), 'throughput_fps': len(labels) / wall,
+            'steady_throughput_fps': steady, 'latency_ms': _median([r['latency_ms'] for r in per_batch]),
+            'edge_ms': _median([r['edge_ms'] for r in per_batch]),
+            'link_ms': _median([r['link_ms'] for r in per_batch]),
+            'server_ms': _median([r['server_ms'] for r in per_batch]),
+            'batches': len(per_batch), 'samples': int(len(labels)), 'per_batch': per_batch, 'wall_s': wall,
+            'predictions': pred.tolist()}
 
 
 def session_from_config(cfg: Config) -> ServerSession:
     """A ServerSession with cfg.real's settings; the token falls back to env HYPERREPVGG_TOKEN."""
     r = cfg.real
     return ServerSession(r.host, r.port, P.resolve_token(r.token), r.connect_timeout_s, r.io_timeout_s,
-                         int(r.max_frame_mb * 2 ** 20), allow_remote=r.allow_remote)
+                         int(r.max_frame_mb * 2 ** 20), allow_remote=r.allow_remote,
+                         handshake_timeout_s=r.handshake_timeout_s)
 
 
 def link_from_probe(probe: Dict[str, Any]):

@@ -5,8 +5,10 @@ Global sample id g < n_train is train[g]; g >= n_train is test[g - n_train].
 
 Pool.  Domains are drawn from the samples the base model does not train on: every test sample plus the
 train samples outside the base-training subset.  The base-training subset (`base_train_ids`) is the whole
-train source when train.base_train_samples is 0, otherwise the first base_train_samples ids of a seeded
-permutation of the train ids.  The same subset is excluded whether or not a base checkpoint is given.
+train source when train.base_train_samples is 0, otherwise the first base_train_samples ids of a permutation of
+the train ids seeded by train.base_split_seed (not by --seed: a base model trained once serves every domain seed,
+and the domains never hold its training images).  The same subset is excluded whether or not a base checkpoint
+is given.
 
 Partition rules (K = data.num_domains, C = classes):
   class-slices  domain d covers the contiguous (cyclic) window of classes
@@ -297,7 +299,7 @@ def make_partition(cfg: Config) -> Dict[str, Any]:
     num_classes = num_classes_for(dc.dataset, cfg)
     if dc.partition == 'class-slices' and dc.num_domains > num_classes * 10:
         raise PartitionError(f'--num_domains {dc.num_domains}: too many domains for {num_classes} classes')
-    base_ids = base_train_ids(n_train, cfg.train.base_train_samples, cfg.seed)
+    base_ids = base_train_ids(n_train, cfg.train.base_train_samples, cfg.train.base_split_seed)
     all_labels = np.concatenate([train.labels if train is not None else np.zeros(0, np.int64), test.labels])
     in_base = np.zeros(len(all_labels), dtype=bool)
     in_base[base_ids] = True
@@ -339,7 +341,8 @@ def make_partition(cfg: Config) -> Dict[str, Any]:
                     'id_rule': 'global id g < sources.train is train[g], otherwise test[g - sources.train]'},
         'base_train': {'count': int(len(base_ids)), 'cap': int(cfg.train.base_train_samples),
                        'sha256': hashlib.sha256(base_ids.astype('<i8').tobytes()).hexdigest(),
-                       'rule': 'all train ids if cap is 0, else the first `cap` of numpy default_rng([seed, 1])'
+                       'split_seed': int(cfg.train.base_split_seed),
+                       'rule': 'all train ids if cap is 0, else the first `cap` of numpy default_rng([split_seed, 1])'
                                '.permutation(n_train), sorted'},
         'pool_size': int(len(pool_ids)),
         'corruption_rule': 'numpy default_rng([corruption_seed, global id]) per sample, after resizing; '

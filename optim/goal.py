@@ -38,6 +38,8 @@ import torch
 from hyper_repvgg import BRANCHES, LAYOUTS, NUM_LAYOUTS
 from optim.cost import STAGES, CostError, CostTables, gap_pct, stage_times
 from optim.relax import RelaxTables, expected_stage_times, relax_tables, smooth_max
+from optim import search
+from optim.search import Improve
 
 LEVELS = ('xi_new_prunes', 'xi_accuracy_pct', 'throughput_objective', 'xi_memory', 'period_rel')  # key order
 TOL = 1e-7  # absolute tolerance when comparing / fixing priority levels (all levels are O(1) numbers)
@@ -654,37 +656,22 @@ def repair(p: GoalProblem, gammas: np.ndarray, lam: int) -> Tuple[np.ndarray, in
     return g, lam, changes
 
 
-def local_search(p: GoalProblem, gammas: np.ndarray, lam: int, max_moves: int = 200,
-                 pair_moves: bool = True) -> Tuple[np.ndarray, int, int, str]:
-    """Best-improvement local search on the lexicographic key: single-block layout changes and split moves; when none
-    improves, pairs of layout changes in two blocks (e.g. restore a branch here to prune one there).
-    Returns (gammas, lam, moves, status 'converged' | 'move_limit')."""
-    n = p.num_blocks
-    g = np.asarray(gammas, dtype=np.int64).copy()
-    lam = int(lam)
-    ks, gs = np.nonzero(p.allowed)
-    lams = np.arange(n + 1)
-    for moves in range(max_moves):
+def goal_improvement(p: GoalProblem) -> Improve:
+    """Step 3's `improve` for optim.search.local_search: the lexicographically best candidate key if it is strictly
+    better than the current configuration's."""
+    def improve(cand: np.ndarray, cl: np.ndarray, g: np.ndarray, lam: int) -> Optional[int]:
         cur = lex_keys(goal_values(p, g[None], np.array([lam])))[0]
-        cand = np.repeat(g[None], ks.size + n + 1, 0)
-        cand[np.arange(ks.size), ks] = gs
-        cl = np.concatenate([np.full(ks.size, lam), lams])
         keys = lex_keys(goal_values(p, cand, cl))
         i = lex_best(keys)
-        if not lex_better(keys[i], cur) and pair_moves:
-            i1, i2 = np.triu_indices(ks.size, 1)
-            diff = ks[i1] != ks[i2]
-            i1, i2 = i1[diff], i2[diff]
-            pc = np.repeat(g[None], i1.size, 0)
-            pc[np.arange(i1.size), ks[i1]] = gs[i1]
-            pc[np.arange(i1.size), ks[i2]] = gs[i2]
-            cand, cl = pc, np.full(i1.size, lam)
-            keys = lex_keys(goal_values(p, cand, cl))
-            i = lex_best(keys)
-        if not lex_better(keys[i], cur):
-            return g, lam, moves, 'converged'
-        g, lam = cand[i].copy(), int(cl[i])
-    return g, lam, max_moves, 'move_limit'
+        return i if lex_better(keys[i], cur) else None
+    return improve
+
+
+def local_search(p: GoalProblem, gammas: np.ndarray, lam: int, max_moves: int = 200,
+                 pair_moves: bool = True) -> Tuple[np.ndarray, int, int, str]:
+    """optim.search.local_search on the goal program's lexicographic key, with pair moves by default.
+    Returns (gammas, lam, moves, status 'converged' | 'move_limit')."""
+    return search.local_search(gammas, lam, p.allowed, goal_improvement(p), max_moves, pair_moves)
 
 
 def split_polish(p: GoalProblem, gammas: np.ndarray, lam: int, key: np.ndarray,

@@ -46,6 +46,7 @@ import torch
 
 from optim.cost import (CostError, CostTables, best_index, check_objective, check_valid, describe,
                         objective_values, stage_times)
+from optim.search import Improve, local_search
 
 
 @dataclass(frozen=True)
@@ -147,20 +148,10 @@ class RelaxResult:
     wall_s: float = 0.0
 
 
-def local_search(gammas: np.ndarray, lam: int, t: CostTables, valid: np.ndarray, objective: str, omega: float,
-                 max_rounds: int = 200) -> Tuple[np.ndarray, int, int, str]:
-    """Best-improvement local search under the exact cost: each round evaluates every single-block layout change
-    and every split (layouts kept) and takes the best strict improvement of (objective, then latency).
-    Returns (gammas, lam, moves, status) with status 'converged' or 'round_limit'."""
-    n = t.num_blocks
-    g = np.asarray(gammas, dtype=np.int64).copy()
-    lam = int(lam)
-    ks, gs = np.nonzero(valid)
-    lams = np.arange(n + 1)
-    for moves in range(max_rounds):
-        cand = np.repeat(g[None, :], ks.size + n + 1, axis=0)
-        cand[np.arange(ks.size), ks] = gs
-        cl = np.concatenate([np.full(ks.size, lam), lams])
+def exact_improvement(t: CostTables, objective: str, omega: float) -> Improve:
+    """Step 2's `improve` for optim.search.local_search: the candidate with the best exact-cost objective (ties within
+    1e-12 relative: the lower latency) if it is strictly better in (objective, then latency)."""
+    def improve(cand: np.ndarray, cl: np.ndarray, g: np.ndarray, lam: int) -> Optional[int]:
         st = stage_times(cand, cl, t)
         obj = objective_values(st, objective, omega)
         i = best_index(obj, st.latency_ms)
@@ -168,10 +159,8 @@ def local_search(gammas: np.ndarray, lam: int, t: CostTables, valid: np.ndarray,
         cur_obj = float(objective_values(cur, objective, omega)[0])
         tol = 1e-12 * max(1.0, abs(cur_obj))
         better = obj[i] < cur_obj - tol or (obj[i] <= cur_obj + tol and st.latency_ms[i] < cur.latency_ms[0] - tol)
-        if not better:
-            return g, lam, moves, 'converged'
-        g, lam = cand[i].copy(), int(cl[i])
-    return g, lam, max_rounds, 'round_limit'
+        return int(i) if better else None
+    return improve
 
 
 def relaxed_value_grad(theta: np.ndarray, rt: RelaxTables, objective: str, omega: float, tau: float
@@ -253,10 +242,11 @@ def solve_relaxed(t: CostTables, valid: np.ndarray, objective: str = 'throughput
     gd_obj = objective_values(st, objective, omega)
     history, finals = [], []
     status = 'converged'
+    improve = exact_improvement(t, objective, omega)
     for r in range(restarts):
         if search:
-            g, lam, moves, s = local_search(arg_g[r], int(arg_l[r]), t, valid, objective, omega, max_rounds)
-            status = s if s != 'converged' else status
+            g, lam, moves, s = local_search(arg_g[r], int(arg_l[r]), valid, improve, max_rounds)
+            status = 'round_limit' if s != 'converged' else status  # step 2's artifact word (docs/artifacts.md)
         else:
             g, lam, moves = arg_g[r], int(arg_l[r]), 0
         final = float(objective_values(stage_times(g[None], np.array([lam]), t), objective, omega)[0])

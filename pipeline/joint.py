@@ -12,7 +12,6 @@ deterministic (seeded per domain and round), so a resumed run makes the same dec
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,17 +20,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from artifacts import JOINT_DIR, ArtifactError, joint_path, load_artifact, write_artifact
+from artifacts import (COMMON_FIELDS, JOINT_DIR, ArtifactError, file_sha256, fingerprint, joint_path, load_artifact,
+                       write_artifact)
 from config import Config, ConfigError, UserError
 from hyper_repvgg import BRANCHES, HyperRepVGG
 from optim import cost, exact, goal
-from accuracy import pruning
+from accuracy import pruning, surrogate
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
-JOINT_VERSION = 2  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
-SURROGATE_NOTE = ('surrogate: A_ref(test) minus the summed corrected branch sensitivities of the final round; '
-                  'predicted, not measured')
+JOINT_VERSION = 3  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
+SURROGATE_NOTE = ('surrogate: predicted accuracy drop (points, train split) = the anchor configuration\'s measured '
+                  'loss + rho x the marginal sensitivities measured on it; a prediction, compared here with the '
+                  'measured val drop of each configuration')
 
 
 def state_path(cfg: Config, d: int) -> Path:
@@ -40,19 +41,6 @@ def state_path(cfg: Config, d: int) -> Path:
 
 def rounds_dir(cfg: Config, d: int) -> Path:
     return cfg.path(JOINT_DIR, f'domain_{d}_rounds')
-
-
-def _canon(o: Any) -> Any:
-    if isinstance(o, dict):
-        return tuple(sorted((str(k), _canon(v)) for k, v in o.items()))
-    if isinstance(o, (list, tuple)):
-        return tuple(_canon(v) for v in o)
-    return o
-
-
-def fingerprint(*parts: Any) -> str:
-    """A stable digest of plain data (dicts, lists, numbers, strings)."""
-    return hashlib.sha256(repr(_canon(list(parts))).encode()).hexdigest()
 
 
 def check_joint_config(cfg: Config) -> None:
@@ -164,6 +152,14 @@ def _load_checkpoint(path: Path, kind: str, fp: str) -> Optional[Dict[str, Any]]
     return obj if obj['fingerprint'] == fp else None
 
 
+def _round_summary(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """A round record as the domain file lists it: without the bulky fields and without the provenance of the
+    run that wrote a resumed round's checkpoint (the domain file's own provenance is this run's; resumed rounds
+    are listed in 'resumed_rounds' with theirs)."""
+    drop = {'hyper_weights', 'fingerprint', 'sensitivity_after_pct', *COMMON_FIELDS}
+    return {k: v for k, v in rec.items() if k not in drop}
+
+
 def _model_from(base: HyperRepVGG, hyper: Dict[str, Any], cfg: Config, bn_file: Optional[str]) -> HyperRepVGG:
     m = pruning.copy_with(base)
     m.load_hyper_weights(hyper)
@@ -197,6 +193,11 @@ def _split_train(loader: Any, samples: int, cfg: Config, d: int, r: int) -> Tupl
 
 # ----------------------------------------------------------------------------------------------------------
 # One domain: data, reference and sensitivities, rounds, final pick, Pareto sweep, payload
+#
+# Data roles (docs/artifacts.md, README 'What each split is for'): the train split trains alpha (step 0), fine-tunes
+# it (a seeded subset; the rest keeps the best epoch) and measures every sensitivity of the surrogate; the val split
+# only accepts configurations (paired one-sided bound against the reference) and picks the round; the test split
+# is only reported (paired drop with its interval).
 # ----------------------------------------------------------------------------------------------------------
 
 def _sens_array(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
@@ -208,29 +209,48 @@ def _sens_json(sens: np.ndarray) -> List[List[Optional[float]]]:
     return np.where(np.isnan(sens), None, sens).tolist()
 
 
+def _pruned_of(inp: Inputs, gammas: Sequence[int]) -> np.ndarray:
+    """(N, 3) bool: branches the blocks have and the layouts `gammas` drop."""
+    return goal.available_mask(inp.available) & ~goal.LAYOUT_BRANCHES[np.asarray(gammas, dtype=np.int64)]
+
+
 @dataclass
 class DomainData:
-    """One domain's images: the train loader (fine-tuning) and the collected val, sensitivity and test arrays."""
-    train: Any
-    x_val: Any
+    """One domain's images by role: fine-tuning loader and surrogate images (train split), acceptance images (val),
+    reported images (test)."""
+    train: Any  # shuffled train-split loader: fine-tuning
+    x_fit: Any  # train split (first joint.sensitivity_samples): sensitivities and the surrogate's measurements
+    y_fit: Any
+    x_val: Any  # acceptance and selection
     y_val: Any
-    x_sens: Any
-    y_sens: Any
-    x_test: Any
+    x_test: Any  # reported only
     y_test: Any
-    generator: Any  # shared by the train loader's shuffling and the fine-tuning
+
+
+@dataclass
+class Reference:
+    """The domain model's accuracies per split and its per-image correctness on val and test (paired tests)."""
+    a_fit: float
+    a_val: float
+    a_test: float
+    val_correct: np.ndarray
+    test_correct: np.ndarray
 
 
 @dataclass
 class LoopState:
     """The progressive-pruning loop's state between rounds."""
-    sens: np.ndarray  # corrected sensitivities after the latest round (points)
+    sens: np.ndarray  # surrogate sensitivities around the anchor (points, before the calibration factor)
     warm: Optional[Tuple[Sequence[int], int]]  # the solvers' warm start
     rounds: List[Dict[str, Any]] = field(default_factory=list)
     models: List[HyperRepVGG] = field(default_factory=list)
-    prev_cfg: Optional[Tuple[Sequence[int], int]] = None
-    prev_met: bool = False
+    pairs: List[Tuple[float, float]] = field(default_factory=list)  # (predicted, measured) increments per round
+    se_last: float = 0.0  # standard error of the latest round's paired val difference, points
     stop: str = 'max_rounds'
+
+    def anchor(self) -> Optional[int]:
+        """Index of the latest accepted round (None: the domain model is the anchor)."""
+        return next((i for i in range(len(self.rounds) - 1, -1, -1) if self.rounds[i]['accepted']), None)
 
 
 @dataclass
@@ -239,8 +259,7 @@ class FinalPick:
     gammas: List[int]
     lam: int
     chosen_round: int
-    val_acc: float
-    test_acc: float
+    measured: Dict[str, Any]  # as measure() returns
     evaluation: Dict[str, Any]
 
 
@@ -248,14 +267,13 @@ def _domain_data(inp: Inputs, d: int) -> DomainData:
     from accuracy.training import seeded_generator
     from data.domains import domain_loader
     cfg, j = inp.cfg, inp.cfg.joint
-    gen = seeded_generator(cfg.seed, 2000 + d)
     ebs = cfg.train.eval_batch_size
+    gen = seeded_generator(cfg.seed, 2000 + d)
     train = domain_loader(cfg, inp.partition, d, 'train', cfg.train.batch_size, True, gen)
-    val = domain_loader(cfg, inp.partition, d, 'val', ebs, False)
-    xv, yv = pruning.collect(val)
-    xs, ys = pruning.collect(val, j.sensitivity_samples) if j.sensitivity_samples else (xv, yv)
+    xf, yf = pruning.collect(domain_loader(cfg, inp.partition, d, 'train', ebs, False), j.sensitivity_samples)
+    xv, yv = pruning.collect(domain_loader(cfg, inp.partition, d, 'val', ebs, False))
     xt, yt = pruning.collect(domain_loader(cfg, inp.partition, d, 'test', ebs, False))
-    return DomainData(train, xv, yv, xs, ys, xt, yt, gen)
+    return DomainData(train, xf, yf, xv, yv, xt, yt)
 
 
 def _read_checkpoint(path: Path, kind: str, fp: str, model0: Optional[HyperRepVGG] = None, cfg: Optional[Config] = None,
@@ -279,78 +297,168 @@ def _write_checkpoint(path: Path, kind: str, rec: Dict[str, Any], cfg: Config, c
     write_artifact(path, kind, rec, cfg, command)
 
 
-def reference_phase(inp: Inputs, model0: HyperRepVGG, data: DomainData, d: int) -> Dict[str, Any]:
-    """A_ref on val and test and the initial branch sensitivities (points) of the domain model."""
+def _sensitivities(inp: Inputs, model: HyperRepVGG, data: DomainData, desc: str) -> Dict[str, Any]:
+    """Branch sensitivities of `model` on the train-split images (joint.sensitivity mode)."""
     cfg, j = inp.cfg, inp.cfg.joint
     ebs = cfg.train.eval_batch_size
-    a_val = pruning.accuracy(model0, data.x_val, data.y_val, inp.mean, inp.std, ebs, cfg.device)
-    a_test = pruning.accuracy(model0, data.x_test, data.y_test, inp.mean, inp.std, ebs, cfg.device)
     if j.sensitivity == 'measured':
-        s = pruning.measure_sensitivities(model0, data.x_sens, data.y_sens, inp.mean, inp.std, ebs, cfg.device,
-                                          desc=f'domain {d} sensitivities', only=goal.worth_measuring(
-                                              inp.tables, inp.available, j.min_saving_pct))
-    else:
-        s = pruning.importance_sensitivities(model0, cfg.model.input_size, data.x_sens, data.y_sens, inp.mean,
-                                             inp.std, j.importance_share, ebs, cfg.device)
-    return {'a_ref_val_pct': a_val, 'a_ref_test_pct': a_test, 'mode': j.sensitivity,
-            'sensitivity_samples': int(data.y_val.numel() if not j.sensitivity_samples else data.y_sens.numel()),
-            'sensitivity_pct': _sens_json(s['sensitivity_pct']),
+        return pruning.measure_sensitivities(model, data.x_fit, data.y_fit, inp.mean, inp.std, ebs, cfg.device,
+                                             desc=desc, only=goal.worth_measuring(inp.tables, inp.available,
+                                                                                  j.min_saving_pct))
+    return pruning.importance_sensitivities(model, cfg.model.input_size, data.x_fit, data.y_fit, inp.mean, inp.std,
+                                            j.importance_share, ebs, cfg.device)
+
+
+def reference_phase(inp: Inputs, model0: HyperRepVGG, data: DomainData, d: int) -> Dict[str, Any]:
+    """A_ref on the three splits and the initial branch sensitivities (points, train split) of the domain model."""
+    cfg = inp.cfg
+    ebs = cfg.train.eval_batch_size
+    acc = {s: pruning.accuracy(model0, x, y, inp.mean, inp.std, ebs, cfg.device) for s, x, y in (
+        ('fit', data.x_fit, data.y_fit), ('val', data.x_val, data.y_val), ('test', data.x_test, data.y_test))}
+    s = _sensitivities(inp, model0, data, f'domain {d} sensitivities')
+    return {'a_ref_fit_pct': acc['fit'], 'a_ref_val_pct': acc['val'], 'a_ref_test_pct': acc['test'],
+            'mode': cfg.joint.sensitivity, 'sensitivity_samples': int(data.y_fit.numel()),
+            'sensitivity_split': 'train', 'sensitivity_pct': _sens_json(s['sensitivity_pct']),
             'evaluations': s['evaluations'], 'details': {k: v for k, v in s.items()
                                                          if k in ('kappa', 'calibration', 'base_acc_pct')}}
 
 
-def _start_model(p: goal.GoalProblem, st: LoopState, want: np.ndarray, model0: HyperRepVGG) -> HyperRepVGG:
-    """Progressive: continue from the latest round that met the goal and whose pruned branches are all pruned again
-    (else from the domain's model), so that restored branches never meet alphas tuned without them."""
+def _reference(inp: Inputs, model0: HyperRepVGG, data: DomainData, ref: Dict[str, Any]) -> Reference:
+    cfg = inp.cfg
+    ebs = cfg.train.eval_batch_size
+    return Reference(float(ref['a_ref_fit_pct']), float(ref['a_ref_val_pct']), float(ref['a_ref_test_pct']),
+                     pruning.correct_mask(model0, data.x_val, data.y_val, inp.mean, inp.std, ebs, cfg.device),
+                     pruning.correct_mask(model0, data.x_test, data.y_test, inp.mean, inp.std, ebs, cfg.device))
+
+
+def measure(inp: Inputs, model: HyperRepVGG, data: DomainData, ref: Reference, keys: Tuple[int, int]) -> Dict[str, Any]:
+    """A configuration's accuracy on the three splits and its paired difference to the reference on val (the
+    acceptance test) and on test (reported); bootstraps seeded by (seed, *keys)."""
+    from accuracy import stats
+    cfg = inp.cfg
+    ebs = cfg.train.eval_batch_size
+    fit = pruning.accuracy(model, data.x_fit, data.y_fit, inp.mean, inp.std, ebs, cfg.device)
+    val = pruning.correct_mask(model, data.x_val, data.y_val, inp.mean, inp.std, ebs, cfg.device)
+    test = pruning.correct_mask(model, data.x_test, data.y_test, inp.mean, inp.std, ebs, cfg.device)
+    rng = np.random.default_rng([int(cfg.seed), *keys])
+    return {'fit_accuracy_pct': fit, 'val_accuracy_pct': 100.0 * float(val.mean()),
+            'test_accuracy_pct': 100.0 * float(test.mean()),
+            'val': stats.paired_difference(ref.val_correct, val, rng),
+            'test': stats.paired_difference(ref.test_correct, test, rng)}
+
+
+def _accepts(m: Dict[str, Any], epsilon: float) -> bool:
+    """The acceptance rule: the one-sided 95 % lower bound of the paired val difference is >= -epsilon."""
+    return bool(m['val']['lower_pct'] >= -float(epsilon) - 1e-9)
+
+
+def _start_model(st: LoopState, want: np.ndarray, inp: Inputs, model0: HyperRepVGG) -> HyperRepVGG:
+    """Progressive: continue from the latest accepted round whose pruned branches are all pruned again (else from
+    the domain's model), so that restored branches never meet alphas tuned without them."""
     for old, old_model in reversed(list(zip(st.rounds, st.models))):
-        if old['goal_met'] and not (goal.pruned_mask_of(p, old['gammas']) & ~want).any():
+        if old['accepted'] and not (_pruned_of(inp, old['gammas']) & ~want).any():
             return old_model
     return model0
 
 
-def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, a_val: float, d: int,
-                r: int, fp: str) -> Optional[Tuple[Dict[str, Any], HyperRepVGG, np.ndarray]]:
-    """One progressive pruning round: solve, prune, fine-tune alpha, measure on val, correct the sensitivities.
-    Returns (the round's record, its model, the corrected sensitivities), or None when it converged."""
+def _deploy(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, gammas: Sequence[int], d: int,
+            r: int, desc: str) -> Tuple[HyperRepVGG, Optional[Dict[str, Any]]]:
+    """The configuration as a model: pruned from its start model, alpha fine-tuned when it prunes anything."""
     from accuracy import training
     cfg, j = inp.cfg, inp.cfg.joint
-    tr = time.perf_counter()
-    floor = a_val - j.epsilon
-    # progressive steps from the latest round that met the goal (a missed round is backtracked)
-    anchor = next((i for i in range(len(st.rounds) - 1, -1, -1) if st.rounds[i]['goal_met']), None)
-    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
-        goal.pruned_mask_of(problem_for(inp, st.sens, a_val, j.epsilon), st.rounds[anchor]['gammas'])
-    p = problem_for(inp, st.sens, a_val, j.epsilon, before)
-    sol = _solve(inp, p, j.solver, d, r, st.warm)
-    best = sol['best']
-    if st.prev_cfg is not None and st.prev_met and (best.gammas, best.lam) == (list(st.prev_cfg[0]), st.prev_cfg[1]):
-        return None
-    model = pruning.copy_with(_start_model(p, st, goal.pruned_mask_of(p, best.gammas), model0), best.gammas)
-    pruned = pruning.pruned_mask(model)
+    model = pruning.copy_with(_start_model(st, _pruned_of(inp, gammas), inp, model0), gammas)
     hist = None
-    if pruned.any() and j.epochs_per_round > 0:
+    if pruning.pruned_mask(model).any() and j.epochs_per_round > 0:
         tune, select = _split_train(data.train, j.finetune_samples, cfg, d, r)
         hist = training.fine_tune_alpha(model, tune, select, j.epochs_per_round, cfg.train.alpha_lr, cfg.device,
-                                        data.generator, inp.mean, inp.std, desc=f'domain {d} round {r} fine-tune')
-    acc = pruning.accuracy(model, data.x_val, data.y_val, inp.mean, inp.std, cfg.train.eval_batch_size, cfg.device)
-    predicted_loss = float(best.evaluation['surrogate_loss_pct'])
-    sens_new, corr = pruning.correct_sensitivities(st.sens, pruned, a_val - acc)
-    met = acc >= floor - 1e-9
-    bn_rel = f'{JOINT_DIR}/domain_{d}_rounds/round_{r:03d}_bn.pt' if model.adapt_bn else None
+                                        None, inp.mean, inp.std, desc=desc)
+    return model, hist
+
+
+def _budget(inp: Inputs, st: LoopState, ref: Reference, epsilon: float) -> Dict[str, float]:
+    """The solver's loss budget: epsilon less the confidence margin, and the calibration factor rho."""
+    from accuracy import stats
+    margin = surrogate.margin_pct(epsilon, int(ref.val_correct.size), st.se_last, stats.one_sided_z())
+    return {'epsilon': float(epsilon), 'margin_pct': margin, 'budget_pct': max(0.0, float(epsilon) - margin),
+            'rho': surrogate.calibration_factor(st.pairs)}
+
+
+def _surrogate_update(inp: Inputs, st: LoopState, model: HyperRepVGG, data: DomainData, ref: Reference,
+                      m: Dict[str, Any], before: np.ndarray, rho: float, accepted: bool, d: int, r: int
+                      ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The surrogate after a measured round: re-centred on it when accepted (marginal sensitivities re-measured on
+    it), else its new prunes carry their measured increment.  Returns (sensitivities, record)."""
+    pruned = pruning.pruned_mask(model)
+    anchor = st.anchor()
+    anchor_loss = 0.0 if anchor is None else ref.a_fit - st.rounds[anchor]['measured']['fit_accuracy_pct']
+    pred_inc = surrogate.increment(st.sens, before, pruned)
+    meas_inc = (ref.a_fit - m['fit_accuracy_pct']) - anchor_loss
+    rec: Dict[str, Any] = {'predicted_increment_pct': pred_inc, 'measured_increment_fit_pct': meas_inc,
+                           'rho': rho, 'resensitized': False, 'evaluations': 0}
+    if accepted and pruned.any():
+        fresh = _sensitivities(inp, model, data, f'domain {d} round {r} sensitivities')
+        loss = max(0.0, ref.a_fit - m['fit_accuracy_pct'])
+        sens = surrogate.recentre(fresh['sensitivity_pct'], st.sens, pruned, loss)
+        rec.update(resensitized=True, evaluations=fresh['evaluations'])
+    elif not accepted:
+        sens, corr = pruning.correct_sensitivities(st.sens, pruned & ~before, meas_inc / max(rho, 1e-9))
+        rec['correction'] = corr
+    else:
+        sens = st.sens.copy()
+    return sens, rec
+
+
+def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, ref: Reference, d: int,
+                r: int, fp: str) -> Optional[Tuple[Dict[str, Any], HyperRepVGG, np.ndarray]]:
+    """One progressive pruning round: solve under the margin-reduced budget, prune, fine-tune alpha, measure,
+    accept on the paired val bound, update the surrogate.  Returns (the round's record, its model, the new
+    sensitivities), or None when it converged."""
+    j = inp.cfg.joint
+    tr = time.perf_counter()
+    anchor = st.anchor()
+    # progressive steps from the latest accepted round (a rejected round is backtracked)
+    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
+        _pruned_of(inp, st.rounds[anchor]['gammas'])
+    bud = _budget(inp, st, ref, j.epsilon)
+    p = problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit, bud['budget_pct'], before)
+    sol = _solve(inp, p, j.solver, d, r, st.warm)
+    best = sol['best']
+    last = st.rounds[-1] if st.rounds else None
+    if last is not None and last['accepted'] and (best.gammas, best.lam) == (list(last['gammas']), last['lam']):
+        return None
+    model, hist = _deploy(inp, st, model0, data, best.gammas, d, r, f'domain {d} round {r} fine-tune')
+    m = measure(inp, model, data, ref, (7000 + d, r))
+    accepted = _accepts(m, j.epsilon)
+    sens_new, upd = _surrogate_update(inp, st, model, data, ref, m, before, bud['rho'], accepted, d, r)
+    predicted = float(best.evaluation['surrogate_loss_pct'])
     rec = {'fingerprint': fp, 'round': r, 'gammas': best.gammas, 'lam': best.lam,
-           'branches_pruned': int(pruned.sum()), 'surrogate_accuracy_pct': a_val - predicted_loss,
-           'val_accuracy_pct': acc, 'goal_met': bool(met), 'floor_pct': floor,
+           'branches_pruned': int(pruning.pruned_mask(model).sum()), 'accepted': accepted,
+           'val_accuracy_pct': m['val_accuracy_pct'], 'measured': m,
+           'xi_accuracy_pct': max(0.0, -j.epsilon - m['val']['lower_pct']),
+           'surrogate': dict(bud, predicted_drop_pct=predicted, measured_val_drop_pct=m['val']['drop_pct'],
+                             error_pct=predicted - m['val']['drop_pct'], held_out=True, update=upd),
            'predicted': {k: best.evaluation[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms',
                                                          'throughput_fps', 'bottleneck', 'period_ms')},
-           'solvers': _solutions(sol), 'correction': corr, 'fine_tune': hist,
-           'sensitivity_after_pct': _sens_json(sens_new),
-           'hyper_weights': model.hyper_weights(), 'bn_state_file': bn_rel,
+           'solvers': _solutions(sol), 'fine_tune': hist, 'sensitivity_after_pct': _sens_json(sens_new),
+           'hyper_weights': model.hyper_weights(),
+           'bn_state_file': f'{JOINT_DIR}/domain_{d}_rounds/round_{r:03d}_bn.pt' if model.adapt_bn else None,
            'wall_s': time.perf_counter() - tr}
     return rec, model, sens_new
 
 
+def _absorb(st: LoopState, rec: Dict[str, Any], model: HyperRepVGG, sens: np.ndarray) -> None:
+    """The loop state after round `rec` (measured now or read from its checkpoint)."""
+    st.rounds.append(rec)
+    st.models.append(model)
+    st.sens = sens
+    upd = rec['surrogate']['update']
+    st.pairs.append((upd['predicted_increment_pct'], upd['measured_increment_fit_pct']))
+    st.se_last = float(rec['measured']['val']['se_pct'])
+    st.warm = (rec['gammas'], rec['lam'])
+
+
 def _run_rounds(inp: Inputs, st: LoopState, model0: HyperRepVGG, bn_file0: Optional[str], data: DomainData,
-                a_val: float, d: int, fp: str, command: str) -> None:
+                ref: Reference, d: int, fp: str, command: str) -> None:
     """The progressive pruning rounds, each resumed from its checkpoint when one exists with the same inputs."""
     cfg = inp.cfg
     rd = rounds_dir(cfg, d)
@@ -358,63 +466,88 @@ def _run_rounds(inp: Inputs, st: LoopState, model0: HyperRepVGG, bn_file0: Optio
         path = rd / f'round_{r:03d}.json'
         done = _read_checkpoint(path, 'joint_round', fp, model0, cfg, bn_file0)
         if done is not None:
-            rec, model = done
-            st.rounds.append(rec)
-            st.models.append(model)
-            st.sens = _sens_array(rec['sensitivity_after_pct'])
-            st.prev_cfg, st.prev_met = (rec['gammas'], rec['lam']), rec['goal_met']
-            st.warm = (rec['gammas'], rec['lam'])
+            _absorb(st, done[0], done[1], _sens_array(done[0]['sensitivity_after_pct']))
             log.info('domain %d: round %d resumed from %s', d, r, path)
             continue
-        out = round_phase(inp, st, model0, data, a_val, d, r, fp)
+        out = round_phase(inp, st, model0, data, ref, d, r, fp)
         if out is None:
             st.stop = 'converged'
-            log.info('domain %d: round %d re-solve repeats round %d, which met the goal: converged', d, r, r - 1)
+            log.info('domain %d: round %d re-solve repeats round %d, which was accepted: converged', d, r, r - 1)
             break
         rec, model, sens_new = out
         _write_checkpoint(path, 'joint_round', rec, cfg, command, model, rec['bn_state_file'])
-        log.info('domain %d: round %d: %d branches pruned, lambda %d, predicted %.1f fps; val %.2f %% (surrogate '
-                 '%.2f %%), goal %s', d, r, rec['branches_pruned'], rec['lam'], rec['predicted']['throughput_fps'],
-                 rec['val_accuracy_pct'], rec['surrogate_accuracy_pct'], 'met' if rec['goal_met'] else 'missed')
-        st.rounds.append(rec)
-        st.models.append(model)
-        st.sens, st.prev_cfg, st.prev_met = sens_new, (rec['gammas'], rec['lam']), rec['goal_met']
-        st.warm = (rec['gammas'], rec['lam'])
+        v = rec['measured']['val']
+        log.info('domain %d: round %d: %d branches pruned, lambda %d, predicted %.1f fps; val drop %.2f points '
+                 '(one-sided 95 %% bound %.2f, surrogate predicted %.2f): %s', d, r, rec['branches_pruned'],
+                 rec['lam'], rec['predicted']['throughput_fps'], v['drop_pct'], 0.0 - v['lower_pct'],
+                 rec['surrogate']['predicted_drop_pct'], 'accepted' if rec['accepted'] else 'rejected')
+        _absorb(st, rec, model, sens_new)
 
 
-def final_pick(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, a_val: float) -> FinalPick:
-    """The fastest round that met the goal, else the unpruned optimum; its test accuracy and goal evaluation."""
-    cfg = inp.cfg
-    p_final = problem_for(inp, st.sens, a_val, cfg.joint.epsilon)
-    feasible = [rec for rec in st.rounds if rec['goal_met']]
-    if feasible:
-        pick = max(feasible, key=lambda rec: (rec['predicted']['throughput_fps'], rec['val_accuracy_pct'],
+def final_pick(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, ref: Reference) -> FinalPick:
+    """The fastest accepted round, else the unpruned optimum; its measurements and goal evaluation."""
+    p_final = problem_for(inp, st.sens, ref.a_fit, inp.cfg.joint.epsilon)
+    accepted = [rec for rec in st.rounds if rec['accepted']]
+    if accepted:
+        pick = max(accepted, key=lambda rec: (rec['predicted']['throughput_fps'], rec['val_accuracy_pct'],
                                               rec['round']))
         model = st.models[st.rounds.index(pick)]
-        gammas, lam, chosen_round, val_acc = pick['gammas'], pick['lam'], pick['round'], pick['val_accuracy_pct']
+        gammas, lam, chosen_round, m = pick['gammas'], pick['lam'], pick['round'], pick['measured']
     else:
-        gammas, lam, chosen_round, val_acc = inp.unpruned.gammas, inp.unpruned.lam, 0, a_val
+        gammas, lam, chosen_round = inp.unpruned.gammas, inp.unpruned.lam, 0
         model = pruning.copy_with(model0, gammas)
+        m = None
     pruning.apply_config(model, gammas)
-    test_acc = pruning.accuracy(model, data.x_test, data.y_test, inp.mean, inp.std, cfg.train.eval_batch_size,
-                                cfg.device)
-    return FinalPick(model, gammas, lam, chosen_round, val_acc, test_acc, goal.evaluate(p_final, gammas, lam))
+    if m is None:
+        m = measure(inp, model, data, ref, (7000, 0))
+    return FinalPick(model, list(gammas), int(lam), chosen_round, m, goal.evaluate(p_final, gammas, lam))
 
 
-def pareto_phase(inp: Inputs, sens: np.ndarray, a_val: float, a_test: float, d: int,
-                 warm: Tuple[Sequence[int], int]) -> List[Dict[str, Any]]:
-    """The epsilon sweep solved on the corrected surrogate (no training)."""
+def _interval(ref_pct: float, paired: Dict[str, Any]) -> List[float]:
+    """The 95 % interval of an accuracy, from its paired difference to the reference (ref + [lo, hi])."""
+    return [ref_pct + paired['ci_pct'][0], ref_pct + paired['ci_pct'][1]]
+
+
+def _measured_like(st: LoopState, fin: FinalPick, inp: Inputs, gammas: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """The measurement of an earlier configuration that prunes exactly the same branches, if any."""
+    want = _pruned_of(inp, gammas)
+    for rec in st.rounds:
+        if (_pruned_of(inp, rec['gammas']) == want).all():
+            return rec['measured']
+    return fin.measured if (_pruned_of(inp, fin.gammas) == want).all() else None
+
+
+def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
+                 ref: Reference, d: int) -> List[Dict[str, Any]]:
+    """The epsilon sweep: each point solved on the final surrogate (margin-reduced budget), deployed (pruned,
+    fine-tuned) and measured; its accuracy is the measured test accuracy with its paired interval."""
     from accuracy.training import seeded_generator
     j = inp.cfg.joint
+    anchor = st.anchor()
+    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
+        _pruned_of(inp, st.rounds[anchor]['gammas'])
     pareto = []
     sweep_solver = 'gd' if j.solver == 'gd' else 'milp'
     for k, eps in enumerate(j.epsilon_sweep):
-        sp = goal.solve(problem_for(inp, sens, a_val, eps), sweep_solver, seeded_generator(inp.cfg.seed, 4000 + d, k),
-                        _gd_kwargs(inp.cfg, warm), j.milp_time_limit_s)['best']
-        pareto.append({'epsilon': float(eps), 'accuracy_pct': a_test - sp.evaluation['surrogate_loss_pct'],
+        bud = _budget(inp, st, ref, eps)
+        sp = goal.solve(problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit,
+                                    bud['budget_pct']), sweep_solver, seeded_generator(inp.cfg.seed, 4000 + d, k),
+                        _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)), j.milp_time_limit_s)['best']
+        m = _measured_like(st, fin, inp, sp.gammas)
+        held_out = m is None
+        if m is None:
+            model, _ = _deploy(inp, st, model0, data, sp.gammas, d, 1000 + k, f'domain {d} pareto eps={eps:g}')
+            m = measure(inp, model, data, ref, (8000 + d, k))
+        predicted = float(sp.evaluation['surrogate_loss_pct'])
+        pareto.append({'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
+                       'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
+                       'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
+                       'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, eps),
+                       'predicted_drop_pct': predicted, 'error_pct': predicted - m['val']['drop_pct'],
+                       'held_out': held_out, 'budget': bud,
                        'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
                        'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
-                       'solver': sp.solver, 'status': sp.status, 'accuracy_source': 'surrogate'})
+                       'solver': sp.solver, 'status': sp.status})
     return pareto
 
 
@@ -426,17 +559,39 @@ def _measure_real(real_run: Any, fin: FinalPick, data: DomainData) -> Dict[str, 
     steady = measured.get('steady_throughput_fps') or measured['throughput_fps']
     measured['throughput_ratio_measured_over_predicted'] = steady / ev['throughput_fps']
     measured['latency_ratio_measured_over_predicted'] = measured['latency_ms'] / ev['latency_ms']
-    measured['accuracy_diff_measured_minus_offline_pct'] = measured['accuracy_pct'] - fin.test_acc
+    measured['accuracy_diff_measured_minus_offline_pct'] = measured['accuracy_pct'] - fin.measured['test_accuracy_pct']
     return measured
 
 
+def _surrogate_report(st: LoopState, pareto: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Predicted vs measured drop of every evaluated configuration, and the error on those it was not fitted to."""
+    points = [{'where': f'round {rec["round"]}', 'predicted_drop_pct': rec['surrogate']['predicted_drop_pct'],
+               'measured_val_drop_pct': rec['measured']['val']['drop_pct'],
+               'measured_test_drop_pct': rec['measured']['test']['drop_pct'],
+               'error_pct': rec['surrogate']['error_pct'], 'held_out': True} for rec in st.rounds]
+    points += [{'where': f'pareto eps={p["epsilon"]:g}', 'predicted_drop_pct': p['predicted_drop_pct'],
+                'measured_val_drop_pct': p['val_drop_pct'], 'measured_test_drop_pct': p['test_drop_pct'],
+                'error_pct': p['error_pct'], 'held_out': p['held_out']} for p in pareto]
+    return {'note': SURROGATE_NOTE, 'points': points,
+            'held_out': surrogate.error_summary([p for p in points if p['held_out']])}
+
+
+def _data_roles(data: DomainData) -> Dict[str, Any]:
+    return {'train': {'role': 'alpha training (step 0), fine-tuning (a seeded subset; the rest keeps the best epoch), '
+                              'sensitivities and the surrogate', 'surrogate_images': int(data.y_fit.numel())},
+            'val': {'role': 'acceptance (paired one-sided 95 % bound >= -epsilon) and the pick among accepted rounds',
+                    'images': int(data.y_val.numel())},
+            'test': {'role': 'reported only (paired drop with its 95 % interval)', 'images': int(data.y_test.numel())}}
+
+
 def payload_phase(inp: Inputs, d: int, fp: str, ref: Dict[str, Any], st: LoopState, fin: FinalPick,
-                  pareto: List[Dict[str, Any]], measured: Optional[Dict[str, Any]], real: bool) -> Dict[str, Any]:
+                  pareto: List[Dict[str, Any]], data: DomainData, measured: Optional[Dict[str, Any]],
+                  real: bool) -> Dict[str, Any]:
     """The domain's joint_domain artifact (without `timing`)."""
+    from accuracy import stats
     j = inp.cfg.joint
     a_val, a_test = float(ref['a_ref_val_pct']), float(ref['a_ref_test_pct'])
-    floor = a_val - j.epsilon
-    gammas, lam, ev = fin.gammas, fin.lam, fin.evaluation
+    gammas, lam, ev, m = fin.gammas, fin.lam, fin.evaluation, fin.measured
     available = [sorted(a, key=BRANCHES.index) for a in inp.available]
     kept_final = goal.kept_sets(gammas)
     blocks = fin.model.hyper_weights()['blocks']
@@ -445,13 +600,19 @@ def payload_phase(inp: Inputs, d: int, fp: str, ref: Dict[str, Any], st: LoopSta
     last = st.rounds[-1] if st.rounds else None
     return {
         'domain': d, 'fingerprint': fp, 'mode': 'real' if real else 'pseudo',
-        'a_ref_pct': a_test, 'a_ref_val_pct': a_val, 'final_accuracy_pct': fin.test_acc,
-        'final_val_accuracy_pct': fin.val_acc,
-        'accuracy_drop_pct': a_test - fin.test_acc, 'epsilon': j.epsilon, 'accuracy_floor_val_pct': floor,
+        'a_ref_pct': a_test, 'a_ref_val_pct': a_val, 'a_ref_fit_pct': float(ref['a_ref_fit_pct']),
+        'final_accuracy_pct': m['test_accuracy_pct'], 'final_val_accuracy_pct': m['val_accuracy_pct'],
+        'accuracy_drop_pct': m['test']['drop_pct'],
+        'accuracy_drop_ci95_pct': [0.0 - m['test']['ci_pct'][1], 0.0 - m['test']['ci_pct'][0]],
+        'final_accuracy_ci95_pct': _interval(a_test, m['test']), 'epsilon': j.epsilon,
+        'accuracy_floor_pct': a_test - j.epsilon, 'accuracy_floor_val_pct': a_val - j.epsilon,
+        'acceptance': {'rule': f'one-sided {stats.LEVEL:.0%} lower bound of the paired val difference to A_ref '
+                               '>= -epsilon', 'val': m['val'], 'test': m['test']},
+        'data_roles': _data_roles(data),
         'lam': int(lam), 'gammas': [int(g) for g in gammas], 'blocks': blocks,
         'branches_pruned': int(sum(len(a) - len(k) for a, k in zip(available, kept_final))),
-        'deviations': {'xi_accuracy_pct': max(0.0, floor - fin.val_acc),
-                       'xi_accuracy_test_pct': max(0.0, a_test - j.epsilon - fin.test_acc),
+        'deviations': {'xi_accuracy_pct': max(0.0, m['test']['drop_pct'] - j.epsilon),
+                       'xi_accuracy_val_bound_pct': max(0.0, -j.epsilon - m['val']['lower_pct']),
                        'xi_throughput_fps': ev['deviations']['xi_throughput_fps'],
                        'xi_memory_bytes': ev['deviations']['xi_memory_bytes']},
         'predicted': {k: ev[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms', 'throughput_fps',
@@ -459,12 +620,14 @@ def payload_phase(inp: Inputs, d: int, fp: str, ref: Dict[str, Any], st: LoopSta
         'roofline': side_roofline(inp, gammas, lam), 'edge_weight_bytes': ev['edge_weight_bytes'],
         'goal_evaluation': ev, 'chosen_round': fin.chosen_round, 'stop_reason': st.stop,
         'solvers': (st.rounds[fin.chosen_round - 1] if fin.chosen_round else last or {}).get('solvers'),
-        'rounds': [{k: v for k, v in rec.items() if k not in ('hyper_weights', 'fingerprint', 'sensitivity_after_pct')}
-                   for rec in st.rounds],
-        'sensitivity': {'mode': ref['mode'], 'samples': ref['sensitivity_samples'], 'evaluations': ref['evaluations'],
-                        'initial_pct': ref['sensitivity_pct'],
+        'rounds': [_round_summary(rec) for rec in st.rounds],
+        'resumed_rounds': [{'round': rec['round'], 'created_at': rec['created_at'], 'command': rec['command']}
+                           for rec in st.rounds if 'created_at' in rec],
+        'sensitivity': {'mode': ref['mode'], 'samples': ref['sensitivity_samples'], 'split': 'train',
+                        'evaluations': ref['evaluations'], 'initial_pct': ref['sensitivity_pct'],
                         'final_pct': _sens_json(st.sens), 'details': ref['details']},
-        'pareto': pareto, 'pareto_note': SURROGATE_NOTE,
+        'surrogate': _surrogate_report(st, pareto),
+        'pareto': pareto,
         'baselines': {'unpruned': cost.plain_baselines(inp.tables, inp.available),
                       'pruned': cost.plain_baselines(inp.tables, kept_final)},
         'unpruned_optimum': dict(inp.unpruned.stages, description='step-2 optimum: layouts and split, nothing pruned'),
@@ -495,7 +658,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     hw_entry = load_artifact(training.hyper_weights_path(cfg), 'trained_hyper_weights', {'domains': dict})['domains']
     if str(d) not in hw_entry:
         raise UserError(f'{training.hyper_weights_path(cfg)}: no hyper-weights for domain {d}; run step 0 for it')
-    fp = fingerprint(inp.base_fingerprint, hw_entry[str(d)], d)
+    fp = fingerprint([inp.base_fingerprint, hw_entry[str(d)], d])
     if not force:
         done = _load_checkpoint(joint_path(cfg.path(), d), 'joint_domain', fp)
         if done is not None and (real_run is None or isinstance(done.get('measured'), dict)):
@@ -517,22 +680,23 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
         _write_checkpoint(rd / 'reference.json', 'joint_reference', ref, cfg, command)
     else:
         ref = done_ref[0]
+    refs = _reference(inp, model0, data, ref)
     timing['reference_s'] = time.perf_counter() - t0
-    a_val, a_test = float(ref['a_ref_val_pct']), float(ref['a_ref_test_pct'])
-    log.info('domain %d: A_ref %.2f %% (val) / %.2f %% (test); goal: val accuracy >= %.2f %%', d, a_val, a_test,
-             a_val - j.epsilon)
+    log.info('domain %d: A_ref %.2f %% (train) / %.2f %% (val, %d images) / %.2f %% (test); accepted: one-sided 95 %% '
+             'bound of the paired val drop <= %.2f points', d, refs.a_fit, refs.a_val, refs.val_correct.size,
+             refs.a_test, j.epsilon)
 
     t0 = time.perf_counter()
     st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm)
-    _run_rounds(inp, st, model0, bn_file0, data, a_val, d, fp, command)
+    _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
     timing['rounds_s'] = time.perf_counter() - t0
 
-    fin = final_pick(inp, st, model0, data, a_val)
+    fin = final_pick(inp, st, model0, data, refs)
     t0 = time.perf_counter()
-    pareto = pareto_phase(inp, st.sens, a_val, a_test, d, (fin.gammas, fin.lam))
+    pareto = pareto_phase(inp, st, fin, model0, data, refs, d)
     timing['pareto_s'] = time.perf_counter() - t0
     measured = _measure_real(real_run, fin, data) if real_run is not None else None
-    payload = payload_phase(inp, d, fp, ref, st, fin, pareto, measured, real_run is not None)
+    payload = payload_phase(inp, d, fp, ref, st, fin, pareto, data, measured, real_run is not None)
     payload['timing'] = dict(timing, wall_s=time.perf_counter() - t_start)
     return {'payload': payload, 'state': _state(inp, d, fp, fin), 'skipped': False}
 
@@ -579,9 +743,9 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
     partition = load_partition(cfg.path('partition_info.json'), cfg)
     mean, std = dataset_stats(cfg)
     c = cfg.to_dict()
-    base_fp = fingerprint(hashlib.sha256(Path(lut_file).read_bytes()).hexdigest(), link.to_dict(), hw['fingerprint'],
-                          c['joint'], c['optim'], c['train'], c['model'], c['data'], c['lut']['feature_dtype'],
-                          cfg.seed, warm, cost.COST_MODEL_VERSION, JOINT_VERSION)
+    base_fp = fingerprint([file_sha256(lut_file), link.to_dict(), hw['fingerprint'], c['joint'], c['optim'], c['train'],
+                           c['model'], c['data'], c['lut']['feature_dtype'], cfg.seed, warm, cost.COST_MODEL_VERSION,
+                           JOINT_VERSION])
     return Inputs(cfg, lut, Path(lut_file), t, L.block_stats(lut), available, unpruned, warm, why, partition,
                   mean, std, base_fp, link.to_dict())
 

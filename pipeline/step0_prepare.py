@@ -20,8 +20,7 @@ import os  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
 from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
-from config import (ConfigError, add_common_args, command_line, default_of, resolve_config, resolve_path,  # noqa: E402
-                    run_cli)
+from config import (ConfigError, add_common_args, command_line, default_of, resolve_config, run_cli)
 
 log = logging.getLogger('step0')
 FLAG_KEYS = {'num_domains': 'data.num_domains', 'partition': 'data.partition',
@@ -80,8 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from viz import heatmaps
 
     check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
-    if cfg.model.checkpoint and not resolve_path(cfg.model.checkpoint).is_file():
-        raise training.CheckpointError(f'--checkpoint: file {resolve_path(cfg.model.checkpoint)} does not exist')
+    if cfg.model.checkpoint:  # a missing, refused or wrong-shape checkpoint fails here, before anything is written
+        training.load_base_model(cfg)
     domains = parse_domains(args.domains, cfg.data.num_domains)
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     cmd = command_line(argv)

@@ -33,7 +33,7 @@ def measure(cfg, side, command):
     t0 = time.time()
     res = M.measure_side(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.device, cfg.lut.warmup,
                          cfg.lut.repeats, cfg.lut.threads, cfg.lut.max_entry_s, cfg.seed, progress=True,
-                         timing=cfg.lut.timing)
+                         timing=cfg.lut.timing, fit_configurations=cfg.lut.fit_configurations)
     payload = L.side_payload(side, model, cfg.model.input_size, res)
     payload['settings']['measure_wall_s'] = time.time() - t0
     payload['roofline_fit'] = L.roofline_fit(payload, min(cfg.lut.batch_sizes))
@@ -45,9 +45,12 @@ def measure(cfg, side, command):
 def validate(cfg, side_lut, command):
     configs = L.random_configurations(side_lut['model'], cfg.lut.validation_samples, np.random.default_rng(cfg.seed))
     rep = L.validate_side(side_lut, configs, min(cfg.lut.batch_sizes), cfg.device, cfg.lut.warmup, cfg.lut.repeats,
-                          cfg.lut.max_entry_s * side_lut['num_blocks'], cfg.seed, progress=True)
+                          cfg.seed, progress=True)
     write_artifact(cfg.path('lut_validation.json'), 'lut_validation', rep, cfg, command)
     print(f'{L.validation_line(rep)} -> {cfg.path("lut_validation.json")}')
+    warning = L.noise_warning(rep, cfg.lut.repeats, side_lut['metadata'].get('threads', cfg.lut.threads))
+    if warning:
+        print(warning, file=sys.stderr)
     return rep
 
 
@@ -168,8 +171,10 @@ def main(argv=None):
     cfg = resolve_config(args, FLAGS)
     if cfg.lut.feature_dtype not in ('fp32', 'fp16'):
         raise L.ConfigError(f'--feature_dtype / lut.feature_dtype: expected fp32 or fp16, got {cfg.lut.feature_dtype!r}')
-    if cfg.lut.timing not in ('chain', 'isolated'):
-        raise L.ConfigError(f'lut.timing: expected chain or isolated, got {cfg.lut.timing!r}')
+    if cfg.lut.timing not in L.TIMING_METHODS:
+        raise L.ConfigError(f'lut.timing: expected one of {", ".join(L.TIMING_METHODS)}, got {cfg.lut.timing!r}')
+    if cfg.lut.fit_configurations < 0:
+        raise L.ConfigError(f'lut.fit_configurations: expected an integer >= 0, got {cfg.lut.fit_configurations}')
     if not cfg.lut.batch_sizes or min(cfg.lut.batch_sizes) < 1:
         raise L.ConfigError(f'--batch_sizes / lut.batch_sizes: expected positive integers, got {cfg.lut.batch_sizes}')
     get_profile(cfg.lut.edge_profile)

@@ -77,7 +77,9 @@ def summary_line(p: dict) -> str:
     plain = p['baselines']['unpruned']['best_plain_split']
     s = p['solvers'] or {}
     gap = (s.get('gap') or {}).get('objective_gap_pct')
-    return (f'domain {p["domain"]}: A_ref {p["a_ref_pct"]:.2f} % -> {p["final_accuracy_pct"]:.2f} % (test), '
+    ci = p.get('accuracy_drop_ci95_pct') or [float('nan')] * 2
+    return (f'domain {p["domain"]}: A_ref {p["a_ref_pct"]:.2f} % -> {p["final_accuracy_pct"]:.2f} % (test; drop '
+            f'{p["accuracy_drop_pct"]:.2f} points, 95 % interval [{ci[0]:.2f}, {ci[1]:.2f}]), '
             f'lambda {p["lam"]}, {p["branches_pruned"]} branches pruned, {p["predicted"]["throughput_fps"]:.1f} fps '
             f'vs best plain split {plain["throughput_fps"]:.1f} fps (lambda {plain["lam"]}): '
             f'x{p["predicted"]["throughput_fps"] / plain["throughput_fps"]:.3f}; GD-MILP gap '

@@ -28,15 +28,19 @@ def test_bench_lut_quick_fields(lut_result):
     assert m['cpu_cores'] >= 1 and m['cpu_model'] and m['torch_version'].startswith('2.')
     (row,) = obj['models'].values()
     assert row['num_blocks'] == 22 and row['batch'] == 1 and row['configurations'] == 4
-    assert len(row['records']) == 4 and row['lut_entries'] > 22
-    assert 0.0 <= row['share_within_10pct'] <= 1.0 and row['median_abs_error_pct'] >= 0.0
-    assert row['spearman_rho'] is None or -1.0 <= row['spearman_rho'] <= 1.0
+    assert len(row['records']) == 4 and row['lut_entries'] > 22 and row['settings']['timing'] == 'fit'
+    fit = row['methods']['fit']
+    assert 0.0 <= fit['share_within_10pct'] <= 1.0 and fit['median_abs_error_pct'] >= 0.0
+    assert fit['spearman_rho'] is None or -1.0 <= fit['spearman_rho'] <= 1.0
     errs = sorted(abs(r['error_pct']['total']) for r in row['records'])
-    assert row['median_abs_error_pct'] == pytest.approx((errs[1] + errs[2]) / 2)
-    assert row['share_within_10pct'] == pytest.approx(sum(e <= 10.0 for e in errs) / 4)
-    assert [h[0] for h in obj['headline']][0].endswith('configurations within +/-10 %')
-    assert obj['tables'][0]['columns'][0] == 'model' and len(obj['tables'][0]['rows']) == 1
-    assert 'Spearman rho' in stdout
+    assert fit['median_abs_error_pct'] == pytest.approx((errs[1] + errs[2]) / 2)
+    assert fit['share_within_10pct'] == pytest.approx(sum(e <= 10.0 for e in errs) / 4)
+    assert fit['noise']['passes'] == 2 and fit['noise']['pass_to_pass_pct'] >= 0.0
+    assert row['methods']['chain']['configurations'] == 4 and isinstance(row['loaded'], bool)
+    assert len(row['load_average_start']) == 3 and 'met' in fit['targets']
+    assert 'configurations within +/-10 %' in [h[0] for h in obj['headline']][0]
+    assert obj['tables'][0]['columns'][0] == 'model' and len(obj['tables'][0]['rows']) == 2
+    assert 'Spearman rho' in stdout and 'noise floor' in stdout
 
 
 def test_report_readme_from_results(lut_result):
@@ -134,3 +138,23 @@ def test_domain_timings_from_joint_artifacts(tmp_path):
                        {'domain': d, 'gammas': [0] * 22, 'timing': {'wall_s': wall}}, None, 'test')
     rows = bench_pipeline.domain_timings(tmp_path)
     assert [(r['domain'], r['wall_s'], r['num_blocks']) for r in rows] == [(0, 4.0, 22), (1, 2.5, 22)]
+
+
+def test_bench_accuracy_summary_counts_violations_and_held_out_error(tmp_path):
+    from bench import bench_accuracy as ba
+
+    def case(seed, drop, lo, errs, gain):
+        return {'seed': seed, 'domain': 0, 'drop_pct': drop, 'drop_ci95_pct': [lo, drop + 1.0],
+                'violation_within_interval': lo <= 1.0, 'held_out_errors_pct': errs, 'gain_x': gain}
+    cases = [case(0, 0.2, -0.5, [0.1, -0.3], 1.1), case(0, 1.4, 0.6, [2.0], 1.2), case(1, 1.8, 1.2, [], 1.0)]
+    s = ba.summarize(cases, [{'domain': 0, 'drop_pct': 1.5, 'gain_x': 1.3}], 1.0)
+    assert s['cases'] == 3 and s['share_within_epsilon'] == pytest.approx(1 / 3) and s['violations'] == 2
+    assert s['violations_outside_interval'] == 1  # case 3: its interval starts above epsilon
+    assert s['worst_drop_pct'] == 1.8 and s['worst_case'] == 'seed 1 domain 0'
+    assert s['surrogate_held_out_points'] == 3 and s['surrogate_median_abs_error_pct'] == pytest.approx(0.3)
+    lo, hi = s['mean_drop_ci95_pct']
+    assert lo <= s['mean_drop_pct'] <= hi
+    assert s['geomean_gain_seed0_x'] == pytest.approx((1.1 * 1.2) ** 0.5)
+    assert s['gain_kept_share'] == pytest.approx((s['geomean_gain_seed0_x'] - 1) / 0.3)
+    with pytest.raises(ba.BenchQualityError, match='base_model'):
+        ba.base_checkpoint(tmp_path)

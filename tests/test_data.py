@@ -82,6 +82,8 @@ def test_partition_deterministic_disjoint_stratified(partition):
                 assert all(counts[s][c] > 0 for s in domains.SPLITS)
     base = domains.base_train_ids(a['sources']['train'], 300, 0)
     assert not seen & set(base.tolist()), 'domain pool overlaps the base-training subset'
+    other_ids = {i for dom in other['domains'] for s in domains.SPLITS for i in dom['indices'][s]}
+    assert not other_ids & set(base.tolist()), 'another --seed must keep the base-training subset out of the domains'
     if partition == 'class-slices':
         for dom in a['domains']:
             present = {c for c in range(10) if dom['class_counts']['train'][c] > 0}

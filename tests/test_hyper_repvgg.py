@@ -1,4 +1,5 @@
 """HyperRepVGG: architecture table, official keys, the 14 layouts, pruning, gradients and the split."""
+import copy
 import json
 
 import pytest
@@ -125,6 +126,30 @@ def test_layout_equals_train_time_form(shape, gamma):
     assert rel_err(H.deploy_block(block)(x), ref) <= 1e-4
 
 
+def test_deploy_under_a_kept_set_is_the_pruned_block_and_leaves_the_block_unchanged():
+    """deploy_block(block, gamma, kept): the LUT (timing.measure.deployed_layout flipped the block's mask and back) and
+    the sensitivities (accuracy.pruning called part_tensors itself) each had their own copy of this."""
+    from timing.measure import deployed_layout
+    for shape, gamma in CASES:
+        block, x = make_block(shape, seed=100 + gamma)  # every branch kept, parallel layout
+        kept0, layout0 = block.kept.clone(), block.layout
+        pruned = copy.deepcopy(block)
+        pruned.kept.copy_(torch.tensor([b in H.LAYOUTS[gamma].branches for b in H.BRANCHES]))
+        pruned.layout = gamma
+        for got in (H.deploy_block(block, gamma, H.LAYOUTS[gamma].branches), deployed_layout(block, gamma)):
+            assert torch.equal(block.kept, kept0) and block.layout == layout0
+            assert got.layout == gamma and rel_err(got(x), reference_block(pruned, x)) <= 1e-4
+            for (name, a), (_, b) in zip(got.state_dict().items(), H.deploy_block(pruned).state_dict().items()):
+                assert torch.equal(a, b), (shape, gamma, name)
+        fused = H.deploy_block(block, kept=H.LAYOUTS[gamma].branches)
+        assert fused.layout == H.fused_layout(H.LAYOUTS[gamma].branches)
+    block, _ = make_block('stride2', 0)
+    with pytest.raises(ValueError, match='non-empty subset of DO'):
+        H.deploy_block(block, kept='DI')  # no identity branch at stride 2
+    with pytest.raises(ValueError, match='layout 4 is not valid'):
+        H.deploy_block(block, 4, kept='D')
+
+
 def test_layout_cases_cover_all_14_layouts_on_4_shapes():
     assert len(CASES) >= 14 * 4
     assert {g for _, g in CASES} == set(range(14))
@@ -220,6 +245,39 @@ def test_apply_layouts_copies_by_default_and_is_idempotent():
     assert torch.equal(once(x), twice(x))
     with pytest.raises(ValueError):
         H.apply_layouts(m, [2] * m.num_blocks)
+
+
+def test_apply_config_sets_kept_and_layouts_and_checks_every_block_first():
+    m = H.build_hyper_repvgg('A0', **TINY)
+    gammas = [1, 4] + [8 if s.has_identity else 1 for s in m.plan[2:]]
+    H.apply_config(m, gammas)
+    assert m.layouts() == gammas and m.kept(0) == H.LAYOUTS[1].branches and m.kept(2) == frozenset('OI')
+    full = [13 if s.has_identity else 4 for s in m.plan]
+    with pytest.raises(ValueError, match=r'gamma=2 is not valid for block 1 \(stage1.0\)'):
+        H.apply_config(m, full[:1] + [2] + full[2:])  # stage1.0 has no identity: nothing may change
+    assert m.layouts() == gammas
+    with pytest.raises(ValueError, match='need 22 layouts'):
+        H.apply_config(m, full[:-1])
+    H.apply_config(m, full)  # restoring pruned branches is allowed
+    assert m.layouts() == full and all(m.kept(k) == frozenset(m.blocks[k].available()) for k in range(m.num_blocks))
+
+
+def test_callers_apply_configurations_through_apply_config():
+    """accuracy.pruning.apply_config and timing.measure.deploy_configuration had their own set_kept/set_layout loops."""
+    from accuracy.pruning import PruningError, apply_config
+    from timing.measure import deploy_configuration
+    m = H.build_hyper_repvgg('A0', **TINY)
+    randomize_bn(m, torch.Generator().manual_seed(4))
+    gammas = [1, 4] + [8 if s.has_identity else 1 for s in m.plan[2:]]
+    with pytest.raises(PruningError, match='not valid for block 1'):
+        apply_config(m, [1, 2] + gammas[2:])
+    ref = copy.deepcopy(m)
+    H.apply_config(ref, gammas)
+    edge, server = deploy_configuration(m, gammas, 6)
+    assert m.layouts() == gammas and [m.kept(k) for k in range(22)] == [ref.kept(k) for k in range(22)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(server(edge(x)), ref(x)) <= 1e-4
 
 
 def test_hyper_weights_roundtrip_through_json():

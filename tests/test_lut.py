@@ -22,7 +22,7 @@ TINY_ARGS = ['--model', 'A0', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.
 
 @pytest.fixture(scope='module')
 def measured():
-    return M.measure_side(TINY, 32, (1,), 'cpu', warmup=1, repeats=3, threads=1, microbenchmark=False)
+    return M.measure_side(TINY, 32, (1,), 'cpu', warmup=1, repeats=3, threads=1, microbenchmark=False, timing='chain')
 
 
 def _lut(measured, link=L.LINK_PRESETS['wifi']):

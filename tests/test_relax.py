@@ -6,8 +6,9 @@ import torch
 
 from optim import cost as C
 from optim.exact import brute_force, side_best, solve_exact
-from optim.relax import (gibbs_split, local_search, masked_softmax, relax_tables, relaxed_value_grad,
+from optim.relax import (exact_improvement, gibbs_split, masked_softmax, relax_tables, relaxed_value_grad,
                          solve_relaxed, split_objective)
+from optim.search import local_search
 from pipeline.throughput import random_tables
 
 QUICK = dict(steps=150, restarts=2)  # small settings for the many-instance tests (defaults: 300 x 4)
@@ -115,7 +116,7 @@ def test_local_search_improves_a_bad_start():
     ex = solve_exact(t, valid)
     worst = np.argmax(np.where(valid, t.edge_ms + t.server_ms, -np.inf), 1)
     st0 = C.stage_times(worst[None], np.array([0]), t)
-    g, lam, moves, status = local_search(worst, 0, t, valid, 'throughput', 0.5)
+    g, lam, moves, status = local_search(worst, 0, valid, exact_improvement(t, 'throughput', 0.5))
     st = C.stage_times(g[None], np.array([lam]), t)
     obj0, obj = C.objective_values(st0)[0], C.objective_values(st)[0]
     assert status == 'converged' and moves > 0 and ex.objective_ms <= obj <= obj0

@@ -151,3 +151,25 @@ def test_old_step0_results_with_percent_fields_still_load(tmp_path):
     done = training.load_done_domains(tmp_path / 'training_results.json', 'training_results', 'f')
     assert done == {'0': {'final_val_acc_pct': 81.5, 'history': [{'epoch': 1, 'val_acc_pct': 80.0}]}}
     assert pct_names({'a_pct': 1, 'n': [2]}) == {'a_pct': 1, 'n': [2]}
+
+
+def test_step0_cache_keys_keep_their_former_digests(tmp_path):
+    """artifacts.fingerprint replaced step 0's own json.dumps + sha256 recipes: the keys must not change (a changed
+    key retrains every domain and the base model)."""
+    import hashlib
+
+    from artifacts import fingerprint
+    cfg = tiny_cfg(tmp_path)
+    ckpt = tmp_path / 'base.pt'
+    ckpt.write_bytes(b'weights')
+    model = build_hyper_repvgg('A0', num_classes=10, width_multiplier=TINY_WIDTH, small_input=True)
+    key = {'partition': hashlib.sha256(b'{"a": 1}').hexdigest(), 'base': hashlib.sha256(b'weights').hexdigest(),
+           'arch': model.spec_dict(), 'alpha': [cfg.train.alpha_epochs, cfg.train.alpha_lr, cfg.train.batch_size,
+                                                cfg.model.adapt_bn, cfg.seed]}
+    former = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    assert training.domain_fingerprint(cfg, '{"a": 1}', model, ckpt) == former == fingerprint(key)
+    base_key = training.base_config_key(cfg)
+    digest = hashlib.sha256(json.dumps(base_key, sort_keys=True).encode()).hexdigest()[:10]
+    assert training.base_checkpoint_path(cfg).name.endswith(f'_{digest}.pt')
+    assert fingerprint({'b': [1, 2.5], 'a': None}) == fingerprint({'a': None, 'b': (1, 2.5)})
+    assert fingerprint([1, 2]) != fingerprint([2, 1])

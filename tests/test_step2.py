@@ -81,7 +81,7 @@ def test_link_flags_re_evaluate_the_lut(tmp_path):
     assert custom['link']['bandwidth_mbps'] == 100.0 and custom['link']['latency_ms'] == 1.0
     assert custom['link']['name'] == 'custom'  # both overridden: nothing of the LUT's link is left
     assert _run(tmp_path, '--rtt_ms', '2')['link']['name'] == 'wifi+explicit'  # the LUT's link, one override
-    with pytest.raises(UserError, match='--bandwidth_mbps / lut.bandwidth_mbps: expected a positive number'):
+    with pytest.raises(UserError, match='--bandwidth_mbps: lut.bandwidth_mbps: expected a value > 0, got -3'):
         step2.main(['--results_dir', str(tmp_path), '--bandwidth_mbps', '-3'])
     with pytest.raises(UserError, match='unknown link preset'):
         step2.main(['--results_dir', str(tmp_path), '--link', '5g'])

@@ -68,7 +68,19 @@ def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
         assert set(obj['baselines']) == {'unpruned', 'pruned'}
         assert set(obj['baselines']['unpruned']) >= {'edge_only', 'server_only', 'best_plain_split'}
         assert [p['epsilon'] for p in obj['pareto']] == [1.0, 4.0]
-        assert all(p['accuracy_source'] == 'surrogate' for p in obj['pareto'])
+        for p in obj['pareto']:  # every sweep point deployed and measured, with its paired interval
+            assert p['accuracy_source'] == 'measured (test)'
+            lo, hi = p['accuracy_ci95_pct']
+            assert lo <= p['accuracy_pct'] <= hi and p['accepted'] == (p['val_lower_pct'] >= -p['epsilon'] - 1e-9)
+        lo, hi = obj['accuracy_drop_ci95_pct']
+        assert lo <= obj['accuracy_drop_pct'] <= hi
+        assert obj['acceptance']['val']['lower_pct'] >= -obj['epsilon'] - 1e-9 or obj['chosen_round'] == 0
+        assert all(rec['accepted'] == (rec['measured']['val']['lower_pct'] >= -obj['epsilon'] - 1e-9)
+                   for rec in obj['rounds'])
+        assert set(obj['data_roles']) == {'train', 'val', 'test'}
+        pts = obj['surrogate']['points']
+        assert len(pts) == len(obj['rounds']) + len(obj['pareto'])
+        assert obj['surrogate']['held_out']['n'] == sum(p['held_out'] for p in pts)
         fps = [p['throughput_fps'] for p in obj['pareto']]
         assert fps[1] >= fps[0] * (1 - 1e-9)  # a looser floor never predicts less throughput
         assert obj['solvers']['gd'] and obj['solvers']['milp'] and 'objective_gap_pct' in obj['solvers']['gap']
@@ -125,6 +137,11 @@ def test_resume_after_interrupted_round(results, monkeypatch, tmp_path):
     obj = json.loads(joint.joint_path(_cfg(res).path(), 0).read_text())
     assert obj['rounds'][0]['round'] == 1 and len(obj['rounds']) >= 2
     assert obj['sensitivity']['mode'] == 'importance'
+    # the domain file's provenance is the resuming run's; the resumed round keeps its own, listed apart
+    first = json.loads(r1)
+    assert not set(obj['rounds'][0]) & {'created_at', 'command', 'config', 'kind', 'schema_version'}
+    assert obj['resumed_rounds'] == [{'round': 1, 'created_at': first['created_at'], 'command': first['command']}]
+    assert obj['created_at'] >= first['created_at'] and obj['kind'] == 'joint_domain'
 
 
 def test_measured_sensitivities_match_pruning_one_branch():

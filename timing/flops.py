@@ -15,7 +15,7 @@ Conventions (docs/design.md#flops-and-bytes):
   * kernels launched: one per part, one per summation, one for the ReLU (what a per-kernel overhead model counts);
   * arithmetic intensity = FLOPs / (weight + activation bytes), weights included (docs/design.md#roofline-tie-breaker).
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple  # noqa: F401 - used in type comments
 
 from hyper_repvgg import BRANCHES, LAYOUTS, part_kind
 

@@ -18,6 +18,7 @@ solvers use.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,6 +33,7 @@ from optim.cost import CostTables
 from timing.profiles import DeviceProfile
 
 SIDES = ('server', 'edge')
+TIMING_METHODS = ('fit', 'chain', 'isolated')  # as timing.measure.TIMING_METHODS (not imported: torch)
 ENTRY_SOURCES = ('measured', 'modelled')
 SIDE_FIELDS = {'side': str, 'model': dict, 'input_size': int, 'num_blocks': int, 'batch_sizes': list,
                'entries': dict, 'head': dict, 'roofline': dict, 'source': str}
@@ -176,10 +178,13 @@ def side_payload(side: str, model: Dict[str, Any], input_size: int, measured: Di
         row['source'] = 'measured'
         entries[lut_key(e['block'], e['layout'], e['batch'])] = row
     head = {lut_key('head', None, h['batch']): dict(h, source='measured') for h in measured['head']}
-    return {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan_of(model)),
-            'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
-            'entries': entries, 'head': head, 'roofline': measured['roofline'],
-            'metadata': measured['metadata'], 'settings': measured['settings']}
+    out = {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan_of(model)),
+           'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
+           'entries': entries, 'head': head, 'roofline': measured['roofline'],
+           'metadata': measured['metadata'], 'settings': measured['settings']}
+    if measured.get('fit') is not None:
+        out['fit'] = measured['fit']
+    return out
 
 
 def modelled_side(profile: DeviceProfile, model: Dict[str, Any], input_size: int, batch_sizes: Sequence[int],
@@ -245,6 +250,10 @@ def _check_side(side: Dict[str, Any], where: str) -> None:
         _num(side['head'][k], 'median_ms', f'{where}.head[{k}]')
     _num(side['roofline'], 'knee_flop_per_byte', f'{where}.roofline')
     _num(side['roofline'], 'peak_flops_per_s', f'{where}.roofline')
+    timing = (side.get('settings') or {}).get('timing')
+    if side['source'] == 'measured' and timing not in TIMING_METHODS:
+        raise ArtifactError(f'{where}.settings.timing: unknown timing method {timing!r}; this version reads '
+                            f'{", ".join(TIMING_METHODS)} (re-measure this side with step 1)')
 
 
 def load_side(path: Path, side: str) -> Dict[str, Any]:
@@ -364,6 +373,19 @@ def check_entries(lut: Dict[str, Any], side: str) -> None:
                     raise LutError(f'{side} LUT has no entry for block {row["block"]}, gamma {g}, batch {b}')
 
 
+def _check_block_row(row: Any, i: int, where: str) -> None:
+    """blocks[i] of hardware_lut_complete.json: its own index and layout ids 0..NUM_LAYOUTS-1."""
+    w = f'{where}: field "blocks[{i}]"'
+    if not isinstance(row, dict) or not isinstance(row.get('layouts'), dict) \
+            or not isinstance(row.get('available_layouts'), list):
+        raise ArtifactError(f'{w}: needs "block", "layouts" and "available_layouts"')
+    if row.get('block') != i or isinstance(row.get('block'), bool):
+        raise ArtifactError(f'{w}.block: expected {i}, got {row.get("block")!r}')
+    for g in row['available_layouts']:
+        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < NUM_LAYOUTS:
+            raise ArtifactError(f'{w}.available_layouts: expected layout ids 0..{NUM_LAYOUTS - 1}, got {g!r}')
+
+
 def load_lut(path: Path) -> Dict[str, Any]:
     """Load and validate hardware_lut_complete.json; ArtifactError naming the file and the field."""
     obj = load_artifact(path, 'hardware_lut_complete', COMPLETE_FIELDS, upgrade_edge_naming)
@@ -372,9 +394,7 @@ def load_lut(path: Path) -> Dict[str, Any]:
     if len(obj['blocks']) != n:
         raise ArtifactError(f'{where}: field "blocks" has {len(obj["blocks"])} rows, num_blocks is {n}')
     for i, row in enumerate(obj['blocks']):
-        if not isinstance(row, dict) or not isinstance(row.get('layouts'), dict) \
-                or not isinstance(row.get('available_layouts'), list):
-            raise ArtifactError(f'{where}: field "blocks[{i}]" needs "layouts" and "available_layouts"')
+        _check_block_row(row, i, where)
     for side in SIDES:
         _check_side(dict(obj[side], model=obj['model'], input_size=obj['input_size'], num_blocks=n, side=side),
                     f'{where}: field "{side}"')
@@ -382,6 +402,9 @@ def load_lut(path: Path) -> Dict[str, Any]:
         lb = obj['link_bytes'].get(dt)
         if not isinstance(lb, list) or len(lb) != n + 1:
             raise ArtifactError(f'{where}: field "link_bytes.{dt}" must list N + 1 = {n + 1} byte counts')
+        for k, v in enumerate(lb):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ArtifactError(f'{where}: field "link_bytes.{dt}[{k}]": expected a byte count >= 0, got {v!r}')
     _num(obj['link'], 'bandwidth_mbps', f'{where}: field "link"', 1e-9)
     _num(obj['link'], 'rtt_ms', f'{where}: field "link"')
     for side in ('edge', 'server'):
@@ -479,7 +502,9 @@ def predict_parts(side: Dict[str, Any], gammas: Sequence[int], lam: int, batch: 
 
 def validation_summary(records: Sequence[Dict[str, Any]], tolerance_pct: float = 10.0) -> Dict[str, Any]:
     """Share of configurations whose predicted total is within +/- tolerance of the measured one, and the median
-    absolute (and signed) % error, of the total and of each part where it ran."""
+    absolute (and signed) % error, of the total and of each part where it ran; with two passes per record also
+    the noise floor (`noise`: pass_to_pass_pct = median |pass 1 - pass 2| / pass 2 of the totals, the LUT's
+    error against pass 2 alone, and whether the noise floor is above half the tolerance)."""
     def stats(errs: List[float]) -> Dict[str, Any]:
         a = np.abs(np.asarray(errs, dtype=float))
         return {'share_within_tol': float((a <= tolerance_pct).mean()) if a.size else None,
@@ -488,6 +513,16 @@ def validation_summary(records: Sequence[Dict[str, Any]], tolerance_pct: float =
     out = {'tolerance_pct': tolerance_pct, 'total': stats([r['error_pct']['total'] for r in records])}
     for part in ('edge', 'server'):
         out[part] = stats([r['error_pct'][part] for r in records if r['error_pct'][part] is not None])
+    two = [r for r in records if len(r.get('passes') or []) >= 2]
+    noise = None
+    if two:
+        p2p = [abs(_err(r['passes'][0]['total_ms'], r['passes'][1]['total_ms'])) for r in two]
+        vs2 = [abs(_err(r['predicted']['total_ms'], r['passes'][1]['total_ms'])) for r in two]
+        floor = float(np.median(p2p))
+        noise = {'passes': 2, 'pass_to_pass_pct': floor, 'lut_vs_pass2_median_abs_pct': float(np.median(vs2)),
+                 'tolerance_pct': tolerance_pct / 2, 'above_tolerance': bool(floor > tolerance_pct / 2),
+                 'count': len(two)}
+    out['noise'] = noise
     return out
 
 
@@ -499,49 +534,98 @@ def side_line(side: Dict[str, Any]) -> str:
             f'knee {side["roofline"]["knee_flop_per_byte"]:.1f} flop/byte')
     if fit:
         line += f'; roofline+overhead model fitted to it: median |error| {fit["median_abs_error_pct"]:.0f} %'
+    for batch, f in sorted((side.get('fit') or {}).items()):
+        noise = f.get('pass_to_pass_pct')
+        line += (f'; entries fitted (batch {batch}) to {f["parts"]} timed parts of {f["configurations"]} random '
+                 f'configurations: residual {f["residual_median_abs_pct"]:.1f} %, noise '
+                 + ('n/a' if noise is None else f'{noise:.1f} %') + ' pass to pass')
+    if st.get('timing') == 'chain':
+        line += '; chain timing: sums over-predict whole parts (bench/bench_lut_ablation.py), re-measure with lut.timing=fit'
+    load = (meta.get('machine_state_before') or {}).get('load_average')
+    if load:
+        line += f'; load average {load[0]:.2f}'
     return line
 
 
 def validation_line(report: Dict[str, Any]) -> str:
-    """One human-readable line summarizing a validate_side() report."""
+    """One human-readable line summarizing a validate_side() report (with its noise floor)."""
     s = report['summary']
 
     def pct(part: Dict[str, Any]) -> str:
         return 'n/a' if part['median_abs_error_pct'] is None else f'{part["median_abs_error_pct"]:.1f} %'
-    return (f'LUT validation ({report["side"]} LUT, {report["device"]}, {s["total"]["count"]} configurations): '
-            f'{100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, median |error| '
-            f'{pct(s["total"])} (edge part {pct(s["edge"])}, server part {pct(s["server"])}; median signed error '
-            f'{s["total"]["median_signed_error_pct"]:+.1f} %)')
+    line = (f'LUT validation ({report["side"]} LUT, {report["device"]}, {s["total"]["count"]} unseen '
+            f'configurations): {100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, '
+            f'median |error| {pct(s["total"])} (edge part {pct(s["edge"])}, server part {pct(s["server"])}; median '
+            f'signed error {s["total"]["median_signed_error_pct"]:+.1f} %)')
+    n = s.get('noise')
+    if n:
+        load = (report.get('machine_state_before') or {}).get('load_average')
+        line += (f'; noise floor {n["pass_to_pass_pct"]:.1f} % pass to pass (LUT vs pass 2: '
+                 f'{n["lut_vs_pass2_median_abs_pct"]:.1f} %)' + (f', load average {load[0]:.2f}' if load else ''))
+    return line
+
+
+def noise_warning(report: Dict[str, Any], repeats: int, threads: int) -> Optional[str]:
+    """The warning, with its remedy, when a validation's noise floor is above half its tolerance (its passes
+    disagree so much that the LUT error cannot be told from noise); None otherwise."""
+    n = report['summary'].get('noise')
+    if not n or not n['above_tolerance']:
+        return None
+    st = report.get('machine_state_before') or {}
+    load = st.get('load_average')
+    cores = report.get('cpu_count') or 0
+    why = []
+    if load and cores and load[0] > 0.25 * cores + 0.5:
+        why.append(f'a busy machine (load average {load[0]:.2f} on {cores} cores: stop other work or measure '
+                   'when it is idle)')
+    why.append(f'too few repeats (--repeats {repeats}: raise it)')
+    if threads != 1:
+        why.append(f'threads ({threads}; lut.threads=1 avoids thread stalls on a shared CPU)')
+    return (f'warning: LUT validation noise floor {n["pass_to_pass_pct"]:.1f} % pass to pass is above '
+            f'{n["tolerance_pct"]:.0f} % (half the +/-{report["summary"]["tolerance_pct"]:.0f} % tolerance): the '
+            f'LUT error above cannot be told from noise. Likely causes and remedies: ' + '; '.join(why))
 
 
 def _err(p: float, q: float) -> float:
     return 100.0 * (p - q) / q
 
 
+def fit_configuration_keys(side: Dict[str, Any], batch: int) -> set:
+    """(gammas, lam) of the configurations a fitted side LUT was fitted on at `batch` (empty for chain LUTs)."""
+    fit = (side.get('fit') or {}).get(str(int(batch))) or {}
+    return {(tuple(int(g) for g in c['gammas']), int(c['lam'])) for c in fit.get('configurations_used') or []}
+
+
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
-                  repeats: int, max_time_s: float = 0.0, seed: int = 0, progress: bool = False) -> Dict[str, Any]:
-    """Measure each configuration end to end on this device and compare it with `side`'s LUT sums."""
+                  repeats: int, seed: int = 0, progress: bool = False, passes: int = 2,
+                  tolerance_pct: float = 10.0) -> Dict[str, Any]:
+    """Measure each configuration end to end on this device (timing.measure.measure_configurations: `passes`
+    interleaved passes in a seeded random order, `repeats` timed runs per part in all) and compare it with
+    `side`'s LUT sums.  Configurations the fit was fitted on are measured but left out of the summary."""
     from timing import measure
     model = measure.random_model(side['model'], seed)
+    seen = fit_configuration_keys(side, batch)
+    before = measure.machine_state()
+    res = measure.measure_configurations(model, side['input_size'], configs, batch, device, warmup, repeats, passes,
+                                         seed + 17, progress=progress)
+    after = measure.machine_state()
     records = []
-    bar = measure._progress(len(configs), progress, 'LUT validation')
-    try:
-        for c in configs:
-            pred = predict_parts(side, c['gammas'], c['lam'], batch)
-            m = measure.measure_configuration(model, side['input_size'], c['gammas'], c['lam'], batch, device,
-                                              warmup, repeats, max_time_s, seed)
-            meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms']}
-            meas['total_ms'] = meas['edge_ms'] + meas['server_ms']
-            rec = {'gammas': c['gammas'], 'lam': c['lam'], 'predicted': pred, 'measured': meas,
-                   'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
-                   'error_pct': {'total': _err(pred['total_ms'], meas['total_ms']),
-                                 'edge': _err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
-                                 'server': _err(pred['server_ms'], meas['server_ms'])}}
-            records.append(rec)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return {'side': side['side'], 'device': device, 'batch': int(batch), 'summary': validation_summary(records),
-            'records': records, 'settings': {'warmup': warmup, 'repeats': repeats, 'max_time_s': max_time_s}}
+    for c, m in zip(configs, res):
+        pred = predict_parts(side, c['gammas'], c['lam'], batch)
+        meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms'],
+                'total_ms': m['total']['median_ms']}
+        records.append({
+            'gammas': [int(g) for g in c['gammas']], 'lam': int(c['lam']), 'predicted': pred, 'measured': meas,
+            'measured_spread': {'total_p10_ms': m['total']['p10_ms'], 'total_p90_ms': m['total']['p90_ms']},
+            'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
+            'passes': m['passes'],
+            'seen_by_fit': (tuple(int(g) for g in c['gammas']), int(c['lam'])) in seen,
+            'error_pct': {'total': _err(pred['total_ms'], meas['total_ms']),
+                          'edge': _err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
+                          'server': _err(pred['server_ms'], meas['server_ms'])}})
+    unseen = [r for r in records if not r['seen_by_fit']]
+    timing = (side.get('settings') or {}).get('timing')
+    return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': timing,
+            'summary': validation_summary(unseen, tolerance_pct), 'records': records,
+            'machine_state_before': before, 'machine_state_after': after, 'cpu_count': os.cpu_count(),
+            'settings': {'warmup': warmup, 'repeats': repeats, 'passes': passes, 'seed': seed}}

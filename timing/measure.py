@@ -15,21 +15,64 @@ import datetime
 import math
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence  # noqa: F401 - used in type comments
 
 import torch
 import torch.nn as nn
 
-from hyper_repvgg import (LAYOUTS, HyperRepVGG, HyperRepVGGBlock, SplitPart, block_plan, build_hyper_repvgg,
-                          deploy_block, deploy_part)
+from hyper_repvgg import HyperRepVGG, HyperRepVGGBlock  # noqa: F401 - used in type comments
+from hyper_repvgg import (LAYOUTS, SplitPart, apply_config, block_plan, build_hyper_repvgg, deploy_block,
+                          deploy_part)
 from timing.flops import block_input_hw, measurable_layouts, out_hw
 
 MIN_TIMED_RUNS = 3  # a time budget never cuts an entry below this many timed runs
+TIMING_METHODS = ('fit', 'chain', 'isolated')
+CLOCKS = ('wall', 'thread')
+
+
+def clock_fn(clock='wall'):
+    # type: (str) -> Callable[[], float]
+    """The timer of `clock`, in seconds: 'wall' = time.perf_counter (what throughput is made of); 'thread' = this
+    thread's CPU time (CLOCK_THREAD_CPUTIME_ID: time the thread was descheduled by other work is not counted;
+    meaningful for CPU timing with one torch thread only, since torch's worker threads are not counted)."""
+    if clock == 'wall':
+        return time.perf_counter
+    if clock == 'thread':
+        if not (hasattr(time, 'clock_gettime') and hasattr(time, 'CLOCK_THREAD_CPUTIME_ID')):
+            raise ValueError("clock 'thread' needs time.clock_gettime(CLOCK_THREAD_CPUTIME_ID) (POSIX)")
+        cid = time.CLOCK_THREAD_CPUTIME_ID
+        return lambda: time.clock_gettime(cid)
+    raise ValueError('clock must be one of {}, got {!r}'.format(', '.join(CLOCKS), clock))
+
+
+def machine_state():
+    # type: () -> Dict[str, object]
+    """What makes timings noisy, now: 1/5/15-minute load average and per-CPU frequency (kHz) and governor from
+    /sys/devices/system/cpu/cpu*/cpufreq (None where absent, e.g. in most VMs), with a timestamp."""
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    freqs, governors = [], set()
+    base = Path('/sys/devices/system/cpu')
+    for d in sorted(base.glob('cpu[0-9]*/cpufreq')) if base.is_dir() else []:
+        try:
+            freqs.append(int((d / 'scaling_cur_freq').read_text().strip()))
+            governors.add((d / 'scaling_governor').read_text().strip())
+        except (OSError, ValueError):
+            continue
+    cpufreq = None
+    if freqs:
+        s = sorted(freqs)
+        cpufreq = {'cpus': len(s), 'cur_khz_min': s[0], 'cur_khz_median': s[len(s) // 2], 'cur_khz_max': s[-1],
+                   'governors': sorted(governors)}
+    return {'load_average': load, 'cpufreq': cpufreq, 'timestamp': _now_iso()}
 
 
 def _now_iso():
@@ -61,33 +104,35 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_callable(fn, device, warmup=5, repeats=20, max_time_s=0.0, min_sample_ms=0.2):
-    # type: (Callable[[], object], torch.device, int, int, float, float) -> Dict[str, object]
+def time_callable(fn, device, warmup=5, repeats=20, max_time_s=0.0, min_sample_ms=0.2, clock='wall'):
+    # type: (Callable[[], object], torch.device, int, int, float, float, str) -> Dict[str, object]
     """Median / p10 / p90 of the time of one call of `fn` in ms, after `warmup` untimed calls.
 
     Calls shorter than `min_sample_ms` are repeated `inner` times per timed sample (the sample is the mean
     over them), so that timer resolution does not dominate.  GPU work is synchronized before and after every
     sample.  `max_time_s` > 0 stops repeating once that much time is spent (at least MIN_TIMED_RUNS samples).
+    `clock`: see clock_fn.
     """
     device = torch.device(device)
+    tick = clock_fn(clock)
     with torch.no_grad():
         for _ in range(max(0, int(warmup))):
             fn()
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = tick()
         fn()
         _sync(device)
-        once = time.perf_counter() - t0
+        once = tick() - t0
         inner = max(1, int(math.ceil(min_sample_ms / 1e3 / max(once, 1e-9)))) if min_sample_ms > 0 else 1
         samples = []
         start = time.perf_counter()
         for _ in range(max(1, int(repeats))):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = tick()
             for _ in range(inner):
                 fn()
             _sync(device)
-            samples.append((time.perf_counter() - t0) * 1e3 / inner)
+            samples.append((tick() - t0) * 1e3 / inner)
             if max_time_s > 0 and len(samples) >= MIN_TIMED_RUNS and time.perf_counter() - start > max_time_s:
                 break
     out = summarize_ms(samples)
@@ -125,13 +170,7 @@ def random_model(arch, seed=0):
 def deployed_layout(block, gamma):
     # type: (HyperRepVGGBlock, int) -> nn.Module
     """deploy_block of `block` with its kept set made equal to layout gamma's branches (block left unchanged)."""
-    saved = block.kept.clone()
-    try:
-        for i, b in enumerate(('D', 'O', 'I')):
-            block.kept[i] = b in LAYOUTS[gamma].branches
-        return deploy_block(block, gamma)
-    finally:
-        block.kept.copy_(saved)
+    return deploy_block(block, gamma, LAYOUTS[gamma].branches)
 
 
 def _progress(total, enabled, desc):
@@ -150,10 +189,11 @@ def _fallback_layout(spec, gamma):
     return gamma if gamma in measurable_layouts(spec) else (13 if spec.has_identity else 4)
 
 
-def _time_chain(modules, x, device, warmup, repeats, budget_s):
-    # type: (Sequence[nn.Module], torch.Tensor, torch.device, int, int, float) -> List[List[float]]
+def _time_chain(modules, x, device, warmup, repeats, budget_s, clock='wall'):
+    # type: (Sequence[nn.Module], torch.Tensor, torch.device, int, int, float, str) -> List[List[float]]
     """Run modules[0] .. modules[-1] as one forward pass, `repeats` times after `warmup` passes, timing every
     module inside the pass (device synchronized around each).  Returns per-module lists of times in ms."""
+    tick = clock_fn(clock)
     samples = [[] for _ in modules]
     with torch.no_grad():
         for _ in range(max(0, int(warmup))):
@@ -166,69 +206,309 @@ def _time_chain(modules, x, device, warmup, repeats, budget_s):
             y = x
             for i, m in enumerate(modules):
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = tick()
                 y = m(y)
                 _sync(device)
-                samples[i].append((time.perf_counter() - t0) * 1e3)
+                samples[i].append((tick() - t0) * 1e3)
             if budget_s > 0 and r + 1 >= MIN_TIMED_RUNS and time.perf_counter() - start > budget_s:
                 break
     return samples
 
 
+def _deploy_getter(model, device, keep):
+    # type: (HyperRepVGG, torch.device, bool) -> Callable[[int, int], nn.Module]
+    """get(k, gamma): block k deployed in layout gamma on `device`; kept for reuse when `keep` (the fit reuses
+    every entry: memory = the weights of all block x layout entries, e.g. 0.23 GB for A0, 4 GB for B3)."""
+    cache = {}  # type: Dict[tuple, nn.Module]
+
+    def get(k, gamma):
+        key = (int(k), int(gamma))
+        m = cache.get(key)
+        if m is None:
+            m = deployed_layout(model.blocks[key[0]], key[1]).to(device).eval()
+            if keep:
+                cache[key] = m
+        return m
+    return get
+
+
+def _part_input(plan, input_size, lam, batch, gen, device):
+    # type: (list, int, int, int, torch.Generator, torch.device) -> torch.Tensor
+    """A random input of the part that starts at block lam (the image for lam = 0; the timing does not depend
+    on the values)."""
+    if lam == 0:
+        return torch.randn(int(batch), 3, int(input_size), int(input_size), generator=gen).to(device)
+    hw = block_input_hw(plan, input_size)
+    if lam < len(plan):
+        return torch.randn(int(batch), plan[lam].in_channels, hw[lam][0], hw[lam][1], generator=gen).to(device)
+    ho, wo = out_hw(plan[-1], hw[-1])
+    return torch.randn(int(batch), plan[-1].out_channels, ho, wo, generator=gen).to(device)
+
+
+def _time_parts(parts, device, rounds, burst, warmup, seed, clock='wall', budget_s=0.0, bar=None):
+    # type: (Sequence[tuple], torch.device, int, int, int, int, str, float, object) -> List[List[List[float]]]
+    """Time callables in interleaved rounds: parts[i] = (fn, x).  Every round visits each part once, in an order
+    shuffled by random.Random(seed) (so that drift and load hit all parts alike): `warmup` untimed calls, then
+    `burst` timed calls.  `budget_s` > 0 stops after the first round that ends past it.  Returns
+    samples[i][round] = the burst's times in ms."""
+    rnd = random.Random(int(seed))
+    tick = clock_fn(clock)
+    samples = [[] for _ in parts]  # type: List[List[List[float]]]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(max(1, int(rounds))):
+            order = list(range(len(parts)))
+            rnd.shuffle(order)
+            for i in order:
+                fn, x = parts[i]
+                for _ in range(max(0, int(warmup))):
+                    fn(x)
+                got = []
+                for _ in range(max(1, int(burst))):
+                    _sync(device)
+                    t0 = tick()
+                    fn(x)
+                    _sync(device)
+                    got.append((tick() - t0) * 1e3)
+                samples[i].append(got)
+            if bar is not None:
+                bar.update(1)
+            if budget_s > 0 and time.perf_counter() - start > budget_s:
+                break
+    return samples
+
+
+def _median(values):
+    # type: (Sequence[float]) -> float
+    return _percentile(sorted(values), 50)
+
+
+def pass_to_pass_pct(first, second):
+    # type: (Sequence[float], Sequence[float]) -> Optional[float]
+    """The noise floor: median over items of |first - second| / second, in % (how well one pass of a
+    measurement predicts another); None without items."""
+    d = [100.0 * abs(a - b) / b for a, b in zip(first, second) if b > 0]
+    return _median(d) if d else None
+
+
+def _nnls(h, g, tol=1e-10, max_iter=None):
+    # type: (object, object, float, Optional[int]) -> object
+    """argmin_z 0.5 z'Hz - g'z subject to z >= 0 (Lawson-Hanson active set on the normal equations; H positive
+    definite).  numpy only (the device has no scipy)."""
+    import numpy as np
+    n = len(g)
+    z = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    eps = tol * max(1.0, float(np.abs(g).max()))
+    for _ in range(max_iter or 3 * n + 10):
+        w = g - h.dot(z)
+        if passive.all() or w[~passive].max() <= eps:
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        while True:
+            idx = np.flatnonzero(passive)
+            s = np.zeros(n)
+            s[idx] = np.linalg.solve(h[np.ix_(idx, idx)], g[idx])
+            if s[idx].min() > 0:
+                z = s
+                break
+            neg = idx[s[idx] <= 0]
+            alpha = float(np.min(z[neg] / (z[neg] - s[neg])))
+            z = z + alpha * (s - z)
+            passive &= z > eps
+            z[~passive] = 0.0
+            if not passive.any():
+                break
+    return z
+
+
+def fit_entry_costs(rows, times_ms, num_cols, prior_ms=None, prior_rel=0.25, noise_rel=0.02, lower_ms=None,
+                    huber_k=2.0, iterations=3):
+    # type: (Sequence[Sequence[int]], Sequence[float], int, Optional[Sequence[float]], float, float, Optional[Sequence[float]], float, int) -> tuple
+    """Per-entry marginal costs c (ms) from timings of whole parts: t_i ~ sum of c_j over j in rows[i].
+
+    Least squares in relative terms (row i has standard deviation noise_rel * t_i), robust (Huber: rows whose
+    residual exceeds huber_k standard deviations are down-weighted, `iterations` reweightings), subject to
+    c >= lower_ms (default 0; Lawson-Hanson).  With `prior_ms` (e.g. chain timings) each entry also has a
+    Gaussian prior c_j ~ s * prior_j with standard deviation prior_rel * max(s * prior_j, median(s * prior)),
+    s = median(t_i / prior sum of row i): entries the timings determine follow the timings, the others keep
+    their prior's shape at the timings' scale.  Without a prior a tiny ridge only keeps the system solvable.
+    Returns (costs, info) with info = {'scale', 'noise_rel', 'prior_rel', 'rows', 'cols', 'at_lower',
+    'residual_median_abs_pct', 'down_weighted'}.
+    """
+    import numpy as np
+    t = np.asarray(times_ms, dtype=float)
+    if len(rows) != t.size or t.size == 0 or not np.all(t > 0):
+        raise ValueError('fit_entry_costs: need one positive time per row, got {} rows and {} times'.format(
+            len(rows), t.size))
+    a = np.zeros((t.size, int(num_cols)))
+    for i, r in enumerate(rows):
+        for j in r:
+            a[i, int(j)] += 1.0
+    lower = np.zeros(int(num_cols)) if lower_ms is None else np.asarray(lower_ms, dtype=float)
+    noise_rel = max(float(noise_rel), 1e-4)
+    if prior_ms is not None:
+        p = np.asarray(prior_ms, dtype=float)
+        ap = a.dot(p)
+        scale = float(np.median(t[ap > 0] / ap[ap > 0])) if np.any(ap > 0) else 1.0
+        target = scale * p
+        sd = prior_rel * np.maximum(target, float(np.median(target)))
+    else:
+        scale, target = None, np.zeros(int(num_cols))
+        sd = np.full(int(num_cols), 1e6 * max(1.0, float(t.max())))
+    w = 1.0 / (noise_rel * t)
+    hub = np.ones(t.size)
+    c = lower.copy()
+    for _ in range(max(0, int(iterations)) + 1):
+        ww = w * np.sqrt(hub)
+        aw = a * ww[:, None]
+        h = aw.T.dot(aw) + np.diag(1.0 / sd ** 2)
+        g = aw.T.dot(ww * (t - a.dot(lower))) + (target - lower) / sd ** 2
+        c = lower + _nnls(h, g)
+        r = np.abs(a.dot(c) - t) * w
+        hub = np.minimum(1.0, huber_k / np.maximum(r, 1e-12))
+    rel = 100.0 * np.abs(a.dot(c) - t) / t
+    info = {'scale': scale, 'noise_rel': noise_rel, 'prior_rel': prior_rel if prior_ms is not None else None,
+            'rows': int(t.size), 'cols': int(num_cols), 'at_lower': int(np.sum(c <= lower + 1e-12)),
+            'residual_median_abs_pct': float(np.median(rel)), 'down_weighted': int(np.sum(hub < 1.0))}
+    return [float(v) for v in c], info
+
+
+def random_fit_configurations(plan, count, seed):
+    # type: (list, int, int) -> List[Dict[str, object]]
+    """`count` random configurations for the fit: a measurable layout per block and a split, uniform."""
+    rnd = random.Random(int(seed))
+    return [{'gammas': [rnd.choice(measurable_layouts(s)) for s in plan], 'lam': rnd.randint(0, len(plan))}
+            for _ in range(int(count))]
+
+
+def _config_parts(plan, get, head, gammas, lam):
+    # type: (list, Callable[[int, int], nn.Module], tuple, Sequence[int], int) -> tuple
+    """(edge part or None, server part) of a configuration, as deployed (SplitPart of DeployedBlocks)."""
+    n = len(plan)
+    edge = SplitPart([get(k, gammas[k]) for k in range(lam)], None).eval() if lam > 0 else None
+    server = SplitPart([get(k, gammas[k]) for k in range(lam, n)], head).eval()
+    return edge, server
+
+
+def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, prior_head, configurations, rounds,
+               burst, seed, clock, budget_s, bar):
+    # type: (...) -> tuple
+    """Time the parts of random configurations at one batch size and fit the entries (see measure_blocks)."""
+    cols = [(s.index, g) for s in plan for g in measurable_layouts(s)]
+    col = {key: j for j, key in enumerate(cols)}
+    head_col = len(cols)
+    gen = torch.Generator()
+    gen.manual_seed(int(seed) + 5)
+    inputs = [_part_input(plan, input_size, lam, batch, gen, device) for lam in range(len(plan) + 1)]
+    head = (head_part.gap, head_part.linear)
+    confs = random_fit_configurations(plan, configurations, int(seed) + 11 + int(batch))
+    parts, rows = [], []
+    for c in confs:
+        edge, server = _config_parts(plan, get, head, c['gammas'], c['lam'])
+        if edge is not None:
+            parts.append((edge, inputs[0]))
+            rows.append([col[(k, c['gammas'][k])] for k in range(c['lam'])])
+        parts.append((server, inputs[c['lam']]))
+        rows.append([col[(k, c['gammas'][k])] for k in range(c['lam'], len(plan))] + [head_col])
+    samples = _time_parts(parts, device, rounds, burst, 1, int(seed) + 13 + int(batch), clock, budget_s, bar)
+    times = [_median([v for r in s for v in r]) for s in samples]
+    done = min(len(s) for s in samples)
+    noise = pass_to_pass_pct([_median(s[0]) for s in samples], [_median(s[1]) for s in samples]) \
+        if done >= 2 else None
+    prior_vec = [prior[key] for key in cols] + [prior_head]
+    lower = [0.1 * v for v in prior_vec[:-1]] + [0.0]
+    costs, info = fit_entry_costs(rows, times, len(cols) + 1, prior_vec,
+                                  noise_rel=max(0.005, (noise or 2.0) / 100.0), lower_ms=lower)
+    counts = [0] * (len(cols) + 1)
+    for r in rows:
+        for j in r:
+            counts[j] += 1
+    info.update({'configurations': len(confs), 'parts': len(parts), 'rounds': done, 'burst': int(burst),
+                 'pass_to_pass_pct': noise, 'batch': int(batch)})
+    return dict(zip(cols, costs)), costs[-1], dict(zip(cols, counts)), counts[-1], info, confs
+
+
 def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, max_entry_s=0.0,
-                   seed=0, progress=False, timing='chain'):
-    # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool, str) -> Dict[str, object]
+                   seed=0, progress=False, timing='fit', clock='wall', fit_configurations=0, fit_rounds=2,
+                   fit_burst=2):
+    # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool, str, str, int, int, int) -> Dict[str, object]
     """Time every block x measurable layout x batch size, and the head (pooling + classifier) per batch size.
 
-    timing='chain' (default): for each layout gamma, a whole forward pass runs with every block in gamma (blocks
-    that cannot run gamma use their deploy form and are not recorded) and each block is timed inside the pass,
-    so weights arrive from memory as they do when the network really runs.  timing='isolated': each block runs
-    alone in a loop on its input (weights stay in cache: faster than in a real forward pass on a CPU).
-    Returns {'entries': [{'block', 'layout', 'batch', 'median_ms', 'p10_ms', 'p90_ms', 'mean_ms', 'n'}],
-    'head': [{'batch', 'median_ms', ...}]}.
+    timing='fit' (default): each entry is its MARGINAL cost in a deployed part.  Random configurations (a
+    measurable layout per block and a split; `fit_configurations`, 0 = as many as there are entries) are cut
+    into their edge part (blocks [0, lam)) and server part (blocks [lam, N) + head), each part runs as deployed
+    (hyper_repvgg.SplitPart of DeployedBlocks, no timer inside) in `fit_rounds` interleaved rounds of one
+    untimed and `fit_burst` timed calls, and the entries are fitted to the parts' median times by robust
+    non-negative least squares (fit_entry_costs) with the chain timings as prior.  Per-part overhead lands
+    in block 0's entries (edge) and the head (server): a LUT sum predicts a part.  Budget: max_entry_s x
+    entries for the rounds (>= 1 round).  timing='chain': for each layout gamma, a whole forward pass runs
+    with every block in gamma (blocks that cannot run gamma use their deploy form and are not recorded) and
+    each block is timed inside the pass.  timing='isolated': each block runs alone in a loop on its input.
+    `clock`: 'wall' or 'thread' (clock_fn).
+    Returns {'entries': [{'block', 'layout', 'batch', 'median_ms', 'p10_ms', 'p90_ms', 'mean_ms', 'n', ...}],
+    'head': [{'batch', 'median_ms', ...}], 'fit': {batch: info} (fit only)}.
     """
-    if timing not in ('chain', 'isolated'):
-        raise ValueError("timing must be 'chain' or 'isolated', got {!r}".format(timing))
+    if timing not in TIMING_METHODS:
+        raise ValueError('timing must be one of {}, got {!r}'.format(', '.join(TIMING_METHODS), timing))
+    clock_fn(clock)
     device = torch.device(device)
     model = random_model(arch, seed)
     plan = model.plan
     in_hw = block_input_hw(plan, input_size)
     entries, head = [], []
+    fits = {}
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 2)
     n_entries = sum(len(measurable_layouts(s)) for s in plan)
-    if timing == 'chain':
-        total = len(batch_sizes) * len(LAYOUTS)
-    else:
+    if timing == 'isolated':
         total = len(batch_sizes) * (n_entries + 1)
+    else:
+        total = len(batch_sizes) * (len(LAYOUTS) + (int(fit_rounds) if timing == 'fit' else 0))
+    get = _deploy_getter(model, device, keep=timing == 'fit')
     bar = _progress(total, progress, 'LUT {} ({})'.format(device, timing))
     try:
         for batch in batch_sizes:
             x = torch.randn(int(batch), 3, int(input_size), int(input_size), generator=gen).to(device)
             head_part = SplitPart([], (model.gap, model.linear)).to(device).eval()
-            if timing == 'chain':
-                head_samples = []
+            if timing in ('chain', 'fit'):
+                chain, head_samples = {}, []
                 for lay in LAYOUTS:
                     recorded = [s.index for s in plan if lay.gamma in measurable_layouts(s)]
-                    modules = [deployed_layout(b, _fallback_layout(s, lay.gamma)).to(device).eval()
-                               for s, b in zip(plan, model.blocks)] + [head_part]
-                    samples = _time_chain(modules, x, device, warmup, repeats, max_entry_s * len(recorded))
+                    modules = [get(s.index, _fallback_layout(s, lay.gamma)) for s in plan] + [head_part]
+                    samples = _time_chain(modules, x, device, warmup, repeats, max_entry_s * len(recorded), clock)
                     for k in recorded:
-                        row = {'block': k, 'layout': lay.gamma, 'batch': int(batch)}
-                        row.update(summarize_ms(samples[k]))
-                        entries.append(row)
+                        chain[(k, lay.gamma)] = summarize_ms(samples[k])
                     head_samples.extend(samples[-1])
                     if bar is not None:
                         bar.update(1)
-                row = {'batch': int(batch)}
-                row.update(summarize_ms(head_samples))
-                head.append(row)
+                head_chain = summarize_ms(head_samples)
+                if timing == 'chain':
+                    for (k, g), st in chain.items():
+                        row = {'block': k, 'layout': g, 'batch': int(batch)}
+                        row.update(st)
+                        entries.append(row)
+                    head.append(dict(head_chain, batch=int(batch)))
+                    continue
+                prior = {key: st['median_ms'] for key, st in chain.items()}
+                costs, head_cost, counts, head_count, info, confs = _fit_batch(
+                    model, plan, input_size, batch, device, get, head_part, prior, head_chain['median_ms'],
+                    int(fit_configurations) or n_entries, fit_rounds, fit_burst, seed, clock,
+                    max_entry_s * n_entries, bar)
+                for key, st in chain.items():
+                    entries.append(_fitted_row(st, costs[key], counts[key], block=key[0], layout=key[1],
+                                               batch=int(batch)))
+                head.append(_fitted_row(head_chain, head_cost, head_count, batch=int(batch)))
+                info['configurations_used'] = confs
+                fits[str(int(batch))] = info
                 continue
             for spec, block, hw in zip(plan, model.blocks, in_hw):
                 xb = torch.randn(int(batch), spec.in_channels, hw[0], hw[1], generator=gen).to(device)
                 for gamma in measurable_layouts(spec):
                     deployed = deployed_layout(block, gamma).to(device).eval()
-                    stats = time_callable(lambda d=deployed, v=xb: d(v), device, warmup, repeats, max_entry_s)
+                    stats = time_callable(lambda d=deployed, v=xb: d(v), device, warmup, repeats, max_entry_s,
+                                          clock=clock)
                     row = {'block': spec.index, 'layout': gamma, 'batch': int(batch)}
                     row.update(stats)
                     entries.append(row)
@@ -237,7 +517,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
             last = plan[-1]
             ho, wo = out_hw(last, in_hw[-1])
             h = torch.randn(int(batch), last.out_channels, ho, wo, generator=gen).to(device)
-            stats = time_callable(lambda p=head_part, v=h: p(v), device, warmup, repeats, max_entry_s)
+            stats = time_callable(lambda p=head_part, v=h: p(v), device, warmup, repeats, max_entry_s, clock=clock)
             row = {'batch': int(batch)}
             row.update(stats)
             head.append(row)
@@ -247,41 +527,111 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
         if bar is not None:
             bar.close()
     entries.sort(key=lambda e: (e['batch'], e['block'], e['layout']))
-    return {'entries': entries, 'head': head}
+    out = {'entries': entries, 'head': head}
+    if timing == 'fit':
+        out['fit'] = fits
+    return out
+
+
+def _fitted_row(chain_stats, cost, count, **ids):
+    # type: (Dict[str, object], float, int, **object) -> Dict[str, object]
+    """An entry of the fit: median_ms = the fitted marginal cost; p10/p90/mean/min = the chain timing's spread
+    scaled to it; n = the timed parts that include the entry; prior_ms = the chain median it started from."""
+    med = float(chain_stats['median_ms'])
+    f = cost / med if med > 0 else 1.0
+    row = dict(ids)
+    row.update({'median_ms': cost, 'p10_ms': f * chain_stats['p10_ms'], 'p90_ms': f * chain_stats['p90_ms'],
+                'mean_ms': f * chain_stats['mean_ms'], 'min_ms': f * chain_stats['min_ms'], 'n': int(count),
+                'prior_ms': med, 'chain_n': int(chain_stats['n'])})
+    return row
 
 
 def deploy_configuration(model, gammas, lam):
     # type: (HyperRepVGG, Sequence[int], int) -> tuple
     """(edge, server) deployed parts of `model` with block k's kept set = layout gammas[k]'s branches, split lam."""
-    if len(gammas) != model.num_blocks:
-        raise ValueError('need {} layouts, got {}'.format(model.num_blocks, len(gammas)))
-    for k, g in enumerate(gammas):
-        model.set_kept(k, LAYOUTS[int(g)].branches)
-        model.set_layout(k, int(g))
+    apply_config(model, gammas)
     edge, server = model.split(int(lam))
     return deploy_part(edge), deploy_part(server)
 
 
-def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu', warmup=5, repeats=20,
-                          max_time_s=0.0, seed=0):
-    # type: (HyperRepVGG, int, Sequence[int], int, int, str, int, int, float, int) -> Dict[str, object]
-    """End-to-end time of one configuration on this device: the edge part (blocks [0, lam)) and the server part
-    (blocks [lam, N) + head) each run as one module on a real input, with no timing inside.  Returns
-    {'edge': stats | None, 'server': stats}; the edge is None when lam == 0.  `model` is changed (kept sets
-    and layouts)."""
+def measure_configurations(model, input_size, configs, batch=1, device='cpu', warmup=1, repeats=10, passes=2,
+                           seed=0, clock='wall', progress=False):
+    # type: (HyperRepVGG, int, Sequence[Dict[str, object]], int, str, int, int, int, int, str, bool) -> List[Dict[str, object]]
+    """Measure whole configurations end to end on this device, as deployed: for each configuration
+    {'gammas': layout per block (its kept branches are the layout's), 'lam': split}, its edge part (blocks
+    [0, lam), none when lam = 0) and its server part (blocks [lam, N) + head) each run as one
+    hyper_repvgg.SplitPart of DeployedBlocks with no timer inside.  `passes` interleaved passes: every pass
+    visits all parts in an order shuffled with `seed`, each part `warmup` untimed calls then
+    ceil(repeats / passes) timed calls.  Nothing of `model` is changed.
+
+    Returns one dict per configuration, in order: {'gammas', 'lam', 'edge': stats or None, 'server': stats,
+    'total': stats of edge + server sample pairs, 'passes': [{'edge_ms', 'server_ms', 'total_ms'} median per
+    pass]}, stats = summarize_ms (median_ms, p10_ms, p90_ms, mean_ms, min_ms, n) in ms.  The pass-to-pass
+    noise of a set of configurations is pass_to_pass_pct over their passes' total_ms.
+    """
     device = torch.device(device)
-    edge, server = deploy_configuration(model, gammas, lam)
-    edge, server = edge.to(device).eval(), server.to(device).eval()
+    plan = model.plan
+    get = _deploy_getter(model, device, keep=True)
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 3)
-    x = torch.randn(int(batch), 3, int(input_size), int(input_size), generator=gen).to(device)
-    out = {'edge': None}
-    with torch.no_grad():
-        h = edge(x)
-    if lam > 0:
-        out['edge'] = time_callable(lambda: edge(x), device, warmup, repeats, max_time_s, min_sample_ms=0)
-    out['server'] = time_callable(lambda: server(h), device, warmup, repeats, max_time_s, min_sample_ms=0)
+    inputs = {}
+    head = (model.gap, model.linear)
+    parts, owner = [], []
+    for ci, c in enumerate(configs):
+        gammas, lam = [int(g) for g in c['gammas']], int(c['lam'])
+        if len(gammas) != len(plan) or not 0 <= lam <= len(plan):
+            raise ValueError('configuration {}: need {} layouts and 0 <= lam <= {}, got {} layouts, lam {}'.format(
+                ci, len(plan), len(plan), len(gammas), lam))
+        for k, g in enumerate(gammas):
+            if g not in measurable_layouts(plan[k]):
+                raise ValueError('configuration {}: block {} cannot run layout {}'.format(ci, k, g))
+        edge, server = _config_parts(plan, get, head, gammas, lam)
+        for part, start, name in ((edge, 0, 'edge'), (server, lam, 'server')):
+            if part is None:
+                continue
+            if start not in inputs:
+                inputs[start] = _part_input(plan, input_size, start, batch, gen, device)
+            parts.append((part.to(device), inputs[start]))
+            owner.append((ci, name))
+    per_pass = max(1, int(math.ceil(int(repeats) / float(max(1, int(passes))))))
+    bar = _progress(int(passes), progress, 'configurations ({} x {} parts)'.format(len(configs), len(parts)))
+    try:
+        samples = _time_parts(parts, device, passes, per_pass, warmup, seed, clock, 0.0, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    got = [{'edge': None, 'server': None} for _ in configs]
+    for (ci, name), s in zip(owner, samples):
+        got[ci][name] = s
+    out = []
+    for c, g in zip(configs, got):
+        edge, server = g['edge'], g['server']
+        flat_s = [v for r in server for v in r]
+        flat_e = [v for r in edge for v in r] if edge is not None else [0.0] * len(flat_s)
+        passes_out = []
+        for r in range(len(server)):
+            e = _median(edge[r]) if edge is not None else 0.0
+            sv = _median(server[r])
+            tot = _median([a + b for a, b in zip(edge[r] if edge is not None else [0.0] * len(server[r]),
+                                                 server[r])])
+            passes_out.append({'edge_ms': e, 'server_ms': sv, 'total_ms': tot})
+        out.append({'gammas': [int(v) for v in c['gammas']], 'lam': int(c['lam']),
+                    'edge': summarize_ms(flat_e) if edge is not None else None, 'server': summarize_ms(flat_s),
+                    'total': summarize_ms([a + b for a, b in zip(flat_e, flat_s)]), 'passes': passes_out})
     return out
+
+
+def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu', warmup=1, repeats=20,
+                          passes=2, seed=0, clock='wall'):
+    # type: (HyperRepVGG, int, Sequence[int], int, int, str, int, int, int, int, str) -> Dict[str, object]
+    """End-to-end time of ONE configuration on this device, as deployed (layout gammas[k] per block, its kept
+    branches the layout's, split lam, batch): measure_configurations with a single configuration.  Returns
+    {'edge': stats or None (lam = 0), 'server': stats, 'total': stats, 'passes': [...], 'gammas', 'lam'};
+    stats = {'median_ms', 'p10_ms', 'p90_ms', 'mean_ms', 'min_ms', 'n'} in ms.  To compare several
+    configurations (a choice and its baselines), time them together with measure_configurations: interleaved,
+    drift and load hit them alike."""
+    return measure_configurations(model, input_size, [{'gammas': gammas, 'lam': lam}], batch, device, warmup,
+                                  repeats, passes, seed, clock)[0]
 
 
 def roofline_microbenchmark(device='cpu', matmul_n=None, copy_mb=None, repeats=10):
@@ -368,18 +718,26 @@ def set_threads(threads):
 
 
 def measure_side(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, threads=0,
-                 max_entry_s=0.0, seed=0, progress=False, microbenchmark=True, timing='chain'):
-    # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool, str) -> Dict[str, object]
-    """Everything one side contributes to the LUT, measured here: block entries, head, roofline, metadata."""
+                 max_entry_s=0.0, seed=0, progress=False, microbenchmark=True, timing='fit', clock='wall',
+                 fit_configurations=0, fit_rounds=2, fit_burst=2):
+    # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool, str, str, int, int, int) -> Dict[str, object]
+    """Everything one side contributes to the LUT, measured here: block entries, head, roofline, metadata (with
+    machine_state() before and after the measurement), settings; with timing='fit' also `fit` (per batch)."""
     used = set_threads(threads)
     plan = block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input', False)))
+    before = machine_state()
     result = measure_blocks(arch, input_size, batch_sizes, device, warmup, repeats, max_entry_s, seed, progress,
-                            timing)
+                            timing, clock, fit_configurations, fit_rounds, fit_burst)
+    after = machine_state()
     result['roofline'] = roofline_microbenchmark(device) if microbenchmark else None
     meta = device_metadata(device)
     meta['threads'] = used
+    meta['machine_state_before'], meta['machine_state_after'] = before, after
     result['metadata'] = meta
     result['settings'] = {'warmup': int(warmup), 'repeats': int(repeats), 'max_entry_s': float(max_entry_s),
                           'batch_sizes': [int(b) for b in batch_sizes], 'input_size': int(input_size),
-                          'num_blocks': len(plan), 'seed': int(seed), 'timing': timing}
+                          'num_blocks': len(plan), 'seed': int(seed), 'timing': timing, 'clock': clock}
+    if timing == 'fit':
+        result['settings'].update({'fit_configurations': int(fit_configurations), 'fit_rounds': int(fit_rounds),
+                                   'fit_burst': int(fit_burst)})
     return result

@@ -77,42 +77,76 @@ def _styled(fn):
     return wrapper
 
 
+def _yerr(values: Sequence[float], intervals: Sequence[Optional[Tuple[float, float]]]) -> Optional[np.ndarray]:
+    """(2, n) asymmetric error bars from 95 % intervals, or None when no value has one."""
+    if not any(iv is not None for iv in intervals):
+        return None
+    return np.array([[max(0.0, v - iv[0]) if iv else 0.0 for v, iv in zip(values, intervals)],
+                     [max(0.0, iv[1] - v) if iv else 0.0 for v, iv in zip(values, intervals)]])
+
+
+def _truncation_mark(ax: Any, bottom: float) -> None:
+    """A broken-axis mark at the foot of a y axis that does not start at 0, with the value it starts at."""
+    kw = dict(transform=ax.transAxes, color='black', clip_on=False, lw=1)
+    for dx in (0.0, 0.012):
+        ax.plot([-0.012 + dx, 0.0 + dx], [0.005, 0.025], **kw)
+    ax.annotate(f'axis starts at {bottom:.0f}', (0.0, 0.0), xycoords='axes fraction', xytext=(2, 2),
+                textcoords='offset points', fontsize=7, color='#333333')
+
+
+def _pareto_points(ax: Any, r: DomainResult) -> List[float]:
+    """Draw the epsilon sweep: measured points with their 95 % interval (solid), predictions hollow and dashed."""
+    pts = sorted(r.pareto, key=lambda p: p.throughput_fps)
+    for measured, style in ((True, dict(ls='-', mfc='#4C72B0')), (False, dict(ls='--', mfc='white'))):
+        sel = [p for p in pts if p.measured == measured]
+        if not sel:
+            continue
+        x, y = [p.throughput_fps for p in sel], [p.accuracy_pct for p in sel]
+        ax.errorbar(x, y, yerr=_yerr(y, [p.accuracy_ci_pct for p in sel]), marker='o', color='#4C72B0', ms=4.5,
+                    lw=1.4, capsize=2.5, zorder=3, **style)
+        for p in sel:
+            ax.annotate(f'ε={p.epsilon:g}', (p.throughput_fps, p.accuracy_pct), textcoords='offset points',
+                        xytext=(3, 4), fontsize=7, color='#333333')
+    return [p.throughput_fps for p in pts]
+
+
 @_styled
 def accuracy_throughput_curve(results: Sequence[DomainResult], accuracy_label: str) -> Figure:
-    """Per domain (small multiples): the epsilon-sweep Pareto front, the chosen point and the baselines."""
+    """Per domain (small multiples): the epsilon-sweep front (measured on test with 95 % intervals; predictions
+    of old artifacts drawn hollow and dashed), the chosen point, the floor A_ref - epsilon and the baselines."""
     rows, cols = _grid(len(results))
-    fig = new_figure(3.1 * cols + 0.4, 2.7 * rows + 0.9)
+    fig = new_figure(3.1 * cols + 0.4, 2.7 * rows + 1.1)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(results):]:
         ax.set_visible(False)
     for ax, r in zip(axes.flat, results):
         fps_all = [s.throughput_fps for s in r.baselines.values()] + [r.predicted.throughput_fps]
         if r.pareto:
-            pts = sorted(r.pareto, key=lambda p: p.throughput_fps)
-            x = [p.throughput_fps for p in pts]
-            y = [p.accuracy_pct for p in pts]
-            fps_all += x
-            ax.plot(x, y, '-o', color='#4C72B0', ms=4.5, lw=1.4, zorder=3)
-            for p in pts:
-                ax.annotate(f'ε={p.epsilon:g}', (p.throughput_fps, p.accuracy_pct), textcoords='offset points',
-                            xytext=(3, 4), fontsize=7, color='#333333')
-        ax.plot([r.predicted.throughput_fps], [r.final_acc_pct], '*', color='#FFB000', mec='black', ms=13,
-                zorder=4)
+            fps_all += _pareto_points(ax, r)
+        ax.errorbar([r.predicted.throughput_fps], [r.final_acc_pct], yerr=_yerr([r.final_acc_pct], [r.final_ci_pct]),
+                    marker='*', color='#FFB000', mec='black', ms=13, capsize=3, ecolor='black', zorder=4)
         for key, stage in r.baselines.items():
             label, marker, color = BASELINE_STYLE.get(key, (key, 'D', 'grey'))
             ax.plot([stage.throughput_fps], [r.a_ref_pct], marker, color=color, mec='black', ms=7, zorder=4)
         ax.axhline(r.a_ref_pct, color='grey', ls=':', lw=1)
+        ax.axhline(r.floor_pct, color='#C44E52', ls='--', lw=1)
         if max(fps_all) / max(min(fps_all), 1e-9) > 20:
             ax.set_xscale('log')
         ax.set_title(r.title, fontsize=10)
         ax.set_xlabel('predicted throughput (frames/s)')
         ax.set_ylabel('accuracy (%)')
         ax.margins(x=0.12, y=0.15)
+        _truncation_mark(ax, ax.get_ylim()[0])
     handles = [Line2D([], [], color='#4C72B0', marker='o', ms=4.5,
-                      label='ε-sweep Pareto front (accuracy predicted by the surrogate)'),
+                      label='ε sweep, each point deployed and measured (test, 95 % interval)'),
+               Line2D([], [], color='#4C72B0', marker='o', mfc='white', ls='--', ms=4.5,
+                      label='ε sweep, surrogate prediction (older artifacts)'),
                Line2D([], [], ls='', marker='*', color='#FFB000', mec='black', ms=12,
-                      label=f'chosen, ε of step 3 ({accuracy_label}, measured)'),
-               Line2D([], [], color='grey', ls=':', label='A_ref (unpruned)')]
+                      label=f'chosen, ε of step 3 ({accuracy_label}, measured, 95 % interval)'),
+               Line2D([], [], color='grey', ls=':', label='A_ref (unpruned)'),
+               Line2D([], [], color='#C44E52', ls='--', label='floor A_ref − ε')]
+    if not any(p.measured is False for r in results for p in r.pareto):
+        handles.pop(1)
     handles += [Line2D([], [], ls='', marker=m, color=c, mec='black', ms=7, label=f'{lab} (unpruned, A_ref)')
                 for lab, m, c in BASELINE_STYLE.values()]
     fig.legend(handles=handles, loc='outside lower center', ncol=3)
@@ -131,11 +165,17 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     a_ref = np.array([r.a_ref_pct for r in results])
     final = np.array([r.final_acc_pct for r in results])
     ax_acc.bar(x - w / 2, a_ref, w, label='A_ref (unpruned, domain hyper-weights)', color='#8C8C8C')
-    ax_acc.bar(x + w / 2, final, w, label=f'final ({accuracy_label}, pruned)', color='#4C72B0')
-    lo = float(min(a_ref.min(), final.min()))
-    ax_acc.set_ylim(max(0.0, lo - max(5.0, 0.1 * (100 - lo))), min(100.0, float(max(a_ref.max(), final.max())) + 3))
+    ax_acc.bar(x + w / 2, final, w, yerr=_yerr(list(final), [r.final_ci_pct for r in results]), capsize=2.5,
+               label=f'final ({accuracy_label}, pruned; 95 % paired interval)', color='#4C72B0')
+    floor = np.array([r.floor_pct for r in results])
+    ax_acc.hlines(floor, x - w, x + w, colors='#C44E52', linestyles='--', lw=1.2, label='floor A_ref − ε', zorder=3)
+    lo = float(min(a_ref.min(), final.min(), floor.min()))
+    bottom = max(0.0, lo - max(5.0, 0.1 * (100 - lo)))
+    ax_acc.set_ylim(bottom, min(100.0, float(max(a_ref.max(), final.max())) + 3))
+    if bottom > 0:
+        _truncation_mark(ax_acc, bottom)
     for xi, r in zip(x, results):
-        ax_acc.annotate(f'{-r.drop_pct:+.1f}', (xi + w / 2, r.final_acc_pct), textcoords='offset points',
+        ax_acc.annotate(f'{0.0 - r.drop_pct:+.1f}', (xi + w / 2, r.final_acc_pct), textcoords='offset points',
                         xytext=(0, 2), ha='center', fontsize=7.5)
     ax_acc.set_ylabel('accuracy (%)')
     ax_acc.set_title('Accuracy: unpruned reference vs final pruned model (labels: change, points)')

@@ -40,6 +40,8 @@ class ParetoPoint:
     throughput_fps: float  # predicted throughput, frames/s
     lam: Optional[int] = None
     branches_pruned: Optional[int] = None
+    accuracy_ci_pct: Optional[Tuple[float, float]] = None  # 95 % interval of the accuracy (measured points)
+    measured: bool = False  # accuracy measured on the deployed configuration (else: a surrogate prediction)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class DomainResult:
     loop: Optional[Dict[str, Any]] = None  # the closed loop (pipeline/closed_loop.py): decision, report, measurements
     source: str = ''  # the artifact file
     corruption: str = ''  # the domain's corruption (step 0's training_results.json), '' when unknown
+    final_ci_pct: Optional[Tuple[float, float]] = None  # 95 % interval of final_acc_pct (paired to A_ref)
 
     @property
     def title(self) -> str:
@@ -70,6 +73,17 @@ class DomainResult:
     @property
     def drop_pct(self) -> float:
         return self.a_ref_pct - self.final_acc_pct
+
+    @property
+    def floor_pct(self) -> float:
+        """The accuracy floor A_ref - epsilon, %."""
+        return self.a_ref_pct - self.epsilon
+
+    @property
+    def drop_ci_pct(self) -> Optional[Tuple[float, float]]:
+        if self.final_ci_pct is None:
+            return None
+        return self.a_ref_pct - self.final_ci_pct[1], self.a_ref_pct - self.final_ci_pct[0]
 
     @property
     def branches_pruned(self) -> int:
@@ -180,7 +194,8 @@ def load_domain_result(path: Path) -> DomainResult:
     pareto = tuple(ParetoPoint(_num(p, 'epsilon', f'{where}: pareto[{i}]'),
                                _num(p, 'accuracy_pct', f'{where}: pareto[{i}]'),
                                _num(p, 'throughput_fps', f'{where}: pareto[{i}]'),
-                               p.get('lam'), p.get('branches_pruned'))
+                               p.get('lam'), p.get('branches_pruned'), _interval(p.get('accuracy_ci95_pct')),
+                               str(p.get('accuracy_source', '')).startswith('measured'))
                    for i, p in enumerate(obj.get('pareto') or []))
     measured = obj.get('measured') if isinstance(obj.get('measured'), dict) else None
     loop = obj.get('closed_loop') if isinstance(obj.get('closed_loop'), dict) else None
@@ -190,7 +205,14 @@ def load_domain_result(path: Path) -> DomainResult:
                         lam=int(obj['lam']), num_blocks=len(blocks), gammas=tuple(int(g) for g in obj['gammas']),
                         alpha=alpha, kept=kept, predicted=stage_from(obj['predicted'], f'{where}: predicted'),
                         baselines=base, baseline_lam=base_lam, pareto=pareto, measured=measured, loop=loop,
-                        source=where)
+                        source=where, final_ci_pct=_interval(obj.get('final_accuracy_ci95_pct')))
+
+
+def _interval(v: Any) -> Optional[Tuple[float, float]]:
+    """[lo, hi] of two numbers as a tuple; None for anything else (artifacts from before intervals)."""
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        return float(v[0]), float(v[1])
+    return None
 
 
 def load_step2(path: Path) -> Step2View:
@@ -318,6 +340,7 @@ COLUMNS = (  # key, header, format
     ('a_ref_pct', 'A_ref (%)', '{:.2f}'),
     ('final_acc_pct', 'final acc. (%)', '{:.2f}'),
     ('drop_pct', 'drop (pts)', '{:.2f}'),
+    ('drop_ci95_pct', 'drop 95 % interval (pts)', '[{0[0]:.2f}, {0[1]:.2f}]'),
     ('epsilon', 'ε (pts)', '{:g}'),
     ('lam', 'λ', '{}'),
     ('branches_pruned', 'branches pruned', '{:.3g}'),
@@ -354,6 +377,7 @@ def loop_cells(loop: Optional[Mapping[str, Any]], role: str = 'chosen') -> Dict[
 def domain_row(r: DomainResult) -> Dict[str, Any]:
     plain = r.baselines.get('best_plain_split')
     return {'domain': r.domain, 'corruption': r.corruption or None, 'a_ref_pct': r.a_ref_pct, 'final_acc_pct': r.final_acc_pct, 'drop_pct': r.drop_pct,
+            'drop_ci95_pct': list(r.drop_ci_pct) if r.drop_ci_pct else None,
             'epsilon': r.epsilon, 'lam': r.lam, 'branches_pruned': r.branches_pruned,
             'throughput_fps': r.predicted.throughput_fps,
             'plain_split_fps': plain.throughput_fps if plain else None, 'gain_x': r.gain_x,
@@ -497,7 +521,8 @@ def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
                 'configuration\'s measured throughput / the best measured among the top-k best-predicted; splits in '
                 'band = other splits whose predicted throughput lies within the LUT\'s uncertainty band (a coin toss '
                 'on the LUT alone).  The mean row gives geometric mean gains; the worst row is the domain with the '
-                'largest accuracy drop.', '']
+                'largest accuracy drop; the drop interval is the 95 % paired bootstrap interval against A_ref on the '
+                'same test images.', '']
     if s.step2:
         out += ['## Initial throughput optimization (step 2, unpruned model)', '',
                 markdown_table(s.step2, STEP2_COLUMNS), '']

@@ -1,0 +1,86 @@
+"""Step 3's acceptance statistics and surrogate maths (accuracy/stats.py, accuracy/surrogate.py): the paired bound
+covers the true difference at its level, the surrogate re-centres on the measured loss, the calibration factor."""
+import numpy as np
+import pytest
+
+from accuracy import stats, surrogate
+
+
+def _pair(rng, n, p_ref_only, p_new_only):
+    """Correctness masks of two models on n images with the given discordance probabilities."""
+    u = rng.random(n)
+    ref = rng.random(n) < 0.85
+    new = ref.copy()
+    flip_down = ref & (u < p_ref_only / 0.85)
+    flip_up = ~ref & (u < p_new_only / 0.15)
+    new[flip_down] = False
+    new[flip_up] = True
+    return ref, new
+
+
+def test_paired_difference_counts_and_standard_error():
+    ref = np.array([1, 1, 1, 0, 0, 1, 1, 0], dtype=bool)
+    new = np.array([1, 0, 1, 1, 0, 0, 1, 0], dtype=bool)
+    out = stats.paired_difference(ref, new, np.random.default_rng(0), resamples=4000)
+    assert (out['n'], out['ref_only'], out['new_only']) == (8, 2, 1)
+    assert out['diff_pct'] == pytest.approx(-12.5) and out['drop_pct'] == pytest.approx(12.5)
+    d = new.astype(float) - ref.astype(float)
+    assert out['se_pct'] == pytest.approx(100 * d.std() / np.sqrt(8))
+    assert out['ci_pct'][0] <= out['lower_pct'] <= out['diff_pct'] <= out['ci_pct'][1]
+    same = stats.paired_difference(ref, ref, np.random.default_rng(0))
+    assert same['ci_pct'] == [0.0, 0.0] and same['lower_pct'] == 0.0 and same['drop_pct'] == 0.0
+    again = stats.paired_difference(ref, new, np.random.default_rng(0), resamples=4000)
+    assert again == out  # seeded: the same bound every time
+    with pytest.raises(ValueError, match='equal non-empty'):
+        stats.paired_difference(ref, new[:3], np.random.default_rng(0))
+
+
+@pytest.mark.parametrize('p_down,p_up', [(0.02, 0.01), (0.01, 0.0), (0.04, 0.03)])
+def test_one_sided_bound_covers_the_true_difference(p_down, p_up):
+    """Over 400 simulated validation sets of 1000 images the true difference is below the lower bound in at most
+    ~5 % of them (binomial slack: <= 8.5 %), and the paired bound is tighter than an unpaired one."""
+    rng = np.random.default_rng(1)
+    true_diff = 100.0 * (p_up - p_down)
+    misses, widths = 0, []
+    for _ in range(400):
+        ref, new = _pair(rng, 1000, p_down, p_up)
+        out = stats.paired_difference(ref, new, rng, resamples=2000)
+        misses += out['lower_pct'] > true_diff
+        widths.append(out['diff_pct'] - out['lower_pct'])
+    assert misses / 400 <= 0.085
+    unpaired = 1.645 * 100 * np.sqrt(2 * 0.85 * 0.15 / 1000)
+    assert np.mean(widths) < 0.7 * unpaired
+
+
+def test_prior_standard_error_and_margin():
+    assert stats.prior_se_pct(1.0, 1000) == pytest.approx(100 * np.sqrt(0.01 * 0.99 / 1000))
+    assert stats.one_sided_z() == pytest.approx(1.6449, abs=1e-4)
+    z = stats.one_sided_z()
+    assert surrogate.margin_pct(1.0, 1000, 0.0, z) == pytest.approx(z * stats.prior_se_pct(1.0, 1000))
+    assert surrogate.margin_pct(1.0, 1000, 0.6, z) == pytest.approx(z * 0.6)  # a measured larger se wins
+
+
+def test_recentre_puts_the_measured_loss_on_the_pruned_branches():
+    prev = np.array([[0.5, 0.1, np.nan], [0.2, 0.3, 0.0], [np.nan, np.nan, np.nan]])
+    pruned = np.array([[True, False, False], [False, True, False], [False, False, False]])
+    fresh = np.array([[np.nan, 0.4, np.nan], [0.9, np.nan, 0.05], [np.nan, np.nan, np.nan]])
+    out = surrogate.recentre(fresh, prev, pruned, 1.6)
+    assert out[pruned].sum() == pytest.approx(1.6)
+    assert out[0, 0] == pytest.approx(1.0) and out[1, 1] == pytest.approx(0.6)  # shares keep the ratio 0.5 : 0.3
+    assert out[0, 1] == 0.4 and out[1, 0] == 0.9 and out[1, 2] == 0.05 and np.isnan(out[2]).all()
+    want = pruned.copy()
+    want[1, 2] = want[0, 1] = True
+    assert surrogate.increment(out, pruned, want) == pytest.approx(0.45)
+    solver = surrogate.for_solver(out, pruned, 0.5)
+    assert solver[0, 0] == out[0, 0] and solver[1, 0] == pytest.approx(0.45)
+
+
+def test_calibration_factor_needs_evidence_and_is_clipped():
+    assert surrogate.calibration_factor([]) == 1.0
+    assert surrogate.calibration_factor([(0.1, 0.0)]) == 1.0  # below RHO_MIN_EVIDENCE_PCT
+    assert surrogate.calibration_factor([(1.0, 0.5), (1.0, 0.3)]) == pytest.approx(0.4)
+    assert surrogate.calibration_factor([(1.0, 10.0)]) == surrogate.RHO_RANGE[1]
+    assert surrogate.calibration_factor([(1.0, -1.0)]) == surrogate.RHO_RANGE[0]
+    summary = surrogate.error_summary([{'error_pct': 0.2}, {'error_pct': -1.0}, {'error_pct': None}])
+    assert summary['n'] == 2 and summary['median_abs_error_pct'] == pytest.approx(0.6)
+    assert summary['max_abs_error_pct'] == 1.0 and surrogate.error_summary([])['n'] == 0

@@ -1,0 +1,181 @@
+"""LUT timing 'fit': entries fitted to whole-part timings, validation noise floor, warnings, old LUTs."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from artifacts import ArtifactError, write_artifact
+from config import Config
+from hyper_repvgg import block_plan
+from timing import flops as F
+from timing import lut as L
+from timing import measure as M
+
+TINY = {'name': 'RepVGG-A0', 'num_classes': 10, 'width_multiplier': [0.25, 0.25, 0.25, 0.25], 'small_input': False}
+TINY_ARGS = ['--model', 'A0', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--input_size', '32',
+             '--dataset', 'synthetic', '--set', 'lut.threads=1', '--repeats', '2', '--warmup', '1',
+             '--set', 'lut.validation_samples=3', '--set', 'lut.fit_configurations=30']
+
+
+def synthetic_design(seed, configs, blocks=8, layouts=4):
+    """Rows of edge / server parts of random configurations over blocks x layouts (+ head column), known costs."""
+    rnd = random.Random(seed)
+    cols = blocks * layouts
+    truth = np.array([rnd.uniform(0.05, 2.0) for _ in range(cols)] + [0.3])  # last: head + part overhead
+
+    def parts(n):
+        rows = []
+        for _ in range(n):
+            g = [rnd.randrange(layouts) for _ in range(blocks)]
+            lam = rnd.randint(0, blocks)
+            if lam > 0:
+                rows.append([k * layouts + g[k] for k in range(lam)])
+            rows.append([k * layouts + g[k] for k in range(lam, blocks)] + [cols])
+        return rows
+    return truth, parts(configs), parts(40)
+
+
+def sums(rows, costs):
+    return np.array([sum(costs[j] for j in r) for r in rows])
+
+
+def test_fit_recovers_known_costs_exactly():
+    truth, rows, _ = synthetic_design(0, 120)
+    costs, info = M.fit_entry_costs(rows, sums(rows, truth), len(truth))
+    assert np.allclose(costs, truth, rtol=1e-6, atol=1e-9)
+    assert info['residual_median_abs_pct'] < 1e-6 and info['prior_rel'] is None
+    # a wrong prior does not pull noise-free timings away from the truth (within the prior's tiny weight)
+    prior = truth * np.random.default_rng(1).uniform(0.5, 1.5, truth.size)
+    costs, info = M.fit_entry_costs(rows, sums(rows, truth), len(truth), prior, noise_rel=1e-4)
+    assert np.allclose(costs, truth, rtol=1e-3, atol=1e-4) and info['scale'] > 0
+
+
+def test_fit_with_noise_and_preemption_outliers_predicts_unseen_parts():
+    truth, rows, held_out = synthetic_design(2, 150)
+    rng = np.random.default_rng(3)
+    t = sums(rows, truth) * rng.lognormal(0.0, 0.03, len(rows))
+    t[rng.choice(len(rows), 10, replace=False)] *= 3.0  # preempted parts
+    prior = truth * 1.3 + 0.05  # a biased prior (per-block overhead), as chain timing gives
+    costs, info = M.fit_entry_costs(rows, t, len(truth), prior, noise_rel=0.03)
+    err = np.abs(sums(held_out, np.asarray(costs)) / sums(held_out, truth) - 1)
+    assert np.median(err) < 0.03 and info['down_weighted'] >= 5
+    # the uncorrected prior misses by its bias
+    assert np.median(np.abs(sums(held_out, prior) / sums(held_out, truth) - 1)) > 0.2
+
+
+def test_fit_respects_lower_bounds_and_rejects_bad_rows():
+    truth, rows, _ = synthetic_design(4, 60)
+    lower = np.full(truth.size, 0.5)
+    costs, info = M.fit_entry_costs(rows, sums(rows, truth), len(truth), lower_ms=lower)
+    assert min(costs) >= 0.5 - 1e-12 and info['at_lower'] > 0
+    with pytest.raises(ValueError, match='one positive time per row'):
+        M.fit_entry_costs(rows, [1.0] * (len(rows) - 1), len(truth))
+
+
+def test_nnls_matches_scipy():
+    from scipy.optimize import nnls
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(40, 12)), rng.normal(size=40)
+    z = M._nnls(a.T @ a, a.T @ b)
+    assert np.allclose(z, nnls(a, b)[0], atol=1e-8)
+
+
+def test_fit_lut_entries_are_marginal_costs_with_meaningful_fields():
+    res = M.measure_side(TINY, 32, (1,), 'cpu', warmup=1, repeats=2, threads=1, microbenchmark=False,
+                         fit_configurations=20, fit_rounds=2, fit_burst=1)
+    plan = block_plan(TINY['name'], TINY['width_multiplier'])
+    assert len(res['entries']) == sum(len(F.measurable_layouts(s)) for s in plan)
+    for e in res['entries'] + res['head']:
+        assert e['median_ms'] > 0 and e['p10_ms'] <= e['median_ms'] <= e['p90_ms'] and e['prior_ms'] > 0
+        assert e['chain_n'] >= 2
+    fit = res['fit']['1']
+    assert fit['configurations'] == 20 and fit['rounds'] == 2 and fit['parts'] == sum(
+        1 + (c['lam'] > 0) for c in fit['configurations_used'])
+    assert res['head'][0]['n'] == 20  # every configuration's server part runs the head
+    assert res['settings']['timing'] == 'fit' and res['settings']['fit_configurations'] == 20
+    for k in ('machine_state_before', 'machine_state_after'):
+        st = res['metadata'][k]
+        assert len(st['load_average']) == 3 and 'cpufreq' in st and st['timestamp'].endswith('Z')
+
+
+def test_measure_configurations_interleaved_passes():
+    model = M.random_model(TINY, 0)
+    plan = model.plan
+    confs = M.random_fit_configurations(plan, 3, 1) + [{'gammas': [13 if s.has_identity else 4 for s in plan],
+                                                         'lam': 0}]
+    kept = [b.kept.clone() for b in model.blocks]
+    out = M.measure_configurations(model, 32, confs, repeats=4, passes=2, seed=3)
+    assert [b.kept.tolist() for b in model.blocks] == [k.tolist() for k in kept]  # model unchanged
+    for c, r in zip(confs, out):
+        assert r['gammas'] == c['gammas'] and len(r['passes']) == 2 and r['server']['n'] == 4
+        assert (r['edge'] is None) == (c['lam'] == 0) and r['total']['median_ms'] > 0
+    one = M.measure_configuration(model, 32, confs[0]['gammas'], confs[0]['lam'], repeats=2)
+    assert set(one) >= {'edge', 'server', 'total', 'passes'}
+    with pytest.raises(ValueError, match='cannot run layout'):
+        M.measure_configurations(model, 32, [{'gammas': [13] * len(plan), 'lam': 0}])
+
+
+class FakeClock:
+    """A timer whose every reading advances by a step: constant (no noise) or lognormal (a noisy machine)."""
+
+    def __init__(self, sigma):
+        self.t, self.sigma, self.rng = 0.0, sigma, np.random.default_rng(0)
+
+    def __call__(self):
+        self.t += 1e-3 * (self.rng.lognormal(0.0, self.sigma) if self.sigma else 1.0)
+        return self.t
+
+
+@pytest.mark.parametrize('sigma,warns', [(0.0, False), (1.0, True)])
+def test_noise_floor_and_warning_with_a_fake_timer(monkeypatch, sigma, warns):
+    res = M.measure_side(TINY, 32, (1,), 'cpu', warmup=0, repeats=2, threads=1, microbenchmark=False,
+                         timing='chain')
+    side = L.side_payload('server', TINY, 32, res)
+    monkeypatch.setattr(M, 'clock_fn', lambda clock='wall': FakeClock(sigma))
+    configs = L.random_configurations(TINY, 6, np.random.default_rng(0))
+    rep = L.validate_side(side, configs, 1, 'cpu', 0, 4, seed=0)
+    noise = rep['summary']['noise']
+    assert noise['passes'] == 2 and noise['count'] == 6 and noise['tolerance_pct'] == 5.0
+    assert (noise['pass_to_pass_pct'] > 5.0) == warns and noise['above_tolerance'] == warns
+    w = L.noise_warning(rep, repeats=4, threads=1)
+    assert (w is not None) == warns
+    if warns:
+        assert 'raise it' in w and '--repeats 4' in w
+    assert 'noise floor' in L.validation_line(rep)
+    json.dumps(rep)  # JSON-able
+
+
+def test_step1_fit_lut_and_validation_json_fields(tmp_path, capsys):
+    from pipeline.step1_measure_lut import main
+    assert main(['--mode', 'pseudo', *TINY_ARGS, '--results_dir', str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert 'entries fitted (batch 1) to' in cap.out and 'noise floor' in cap.out
+    server = L.load_side(tmp_path / 'lut_server.json', 'server')
+    assert server['settings']['timing'] == 'fit' and server['fit']['1']['configurations'] == 30
+    val = json.loads((tmp_path / 'lut_validation.json').read_text())
+    assert val['lut_timing'] == 'fit' and val['settings']['passes'] == 2
+    assert set(val['summary']['noise']) == {'passes', 'pass_to_pass_pct', 'lut_vs_pass2_median_abs_pct',
+                                           'tolerance_pct', 'above_tolerance', 'count'}
+    assert len(val['machine_state_before']['load_average']) == 3 and 'machine_state_after' in val
+    for r in val['records']:
+        assert len(r['passes']) == 2 and r['seen_by_fit'] is False and r['measured']['total_ms'] > 0
+    if val['summary']['noise']['above_tolerance']:
+        assert 'warning: LUT validation noise floor' in cap.err
+
+
+def test_old_chain_lut_is_read_and_unknown_method_refused(tmp_path):
+    res = M.measure_side(TINY, 32, (1,), 'cpu', warmup=0, repeats=2, threads=1, microbenchmark=False,
+                         timing='chain')
+    side = L.side_payload('server', TINY, 32, dict(res, roofline={'peak_flops_per_s': 1e11,
+                                                                   'mem_bandwidth_bytes_per_s': 1e10,
+                                                                   'knee_flop_per_byte': 10.0}))
+    old = dict(side, settings={k: v for k, v in side['settings'].items() if k != 'clock'})
+    old['metadata'] = {k: v for k, v in side['metadata'].items() if not k.startswith('machine_state')}
+    path = tmp_path / 'lut_server.json'
+    write_artifact(path, 'lut_server', old, Config(), 'test')
+    loaded = L.load_side(path, 'server')
+    assert 'chain timing: sums over-predict' in L.side_line(loaded) and L.fit_configuration_keys(loaded, 1) == set()
+    write_artifact(path, 'lut_server', dict(old, settings=dict(old['settings'], timing='magic')), Config(), 'test')
+    with pytest.raises(ArtifactError, match=r'settings\.timing: unknown timing method .magic.'):
+        L.load_side(path, 'server')

@@ -16,6 +16,7 @@ machine, shared by whatever else runs on it: read them with the load average the
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from typing import List, Optional, Sequence, Set
 from errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger('localdevice')
 
 
 class LocalDeviceError(UserError):
@@ -151,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'results/local_device)')
     p.add_argument('command', nargs=argparse.REMAINDER, help='the server-side command, after --')
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='localdevice: %(message)s')
     cmd = args.command[1:] if args.command[:1] == ['--'] else args.command
     if not cmd:
         p.error('give the server-side command after --, e.g. -- python pipeline/step2_initial_throughput_opt.py '
@@ -162,10 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dev = LocalDevice(args.port, args.rate_mbps, args.delay_ms, args.edge_cpu,
                           Path(args.log_dir) if args.log_dir else None)
         with dev:
-            print(dev.describe(), file=sys.stderr, flush=True)
+            log.info('%s', dev.describe())
             return dev.run(cmd)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        log.error('error: %s', e)
         return 2
     except KeyboardInterrupt:
         return 130

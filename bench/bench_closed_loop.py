@@ -66,7 +66,7 @@ def run_quick(work: Path) -> None:
     step = ['--port', '{port}', '--results_dir', str(work), *QUICK, '--set', 'real.connect_timeout_s=60']
     ld = [py, '-m', 'comm.localdevice', '--log_dir', str(work / 'local_device'), '--']
     _run(ld + [py, 'pipeline/step1_measure_lut.py', '--mode', 'real', '--repeats', '3', '--warmup', '1',
-               '--no_validate', '--set', 'real.probe_sizes_kb=4,256,1024', *step])
+               '--no_validate', '--set', 'lut.timing=chain', '--set', 'real.probe_sizes_kb=4,256,1024', *step])
     _run(ld + [py, 'pipeline/step2_initial_throughput_opt.py', '--mode', 'real', '--steps', '60', '--restarts', '1',
                *step])
 

@@ -41,8 +41,8 @@ def test_steps_1_and_2_in_real_mode_through_the_local_device_measure_what_is_cho
         try:
             common = ['--port', str(dev.port), '--results_dir', str(tmp_path), *TINY,
                       '--set', 'real.connect_timeout_s=60']
-            step1.main(['--mode', 'real', '--repeats', '3', '--warmup', '1', '--no_validate',
-                        '--set', 'real.probe_sizes_kb=4,256,1024', '--set', 'real.probe_repeats=2', *common])
+            step1.main(['--mode', 'real', '--repeats', '3', '--warmup', '1', '--no_validate',  # chain: seconds
+                        '--set', 'lut.timing=chain', '--set', 'real.probe_sizes_kb=4,256,1024', '--set', 'real.probe_repeats=2', *common])
             assert step2.main(['--mode', 'real', '--steps', '60', '--restarts', '1', '--set', 'loop.top_k=3',
                                '--set', 'loop.passes=2', '--set', 'loop.real_samples=24', *common]) == 0
         finally:

@@ -62,12 +62,23 @@ def _check_finite(obj: Any, where: str) -> None:
             _check_finite(v, f'{where}[{i}]')
 
 
+def _umask() -> int:
+    """The process umask (os.umask can only be read by setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace: all or nothing."""
+    """Write via a temp file in the same directory and os.replace: all or nothing.
+
+    The file gets the mode a plain open() would give it (0666 minus the umask, usually 0644), not mkstemp's 0600,
+    so that others on a shared server can read the results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()

@@ -12,10 +12,12 @@ when a peer sends anything malformed or fails to prove the token, it logs one li
 exponential backoff (0.5 s doubling up to --backoff_max_s).  Between commands it expects the server's heartbeat:
 silence for comm.protocol.idle_timeout_s (4 heartbeats + 2 s) means the link or the server is gone, and it redials.  Commands: measure_lut (timing.measure, the
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
-hyper_repvgg.build_edge from raw tensors), upload (uint8 images), run (pipelined: the edge part runs batch after
-batch while a sender thread streams the features).  A failing command answers an error frame; the worker stays
-usable.  Device-side: imports only hyper_repvgg, comm.protocol, data.normalize, timing.measure, numpy and torch
-(the files: comm/bundle.py DEVICE_FILES).
+hyper_repvgg.build_edge from raw tensors), load_part (the edge part from a part file, comm/parts.py), upload (uint8
+images), run (pipelined: the edge part runs batch after batch while a sender thread streams the features),
+round_trips (single requests with the result sent back), memory (peak RSS with the edge part against the full
+model).  A failing command answers an error frame; the worker stays usable.  Device-side: imports only
+hyper_repvgg, comm.protocol, comm.parts, data.normalize, timing.measure, timing.flops, numpy and torch (the files:
+comm/bundle.py DEVICE_FILES).
 """
 import argparse
 import logging
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import hyper_repvgg as H  # noqa: E402
+from comm import parts as PF  # noqa: E402
 from comm import protocol as P  # noqa: E402
 from data.normalize import normalize_batch  # noqa: E402
 from timing import measure as M  # noqa: E402
@@ -268,6 +271,95 @@ class Worker(object):
         weight_bytes = sum(int(v.nbytes) for v in frame.tensors.values())
         return {'load_ms': (time.monotonic() - t0) * 1e3, 'edge_weight_bytes': weight_bytes, 'lam': lam,
                 'device': self.device, 'blocks': len(edge.blocks), 'threads': torch.get_num_threads()}, None
+
+    def cmd_load_part(self, sock, frame):
+        """Load an edge part file (comm/parts.py: plain arrays, never unpickled) as the edge part: its bytes in the
+        tensor 'file', or args.path, a file already on this device.  Only the edge blocks are built."""
+        a = frame.header.get('args', {})
+        data = frame.tensors.get('file')
+        if data is not None:
+            source = data.tobytes()
+        elif a.get('path'):
+            source = str(a['path'])
+        else:
+            raise CommandError('load_part: send the part file as uint8 tensor "file" or give args.path')
+        t0 = time.monotonic()
+        try:
+            edge, meta = PF.load_part(source)
+        except PF.PartFileError as e:
+            raise CommandError('load_part: {}'.format(e))
+        if meta['part'] != 'edge':
+            raise CommandError('load_part: {} is a {} part file; the device runs the edge part'.format(
+                a.get('path') or 'the file', meta['part']))
+        if meta['mean'] is None or meta['std'] is None or meta['feature_dtype'] not in ('fp32', 'fp16'):
+            raise CommandError('load_part: the part file lacks the input normalization or feature dtype')
+        self.edge = edge.to(self.device)
+        self.edge_info = {'lam': int(meta['lam']), 'num_blocks': int(meta['num_blocks']), 'mean': meta['mean'],
+                          'std': meta['std'], 'feature_dtype': meta['feature_dtype']}
+        size = int(meta['input_size'])
+        self.forward(torch.zeros(1, 3, size, size, dtype=torch.uint8))  # one untimed warm-up pass
+        if isinstance(source, bytes):
+            raw = source
+        else:
+            with open(source, 'rb') as f:
+                raw = f.read()
+        return {'load_ms': (time.monotonic() - t0) * 1e3, 'lam': int(meta['lam']), 'blocks': len(edge.blocks),
+                'bytes': len(raw), 'sha256': PF.sha256_hex(raw), 'device': self.device}, None
+
+    def cmd_memory(self, sock, frame):
+        """Memory of the edge part against the full model on this device: the part files (uint8 tensors 'edge_file',
+        'server_file') are each loaded by a fresh process (comm.parts.compare_memory), peak and resident RSS and,
+        on a GPU, torch.cuda.max_memory_allocated."""
+        import shutil
+        import tempfile
+        a = frame.header.get('args', {})
+        files = {}
+        for key in ('edge_file', 'server_file'):
+            t = frame.tensors.get(key)
+            if t is None or t.dtype != np.uint8 or t.ndim != 1:
+                raise CommandError('memory: needs the part file bytes as 1-D uint8 tensor {!r}'.format(key))
+            files[key] = t
+        tmp = tempfile.mkdtemp(prefix='hyperrepvgg-parts-')
+        try:
+            paths = {}
+            for key, t in files.items():
+                paths[key] = os.path.join(tmp, key + '.npz')
+                with open(paths[key], 'wb') as f:
+                    f.write(t.tobytes())
+            res = PF.compare_memory(paths['edge_file'], paths['server_file'], int(a.get('batch', 1)), self.device)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return res, None
+
+    def cmd_round_trips(self, sock, frame):
+        """Single requests the whole way, one after another: the edge part on the first uploaded batch, the features
+        up as a 'features' frame, then wait for the server's result (a 'features' frame with the same batch number)
+        coming back.  Per request: edge_ms, send_start and result_at (this clock) and the round trip rtt_ms."""
+        if self.edge is None:
+            raise CommandError('round_trips: no edge part loaded (send load_edge or load_part first)')
+        if not self.images:
+            raise CommandError('round_trips: no images uploaded (send upload first)')
+        a = frame.header.get('args', {})
+        count = int(a['count'])
+        x = torch.from_numpy(self.images[0][:max(1, int(a.get('batch_size', 1)))])
+        self.forward(x)  # untimed warm-up
+        requests = []
+        for i in range(count):
+            t0 = time.monotonic()
+            y = self.forward(x)
+            t1 = time.monotonic()
+            P.send_frame(sock, 'features', {'batch': i, 'edge_start': t0, 'edge_ms': (t1 - t0) * 1e3,
+                                            'send_start': t1}, [('x', y)], lock=self.lock)
+            back = P.recv_frame(sock, self.limits)
+            while back.kind == 'heartbeat':  # the server's liveness frames may come in between
+                back = P.recv_frame(sock, self.limits)
+            t2 = time.monotonic()
+            if back.kind != 'features' or back.header.get('batch') != i or 'x' not in back.tensors:
+                raise CommandError('round_trips: expected the result of request {}, got a {} frame'.format(
+                    i, back.kind))
+            requests.append({'batch': i, 'edge_ms': (t1 - t0) * 1e3, 'send_start': t1, 'result_at': t2,
+                             'rtt_ms': (t2 - t1) * 1e3, 'result_bytes': int(back.tensors['x'].nbytes)})
+        return {'requests': requests, 'count': count}, None
 
     def cmd_upload(self, sock, frame):
         if frame.header.get('args', {}).get('reset'):

@@ -66,6 +66,9 @@ else
   echo "== step 1: reusing $results/hardware_lut_complete.json (delete it, or --fresh, to measure again)" >&2
 fi
 run "step 2 (throughput)" pipeline/step2_initial_throughput_opt.py --mode "$mode" "${common[@]}" "${step23[@]}"
+run "split sweep (step 2's configuration, every lambda; pseudo: server measured here)" pipeline/split_sweep.py \
+  "${common[@]}" "${step23[@]}"
+run "part files (step 2's configuration)" pipeline/export_parts.py "${common[@]}"
 run "step 3 (joint, per domain)" pipeline/step_3_joint.py --mode "$mode" "${dom[@]}" "${common[@]}" "${step23[@]}" "${step3[@]}"
 run "step 4 (figures)" pipeline/step4_visualize_results.py "${common[@]}"
 echo "results: $results/ (figures and summary.md in $results/visualization/)"

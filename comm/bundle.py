@@ -28,15 +28,21 @@ REPO = Path(__file__).resolve().parent.parent
 # Repository-relative paths, in import order: the worker, what it imports, and the package files on the way.
 DEVICE_FILES: Tuple[str, ...] = (
     'client_worker.py',
+    'step1_measure_lut.py',
     'hyper_repvgg.py',
     'comm/__init__.py',
     'comm/protocol.py',
+    'comm/parts.py',
     'data/__init__.py',
     'data/normalize.py',
     'timing/__init__.py',
     'timing/measure.py',
     'timing/flops.py',
+    'timing/edge_lut.py',
 )
+# What the device runs: the worker, and step 1's --mode client (the seed's `python step1_measure_lut.py --mode
+# client` on the Jetson, which dispatches to timing/edge_lut.py); DEVICE_FILES is their import closure.
+DEVICE_ENTRY_POINTS: Tuple[str, ...] = ('client_worker.py', 'step1_measure_lut.py')
 DEVICE_PACKAGES: Tuple[str, ...] = ('numpy', 'torch')  # installed on the device (NVIDIA's torch 1.10 wheel)
 DEVICE_OPTIONAL_PACKAGES: Tuple[str, ...] = ('paramiko', 'tqdm')  # used when present (--ssh, progress bars)
 SUMS_NAME = 'SHA256SUMS'

@@ -575,6 +575,87 @@ def _run_summary(per_batch: List[Dict[str, Any]], pred: torch.Tensor, labels: to
             'predictions': pred.tolist()}
 
 
+def deploy_part_file(session: ServerSession, data: bytes) -> Dict[str, Any]:
+    """Load an edge part file (comm/parts.py bytes) on the worker as its edge part; afterwards run() and
+    round_trips() use it.  -> {'lam', 'blocks', 'bytes', 'sha256', 'load_ms', 'device', 'round_trip_ms'}"""
+    from comm import parts
+    meta = parts.read_meta(parts._read(data)[0], '<edge part file>')
+    if meta['part'] != 'edge':
+        raise SessionError(f'deploy_part_file: a {meta["part"]} part file; the worker runs the edge part')
+    t0 = time.perf_counter()
+    res, _ = session.request('load_part', {}, [('file', np.frombuffer(data, dtype=np.uint8))])
+    res['round_trip_ms'] = (time.perf_counter() - t0) * 1e3
+    session._deployed = {'lam': int(meta['lam']), 'num_blocks': int(meta['num_blocks']), 'mean': meta['mean'],
+                         'std': meta['std'], 'feature_dtype': meta['feature_dtype'],
+                         'num_classes': int(meta['arch']['num_classes'])}
+    return res
+
+
+def measure_memory(session: ServerSession, edge_file: bytes, server_file: bytes, batch: int = 1) -> Dict[str, Any]:
+    """The worker's memory with the edge part against the full model (comm.parts.compare_memory run there)."""
+    res, _ = session.request('memory', {'batch': int(batch)},
+                             [('edge_file', np.frombuffer(edge_file, dtype=np.uint8)),
+                              ('server_file', np.frombuffer(server_file, dtype=np.uint8))])
+    res.pop('worker_ms', None)
+    return res
+
+
+def round_trips(session: ServerSession, server_part: Optional[torch.nn.Module], images_uint8: torch.Tensor,
+                count: int) -> Dict[str, Any]:
+    """`count` single requests through the deployed split, the result sent back to the worker each time.
+
+    Per request: edge_ms (worker), transfer_ms (features up: worker send start to received here, via the clock
+    offset), server_ms (here), recv_ms (result down: sent here to arrived there, via the offset), rtt_ms (worker's
+    own clock: send start to result arrived) and latency_ms = edge_ms + rtt_ms.  `images_uint8` is one batch."""
+    dep = session._deployed
+    if dep is None:
+        raise SessionError('round_trips: nothing deployed on this connection (call deploy() first)')
+    lam, n = dep['lam'], dep['num_blocks']
+    if (lam == n) != (server_part is None):
+        raise SessionError(f'round_trips: server_part must be None exactly when lambda == N ({n}); lambda is {lam}')
+    if int(count) < 1:
+        raise SessionError(f'round_trips: count must be >= 1, got {count}')
+    session.upload(images_uint8)
+    off = session.sync_clock()
+    dev = next(server_part.parameters()).device if server_part is not None and \
+        any(True for _ in server_part.parameters()) else torch.device('cpu')
+    session._ids += 1
+    rid = session._ids
+    session._send('request', {'cmd': 'round_trips', 'id': rid,
+                              'args': {'count': int(count), 'batch_size': int(len(images_uint8))}}, what='round_trips')
+    rows: List[Dict[str, Any]] = []
+    for i in range(int(count)):
+        f = session._recv('round_trips')
+        if f.kind == 'error':
+            raise SessionError(f'worker failed command round_trips: {f.header.get("error", "")}: '
+                               f'{f.header.get("message")}')
+        if f.kind != 'features' or f.header.get('batch') != i:
+            raise session._lost(P.ProtocolError(f'expected features of request {i}, got {f.kind}'), 'round_trips')
+        t_recv = time.monotonic()
+        x = torch.from_numpy(f.tensors['x'])
+        with torch.no_grad():
+            if server_part is None:
+                out = x.float()
+            else:
+                x = x.to(dev)
+                out = server_part(normalize_batch(x, dep['mean'], dep['std']) if lam == 0 else x.float())
+            out = out.float().cpu().contiguous()
+        t_sent = time.monotonic()
+        session._send('features', {'batch': i}, [('x', out)], what='round_trips')
+        rows.append({'batch': i, 'transfer_ms': (t_recv - (float(f.header['send_start']) + off)) * 1e3,
+                     'server_ms': (t_sent - t_recv) * 1e3, 'bytes_up': int(f.tensors['x'].nbytes), '_sent': t_sent})
+    result, _ = session._reply('round_trips', rid)
+    for row, w in zip(rows, result.get('requests', [])):
+        row['edge_ms'], row['rtt_ms'] = float(w['edge_ms']), float(w['rtt_ms'])
+        row['recv_ms'] = (float(w['result_at']) + off - row.pop('_sent')) * 1e3
+        row['latency_ms'] = row['edge_ms'] + row['rtt_ms']
+        row['bytes_down'] = int(w['result_bytes'])
+    if len(result.get('requests', [])) != len(rows):
+        raise SessionError(f'round_trips: the worker reported {len(result.get("requests", []))} of {len(rows)} '
+                           'requests')
+    return {'requests': rows, 'count': len(rows), 'lam': lam, 'clock_offset_s': off}
+
+
 def session_from_config(cfg: Config) -> ServerSession:
     """A ServerSession with cfg.real's settings; the token falls back to env HYPERREPVGG_TOKEN."""
     r = cfg.real

@@ -770,5 +770,17 @@ def real_runner(session: Any, cfg: Config, mean: Sequence[float], std: Sequence[
         out['samples'] = int(y.shape[0])
         out['deploy'] = {k: v for k, v in (deployed or {}).items() if isinstance(v, (int, float, str, bool))}
         out['extra'] = {k: v for k, v in res.items() if k not in out and isinstance(v, (int, float, str, bool))}
+        out['memory'] = edge_memory(session, cfg, model, int(lam), mean, std)
         return out
     return run
+
+
+def edge_memory(session: Any, cfg: Config, model: HyperRepVGG, lam: int, mean: Sequence[float],
+                std: Sequence[float]) -> Dict[str, Any]:
+    """The worker's peak RSS (and CUDA peak) holding the deployed edge part against the full model, each loaded
+    from its part file (comm/parts.py) by a fresh process on the device (comm.session.measure_memory)."""
+    from comm import parts
+    from comm.session import measure_memory
+    edge, server = (parts.part_bytes(model, lam, p, cfg.model.input_size, mean, std, cfg.lut.feature_dtype)
+                    for p in parts.PARTS)
+    return measure_memory(session, edge, server, cfg.optim.batch_size)

@@ -1,8 +1,10 @@
 """Step 1: hardware LUT.  Measure per-block x layout x batch times on each side, model or replay the edge device,
 merge with the link and the FLOP/byte counts into hardware_lut_complete.json, and validate the LUT end to end.
 
-Modes: server (lut_server.json, measured here) | client (lut_edge.json, measured here: run this on the device)
-| merge (hardware_lut_complete.json + link.json from the two) | pseudo (server + replayed or modelled edge + merge)
+Modes: server (lut_server.json, measured here) | client (lut_edge.json: this machine measured as the edge device
+with lut_server.json's settings, device-side code only; on the TX2 run `python3 step1_measure_lut.py --mode client`
+from the repository root under Python 3.6, then copy lut_edge.json back) | merge (hardware_lut_complete.json +
+link.json from the two) | pseudo (server + replayed or modelled edge + merge)
 | real (server here, edge on client_worker.py through comm.session, link probed and measured, merge).
 """
 import sys
@@ -64,9 +66,22 @@ def mode_measure(side):
     return run
 
 
+def mode_client(cfg, args, command):
+    """Measure this machine as the edge device with the settings lut_server.json recorded, with device-side code
+    only (timing/edge_lut.py: what `python step1_measure_lut.py --mode client` runs on the TX2 under Python 3.6)."""
+    from timing import edge_lut
+    obj = edge_lut.measure_edge(str(cfg.path(edge_lut.SERVER_LUT)), cfg.device, None, progress=True)
+    edge_lut.write_json(str(cfg.path(edge_lut.EDGE_LUT)), obj)
+    print(f'{L.side_line(L.load_side(cfg.path(edge_lut.EDGE_LUT), "edge"))} -> {cfg.path(edge_lut.EDGE_LUT)}')
+
+
 def mode_merge(cfg, args, command):
-    merge(cfg, L.load_side(cfg.path('lut_server.json'), 'server'), L.load_side(edge_lut_path(cfg), 'edge'),
-          command)
+    """Both side LUTs from files (the edge one measured on the device by --mode client and copied here)."""
+    server = L.load_side(cfg.path('lut_server.json'), 'server')
+    edge = L.load_side(edge_lut_path(cfg), 'edge')
+    if edge['source'] == 'measured' and not edge.get('roofline_fit'):  # the device does not fit it
+        edge['roofline_fit'] = L.roofline_fit(edge, min(edge['batch_sizes']))
+    merge(cfg, server, edge, command)
 
 
 def edge_lut_path(cfg):
@@ -142,7 +157,7 @@ def merge(cfg, server, edge, command, link=None, probe=None):
           f'-> {cfg.path("hardware_lut_complete.json")}')
 
 
-MODES = {'server': mode_measure('server'), 'client': mode_measure('edge'), 'merge': mode_merge, 'pseudo': mode_pseudo,
+MODES = {'server': mode_measure('server'), 'client': mode_client, 'merge': mode_merge, 'pseudo': mode_pseudo,
          'real': mode_real}
 
 

@@ -61,8 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written: List[Path] = []
     for name, make in builders.items():
         written += plots.save_figure(make(), out_dir, name, formats)
-    for stale in (out_dir / f'{n}.{f}' for n in plots.FIGURE_NAMES for f in KNOWN_FORMATS):
-        if stale.is_file() and stale not in written:  # from an earlier run: it no longer matches the artifacts
+    # a figure of a format written now that this run did not draw is stale (an earlier run's, no longer matching
+    # the artifacts); files of formats not asked for this time are left alone (--formats png keeps the PDFs)
+    for stale in (out_dir / f'{n}.{f}' for n in plots.FIGURE_NAMES for f in formats):
+        if stale.is_file() and stale not in written:
             stale.unlink()
             log.info('removed %s (an earlier run wrote it; this run did not)', stale.name)
     table = summary.build_summary(inputs, skipped)

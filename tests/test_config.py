@@ -98,6 +98,22 @@ def test_failed_write_leaves_the_old_artifact(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
 
 
+def test_artifacts_are_written_with_the_umask_mode_not_0600(tmp_path):
+    """Others on a shared server can read the results: 0666 minus the umask, like a plain open()."""
+    import os
+    old = os.umask(0o022)
+    try:
+        artifacts.write_artifact(tmp_path / 'a.json', 'demo', {}, None, 'demo')
+        artifacts.atomic_write_bytes(tmp_path / 'b.bin', b'x')
+        assert (tmp_path / 'a.json').stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / 'b.bin').stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        artifacts.atomic_write_bytes(tmp_path / 'c.bin', b'x')
+        assert (tmp_path / 'c.bin').stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def _shown(value):
     """How a --help text shows a Config default (tuples comma-separated)."""
     return ','.join(str(v) for v in value) if isinstance(value, tuple) else str(value)

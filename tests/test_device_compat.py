@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 import hyper_repvgg as H
-from comm.bundle import DEVICE_FILES, DEVICE_OPTIONAL_PACKAGES, DEVICE_PACKAGES, SUMS_NAME, bundle_bytes
+from comm.bundle import (DEVICE_ENTRY_POINTS, DEVICE_FILES, DEVICE_OPTIONAL_PACKAGES, DEVICE_PACKAGES, SUMS_NAME,
+                         bundle_bytes)
 from conftest import REPO
 
 
@@ -72,9 +73,9 @@ def _package_inits(rel):
 
 
 def test_device_files_import_only_each_other_stdlib_torch_numpy():
-    """Starting from client_worker.py, the import closure is exactly DEVICE_FILES; the only other imports are the
+    """Starting from the device's entry points (the worker, step 1 --mode client), the import closure is exactly DEVICE_FILES; the only other imports are the
     standard library, numpy/torch, and the optional packages inside functions (never at import time)."""
-    seen, todo, bad = set(), ['client_worker.py'], []
+    seen, todo, bad = set(), list(DEVICE_ENTRY_POINTS), []
     while todo:
         rel = todo.pop()
         if rel in seen:

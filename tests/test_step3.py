@@ -245,3 +245,14 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
     assert {'chosen', 'edge_only', 'server_only', 'best_plain_split', 'top1', 'top2'} <= roles
     assert all(r['measured']['kind'] == 'measured' and r['measured']['throughput_fps'] > 0
                for r in loop['measurements'])
+    # the worker's memory with the edge part against the full model, in the JSON and in step 4's summary.md
+    mem = m['memory']
+    assert 0 <= mem['edge_part']['weight_bytes'] < mem['full_model']['weight_bytes'] or obj['lam'] == 22
+    assert mem['full_model']['blocks'] == 22 and mem['edge_part']['blocks'] == obj['lam']
+    for case in ('edge_part', 'full_model'):
+        assert mem[case]['peak_rss_bytes'] > 0 and mem[case]['part_rss_bytes'] is not None
+    from pipeline import step4_visualize_results as step4
+    assert step4.main(['--results_dir', str(res), '--formats', 'png']) == 0
+    md = (res / 'visualization' / 'summary.md').read_text()
+    assert '## Edge device memory' in md and 'peak RSS, full model (MB)' in md
+    assert json.loads((res / 'visualization' / 'summary.json').read_text())['edge_memory'][0]['lam'] == obj['lam']

@@ -1,6 +1,7 @@
 """Step 4 (figures and the paper table): records -> figures/table, and the step on real pipeline artifacts."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -250,13 +251,24 @@ def test_step4_writes_every_file(results, capsys):
     assert 'mean' in capsys.readouterr().out
 
 
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_step4_domains_and_formats(results):
     assert step4.main(['--results_dir', results.results_dir, '--formats', 'pdf']) == 0
     out = Path(results.results_dir) / 'visualization'
     assert (out / 'predicted_vs_measured.pdf').is_file()
+    (out / 'predicted_vs_measured.png').write_bytes(b'an earlier run')
+    pdfs = {p.name: p.read_bytes() for p in out.glob('*.pdf')}
     assert step4.main(['--results_dir', results.results_dir, '--domains', '2', '--formats', 'png']) == 0
-    # domain 2 had no real-mode run; figures of the earlier run (pdf, predicted_vs_measured) are gone, not stale
-    assert not list(out.glob('*.pdf')) and not (out / 'predicted_vs_measured.png').exists()
+    # domain 2 had no real-mode run: the earlier run's png of predicted_vs_measured is stale and gone; the PDFs, a
+    # format this run did not write, are left exactly as they were
+    assert not (out / 'predicted_vs_measured.png').exists()
+    assert {p.name: p.read_bytes() for p in out.glob('*.pdf')} == pdfs and 'predicted_vs_measured.pdf' in pdfs
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~current_umask() for p in out.iterdir())
     assert sorted(p.stem for p in out.glob('*.png')) == sorted(FIGURES)
     assert [r['domain'] for r in json.loads((out / 'summary.json').read_text())['domains']] == ['2']
     with pytest.raises(UserError, match='domain.*7'):

@@ -29,6 +29,7 @@ from artifacts import ArtifactError, load_artifact
 from config import Config, ConfigError, UserError
 from hyper_repvgg import LAYOUTS, NUM_LAYOUTS, arch_name, block_plan
 from timing import flops as F
+from timing.edge_lut import lut_key, side_payload  # noqa: F401 - device-side, so the TX2 writes what this reads
 from optim.cost import CostTables
 from timing.profiles import DeviceProfile
 
@@ -57,13 +58,6 @@ def upgrade_edge_naming(obj: Dict[str, Any]) -> Dict[str, Any]:
 
 class LutError(UserError, ValueError):
     """A LUT that does not fit the request (missing entry, mismatched model, unknown batch)."""
-
-
-def lut_key(block: Any, layout: Optional[int], batch: int) -> str:
-    """The one place a LUT key is formed: 'k{block}_g{layout}_b{batch}', or 'head_b{batch}' for block='head'."""
-    if block == 'head':
-        return f'head_b{int(batch)}'
-    return f'k{int(block)}_g{int(layout)}_b{int(batch)}'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,23 +163,6 @@ def link_from_dict(d: Dict[str, Any], where: str = 'link') -> LinkSpec:
 # ----------------------------------------------------------------------------------------------------------
 # Side LUTs
 # ----------------------------------------------------------------------------------------------------------
-
-def side_payload(side: str, model: Dict[str, Any], input_size: int, measured: Dict[str, Any]) -> Dict[str, Any]:
-    """A side LUT from timing.measure.measure_side()'s result (all entries 'measured')."""
-    entries = {}
-    for e in measured['entries']:
-        row = dict(e)
-        row['source'] = 'measured'
-        entries[lut_key(e['block'], e['layout'], e['batch'])] = row
-    head = {lut_key('head', None, h['batch']): dict(h, source='measured') for h in measured['head']}
-    out = {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan_of(model)),
-           'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
-           'entries': entries, 'head': head, 'roofline': measured['roofline'],
-           'metadata': measured['metadata'], 'settings': measured['settings']}
-    if measured.get('fit') is not None:
-        out['fit'] = measured['fit']
-    return out
-
 
 def modelled_side(profile: DeviceProfile, model: Dict[str, Any], input_size: int, batch_sizes: Sequence[int],
                   side: str = 'edge', precision: str = 'fp32') -> Dict[str, Any]:

@@ -467,3 +467,47 @@ def figure_builders(inputs: Inputs) -> Tuple[Dict[str, Callable[[], Figure]], Li
     else:
         notes.append('no measurements in the step-2 / step-3 results: predicted_vs_measured skipped')
     return b, notes
+
+
+@_styled
+def split_sweep(rows: Sequence[Mapping[str, object]], chosen_lam: int, title: str) -> Figure:
+    """The split sweep (pipeline/split_sweep.py): per lambda, edge / link / server time per batch stacked (medians),
+    the pipelined throughput (median, p10-p90 band) and the LUT's prediction on a second axis; the configuration's
+    own lambda and the best measured one marked."""
+    lams = np.array([int(r['split_layer']) for r in rows])
+    fig = new_figure(max(7.5, 0.32 * len(rows) + 3.0), 4.8)
+    ax = fig.subplots()
+    bottom = np.zeros(len(rows))
+    for stage, key in (('edge', 'edge_compute_median_ms'), ('link', 'transfer_median_ms'),
+                       ('server', 'server_compute_median_ms')):
+        vals = np.array([float(r[key]) for r in rows])
+        ax.bar(lams, vals, 0.75, bottom=bottom, color=STAGE_COLORS[stage], label=f'{stage} (ms)')
+        bottom += vals
+    ax.set_xlabel('split point lambda (blocks on the edge)')
+    ax.set_ylabel('time per batch, median (ms): edge + link + server stacked')
+    ax.set_xticks(lams)
+    ax.tick_params(axis='x', labelsize=7.5)
+    ax.set_xlim(lams.min() - 0.6, lams.max() + 0.6)
+    tx = ax.twinx()
+    fps = np.array([float(r['throughput_median_fps']) for r in rows])
+    # real mode: the median is the stream's steady rate, which a burst of stalls can put outside the windows' p10-p90
+    lo = np.maximum(0.0, fps - np.array([float(r['throughput_p10_fps']) for r in rows]))
+    hi = np.maximum(0.0, np.array([float(r['throughput_p90_fps']) for r in rows]) - fps)
+    tx.errorbar(lams, fps, yerr=[lo, hi], fmt='none', ecolor='black', elinewidth=0.8, capsize=2, alpha=0.6,
+                label='throughput p10-p90')
+    tx.plot(lams, fps, color='black', marker='o', ms=3.5, lw=1.5, label='throughput, median (frames/s)')
+    tx.plot(lams, [float(r['predicted_throughput_fps']) for r in rows], color='black', ls=':', lw=1.2,
+            label='throughput predicted by the LUT (frames/s)')
+    tx.set_ylabel('pipelined throughput (frames/s)')
+    tx.set_ylim(0, max(fps.max(), max(float(r['predicted_throughput_fps']) for r in rows)) * 1.18)
+    ax.axvline(chosen_lam, color='#C44E52', lw=1.6, ls='--')
+    best = int(lams[int(np.argmax(fps))])
+    tx.annotate(f'chosen lambda = {chosen_lam}', (chosen_lam, tx.get_ylim()[1] * 0.97), ha='left', va='top',
+                fontsize=8.5, color='#C44E52', xytext=(3, 0), textcoords='offset points')
+    tx.plot([best], [fps.max()], marker='*', ms=13, color='#C44E52', ls='', label=f'best measured (lambda = {best})')
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = tx.get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc='outside lower center', ncol=4, fontsize=7.5)
+    ax.set_ylim(0, bottom.max() * 1.15)
+    ax.set_title(title)
+    return fig

@@ -431,6 +431,36 @@ STEP2_COLUMNS = (
 )
 
 
+MEMORY_COLUMNS = (('domain', 'domain', '{}'), ('lam', 'λ', '{}'),
+                  ('edge_weights_mb', 'edge part weights (MB)', '{:.3f}'),
+                  ('full_weights_mb', 'full model weights (MB)', '{:.3f}'),
+                  ('edge_rss_mb', 'RSS growth, edge part (MB)', '{:.1f}'),
+                  ('full_rss_mb', 'RSS growth, full model (MB)', '{:.1f}'),
+                  ('edge_peak_rss_mb', 'peak RSS, edge part (MB)', '{:.1f}'),
+                  ('full_peak_rss_mb', 'peak RSS, full model (MB)', '{:.1f}'),
+                  ('edge_cuda_mb', 'CUDA peak, edge part (MB)', '{:.1f}'),
+                  ('full_cuda_mb', 'CUDA peak, full model (MB)', '{:.1f}'))
+
+
+def memory_rows(results: Sequence[DomainResult]) -> List[Dict[str, Any]]:
+    """Real mode: per domain the worker's memory holding the edge part against the full model (MB = 1e6 bytes)."""
+    def mb(v: Any) -> Optional[float]:
+        return None if v is None else float(v) / 1e6
+    rows = []
+    for r in results:
+        mem = (r.measured or {}).get('memory')
+        if not isinstance(mem, dict) or 'edge_part' not in mem or 'full_model' not in mem:
+            continue
+        e, f = mem['edge_part'], mem['full_model']
+        rows.append({'domain': r.domain, 'lam': r.lam, 'edge_weights_mb': mb(e.get('weight_bytes')),
+                     'full_weights_mb': mb(f.get('weight_bytes')), 'edge_rss_mb': mb(e.get('part_rss_bytes')),
+                     'full_rss_mb': mb(f.get('part_rss_bytes')), 'edge_peak_rss_mb': mb(e.get('peak_rss_bytes')),
+                     'full_peak_rss_mb': mb(f.get('peak_rss_bytes')),
+                     'edge_cuda_mb': mb(e.get('cuda_max_memory_allocated_bytes')),
+                     'full_cuda_mb': mb(f.get('cuda_max_memory_allocated_bytes')), 'device': mem.get('device')})
+    return rows
+
+
 def step2_rows(s2: Step2View) -> List[Dict[str, Any]]:
     def meas(role: str) -> Dict[str, Any]:
         c = loop_cells(s2.loop, role)
@@ -469,6 +499,7 @@ class Summary:
     notes: List[str] = field(default_factory=list)
     lut: List[str] = field(default_factory=list)
     loop: List[str] = field(default_factory=list)  # closed-loop lines: decisions and measured reports
+    memory: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_payload(self) -> Dict[str, Any]:
         """summary.json: the same numbers as summary.md (accuracies in %, throughput predicted, frames/s)."""
@@ -482,7 +513,8 @@ class Summary:
                 'closed_loop': list(self.loop),
                 'domains': clean(self.domains), 'mean': clean(self.aggregate[:1])[0] if self.aggregate else None,
                 'worst': clean(self.aggregate[1:])[0] if self.aggregate else None, 'step2': clean(self.step2),
-                'step2_gap_pct': self.step2_gap_pct, 'lut': list(self.lut), 'notes': list(self.notes)}
+                'step2_gap_pct': self.step2_gap_pct, 'lut': list(self.lut), 'notes': list(self.notes),
+                'edge_memory': clean(self.memory)}
 
 
 def build_summary(inputs: 'Inputs', notes: Sequence[str] = ()) -> Summary:
@@ -493,7 +525,8 @@ def build_summary(inputs: 'Inputs', notes: Sequence[str] = ()) -> Summary:
         loop += loop_lines(f'domain {r.domain}', r.loop)
     return Summary(accuracy_source=inputs.accuracy_source, domains=rows, aggregate=aggregate_rows(rows),
                    step2=step2_rows(s2) if s2 else [], step2_gap_pct=s2.gap_pct if s2 else None,
-                   notes=list(inputs.notes) + list(notes), lut=list(inputs.lut_lines), loop=loop)
+                   notes=list(inputs.notes) + list(notes), lut=list(inputs.lut_lines),
+                   memory=memory_rows(inputs.domains), loop=loop)
 
 
 def console_lines(s: Summary) -> List[str]:
@@ -531,6 +564,13 @@ def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
     if s.loop:
         out += ['## Closed loop: decisions against the LUT\'s noise, and what was chosen, measured', ''] + \
             [f'- {n}' for n in s.loop] + ['']
+    if s.memory:
+        out += ['## Edge device memory (real mode, measured on the worker)', '',
+                markdown_table(s.memory, MEMORY_COLUMNS), '',
+                'Each case is a fresh process on the device that loads the part file(s) (comm/parts.py) and runs one '
+                'batch: the edge part alone against the full model (edge + server parts, the network unsplit). RSS '
+                'growth = resident set after minus after importing torch; peak RSS = getrusage ru_maxrss, which '
+                'includes torch\'s own import peak.', '']
     if s.lut:
         out += ['## Cost model inputs (step 1)', ''] + [f'- {n}' for n in s.lut] + ['']
     if s.notes:

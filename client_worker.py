@@ -96,8 +96,10 @@ class Heartbeat(object):
 class Worker(object):
     """State of the edge device between commands: the loaded edge part and the uploaded images."""
 
-    def __init__(self, device, token=None, limits=P.Limits(), io_timeout_s=120.0, handshake_timeout_s=10.0):
+    def __init__(self, device, token=None, limits=P.Limits(), io_timeout_s=120.0, handshake_timeout_s=10.0,
+                 threads=0):
         self.device = device
+        self.threads = int(threads)  # > 0: --threads given, it wins; 0: the thread count the server asks for
         self.token = token
         self.limits = limits
         self.io_timeout_s = io_timeout_s
@@ -214,7 +216,8 @@ class Worker(object):
     def cmd_measure_lut(self, sock, frame):
         a = frame.header.get('args', {})
         res = M.measure_side(a['arch'], int(a['input_size']), [int(b) for b in a['batch_sizes']], self.device,
-                             int(a['warmup']), int(a['repeats']), int(a['threads']), float(a['max_entry_s']),
+                             int(a['warmup']), int(a['repeats']), 0 if self.threads else int(a['threads']),
+                             float(a['max_entry_s']),
                              int(a['seed']), progress=False, timing=str(a['timing']))
         return res, None
 
@@ -234,6 +237,8 @@ class Worker(object):
     def cmd_load_edge(self, sock, frame):
         a = frame.header.get('args', {})
         t0 = time.monotonic()
+        if int(a.get('threads') or 0) > 0 and not self.threads:  # run with the LUT's thread count
+            torch.set_num_threads(int(a['threads']))
         arch, lam = a['arch'], int(a['lam'])
         num_blocks = len(H.block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input'))))
         state = {k: torch.from_numpy(v) for k, v in frame.tensors.items()}
@@ -265,7 +270,7 @@ class Worker(object):
             self.forward(torch.zeros(1, 3, size, size, dtype=torch.uint8))
         weight_bytes = sum(int(v.nbytes) for v in frame.tensors.values())
         return {'load_ms': (time.monotonic() - t0) * 1e3, 'edge_weight_bytes': weight_bytes, 'lam': lam,
-                'device': self.device, 'blocks': len(edge.blocks)}, None
+                'device': self.device, 'blocks': len(edge.blocks), 'threads': torch.get_num_threads()}, None
 
     def cmd_load_part(self, sock, frame):
         """Load an edge part file (comm/parts.py: plain arrays, never unpickled) as the edge part: its bytes in the
@@ -541,7 +546,9 @@ def parse_args(argv=None):
     p.add_argument('--port', type=int, default=6006, help='server port (default: 6006)')
     p.add_argument('--device', default='cuda', help='torch device of the edge part: cuda | cpu; cuda falls back to '
                    'cpu when unavailable (default: cuda)')
-    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: 0 = torch default)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads; 0 = the count the server asks for: '
+                   'the LUT\'s (lut.threads when step 1 measures, the LUT\'s recorded count at deploy), 1 until '
+                   'then, so the worker never oversubscribes the device (default: 0)')
     p.add_argument('--token', default=None, help='shared authentication token (default: env {}, else none)'.format(
         P.TOKEN_ENV))
     p.add_argument('--ssh', default=None, metavar='USER@HOST[:PORT]', help='open the SSH tunnel with paramiko '
@@ -575,10 +582,9 @@ def main(argv=None):
     args = parse_args(argv)
     token = P.resolve_token(args.token)
     device = pick_device(args.device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads > 0 else 1)
     worker = Worker(device, token, P.Limits(max_frame_bytes=int(args.max_frame_mb * 2 ** 20)), args.io_timeout_s,
-                    args.connect_timeout_s)
+                    args.connect_timeout_s, args.threads)
     tunnel = None
     if args.ssh:
         tunnel = SshTunnel(args.ssh, args.ssh_key, args.ssh_known_hosts, args.ssh_accept_unknown,

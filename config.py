@@ -136,11 +136,19 @@ class RealConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     executor: str = 'local'  # local: per-domain tasks one after another in this process | ray: tasks on a Ray cluster
-    ray_address: Optional[str] = None  # Ray cluster to join, e.g. 10.0.0.5:6379 or auto (None = start a local one)
+    ray_address: Optional[str] = None  # Ray cluster to join, e.g. HEAD_IP:6379 or auto (None = start a local one)
     local_cpus: int = 0  # CPUs of the local Ray cluster started when ray_address is None (0 = every core)
     cpus_per_task: int = 1  # CPUs Ray reserves per task; also the task's torch threads when the step's threads key is 0
     gpus_per_task: float = 1.0  # GPUs Ray reserves per task with --device cuda (fractions share a GPU; unused on cpu)
     max_retries: int = 2  # reruns of a task whose worker process died (killed, out of memory) before it is reported failed
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    measure: bool = True  # steps 2 and 3 measure what they choose (pseudo: the server part here; real: through the worker)
+    top_k: int = 10  # best-predicted configurations measured beside the chosen one (one per split lambda)
+    passes: int = 2  # interleaved measurement passes (the second in reverse order)
+    real_samples: int = 240  # real mode: images streamed per measured configuration and pass
 
 
 @dataclass(frozen=True)
@@ -153,9 +161,14 @@ class Config:
     joint: JointConfig = field(default_factory=JointConfig)
     real: RealConfig = field(default_factory=RealConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     results_dir: str = 'results'  # where artifacts are written (relative = to the repository root)
-    device: str = 'cpu'  # torch device for server-side compute: cpu | cuda | cuda:N
+    device: str = 'auto'  # torch device for server-side compute: auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N
     seed: int = 0  # seed of every random choice
+
+    def __post_init__(self) -> None:
+        if self.device == 'auto':  # resolved once, here: every consumer and every artifact sees cpu or cuda
+            object.__setattr__(self, 'device', auto_device())
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -372,7 +385,8 @@ COMMON_FLAGS: Dict[str, Tuple[str, str]] = {
     'model': ('model.name', 'RepVGG architecture, e.g. RepVGG-A0 or B3'),
     'dataset': ('data.dataset', 'fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic'),
     'data_root': ('data.data_root', 'dataset directory, relative to the repository root'),
-    'device': ('device', 'torch device for server-side compute: cpu | cuda'),
+    'device': ('device', 'torch device for server-side compute: cpu | cuda | auto (unset = auto: cuda when torch '
+                         'sees a GPU, else cpu; the default shown is what auto resolved to here)'),
     'seed': ('seed', 'random seed'),
 }
 
@@ -444,6 +458,12 @@ def resolve_config(args: argparse.Namespace, flag_keys: Optional[Dict[str, str]]
         raise ConfigError(f'data.val_fraction + data.test_fraction must leave training samples (< 1), got '
                           f'{cfg.data.val_fraction:g} + {cfg.data.test_fraction:g}')
     return cfg
+
+
+def auto_device() -> str:
+    """'cuda' when torch sees a GPU, else 'cpu' (device = auto)."""
+    import torch
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def check_results_dir(results_dir: str) -> Path:

@@ -6,16 +6,20 @@
 #   bash run_pipeline.sh [--mode pseudo|real] [--model NAME] [--dataset NAME] [--link 3g|4g|wifi|ethernet]
 #                        [--edge_profile NAME] [--epsilon POINTS] [--domains 0,1,...] [--results_dir DIR]
 #                        [--checkpoint FILE] [--executor local|ray] [--ray_address HOST:PORT] [--fresh]
-#                        [--set SECTION.KEY=VALUE ...]
+#                        [--set SECTION.KEY=VALUE ...] [--local_device]
+# --local_device: real mode without a TX2: client_worker.py on one core of this machine, the server on the others,
+#                 the link emulator (100 Mbit/s, 0.5 ms one way) between them (comm/localdevice.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
-mode=pseudo; domains=""; fresh=0
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+mode=pseudo; domains=""; fresh=0; local_device=0; args=()
+for a in "$@"; do if [ "$a" != --local_device ]; then args+=("$a"); fi; done
 common=(); step1=(); step23=(); step3=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --local_device) local_device=1; mode=real; shift; continue ;;
     --mode) mode="$2"; shift 2 ;;
     --model|--dataset|--results_dir|--data_root|--device|--seed|--config) common+=("$1" "$2"); shift 2 ;;
     --set) common+=("$1" "$2"); shift 2 ;;
@@ -36,6 +40,13 @@ PY=.venv/bin/python
 
 results=results
 for ((i = 0; i < ${#common[@]}; i++)); do [ "${common[$i]}" = "--results_dir" ] && results="${common[$((i + 1))]}"; done
+
+if [ "$local_device" = 1 ] && [ -z "${HYPERREPVGG_LOCAL_DEVICE:-}" ]; then
+  # the same pipeline in real mode, run on the server cores, with the stand-in worker and link emulator around it
+  export HYPERREPVGG_LOCAL_DEVICE=1
+  exec "$PY" -m comm.localdevice --log_dir "$results/local_device" -- \
+    bash "$0" ${args[@]+"${args[@]}"} --mode real --set 'real.port={port}'
+fi
 [ "$fresh" = 1 ] && rm -rf "$results"
 
 run() {  # run one step; stop the pipeline at the first failure with the step's own message
@@ -57,7 +68,7 @@ if [ "$mode" = real ] || [ ! -f "$results/hardware_lut_complete.json" ]; then
 else
   echo "== step 1: reusing $results/hardware_lut_complete.json (delete it, or --fresh, to measure again)" >&2
 fi
-run "step 2 (throughput)" pipeline/step2_initial_throughput_opt.py "${common[@]}" "${step23[@]}"
+run "step 2 (throughput)" pipeline/step2_initial_throughput_opt.py --mode "$mode" "${common[@]}" "${step23[@]}"
 run "split sweep (step 2's configuration, every lambda; pseudo: server measured here)" pipeline/split_sweep.py \
   "${common[@]}" "${step23[@]}"
 run "part files (step 2's configuration)" pipeline/export_parts.py "${common[@]}"

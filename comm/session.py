@@ -17,10 +17,11 @@ Public API (step 1 and step 3 real mode are written against it; docs/design.md#r
             # timing.measure.measure_side() run on the device; feed it to timing.lut.side_payload('edge', ...)
         def probe_link(self, sizes_bytes, repeats=3) -> dict
             # {'latency_ms', 'bandwidth_mbps', 'rtt_ms', 'fit': {...}, 'samples': [{'bytes', 'time_ms', 'residual_ms'}]}
-        def deploy(self, model, gammas, lam, mean, std, feature_dtype='fp32') -> dict
+        def deploy(self, model, gammas, lam, mean, std, feature_dtype='fp32', threads=0) -> dict
             # sends the arch spec, kept sets, gammas[:lam], alpha and model.edge_state_dict(lam) (+ the classifier
-            # when lam == N) as raw tensors; the worker rebuilds with hyper_repvgg.build_edge.
-            # -> {'edge_weight_bytes', 'load_ms', 'round_trip_ms', 'lam', 'device', 'blocks'}
+            # when lam == N) as raw tensors; the worker rebuilds with hyper_repvgg.build_edge; threads > 0: the
+            # worker's torch threads (unless its --threads was given)
+            # -> {'edge_weight_bytes', 'load_ms', 'round_trip_ms', 'lam', 'device', 'blocks', 'threads'}
         def run(self, server_part, images_uint8, labels, batch_size) -> dict
             # uploads the images (untimed), then the pipelined run: the worker computes the edge part batch after
             # batch and streams what crosses the link (uint8 images at lam 0, features, logits at lam N); a receiver
@@ -366,7 +367,7 @@ class ServerSession:
                 'sizes_bytes': sizes, 'repeats': int(repeats), 'samples': samples}
 
     def deploy(self, model: Any, gammas: list, lam: int, mean: Sequence[float], std: Sequence[float],
-               feature_dtype: str = 'fp32') -> Dict[str, Any]:
+               feature_dtype: str = 'fp32', threads: int = 0) -> Dict[str, Any]:
         from hyper_repvgg import BRANCHES
         n = model.num_blocks
         if not 0 <= int(lam) <= n:
@@ -386,7 +387,8 @@ class ServerSession:
         args = {'arch': model.spec_dict(), 'lam': lam, 'layouts': [int(g) for g in gammas[:lam]],
                 'kept': [sorted(model.kept(k), key=BRANCHES.index) for k in range(lam)],
                 'alpha': [[float(v) for v in b.alpha.detach().cpu().tolist()] for b in model.blocks[:lam]],
-                'mean': [float(v) for v in mean], 'std': [float(v) for v in std], 'feature_dtype': feature_dtype}
+                'mean': [float(v) for v in mean], 'std': [float(v) for v in std], 'feature_dtype': feature_dtype,
+                'threads': int(threads)}  # > 0: the worker runs with it (the LUT's edge thread count)
         t0 = time.perf_counter()
         res, _ = self.request('load_edge', args, list(tensors.items()))
         res['round_trip_ms'] = (time.perf_counter() - t0) * 1e3

@@ -750,7 +750,7 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
                   mean, std, base_fp, link.to_dict())
 
 
-def real_runner(session: Any, cfg: Config, mean: Sequence[float], std: Sequence[float]) -> Any:
+def real_runner(session: Any, cfg: Config, mean: Sequence[float], std: Sequence[float], threads: int = 0) -> Any:
     """A callable (model, gammas, lam, x_uint8, y) -> measured dict that deploys the configuration to the worker
     through `session` (comm.session.ServerSession) and streams the images through the real split pipeline."""
     from hyper_repvgg import deploy_part
@@ -759,7 +759,7 @@ def real_runner(session: Any, cfg: Config, mean: Sequence[float], std: Sequence[
         if cfg.real.run_samples:
             x, y = x[:cfg.real.run_samples], y[:cfg.real.run_samples]
         deployed = session.deploy(model, [int(g) for g in gammas], int(lam), list(mean), list(std),
-                                  feature_dtype=cfg.lut.feature_dtype)
+                                  feature_dtype=cfg.lut.feature_dtype, threads=threads)
         server = None if lam == model.num_blocks else deploy_part(model.split(int(lam))[1])
         res = session.run(server, x, y, cfg.optim.batch_size)
         out = {k: float(res[k]) for k in ('accuracy_pct', 'throughput_fps', 'latency_ms', 'edge_ms', 'link_ms',

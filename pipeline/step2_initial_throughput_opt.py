@@ -3,6 +3,9 @@
 Reads hardware_lut_complete.json (step 1), solves the relaxed problem by LUT gradient descent (optim/relax.py),
 compares it with the exact optimum (optim/exact.py) and with the plain-model baselines on the same LUT and link
 (edge only, server only, best split of the plain deploy model), and writes initial_throughput_config.json.
+Then it closes the loop (pipeline/closed_loop.py): the splits whose predicted throughput lies within the LUT's
+uncertainty of the chosen one (a coin toss when there are any), and the chosen configuration, its baselines and the
+loop.top_k best-predicted measured (--mode pseudo: the server part here; --mode real: through the worker).
 """
 import sys
 from pathlib import Path
@@ -20,7 +23,8 @@ from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_
 
 log = logging.getLogger('step2')
 FLAGS = {'objective': 'optim.objective', 'omega': 'optim.omega', 'batch_size': 'optim.batch_size',
-         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'edge_profile': 'lut.edge_profile', **LINK_FLAGS}
+         'steps': 'optim.steps', 'restarts': 'optim.restarts', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
+         **LINK_FLAGS}
 
 
 def parse(argv):
@@ -38,6 +42,11 @@ def parse(argv):
     p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
                    "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
                    f'default {d.edge_profile})')
+    p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo', help='closed loop: pseudo measures the '
+                   'server part of the chosen configuration, its baselines and the loop.top_k best-predicted here '
+                   '(edge part from the LUT); real measures them end to end through client_worker.py and the link '
+                   '(needs a LUT whose edge side was measured on the worker) (default: pseudo)')
+    p.add_argument('--port', help=f'real mode: port the session listens on (default: {Config().real.port})')
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -50,6 +59,7 @@ def main(argv=None):
     cfg = resolve_config(args, FLAGS)
     from optim import cost as C
     from timing import lut as L
+    from pipeline import closed_loop as CL
     from pipeline import throughput as T
     C.check_objective(cfg.optim.objective, cfg.optim.omega)
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
@@ -61,6 +71,11 @@ def main(argv=None):
                'num_blocks': lut['num_blocks'], 'link': link.to_dict(), 'link_source': link_source,
                'feature_dtype': lut['feature_dtype'], 'edge': T.edge_info(lut)}
     payload.update(T.solve_step2(tables, T.unpruned_valid(lut), cfg.optim, cfg.seed))
+    t_loop = time.perf_counter()
+    payload['mode'] = args.mode
+    payload['closed_loop'] = CL.step2_closed_loop(cfg, lut, lut_file, tables, T.unpruned_valid(lut), payload,
+                                                  args.mode)
+    payload['wall_s']['closed_loop'] = time.perf_counter() - t_loop
     payload['wall_s']['script'] = time.perf_counter() - t_start
     out = cfg.path('initial_throughput_config.json')
     write_artifact(out, 'initial_throughput_config', payload, cfg, command_line(argv))
@@ -68,6 +83,8 @@ def main(argv=None):
           f'link {link.name}: {link.bandwidth_mbps:g} Mbit/s, rtt {link.rtt_ms:g} ms ({link_source}); '
           f'objective {cfg.optim.objective}')
     print(T.table_text(payload))
+    for line in CL.closed_loop_lines(payload['closed_loop']):
+        print(line)
     w = payload['wall_s']
     print(f'gap to the exact optimum: {payload["gap_pct"]:.3g} % (gradient descent alone, before the local search: '
           f'{payload["gradient_descent"]["gap_pct"]:.3g} %); solvers: relaxed {w["relaxed"]:.2f} s, exact '

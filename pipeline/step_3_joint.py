@@ -24,8 +24,9 @@ import contextlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
+from typing import Any, Dict, Optional, Sequence  # noqa: E402
 
+from artifacts import write_artifact  # noqa: E402
 from config import (EXECUTOR_FLAGS, LINK_FLAGS, Config, ConfigError, add_common_args,  # noqa: E402
                     add_executor_args, add_link_args, command_line, resolve_config, resolve_path, run_cli)
 
@@ -44,7 +45,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     which.add_argument('--domains', help='comma-separated domain ids, e.g. 0,3')
     which.add_argument('--all_domains', action='store_true', help='every domain of the partition')
     p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo',
-                   help='pseudo: LUT predictions only; real: also deploy to the worker and measure (default: pseudo)')
+                   help='pseudo: the closed loop measures the server part of each domain\'s chosen configuration, '
+                   'its baselines and the loop.top_k best-predicted here (edge part from the LUT); real: deploys the '
+                   'result to the worker (accuracy on the test split) and measures those configurations end to end '
+                   'through the worker and the link (default: pseudo)')
     p.add_argument('--epsilon', help=f'allowed accuracy drop below A_ref, accuracy points (default: {j.epsilon})')
     p.add_argument('--epsilon_sweep', help='comma-separated epsilons (points) of the Pareto front, solved on the '
                    f'corrected surrogate (default: {",".join(map(str, j.epsilon_sweep))})')
@@ -83,7 +87,7 @@ def summary_line(p: dict) -> str:
             f'vs best plain split {plain["throughput_fps"]:.1f} fps (lambda {plain["lam"]}): '
             f'x{p["predicted"]["throughput_fps"] / plain["throughput_fps"]:.3f}; GD-MILP gap '
             f'{"n/a" if gap is None else f"{gap:.2f} %"}; {len(p["rounds"])} rounds ({p["stop_reason"]}); '
-            f'{p["timing"]["wall_s"]:.1f} s')
+            f'{p["timing"]["wall_s"]:.1f} s (predicted throughputs; measured: the closed-loop lines)')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -93,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = resolve_config(args, FLAGS)
     import torch
 
+    from pipeline import closed_loop as CL
     from pipeline import executor, joint, tasks
     executor.check_cluster_config(cfg)
     if args.mode == 'real' and cfg.cluster.executor != 'local':
@@ -106,16 +111,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = command_line(argv)
     t0 = time.time()
     with contextlib.ExitStack() as stack:
-        real_run = None
+        real_run, session, worker = None, None, None
         if args.mode == 'real':
-            from comm.session import session_from_config
-            session = stack.enter_context(session_from_config(cfg))
-            logging.getLogger('step3').info('worker connected: %s', session.accept())
-            real_run = joint.real_runner(session, cfg, inp.mean, inp.std)
+            session, worker = CL.open_session(cfg, stack, inp.lut, lut_file, 'step 3')
+            logging.getLogger('step3').info('worker connected: %s', worker)
+            real_run = joint.real_runner(session, cfg, inp.mean, inp.std, CL.edge_threads(inp.lut) or 0)
         job = tasks.JointJob(inp, cmd, force=args.force, real_run=real_run)
+        outs: Dict[int, Dict[str, Any]] = {}
         executor.map_tasks(tasks.joint_domain_task, domains, cfg, shared=job, names=[f'domain {d}' for d in domains],
                            step='step3', desc='step 3 domains',
-                           on_result=lambda d, out: print(summary_line(out['payload']), flush=True))
+                           on_result=lambda d, out: outs.__setitem__(d, out))
+        for d in domains:  # the closed loop measures here, after the tasks, so no task's load distorts it
+            out = outs[d]
+            payload = CL.domain_closed_loop(inp, out, args.mode, session, worker)  # None: nothing new to write
+            if payload is not None:
+                write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', payload, cfg, cmd)
+            print(summary_line(out['payload']), flush=True)
+            for line in CL.closed_loop_lines(out['payload']['closed_loop'], table=False):
+                print(f'domain {d}: {line}', flush=True)
     print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')
     return 0
 

@@ -129,7 +129,8 @@ def table_rows(payload: Dict[str, Any]) -> List[List[Any]]:
 
 def table_text(payload: Dict[str, Any]) -> str:
     """The rows of table_rows as aligned text (step 2 prints it)."""
-    head = ['configuration', 'lambda', 'edge ms', 'link ms', 'server ms', 'latency ms', 'fps', 'bottleneck']
+    head = ['configuration (predicted)', 'lambda', 'edge ms', 'link ms', 'server ms', 'latency ms', 'fps',
+            'bottleneck']
     cells = [[str(r[0]), str(r[1])] + [f'{v:.2f}' for v in r[2:7]] + [str(r[7])] for r in table_rows(payload)]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     lines = ['  '.join(h.ljust(w) for h, w in zip(head, widths))]

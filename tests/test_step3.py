@@ -202,8 +202,24 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
     import subprocess
     import sys
     from conftest import REPO
+    from config import UserError
+    from timing import measure as M
     res = tmp_path / 'res'
     shutil.copytree(results, res, ignore=shutil.ignore_patterns('joint_optimization'))
+    real = SETS + FAST + ['--results_dir', str(res), '--domain_id', '1', '--mode', 'real', '--set',
+                          'real.connect_timeout_s=60', '--set', 'loop.top_k=2', '--set', 'loop.passes=1',
+                          '--set', 'loop.real_samples=16']
+    # the modelled edge of the fixture's LUT: real mode refuses to compare a measured run with it, naming step 1
+    with pytest.raises(UserError, match='step1_measure_lut.py --mode real'):
+        _main(real + ['--port', '1'])
+    # an edge side measured on this machine, where the worker runs too
+    cfg = _cfg(res)
+    lut = L.load_lut(cfg.path('hardware_lut_complete.json'))
+    edge = L.side_payload('edge', lut['model'], 32, M.measure_side(lut['model'], 32, [1], repeats=2, warmup=1,
+                                                                     threads=1))
+    write_artifact(cfg.path('hardware_lut_complete.json'), 'hardware_lut_complete',
+                   L.merge(dict(lut['server'], model=lut['model'], input_size=32), edge, L.resolve_link(cfg.lut),
+                           'fp32'), cfg, 'test')
     import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -212,8 +228,7 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
                                '--threads', '1', '--backoff_max_s', '1'], cwd=str(REPO),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _main(SETS + FAST + ['--results_dir', str(res), '--domain_id', '1', '--mode', 'real', '--port',
-                                    str(port), '--set', 'real.connect_timeout_s=60']) == 0
+        assert _main(real + ['--port', str(port)]) == 0
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -224,6 +239,12 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
     # the worker runs exactly the chosen configuration: its accuracy equals the offline test accuracy
     assert m['accuracy_pct'] == pytest.approx(obj['final_accuracy_pct'])
     assert m['throughput_fps'] > 0 and m['throughput_ratio_measured_over_predicted'] > 0
+    loop = obj['closed_loop']  # chosen, baselines and the top-2 measured through the worker
+    assert loop['mode'] == 'real' and loop['report']['mode'] == 'real' and loop['worker']['same_device_as_lut']
+    roles = {x for r in loop['measurements'] for x in r['roles']}
+    assert {'chosen', 'edge_only', 'server_only', 'best_plain_split', 'top1', 'top2'} <= roles
+    assert all(r['measured']['kind'] == 'measured' and r['measured']['throughput_fps'] > 0
+               for r in loop['measurements'])
     # the worker's memory with the edge part against the full model, in the JSON and in step 4's summary.md
     mem = m['memory']
     assert 0 <= mem['edge_part']['weight_bytes'] < mem['full_model']['weight_bytes'] or obj['lam'] == 22

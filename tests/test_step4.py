@@ -82,9 +82,51 @@ def test_builders_skip_what_is_missing():
     recs = _records()
     builders, notes = plots.figure_builders(Inputs(_lut_view(recs[0].num_blocks), None, [], 'test', []))
     assert set(builders) == {'lut_heatmap_edge', 'lut_heatmap_server'}
-    assert any('step-3' in n for n in notes) and any('real-mode' in n for n in notes)
+    assert any('step-3' in n for n in notes) and any('no measurements' in n for n in notes)
     builders, notes = plots.figure_builders(Inputs(_lut_view(recs[0].num_blocks), None, recs, 'test', []))
     assert 'predicted_vs_measured' not in builders and 'stage_times' in builders
+
+
+def _loop(pred, meas, plain_pred, plain_meas):
+    """A closed-loop record in pipeline/closed_loop.py's schema: chosen (top1), best plain split, one more top-k."""
+    from pipeline import closed_loop as CL
+
+    def rec(lam, roles, p, m):
+        return {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': p},
+                'measured': {'kind': 'measured', 'how': CL.PSEUDO_LABEL, 'throughput_fps': m, 'p10_fps': 0.9 * m,
+                             'p90_fps': 1.1 * m, 'pass_to_pass_pct': 3.0, 'bottleneck': 'server',
+                             'bottleneck_source': 'measured', 'load_average': {'before': [1.0, 1.0, 1.0]}}}
+    records = [rec(3, ['chosen', 'top1'], pred, meas), rec(5, ['top2'], pred * 0.99, meas * 1.05),
+               rec(4, ['best_plain_split'], plain_pred, plain_meas)]
+    dec = {'lam': 3, 'throughput_fps': pred, 'band_pct': 5.0, 'spread_pct': 5.0, 'noise_floor_pct': None,
+           'runners_up': [{'lam': 5, 'diff_pct': -1.0, 'throughput_fps': pred * 0.99}], 'coin_toss': True}
+    return {'decision': dec, 'measurements': records, 'report': CL.loop_report(records, 'pseudo', 2),
+            'server_device': {'device': 'cpu', 'note': 'the "server" is this CPU (test), not a GPU server'}}
+
+
+def test_measured_columns_gains_and_closed_loop_lines_in_the_table(tmp_path):
+    from dataclasses import replace
+    recs = [replace(r, loop=_loop(r.predicted.throughput_fps, 35.0, 31.25, 28.0)) for r in _records()]
+    row = domain_row(recs[0])
+    assert row['measured_fps'] == 35.0 and row['measured_gain_x'] == pytest.approx(35.0 / 28.0)
+    assert row['of_best_pct'] == pytest.approx(100 / 1.05) and row['runners_up'] == 'λ 5'
+    assert row['measured_plain_fps'] == 28.0 and row['measured_spread'] == '31.5–38.5'
+    s2 = Step2View((13,) * recs[0].num_blocks, 3, _stage(22.0, 30.0, 11.0), dict(recs[0].baselines),
+                   dict(recs[0].baseline_lam), 33.4, 0.0, _loop(33.3, 30.0, 31.25, 29.0))
+    inputs = Inputs(_lut_view(recs[0].num_blocks), s2, recs, 'test', [])
+    summ = build_summary(inputs)
+    md = summary_markdown(summ)
+    assert 'meas. throughput (fps)' in md and 'meas. gain (x)' in md and 'pred. gain (x)' in md
+    assert 'Closed loop' in md and 'coin toss' in md and 'the "server" is this CPU' in md
+    by = {r['configuration']: r for r in summ.step2}
+    assert summ.step2[0]['measured_fps'] == 30.0 and by['best plain split']['measured_fps'] == 29.0
+    assert by['edge only']['measured_fps'] is None  # not measured in this record: a dash, not a number
+    assert summ.to_payload()['throughput_kind']['measured_gain_x'] == 'measured'
+    builders, _ = plots.figure_builders(inputs)
+    pts = plots.measured_points(recs, s2.loop)
+    assert ('s2', 33.3, 30.0) in pts['closed loop throughput (frames/s)']
+    for name in ('domain_comparison', 'predicted_vs_measured'):
+        assert plots.save_figure(builders[name](), tmp_path, name, ['png'])[0].stat().st_size > 10_000
 
 
 # ----------------------------------------------------------------------------------------------------------

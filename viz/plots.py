@@ -181,16 +181,25 @@ def domain_comparison(results: Sequence[DomainResult], accuracy_label: str) -> F
     ax_acc.set_title('Accuracy: unpruned reference vs final pruned model (labels: change, points)')
     ax_acc.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     gains = np.array([r.gain_x if r.gain_x is not None else np.nan for r in results])
-    bars = ax_gain.bar(x, gains, 0.6, color=np.where(gains >= 1.0, '#55A868', '#C44E52'),
-                       label='joint config / best plain split')
+    mgains = np.array([r.measured_gain_x if r.measured_gain_x is not None else np.nan for r in results])
+    measured = bool(np.isfinite(mgains).any())
+    bw = w if measured else 0.6
+    sets = [(x - w / 2 if measured else x, gains, 'predicted: joint config / best plain split', '#55A868', None)]
+    if measured:
+        sets.append((x + w / 2, mgains, 'measured: joint config / best plain split', '#4C72B0', '//'))
+    for xs, vals, label, color, hatch in sets:
+        bars = ax_gain.bar(xs, vals, bw, color=np.where(vals >= 1.0, color, '#C44E52'), hatch=hatch, label=label)
+        for b, g in zip(bars, vals):
+            if np.isfinite(g):
+                ax_gain.annotate(f'{g:.2f}x', (b.get_x() + b.get_width() / 2, g), textcoords='offset points',
+                                 xytext=(0, 2), ha='center', fontsize=7.5)
     ax_gain.axhline(1.0, color='black', lw=1, ls='--', label='1x (no gain)')
-    for b, g in zip(bars, gains):
-        if np.isfinite(g):
-            ax_gain.annotate(f'{g:.2f}x', (b.get_x() + b.get_width() / 2, g), textcoords='offset points',
-                             xytext=(0, 2), ha='center', fontsize=7.5)
     ax_gain.set_ylabel('throughput gain (x)')
-    ax_gain.set_ylim(0, np.nanmax(np.append(gains, 1.0)) * 1.2)
-    ax_gain.set_title('Predicted throughput gain over the best split of the plain deploy model')
+    ax_gain.set_ylim(0, np.nanmax(np.concatenate([gains, mgains, [1.0]])) * 1.2)
+    mode = next((r.report['mode'] for r in results if r.report), '')
+    how = {'real': 'real mode: through the worker and the link', 'pseudo': 'pseudo mode: server part measured'}
+    ax_gain.set_title('Gain over the best plain split: predicted'
+                      + (f' and measured ({how.get(mode, mode)})' if measured else ' (nothing measured)'))
     ax_gain.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     lams = [r.lam for r in results]
     n = max(r.num_blocks for r in results)
@@ -373,7 +382,7 @@ def predicted_vs_measured(points: Mapping[str, Sequence[Tuple[str, float, float]
         ax.plot([lo, hi], [lo, hi], '--', color='grey', lw=1, label='measured = predicted')
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color='grey', alpha=0.15,
                         label='±10 %')
-        ax.plot(pred, meas, 'o', color='#4C72B0', mec='black', label='domain (labelled by id)')
+        ax.plot(pred, meas, 'o', color='#4C72B0', mec='black', label='configuration (labelled)')
         groups: Dict[Tuple[int, int], List[Tuple[str, float, float]]] = {}
         tol = (hi - lo) / 100
         for name, p, m in pts:  # points within 1 % of the axis share one label
@@ -386,7 +395,7 @@ def predicted_vs_measured(points: Mapping[str, Sequence[Tuple[str, float, float]
         ax.set_xlabel(f'predicted {quantity}')
         ax.set_ylabel(f'measured {quantity}')
         ax.legend(loc='upper left')
-    fig.suptitle('Real mode: measured vs predicted (LUT cost model)')
+    fig.suptitle('Measured vs predicted (LUT cost model); closed loop: s2 = step 2, d<k> = domain k')
     return fig
 
 
@@ -400,13 +409,26 @@ def stage_rows(step2: Optional[Mapping[str, Stage]], results: Sequence[DomainRes
 
 
 
-def measured_points(results: Sequence[DomainResult]) -> Dict[str, List[Tuple[str, float, float]]]:
-    """Real-mode pairs (domain, predicted, measured) per quantity; empty when no domain has measurements."""
+def measured_points(results: Sequence[DomainResult],
+                    step2_loop: Optional[Mapping[str, Any]] = None) -> Dict[str, List[Tuple[str, float, float]]]:
+    """Pairs (name, predicted, measured) per quantity: the closed loop's configurations (step 2 and each domain's
+    chosen one and baselines) and real-mode runs; empty when nothing was measured."""
     pts: Dict[str, List[Tuple[str, float, float]]] = {}
+    short = {'chosen': '', 'best_plain_split': 'plain', 'edge_only': 'edge', 'server_only': 'server'}
+    loops = [('s2', step2_loop)] + [(f'd{r.domain}', r.loop) for r in results]
+    for name, loop in loops:
+        for rec in (loop or {}).get('measurements') or []:
+            role = next((x for x in rec['roles'] if x in short), None)
+            if role is None:
+                continue
+            pts.setdefault('closed loop throughput (frames/s)', []).append(
+                (name + ('' if not short[role] else f' {short[role]}'), float(rec['predicted']['throughput_fps']),
+                 float(rec['measured']['throughput_fps'])))
     for r in results:
         m = r.measured or {}
-        for key, quantity, pred in (('throughput_fps', 'throughput (frames/s)', r.predicted.throughput_fps),
-                                    ('latency_ms', 'latency (ms)', r.predicted.latency_ms)):
+        for key, quantity, pred in (('throughput_fps', 'real run, test split: throughput (frames/s)',
+                                     r.predicted.throughput_fps),
+                                    ('latency_ms', 'real run, test split: latency (ms)', r.predicted.latency_ms)):
             if isinstance(m.get(key), (int, float)):
                 pts.setdefault(quantity, []).append((r.domain, pred, float(m[key])))
     return pts
@@ -439,11 +461,11 @@ def figure_builders(inputs: Inputs) -> Tuple[Dict[str, Callable[[], Figure]], Li
                                               separator=len(s2 or {}))
     else:
         notes.append('neither step 2 nor step 3 results: stage_times skipped')
-    pts = measured_points(res)
+    pts = measured_points(res, inputs.step2.loop if inputs.step2 else None)
     if pts:
         b['predicted_vs_measured'] = lambda: predicted_vs_measured(pts)
     else:
-        notes.append('no real-mode measurements in the step-3 results: predicted_vs_measured skipped')
+        notes.append('no measurements in the step-2 / step-3 results: predicted_vs_measured skipped')
     return b, notes
 
 

@@ -61,6 +61,7 @@ class DomainResult:
     baseline_lam: Dict[str, int]
     pareto: Tuple[ParetoPoint, ...] = ()
     measured: Optional[Dict[str, float]] = None  # real mode: measured values beside 'predicted'
+    loop: Optional[Dict[str, Any]] = None  # the closed loop (pipeline/closed_loop.py): decision, report, measurements
     source: str = ''  # the artifact file
     corruption: str = ''  # the domain's corruption (step 0's training_results.json), '' when unknown
     final_ci_pct: Optional[Tuple[float, float]] = None  # 95 % interval of final_acc_pct (paired to A_ref)
@@ -95,6 +96,16 @@ class DomainResult:
             return None
         return self.predicted.throughput_fps / plain.throughput_fps
 
+    @property
+    def report(self) -> Optional[Dict[str, Any]]:
+        """The closed-loop report (measured figures), None when nothing was measured."""
+        return (self.loop or {}).get('report')
+
+    @property
+    def measured_gain_x(self) -> Optional[float]:
+        g = (self.report or {}).get('gain_over_best_plain_split')
+        return float(g['measured_x']) if g else None
+
 
 @dataclass(frozen=True)
 class LutView:
@@ -118,6 +129,7 @@ class Step2View:
     baseline_lam: Dict[str, int]
     exact_throughput_fps: Optional[float] = None
     gap_pct: Optional[float] = None
+    loop: Optional[Dict[str, Any]] = None  # the closed loop (pipeline/closed_loop.py)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,13 +198,14 @@ def load_domain_result(path: Path) -> DomainResult:
                                str(p.get('accuracy_source', '')).startswith('measured'))
                    for i, p in enumerate(obj.get('pareto') or []))
     measured = obj.get('measured') if isinstance(obj.get('measured'), dict) else None
+    loop = obj.get('closed_loop') if isinstance(obj.get('closed_loop'), dict) else None
     return DomainResult(domain=str(obj['domain']), a_ref_pct=float(obj['a_ref_pct']),
                         final_acc_pct=float(obj['final_accuracy_pct']),
                         epsilon=float(obj.get('epsilon', obj['config'].get('joint', {}).get('epsilon', float('nan')))),
                         lam=int(obj['lam']), num_blocks=len(blocks), gammas=tuple(int(g) for g in obj['gammas']),
                         alpha=alpha, kept=kept, predicted=stage_from(obj['predicted'], f'{where}: predicted'),
-                        baselines=base, baseline_lam=base_lam, pareto=pareto, measured=measured, source=where,
-                        final_ci_pct=_interval(obj.get('final_accuracy_ci95_pct')))
+                        baselines=base, baseline_lam=base_lam, pareto=pareto, measured=measured, loop=loop,
+                        source=where, final_ci_pct=_interval(obj.get('final_accuracy_ci95_pct')))
 
 
 def _interval(v: Any) -> Optional[Tuple[float, float]]:
@@ -212,7 +225,8 @@ def load_step2(path: Path) -> Step2View:
     exact = obj.get('exact') if isinstance(obj.get('exact'), dict) else {}
     return Step2View(tuple(int(g) for g in obj['gammas']), int(obj['lam']),
                      stage_from(obj['predicted'], f'{where}: predicted'), base, base_lam,
-                     exact.get('throughput_fps'), obj.get('gap_pct'))
+                     exact.get('throughput_fps'), obj.get('gap_pct'),
+                     obj.get('closed_loop') if isinstance(obj.get('closed_loop'), dict) else None)
 
 
 def side_source(lut: Mapping[str, Any], side: str, batch: int) -> Tuple[str, str]:
@@ -240,6 +254,8 @@ def load_lut_view(path: Path, batch: int) -> LutView:
                             '(choose one with --batch)')
     t = lut_mod.cost_tables(lut, batch)
     (e_src, e_dev), (s_src, s_dev) = side_source(lut, 'edge', batch), side_source(lut, 'server', batch)
+    if (lut['server'].get('metadata') or {}).get('device') == 'cpu':
+        s_dev += ' (a CPU: the "server" of these figures is this CPU, not a GPU server)'
     link = (f'{lut["link"].get("name", "link")}: {t.bandwidth_mbps:g} Mbit/s uplink, one-way latency '
             f'{t.latency_ms:g} ms, features as {lut["feature_dtype"]}')
     return LutView(t.edge_ms, t.server_ms, batch, e_src, s_src, e_dev, s_dev, link)
@@ -329,10 +345,33 @@ COLUMNS = (  # key, header, format
     ('lam', 'λ', '{}'),
     ('branches_pruned', 'branches pruned', '{:.3g}'),
     ('throughput_fps', 'pred. throughput (fps)', '{:.2f}'),
-    ('plain_split_fps', 'best plain split (fps)', '{:.2f}'),
-    ('gain_x', 'gain (x)', '{:.2f}'),
+    ('measured_fps', 'meas. throughput (fps)', '{:.2f}'),
+    ('measured_spread', 'meas. p10–p90 (fps)', '{}'),
+    ('plain_split_fps', 'pred. best plain split (fps)', '{:.2f}'),
+    ('measured_plain_fps', 'meas. best plain split (fps)', '{:.2f}'),
+    ('gain_x', 'pred. gain (x)', '{:.2f}'),
+    ('measured_gain_x', 'meas. gain (x)', '{:.2f}'),
+    ('of_best_pct', 'meas. % of best top-k', '{:.1f}'),
+    ('runners_up', 'splits in band', '{}'),
     ('bottleneck', 'bottleneck', '{}'),
 )
+TEXT_COLUMNS = ('domain', 'corruption', 'configuration', 'bottleneck', 'measured_spread', 'runners_up')
+
+
+def loop_cells(loop: Optional[Mapping[str, Any]], role: str = 'chosen') -> Dict[str, Any]:
+    """The measured cells of one configuration (role 'chosen' or a baseline key) of a closed loop, and the decision's
+    runners-up ('λ 12, 13' or 'none'); None cells when nothing was measured."""
+    loop = loop or {}
+    rec = next((r for r in loop.get('measurements') or [] if role in r['roles']), None)
+    m = rec['measured'] if rec else None
+    dec = loop.get('decision') or {}
+    runners = dec.get('runners_up')
+    rep = loop.get('report') or {}
+    return {'measured_fps': m['throughput_fps'] if m else None,
+            'measured_spread': f'{m["p10_fps"]:.1f}–{m["p90_fps"]:.1f}' if m else None,
+            'runners_up': None if runners is None else ('none' if not runners else
+                                                         'λ ' + ', '.join(str(r['lam']) for r in runners)),
+            'of_best_pct': rep.get('chosen_over_best_measured_pct') if role == 'chosen' else None}
 
 
 def domain_row(r: DomainResult) -> Dict[str, Any]:
@@ -342,7 +381,9 @@ def domain_row(r: DomainResult) -> Dict[str, Any]:
             'epsilon': r.epsilon, 'lam': r.lam, 'branches_pruned': r.branches_pruned,
             'throughput_fps': r.predicted.throughput_fps,
             'plain_split_fps': plain.throughput_fps if plain else None, 'gain_x': r.gain_x,
-            'bottleneck': r.predicted.bottleneck}
+            'measured_gain_x': r.measured_gain_x,
+            'measured_plain_fps': ((r.report or {}).get('best_plain_split') or {}).get('measured_fps'),
+            **loop_cells(r.loop), 'bottleneck': r.predicted.bottleneck}
 
 
 def aggregate_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -353,9 +394,10 @@ def aggregate_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for key, _, _ in COLUMNS[1:]:
         vals = [r[key] for r in rows if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
         mean[key] = float(np.mean(vals)) if vals and len(vals) == len(rows) else None
-    gain_mean = [r['gain_x'] for r in rows if r['gain_x'] is not None]
-    mean['gain_x'] = float(np.exp(np.mean(np.log(gain_mean)))) if len(gain_mean) == len(rows) else None
-    mean['lam'] = mean['corruption'] = mean['bottleneck'] = None
+    for key in ('gain_x', 'measured_gain_x'):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        mean[key] = float(np.exp(np.mean(np.log(vals)))) if vals and len(vals) == len(rows) else None
+    mean['lam'] = mean['corruption'] = mean['bottleneck'] = mean['measured_spread'] = mean['runners_up'] = None
     worst = max(rows, key=lambda r: (r['drop_pct'], -(r['gain_x'] or 0.0)))
     return [mean, {**worst, 'domain': f'worst ({worst["domain"]})'}]
 
@@ -367,7 +409,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> str:
-    text = ('domain', 'corruption', 'configuration', 'bottleneck')
+    text = TEXT_COLUMNS
     lines = ['| ' + ' | '.join(h for _, h, _ in columns) + ' |',
              '|' + '|'.join(':---' if k in text else '---:' for k, _, _ in columns) + '|']
     for r in rows:
@@ -382,7 +424,9 @@ STEP2_COLUMNS = (
     ('link_ms', 'link (ms)', '{:.2f}'),
     ('server_ms', 'server (ms)', '{:.2f}'),
     ('latency_ms', 'latency (ms)', '{:.2f}'),
-    ('throughput_fps', 'throughput (fps)', '{:.2f}'),
+    ('throughput_fps', 'pred. throughput (fps)', '{:.2f}'),
+    ('measured_fps', 'meas. throughput (fps)', '{:.2f}'),
+    ('measured_spread', 'meas. p10–p90 (fps)', '{}'),
     ('bottleneck', 'bottleneck', '{}'),
 )
 
@@ -418,10 +462,31 @@ def memory_rows(results: Sequence[DomainResult]) -> List[Dict[str, Any]]:
 
 
 def step2_rows(s2: Step2View) -> List[Dict[str, Any]]:
-    rows = [{'configuration': 'chosen (γ, λ by LUT gradient descent)', 'lam': s2.lam, **asdict(s2.chosen)}]
+    def meas(role: str) -> Dict[str, Any]:
+        c = loop_cells(s2.loop, role)
+        return {'measured_fps': c['measured_fps'], 'measured_spread': c['measured_spread']}
+    rows = [{'configuration': 'chosen (γ, λ by LUT gradient descent)', 'lam': s2.lam, **asdict(s2.chosen),
+             **meas('chosen')}]
     for key, st in s2.baselines.items():
-        rows.append({'configuration': key.replace('_', ' '), 'lam': s2.baseline_lam.get(key), **asdict(st)})
+        rows.append({'configuration': key.replace('_', ' '), 'lam': s2.baseline_lam.get(key), **asdict(st),
+                     **meas(key)})
     return rows
+
+
+def loop_lines(label: str, loop: Optional[Mapping[str, Any]]) -> List[str]:
+    """Closed-loop lines of one step-2 / step-3 result for summary.md: the decision and the measured report."""
+    if not loop:
+        return [f'{label}: no closed loop recorded (an artifact from before it): every throughput is predicted']
+    from pipeline.closed_loop import decision_line, report_line
+    out = [f'{label}: {decision_line(loop["decision"])}']
+    if loop.get('skipped'):
+        out.append(f'{label}: nothing measured ({loop["skipped"]})')
+    else:
+        out.append(f'{label}: {report_line(loop["report"])}')
+        note = (loop.get('server_device') or {}).get('note')
+        if note:
+            out.append(f'{label}: {note}')
+    return out
 
 
 @dataclass
@@ -433,6 +498,7 @@ class Summary:
     step2_gap_pct: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     lut: List[str] = field(default_factory=list)
+    loop: List[str] = field(default_factory=list)  # closed-loop lines: decisions and measured reports
     memory: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_payload(self) -> Dict[str, Any]:
@@ -440,7 +506,11 @@ class Summary:
         def clean(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
             return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
                     for r in rows]
-        return {'accuracy_source': self.accuracy_source, 'throughput_kind': 'predicted',
+        return {'accuracy_source': self.accuracy_source,
+                'throughput_kind': {'throughput_fps': 'predicted', 'plain_split_fps': 'predicted',
+                                    'gain_x': 'predicted', 'measured_fps': 'measured', 'measured_plain_fps': 'measured',
+                                    'measured_gain_x': 'measured', 'of_best_pct': 'measured'},
+                'closed_loop': list(self.loop),
                 'domains': clean(self.domains), 'mean': clean(self.aggregate[:1])[0] if self.aggregate else None,
                 'worst': clean(self.aggregate[1:])[0] if self.aggregate else None, 'step2': clean(self.step2),
                 'step2_gap_pct': self.step2_gap_pct, 'lut': list(self.lut), 'notes': list(self.notes),
@@ -450,10 +520,13 @@ class Summary:
 def build_summary(inputs: 'Inputs', notes: Sequence[str] = ()) -> Summary:
     rows = [domain_row(r) for r in inputs.domains]
     s2 = inputs.step2
+    loop = loop_lines('step 2', s2.loop) if s2 else []
+    for r in inputs.domains:
+        loop += loop_lines(f'domain {r.domain}', r.loop)
     return Summary(accuracy_source=inputs.accuracy_source, domains=rows, aggregate=aggregate_rows(rows),
                    step2=step2_rows(s2) if s2 else [], step2_gap_pct=s2.gap_pct if s2 else None,
                    notes=list(inputs.notes) + list(notes), lut=list(inputs.lut_lines),
-                   memory=memory_rows(inputs.domains))
+                   memory=memory_rows(inputs.domains), loop=loop)
 
 
 def console_lines(s: Summary) -> List[str]:
@@ -461,8 +534,11 @@ def console_lines(s: Summary) -> List[str]:
     out = []
     for r in s.aggregate:
         gain = '–' if r.get('gain_x') is None else f'{r["gain_x"]:.2f}x'
+        mgain = '–' if r.get('measured_gain_x') is None else f'{r["measured_gain_x"]:.2f}x'
+        meas = '–' if r.get('measured_fps') is None else f'{r["measured_fps"]:.2f}'
         out.append(f'{r["domain"]}: final accuracy {r["final_acc_pct"]:.2f} % (drop {r["drop_pct"]:.2f} pts), '
-                   f'predicted {r["throughput_fps"]:.2f} frames/s, gain over best plain split {gain}')
+                   f'predicted {r["throughput_fps"]:.2f} frames/s, measured {meas} frames/s; gain over best plain '
+                   f'split {gain} predicted, {mgain} measured')
     return out
 
 
@@ -470,17 +546,24 @@ def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
     out = [f'# {title}', '']
     if s.domains:
         out += [f'## Joint optimization per domain (step 3; final accuracy on the {s.accuracy_source} split, '
-                'throughput predicted by the LUT cost model)', '',
+                'throughput predicted by the LUT cost model and measured in the closed loop)', '',
                 markdown_table(s.domains + s.aggregate, COLUMNS), '',
-                'gain = predicted throughput of the joint configuration / best split of the plain (unpruned, fused) '
-                'model on the same LUT and link; the mean row gives the geometric mean gain; the worst row is the '
-                'domain with the largest accuracy drop; the drop interval is the 95 % paired bootstrap interval '
-                'against A_ref on the same test images.', '']
+                'pred. gain = predicted throughput of the joint configuration / predicted best split of the plain '
+                '(unpruned, fused) model on the same LUT and link; meas. gain = the same ratio of their measured '
+                'throughputs (closed loop: see below for what was measured); meas. % of best top-k = the chosen '
+                'configuration\'s measured throughput / the best measured among the top-k best-predicted; splits in '
+                'band = other splits whose predicted throughput lies within the LUT\'s uncertainty band (a coin toss '
+                'on the LUT alone).  The mean row gives geometric mean gains; the worst row is the domain with the '
+                'largest accuracy drop; the drop interval is the 95 % paired bootstrap interval against A_ref on the '
+                'same test images.', '']
     if s.step2:
         out += ['## Initial throughput optimization (step 2, unpruned model)', '',
                 markdown_table(s.step2, STEP2_COLUMNS), '']
         if s.step2_gap_pct is not None:
             out += [f'Gap of the gradient-descent result to the exact optimum: {s.step2_gap_pct:.3g} %.', '']
+    if s.loop:
+        out += ['## Closed loop: decisions against the LUT\'s noise, and what was chosen, measured', ''] + \
+            [f'- {n}' for n in s.loop] + ['']
     if s.memory:
         out += ['## Edge device memory (real mode, measured on the worker)', '',
                 markdown_table(s.memory, MEMORY_COLUMNS), '',

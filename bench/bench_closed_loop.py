@@ -1,0 +1,153 @@
+"""Closed loop on the local stand-in device: is the chosen configuration the fastest one when measured?
+
+The pipeline runs in real mode around comm/localdevice.py (client_worker.py on one core, the server on the other,
+the link emulator between): `bash run_pipeline.sh --local_device --results_dir WORK`, with step 0's finished work
+copied from --results_dir (default results/; only read) so that only steps 1-4 run.  Then, for step 2 and every
+step-3 domain, from the artifacts' `closed_loop` records (pipeline/closed_loop.py): the chosen configuration's
+measured throughput (p10-p90) beside its prediction, the best measured among the loop.top_k best-predicted, the
+share the chosen one reaches of it (target >= 95 %), the measured gain over the measured best plain split beside
+the predicted one, whether the choice was a coin toss on the LUT (runners-up inside its uncertainty band), and the
+load average at the time.  Every figure is of this machine under its load: not a property of the method.
+
+--from_run DIR reads a finished local-device run instead of running one.  --quick runs steps 1-2 only on a tiny
+synthetic model (about a minute; numbers not meant for reading).  Writes bench/results/closed_loop.json.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ''):  # run as a script, from the repo root or from inside bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
+
+from bench import common  # noqa: E402
+from config import REPO_ROOT, UserError, resolve_path, run_cli  # noqa: E402
+
+NAME = 'closed_loop'
+STEP0 = ('partition_info.json', 'trained_hyper_weights.json', 'training_results.json', 'base_model',
+         'branch_flops.json', 'importance_scores.json', 'importance_rankings.json')
+QUICK = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set',
+         'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'loop.top_k=3', '--set', 'loop.real_samples=32']
+COLUMNS = ['step', 'mode', 'coin toss (splits in band)', 'chosen lambda', 'predicted fps', 'measured fps (p10-p90)',
+           'best measured of top-k (lambda)', 'chosen / best measured %', 'measured gain over best plain split',
+           'predicted gain', 'passes disagree %', 'load avg']
+
+
+class BenchLoopError(UserError):
+    """A run without closed-loop records, or a pipeline step that failed."""
+
+
+def _run(cmd: Sequence[str]) -> None:
+    if subprocess.call(list(cmd), cwd=str(REPO_ROOT)) != 0:
+        raise BenchLoopError(f'failed: {" ".join(cmd)} (see its message above)')
+
+
+def run_full(source: Path, work: Path) -> None:
+    """Step 0 of `source` copied into `work`, then the pipeline in real mode around the local device."""
+    missing = [n for n in STEP0[:4] if not (source / n).exists()]
+    if missing:
+        raise BenchLoopError(f'{source}: no finished step 0 ({", ".join(missing)} missing); run bash run_pipeline.sh '
+                             'first, or give --from_run with a finished local-device run')
+    work.mkdir(parents=True, exist_ok=True)
+    for n in STEP0:
+        if (source / n).is_dir():
+            shutil.copytree(source / n, work / n, dirs_exist_ok=True)
+        elif (source / n).is_file():
+            shutil.copy2(source / n, work / n)
+    _run(['bash', 'run_pipeline.sh', '--local_device', '--results_dir', str(work)])
+
+
+def run_quick(work: Path) -> None:
+    py = sys.executable
+    step = ['--port', '{port}', '--results_dir', str(work), *QUICK, '--set', 'real.connect_timeout_s=60']
+    ld = [py, '-m', 'comm.localdevice', '--log_dir', str(work / 'local_device'), '--']
+    _run(ld + [py, 'pipeline/step1_measure_lut.py', '--mode', 'real', '--repeats', '3', '--warmup', '1',
+               '--no_validate', '--set', 'lut.timing=chain', '--set', 'real.probe_sizes_kb=4,256,1024', *step])
+    _run(ld + [py, 'pipeline/step2_initial_throughput_opt.py', '--mode', 'real', '--steps', '60', '--restarts', '1',
+               *step])
+
+
+def _fmt_load(rep: Dict[str, Any]) -> Optional[float]:
+    la = (rep.get('load_average') or {}).get('before')
+    return la[0] if la else None
+
+
+def loop_row(label: str, loop: Optional[Dict[str, Any]], where: str) -> List[Any]:
+    """One table row from a closed-loop record; BenchLoopError naming the file when it has none."""
+    if not isinstance(loop, dict) or 'report' not in loop:
+        why = (loop or {}).get('skipped', 'no closed_loop field (an artifact from before it)')
+        raise BenchLoopError(f'{where}: nothing measured ({why})')
+    rep, dec = loop['report'], loop['decision']
+    c, b = rep['chosen'], rep['best_measured_of_top_k']
+    g = rep.get('gain_over_best_plain_split') or {}
+    toss = 'yes (' + ', '.join(str(r['lam']) for r in dec['runners_up']) + ')' if dec['coin_toss'] else 'no'
+    return [label, rep['mode'], toss, c['lam'], c['predicted_fps'],
+            f'{c["measured_fps"]:.1f} ({c["measured_p10_fps"]:.1f}-{c["measured_p90_fps"]:.1f})',
+            f'{b["measured_fps"]:.1f} ({b["lam"]})', rep['chosen_over_best_measured_pct'], g.get('measured_x'),
+            g.get('predicted_x'), rep.get('pass_to_pass_median_pct'), _fmt_load(rep)]
+
+
+def read_run(run: Path) -> List[List[Any]]:
+    """Rows for step 2 and each step-3 domain of a finished run."""
+    from artifacts import load_artifact
+    rows = []
+    s2 = run / 'initial_throughput_config.json'
+    if s2.is_file():
+        rows.append(loop_row('step 2', load_artifact(s2).get('closed_loop'), str(s2)))
+    domains = sorted((run / 'joint_optimization').glob('domain_*_joint.json'),
+                     key=lambda p: int(p.name.split('_')[1]) if p.name.split('_')[1].isdigit() else 0)
+    for p in domains:
+        obj = load_artifact(p)
+        rows.append(loop_row(f'step 3 domain {obj["domain"]}', obj.get('closed_loop'), str(p)))
+    if not rows:
+        raise BenchLoopError(f'{run}: no step-2 or step-3 result')
+    return rows
+
+
+def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
+    share = [r[7] for r in rows]
+    doms = [r for r in rows if r[0].startswith('step 3')]
+    out = [['chosen / best measured of top-k, worst step', min(share), '%'],
+           ['steps reaching >= 95 % of the best measured', sum(s >= 95.0 for s in share), f'of {len(share)}']]
+    gains = [r[8] for r in doms if isinstance(r[8], (int, float)) and r[8] > 0]
+    if gains:
+        out.append(['step 3 measured gain over the measured best plain split, geometric mean',
+                    math.exp(sum(math.log(x) for x in gains) / len(gains)), 'x'])
+    loads = [r[11] for r in rows if r[11] is not None]
+    if loads:
+        out.append(['load average (1 min) during the measurements, max', max(loads), ''])
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_bench_args(p)
+    p.add_argument('--results_dir', default='results', help='finished step 0 to copy (read only) (default: results)')
+    p.add_argument('--work_dir', default='results/_bench_closed_loop', help='where the local-device run goes '
+                   '(default: results/_bench_closed_loop)')
+    p.add_argument('--from_run', default=None, help='read this finished local-device run instead of running one '
+                   '(default: run one)')
+    args = p.parse_args(argv)
+    machine = common.machine_info()
+    work = resolve_path(args.from_run or args.work_dir)
+    if args.from_run is None:
+        if args.quick:
+            work = Path(args.out_dir) / '_closed_loop_quick'
+            run_quick(work)
+        else:
+            run_full(resolve_path(args.results_dir), work)
+    rows = read_run(work)
+    head = headline(rows)
+    table = common.table('Closed loop on the local stand-in device (real mode: worker on one core, server on the '
+                         'other, emulated link); measured on this machine under its load', COLUMNS, rows)
+    common.print_tables([table], common.write_result(args.out_dir, NAME, {'run': str(work), 'rows': rows}, machine,
+                                                     args.quick, head, [table], argv))
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,608 @@
+"""Closed loop of steps 2 and 3: decisions that survive the LUT's noise, and what is chosen, measured.
+
+Two questions a step-2 / step-3 answer must face (issue 13, docs/design.md "Closed loop"):
+
+1. Does the decision survive noise?  `decision(...)` lists, beside the chosen configuration, the runners-up whose
+   predicted throughput lies within the LUT's uncertainty band of the chosen one's, and says when the choice among
+   them is a coin toss.  The band (percent of the chosen configuration's predicted throughput) is
+
+       band_pct = max(spread_pct, noise_floor_pct)
+
+   * spread_pct: half the relative width of the chosen configuration's predicted throughput between the LUT with
+     every entry at its p90 (slow) and every entry at its p10 (fast).  The entries are taken as fully correlated
+     (a loaded machine slows a whole pass, not one block): the conservative reading of the LUT's own repeats.
+     Modelled entries (a device profile) carry no spread: p10 = p90 = median.
+   * noise_floor_pct: the pass-to-pass noise floor of step 1's validation (lut_validation.json), when it recorded
+     one: how far a second measurement of the same whole configuration lands from the first.
+
+   The candidates are the best configuration at every split lambda (the exact split scan's per-lambda optimum, the
+   chosen kept sets fixed): configurations at the same lambda differ only by layouts of non-bottleneck blocks, so
+   one per lambda is what a decision is about.  A coin toss: at least one other split predicts within the band.
+
+2. Is what was chosen really faster?  `measure(...)` measures end to end the chosen configuration, the baselines
+   it is compared with (edge only, server only, best plain split) and the `top_k` best-predicted configurations
+   (one per lambda), in `passes` interleaved passes (forward, then reverse order: drift hits all alike):
+
+   * pseudo mode: the server part (blocks [lambda, N) + head) runs here, timed as one module
+     (`time_configuration`); the edge part and the link stay the LUT's / the cost model's: the result is labelled
+     `server measured here, edge modelled (LUT)` and the bottleneck says whether it was a measured stage.
+   * real mode: the whole split pipeline, deployed to client_worker.py through comm.session and streamed over the
+     link (steady-state throughput of `samples` images; spread over windows of the run and over the passes).
+
+   `loop_report(...)` states the closed-loop figures: the chosen configuration's measured throughput as a share
+   of the best measured among the top-k predicted, and the measured gain over the measured best plain split,
+   beside the predicted gain.  Every figure carries `kind` ('measured' / 'predicted') and the load average.
+
+Timing figures from a shared machine move 5-70 % pass to pass (README); the report gives the passes' own
+disagreement (`pass_to_pass_pct`) so a reader can tell a real difference from noise.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from optim import cost as C
+from optim.exact import split_gammas
+
+BASELINE_KEYS = ('edge_only', 'server_only', 'best_plain_split')
+PSEUDO_LABEL = 'server part measured here, edge part and link modelled (LUT / cost model)'
+REAL_LABEL = 'whole split pipeline measured through client_worker.py and the link'
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages of this machine (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decisions that survive noise
+# ----------------------------------------------------------------------------------------------------------
+
+def quantile_lut(lut: Dict[str, Any], q: str) -> Dict[str, Any]:
+    """A copy of `lut` whose entries (both sides, blocks and head) carry their `q` ('p10_ms' | 'p90_ms') time as
+    median_ms; entries without that field keep their median."""
+    out = dict(lut)
+    for side in ('edge', 'server'):
+        part = dict(lut[side])
+        for group in ('entries', 'head'):
+            part[group] = {k: dict(e, median_ms=float(e.get(q, e['median_ms']))) for k, e in lut[side][group].items()}
+        out[side] = part
+    return out
+
+
+def spread_tables(lut: Dict[str, Any], t: C.CostTables) -> Tuple[C.CostTables, C.CostTables]:
+    """(fast, slow): cost tables of the LUT at every entry's p10 and p90, with `t`'s batch and link."""
+    from timing import lut as L
+    out = []
+    for q in ('p10_ms', 'p90_ms'):
+        qt = L.cost_tables(quantile_lut(lut, q), t.batch)
+        out.append(C.CostTables(qt.edge_ms, qt.server_ms, qt.edge_head_ms, qt.server_head_ms, t.link_bytes,
+                                t.bandwidth_mbps, t.latency_ms, t.batch, t.serialize_ms_per_mb))
+    return out[0], out[1]
+
+
+def validation_noise_floor(path: Any) -> Optional[float]:
+    """The pass-to-pass noise floor (%) that step 1's validation recorded in `path` (lut_validation.json), or None
+    when the file or the figure is absent (older validations measured one pass)."""
+    from pathlib import Path
+    from artifacts import ArtifactError, load_artifact
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        obj = load_artifact(Path(path), 'lut_validation', {'summary': dict})
+    except ArtifactError:
+        return None
+    noise = obj['summary'].get('noise')  # summary.noise.pass_to_pass_pct (docs/artifacts.md)
+    v = noise.get('pass_to_pass_pct') if isinstance(noise, dict) else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def split_candidates(t: C.CostTables, valid: np.ndarray) -> List[Dict[str, Any]]:
+    """The best configuration at every split lambda = 0..N (fastest valid layout of each block on its side), as
+    cost.describe() dicts, best predicted throughput first (ties: lower latency, then lower lambda)."""
+    g = split_gammas(t, valid)
+    rows = [C.describe(g[lam], lam, t) for lam in range(t.num_blocks + 1)]
+    return sorted(rows, key=lambda r: (-r['throughput_fps'], r['latency_ms'], r['lam']))
+
+
+def throughput_interval(gammas: Sequence[int], lam: int, fast: C.CostTables, slow: C.CostTables) -> Tuple[float, float]:
+    """(low, high) predicted throughput of one configuration: at every entry's p90, at every entry's p10."""
+    return C.evaluate(gammas, lam, slow)['throughput_fps'], C.evaluate(gammas, lam, fast)['throughput_fps']
+
+
+def decision(chosen: Dict[str, Any], candidates: Sequence[Dict[str, Any]], fast: C.CostTables, slow: C.CostTables,
+             noise_floor_pct: Optional[float]) -> Dict[str, Any]:
+    """The chosen configuration's uncertainty band and the runners-up inside it (see the module docstring).
+
+    `chosen`: a describe() dict (gammas, lam, throughput_fps); `candidates`: split_candidates() rows."""
+    lo, hi = throughput_interval(chosen['gammas'], chosen['lam'], fast, slow)
+    fps = float(chosen['throughput_fps'])
+    spread = 50.0 * (hi - lo) / fps if fps > 0 else 0.0
+    band = max(spread, noise_floor_pct or 0.0)
+    runners = []
+    for c in candidates:
+        if c['lam'] == chosen['lam']:
+            continue
+        diff = 100.0 * (c['throughput_fps'] - fps) / fps
+        if abs(diff) <= band:
+            clo, chi = throughput_interval(c['gammas'], c['lam'], fast, slow)
+            runners.append({'lam': int(c['lam']), 'gammas': [int(x) for x in c['gammas']],
+                            'throughput_fps': float(c['throughput_fps']), 'diff_pct': diff,
+                            'throughput_interval_fps': [clo, chi], 'bottleneck': c['bottleneck']})
+    return {'kind': 'predicted', 'lam': int(chosen['lam']), 'throughput_fps': fps,
+            'throughput_interval_fps': [lo, hi], 'spread_pct': spread, 'noise_floor_pct': noise_floor_pct,
+            'band_pct': band, 'runners_up': runners, 'coin_toss': bool(runners),
+            'definition': 'band_pct = max(spread_pct: half the relative width of the predicted throughput between '
+                          'the LUT at every entry\'s p90 and at every entry\'s p10; noise_floor_pct: step 1\'s '
+                          'validation pass-to-pass noise floor, when recorded); runners-up: the best configuration '
+                          'of another split whose predicted throughput is within band_pct of the chosen one\'s'}
+
+
+def decision_line(d: Dict[str, Any]) -> str:
+    """One console / summary line for a decision() result."""
+    how = f'spread of the LUT entries {d["spread_pct"]:.1f} %'
+    if d['noise_floor_pct'] is not None:
+        how += f', validation noise floor {d["noise_floor_pct"]:.1f} %'
+    head = f'decision: lambda {d["lam"]} at {d["throughput_fps"]:.1f} fps (predicted); uncertainty band ' \
+           f'+/-{d["band_pct"]:.1f} % ({how})'
+    if not d['runners_up']:
+        return head + ': no other split predicts within it, the decision survives the LUT\'s noise'
+    shown = sorted(d['runners_up'], key=lambda r: -r['throughput_fps'])
+    rs = ', '.join(f'lambda {r["lam"]} ({r["diff_pct"]:+.1f} %)' for r in shown[:5])
+    if len(shown) > 5:
+        rs += f' and {len(shown) - 5} more splits'
+    return head + f': a coin toss on the LUT alone among it and {rs}; the measured ranking shows which is faster here'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement: what is chosen, its baselines, the top-k predicted
+# ----------------------------------------------------------------------------------------------------------
+
+def time_configuration(model: Any, input_size: int, gammas: Sequence[int], lam: int, batch: int, device: str,
+                       warmup: int, repeats: int, seed: int) -> Dict[str, Any]:
+    """Whole-configuration timing on this machine: {'server': median/p10/p90 stats of blocks [lam, N) + head run as
+    one module}.  The one place the closed loop calls timing.measure (step 1's validation uses the same timing)."""
+    from timing import measure as M
+    m = M.measure_configuration(model, input_size, list(gammas), int(lam), batch=int(batch), device=device,
+                                warmup=warmup, repeats=repeats, seed=seed)
+    return {'server': m['server']}
+
+
+def _key(gammas: Sequence[int], lam: int) -> Tuple[Tuple[int, ...], int]:
+    return tuple(int(g) for g in gammas), int(lam)
+
+
+def plan_measurements(chosen: Dict[str, Any], baselines: Dict[str, Dict[str, Any]],
+                      candidates: Sequence[Dict[str, Any]], top_k: int) -> List[Dict[str, Any]]:
+    """The configurations to measure, each once: [{'gammas', 'lam', 'predicted', 'roles'}]; roles name it 'chosen',
+    a baseline key and/or 'top<i>' (its rank among the top_k best-predicted, the chosen one ranked with them)."""
+    out: Dict[Tuple[Tuple[int, ...], int], Dict[str, Any]] = {}
+
+    def add(c: Dict[str, Any], role: str) -> None:
+        k = _key(c['gammas'], c['lam'])
+        row = out.setdefault(k, {'gammas': list(k[0]), 'lam': k[1], 'predicted': {
+            f: c[f] for f in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms', 'throughput_fps', 'bottleneck')},
+            'roles': []})
+        row['roles'].append(role)
+
+    add(chosen, 'chosen')
+    for name in BASELINE_KEYS:
+        if name in baselines:
+            add(baselines[name], name)
+    ranked = [chosen] + [c for c in candidates if c['lam'] != chosen['lam']]
+    ranked.sort(key=lambda r: (-r['throughput_fps'], r['latency_ms'], r['lam']))
+    for i, c in enumerate(ranked[:max(1, int(top_k))]):
+        add(c, f'top{i + 1}')
+    return list(out.values())
+
+
+def pseudo_record(pred: Dict[str, Any], server: Dict[str, Any], batch: int) -> Dict[str, Any]:
+    """Measured throughput of one configuration in pseudo mode: B / max(edge (LUT), link (model), server measured
+    here), with the interval from the server's p90 / p10 times."""
+    e, li = float(pred['edge_ms']), float(pred['link_ms'])
+    s, s10, s90 = (float(server[k]) for k in ('median_ms', 'p10_ms', 'p90_ms'))
+    stages = {'edge': e, 'link': li, 'server': s}
+    bottleneck = max(stages, key=lambda k: stages[k])
+    return {'kind': 'measured', 'how': PSEUDO_LABEL, 'edge_ms': e, 'link_ms': li, 'server_ms': s,
+            'server_p10_ms': s10, 'server_p90_ms': s90, 'throughput_fps': batch * 1e3 / max(e, li, s),
+            'p10_fps': batch * 1e3 / max(e, li, s90), 'p90_fps': batch * 1e3 / max(e, li, s10),
+            'bottleneck': bottleneck, 'bottleneck_source': 'measured' if bottleneck == 'server' else 'modelled',
+            'server_n': int(server.get('n', 0))}
+
+
+def window_fps(per_batch: Sequence[Dict[str, Any]], windows: int = 5) -> List[float]:
+    """Throughput of `windows` consecutive stretches of a real run (after its first batch), frames/s."""
+    rows = list(per_batch)
+    if len(rows) < 3:
+        return []
+    bounds = np.linspace(0, len(rows) - 1, min(windows, len(rows) - 1) + 1).round().astype(int)
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        span = rows[b]['done_s'] - rows[a]['done_s']
+        if b > a and span > 0:
+            out.append(sum(r['samples'] for r in rows[a + 1:b + 1]) / span)
+    return out
+
+
+def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Measured throughput of one configuration in real mode from its runs (comm.session.ServerSession.run
+    results): the median steady-state throughput over the runs, p10 / p90 over windows of all runs."""
+    steady = [r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
+    wins = sorted(w for r in runs for w in window_fps(r.get('per_batch') or []))
+    med = float(statistics.median(steady))
+    q = (lambda p: float(np.percentile(wins, p))) if wins else (lambda p: med)
+
+    def stage(k: str) -> Optional[float]:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        return float(statistics.median(vals)) if vals else None
+    stages = {k: stage(f'{k}_ms') for k in ('edge', 'link', 'server')}
+    known = {k: v for k, v in stages.items() if v is not None}
+    return {'kind': 'measured', 'how': REAL_LABEL, **{f'{k}_ms': v for k, v in stages.items()},
+            'latency_ms': stage('latency_ms'), 'throughput_fps': med, 'p10_fps': q(10), 'p90_fps': q(90),
+            'bottleneck': max(known, key=lambda k: known[k]) if known else None, 'bottleneck_source': 'measured',
+            'runs_fps': steady, 'samples': int(runs[0].get('samples', 0)) if runs else 0,
+            'worker_threads': runs[0].get('worker_threads') if runs else None}
+
+
+def measure(plan: Sequence[Dict[str, Any]], run_one: Callable[[Dict[str, Any]], Dict[str, Any]],
+            combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], passes: int = 2,
+            progress: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Measure every planned configuration `passes` times, interleaved (odd passes in reverse order), and attach
+    `combine(predicted, [one result per pass])` as its 'measured' record, with the passes' disagreement."""
+    passes = max(1, int(passes))
+    results: List[List[Dict[str, Any]]] = [[] for _ in plan]
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=passes * len(plan), desc=progress, leave=False)
+        except ImportError:
+            bar = None
+    load_before = load_average()
+    t0 = time.perf_counter()
+    try:
+        for p in range(passes):
+            order = range(len(plan)) if p % 2 == 0 else reversed(range(len(plan)))
+            for i in order:
+                results[i].append(run_one(plan[i]))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = []
+    for row, res in zip(plan, results):
+        m = combine(row['predicted'], res)
+        per_pass = [combine(row['predicted'], [r])['throughput_fps'] for r in res]
+        m['passes_fps'] = per_pass
+        m['pass_to_pass_pct'] = (100.0 * (max(per_pass) - min(per_pass)) / statistics.mean(per_pass)
+                                 if len(per_pass) > 1 else None)
+        out.append(dict(row, measured=m))
+    for r in out:
+        r['measured']['load_average'] = {'before': load_before, 'after': load_average()}
+    out_wall = time.perf_counter() - t0
+    for r in out:
+        r['measured']['wall_s_all'] = out_wall
+    return out
+
+
+def pseudo_runner(model_spec: Dict[str, Any], input_size: int, batch: int, device: str, warmup: int, repeats: int,
+                  seed: int, threads: int = 0) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """run_one for measure() in pseudo mode: the server part of the configuration timed here (random weights: the
+    timing does not depend on them), with `threads` torch threads (0: leave as is) as the LUT's server side."""
+    import torch
+
+    from timing import measure as M
+    model = M.random_model(model_spec, seed)
+
+    def run(row: Dict[str, Any]) -> Dict[str, Any]:
+        old = torch.get_num_threads()
+        if threads > 0:
+            torch.set_num_threads(int(threads))
+        try:
+            return time_configuration(model, input_size, row['gammas'], row['lam'], batch, device, warmup, repeats,
+                                      seed)['server']
+        finally:
+            torch.set_num_threads(old)
+    return run
+
+
+def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]]:
+    """combine for measure() in pseudo mode: the server part's median, p10 and p90 each the median over the
+    passes'."""
+    def combine(pred: Dict[str, Any], res: List[Dict[str, Any]]) -> Dict[str, Any]:
+        server = {k: float(statistics.median(float(r[k]) for r in res)) for k in ('median_ms', 'p10_ms', 'p90_ms')}
+        server['n'] = sum(int(r.get('n', 0)) for r in res)
+        return pseudo_record(pred, server, batch)
+    return combine
+
+
+def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch: int, samples: int,
+                feature_dtype: str, device: str, seed: int,
+                threads: Optional[int] = None) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """run_one for measure() in real mode: deploy the configuration (random weights, kept sets from its layouts)
+    to the worker and stream `samples` random uint8 images through the split pipeline; `threads`: the worker's
+    torch threads (the LUT's edge side's; None: the worker's own)."""
+    import torch
+
+    from hyper_repvgg import LAYOUTS, deploy_part
+    from timing import measure as M
+    model = M.random_model(model_spec, seed)
+    gen = torch.Generator()
+    gen.manual_seed(int(seed) + 7)
+    images = torch.randint(0, 256, (max(3 * batch, int(samples)), 3, input_size, input_size), dtype=torch.uint8,
+                           generator=gen)
+    labels = torch.zeros(len(images), dtype=torch.long)
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+    def run(row: Dict[str, Any]) -> Dict[str, Any]:
+        for k, g in enumerate(row['gammas']):
+            model.set_kept(k, LAYOUTS[int(g)].branches)
+            model.set_layout(k, int(g))
+        lam = int(row['lam'])
+        extra = {} if threads is None else {'threads': int(threads)}
+        dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)
+        server = None if lam == model.num_blocks else deploy_part(model.split(lam)[1]).to(device).eval()
+        res = session.run(server, images, labels, batch)
+        res = {k: v for k, v in res.items() if k not in ('predictions',)}
+        res['worker_threads'] = dep.get('threads')
+        return res
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The closed-loop figures
+# ----------------------------------------------------------------------------------------------------------
+
+def _with_role(records: Sequence[Dict[str, Any]], role: str) -> Optional[Dict[str, Any]]:
+    return next((r for r in records if role in r['roles']), None)
+
+
+def loop_report(records: Sequence[Dict[str, Any]], mode: str, top_k: int) -> Dict[str, Any]:
+    """The closed-loop figures of measure()'s records (kinds say measured / predicted; see the module docstring)."""
+    chosen = _with_role(records, 'chosen')
+    top = [r for r in records if any(x.startswith('top') for x in r['roles'])]
+    best = max(top, key=lambda r: r['measured']['throughput_fps'])
+    plain = _with_role(records, 'best_plain_split')
+    cm, bm = chosen['measured']['throughput_fps'], best['measured']['throughput_fps']
+    out: Dict[str, Any] = {
+        'mode': mode, 'how': chosen['measured']['how'], 'top_k': len(top),
+        'chosen': {'lam': chosen['lam'], 'predicted_fps': chosen['predicted']['throughput_fps'],
+                   'measured_fps': cm, 'measured_p10_fps': chosen['measured']['p10_fps'],
+                   'measured_p90_fps': chosen['measured']['p90_fps']},
+        'best_measured_of_top_k': {'lam': best['lam'], 'roles': best['roles'], 'measured_fps': bm,
+                                   'predicted_fps': best['predicted']['throughput_fps']},
+        'chosen_over_best_measured_pct': 100.0 * cm / bm,
+        'pass_to_pass_median_pct': _median_or_none(r['measured']['pass_to_pass_pct'] for r in records
+                                                   if r['measured']['bottleneck_source'] == 'measured'),
+        'load_average': chosen['measured']['load_average'],
+    }
+    if plain is not None:
+        pm = plain['measured']['throughput_fps']
+        out['best_plain_split'] = {'lam': plain['lam'], 'predicted_fps': plain['predicted']['throughput_fps'],
+                                   'measured_fps': pm}
+        out['gain_over_best_plain_split'] = {
+            'measured_x': cm / pm, 'predicted_x': chosen['predicted']['throughput_fps'] / plain['predicted'][
+                'throughput_fps']}
+    if mode == 'pseudo':
+        out['chosen']['bottleneck_source'] = chosen['measured']['bottleneck_source']
+    return out
+
+
+def _median_or_none(values: Any) -> Optional[float]:
+    vals = [v for v in values if isinstance(v, (int, float))]
+    return float(statistics.median(vals)) if vals else None
+
+
+def report_line(rep: Dict[str, Any]) -> str:
+    """One console line: chosen measured vs best measured of the top-k, measured vs predicted gain."""
+    c, b = rep['chosen'], rep['best_measured_of_top_k']
+    line = (f'closed loop ({rep["mode"]}: {rep["how"]}): chosen lambda {c["lam"]} measured {c["measured_fps"]:.1f} '
+            f'fps (p10-p90 {c["measured_p10_fps"]:.1f}-{c["measured_p90_fps"]:.1f}; predicted {c["predicted_fps"]:.1f})'
+            f' = {rep["chosen_over_best_measured_pct"]:.1f} % of the best measured among the {rep["top_k"]} '
+            f'best-predicted (lambda {b["lam"]}, {b["measured_fps"]:.1f} fps)')
+    g = rep.get('gain_over_best_plain_split')
+    if g:
+        line += f'; gain over the best plain split: x{g["measured_x"]:.2f} measured, x{g["predicted_x"]:.2f} predicted'
+    if rep.get('pass_to_pass_median_pct') is not None:
+        line += f'; passes disagree by a median {rep["pass_to_pass_median_pct"]:.1f} %'
+    la = (rep.get('load_average') or {}).get('before')
+    if la:
+        line += f'; load average {la[0]:.2f}'
+    if rep['mode'] == 'pseudo' and c.get('bottleneck_source') == 'modelled':
+        line += ' (the chosen bottleneck is a modelled stage: its measured figure is the model\'s)'
+    return line
+
+
+def measured_table(records: Sequence[Dict[str, Any]]) -> str:
+    """Aligned text table of measure()'s records: roles, lambda, predicted and measured fps with p10-p90."""
+    head = ['configuration', 'lambda', 'pred. fps', 'meas. fps', 'p10-p90 fps', 'meas/pred', 'bottleneck (meas.)']
+    rows = []
+    for r in sorted(records, key=lambda r: -r['predicted']['throughput_fps']):
+        m, p = r['measured'], r['predicted']
+        rows.append([','.join(r['roles']), str(r['lam']), f'{p["throughput_fps"]:.1f}', f'{m["throughput_fps"]:.1f}',
+                     f'{m["p10_fps"]:.1f}-{m["p90_fps"]:.1f}', f'{m["throughput_fps"] / p["throughput_fps"]:.2f}',
+                     f'{m["bottleneck"]} ({m["bottleneck_source"]})'])
+    widths = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(head)]
+    lines = ['  '.join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ['  '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One step's closed loop
+# ----------------------------------------------------------------------------------------------------------
+
+def server_device(device: str) -> Dict[str, Any]:
+    """What the "server" of these measurements is: the torch device, its name, and on a CPU a note saying so."""
+    from timing.measure import device_metadata
+    meta = device_metadata(device)
+    out = {'device': meta['device'], 'device_name': meta['device_name'], 'threads': meta['threads']}
+    if meta['device'] == 'cpu':
+        out['note'] = f'the "server" is this CPU ({meta["device_name"]}), not a GPU server'
+    return out
+
+
+def check_real_lut(lut: Dict[str, Any], lut_file: Any, step: str) -> None:
+    """Real mode compares measured runs with the LUT: its edge side must have been measured through the worker.
+    A UserError gives the command that measures it otherwise."""
+    from errors import UserError
+    edge = lut['edge']
+    if edge.get('source') != 'measured':
+        prof = (edge.get('profile') or {}).get('name')
+        raise UserError(f'{step} --mode real: the edge side of {lut_file} is modelled (device profile {prof!r}), not '
+                        'measured on the device; a measured run would be compared with a model.  Measure it '
+                        'through the worker first: python pipeline/step1_measure_lut.py --mode real (with '
+                        'client_worker.py connected; bash run_pipeline.sh --mode real does it)')
+
+
+def edge_threads(lut: Dict[str, Any]) -> Optional[int]:
+    """The torch thread count the LUT's edge side was measured with (None when modelled / not recorded)."""
+    t = (lut['edge'].get('metadata') or {}).get('threads')
+    return int(t) if isinstance(t, int) and t > 0 else None
+
+
+def pseudo_skip_reason(lut: Dict[str, Any], device: str) -> Optional[str]:
+    """Why pseudo mode cannot measure against this LUT (None when it can): its server side must have been measured
+    on this machine and torch device, else a measurement here is compared with another device's (or a model's)."""
+    import platform
+    meta = lut['server'].get('metadata') or {}
+    if lut['server'].get('source') != 'measured':
+        return ('the LUT\'s server side is modelled, not measured: there is nothing here to compare a measurement '
+                'with (step 1 --mode pseudo measures it on this machine)')
+    host = meta.get('host')
+    if host and host != platform.node():
+        return f'the LUT\'s server side was measured on {host}, this machine is {platform.node()}'
+    if meta.get('device') and str(meta['device']).split(':')[0] != str(device).split(':')[0]:
+        return f'the LUT\'s server side was measured on device {meta["device"]}, this run uses --device {device}'
+    return None
+
+
+def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],
+                    baselines: Dict[str, Dict[str, Any]], mode: str, session: Any = None,
+                    validation_file: Any = None, label: str = 'closed loop') -> Dict[str, Any]:
+    """Decision band, measurements and report of one chosen configuration (step 2, or one step-3 domain).
+
+    `chosen` and `baselines` are cost.describe() dicts under `t`; `valid` is the chosen kept sets' layout mask (the
+    runners-up and the top-k keep the chosen pruning).  cfg.loop: top_k, passes, real_samples."""
+    lp = cfg.loop
+    cands = split_candidates(t, valid)
+    fast, slow = spread_tables(lut, t)
+    dec = decision(chosen, cands, fast, slow, validation_noise_floor(validation_file))
+    plan = plan_measurements(chosen, baselines, cands, lp.top_k)
+    if mode == 'real':
+        if session is None:
+            raise ValueError('real mode needs a session')
+        run_one = real_runner(session, lut['model'], lut['input_size'], t.batch, lp.real_samples,
+                              lut['feature_dtype'], cfg.device, cfg.seed, edge_threads(lut))
+        combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = real_record
+    else:
+        threads = (lut['server'].get('metadata') or {}).get('threads') or 0
+        run_one = pseudo_runner(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.warmup,
+                                cfg.lut.repeats, cfg.seed, int(threads))
+        combine = pseudo_combine(t.batch)
+    records = measure(plan, run_one, combine, lp.passes, progress=label)
+    return {'decision': dec, 'measurements': records, 'report': loop_report(records, mode, lp.top_k),
+            'server_device': server_device(cfg.device), 'settings': {'top_k': lp.top_k, 'passes': lp.passes,
+                                                                   'real_samples': lp.real_samples}}
+
+
+def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],
+                        baselines: Dict[str, Dict[str, Any]], mode: str, session: Any = None,
+                        validation_file: Any = None, label: str = 'closed loop') -> Dict[str, Any]:
+    """run_closed_loop, or {'skipped': why, 'decision': ...} (the band needs no measurement) when cfg.loop.measure
+    is off or pseudo mode has nothing to measure against."""
+    why = None if cfg.loop.measure else 'loop.measure is off'
+    if why is None and mode != 'real':
+        why = pseudo_skip_reason(lut, cfg.device)
+    if why is None:
+        return dict(run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label),
+                    mode=mode)
+    fast, slow = spread_tables(lut, t)
+    return {'mode': mode, 'skipped': why, 'decision': decision(chosen, split_candidates(t, valid), fast, slow,
+                                                               validation_noise_floor(validation_file))}
+
+
+def closed_loop_lines(loop: Dict[str, Any], table: bool = True) -> List[str]:
+    """The console lines of one closed loop: decision, measured table, report (or why nothing was measured)."""
+    lines = [decision_line(loop['decision'])]
+    if loop.get('skipped'):
+        return lines + [f'closed loop: nothing measured ({loop["skipped"]}); every throughput above is predicted']
+    if table:
+        lines.append(measured_table(loop['measurements']))
+    lines.append(report_line(loop['report']))
+    note = loop['server_device'].get('note')
+    if note:
+        lines.append(f'server: {note}')
+    return lines
+
+
+def measure_domain(inp: Any, payload: Dict[str, Any], mode: str, session: Any = None) -> Dict[str, Any]:
+    """Step 3's closed loop of one domain's result (`payload`: domain_<d>_joint.json's fields): the chosen pruned
+    configuration, the unpruned plain baselines it is compared with, and the top-k of the chosen pruning."""
+    from optim import goal
+    gammas, lam = [int(g) for g in payload['gammas']], int(payload['lam'])
+    valid = C.valid_mask(goal.kept_sets(gammas))
+    chosen = C.describe(gammas, lam, inp.tables)
+    return closed_loop_or_skip(inp.cfg, inp.lut, inp.tables, valid, chosen, payload['baselines']['unpruned'], mode,
+                               session, inp.cfg.path('lut_validation.json'), f'domain {payload["domain"]} closed loop')
+
+
+def open_session(cfg: Any, stack: Any, lut: Dict[str, Any], lut_file: Any, step: str) -> Tuple[Any, Dict[str, Any]]:
+    """Real mode: check the LUT's edge side was measured, open the session (closed by `stack`), wait for the worker;
+    (session, worker facts for the artifact: its hello next to what the LUT's edge side was measured on)."""
+    import logging
+
+    from comm.session import session_from_config
+    check_real_lut(lut, lut_file, step)
+    session = stack.enter_context(session_from_config(cfg))
+    logging.getLogger(step.replace(' ', '')).info('waiting up to %g s for client_worker.py on %s:%d',
+                                                   cfg.real.connect_timeout_s, cfg.real.host, session.port)
+    hello = session.accept()
+    meta = lut['edge'].get('metadata') or {}
+    worker = {k: hello.get(k) for k in ('device', 'device_name', 'host', 'threads', 'python_version', 'torch_version',
+                                        'power_mode')}
+    worker['lut_edge_measured_on'] = {k: meta.get(k) for k in ('device', 'device_name', 'host', 'threads')}
+    worker['same_device_as_lut'] = (hello.get('host'), hello.get('device_name')) == (meta.get('host'),
+                                                                                     meta.get('device_name'))
+    return session, worker
+
+
+def step2_closed_loop(cfg: Any, lut: Dict[str, Any], lut_file: Any, t: C.CostTables, valid: np.ndarray,
+                      payload: Dict[str, Any], mode: str) -> Dict[str, Any]:
+    """Step 2's closed loop on its payload (solve_step2's): the chosen configuration and its plain baselines;
+    real mode opens the session for it."""
+    import contextlib
+    chosen = C.describe(payload['gammas'], payload['lam'], t)
+    with contextlib.ExitStack() as stack:
+        session, worker = (open_session(cfg, stack, lut, lut_file, 'step 2') if mode == 'real' and cfg.loop.measure
+                           else (None, None))
+        loop = closed_loop_or_skip(cfg, lut, t, valid, chosen, payload['baselines'], mode, session,
+                                   cfg.path('lut_validation.json'), 'step 2 closed loop')
+    if worker is not None:
+        loop['worker'] = worker
+    return loop
+
+
+ARTIFACT_FIELDS = ('schema_version', 'kind', 'created_at', 'command', 'config')  # artifacts.write_artifact's own
+
+
+def domain_closed_loop(inp: Any, out: Dict[str, Any], mode: str, session: Any = None,
+                       worker: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """Attach step 3's closed loop of one domain (joint.run_domain's `out`) to out['payload']: for a new result,
+    and for a finished one that has none for `mode` (then it is measured now).  Returns the payload to write
+    (without the artifact's own fields), or None when the finished file already holds this mode's loop."""
+    payload = out['payload']
+    loop = payload.get('closed_loop')
+    if out['skipped'] and isinstance(loop, dict) and loop.get('mode') == mode:
+        return None
+    payload['closed_loop'] = dict(measure_domain(inp, payload, mode, session), **({'worker': worker} if worker else {}))
+    return {k: v for k, v in payload.items() if k not in ARTIFACT_FIELDS}

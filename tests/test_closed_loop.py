@@ -1,0 +1,224 @@
+"""The closed loop of steps 2 and 3 (pipeline/closed_loop.py): the uncertainty band and its runners-up, the plan of
+what is measured, the interleaved passes, pseudo / real records and the closed-loop figures."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from optim import cost as C
+from pipeline import closed_loop as CL
+from pipeline.throughput import random_tables
+
+
+@pytest.fixture()
+def inst():
+    return random_tables(np.random.default_rng(3), 8)
+
+
+def scaled(t, f):
+    return dataclasses.replace(t, edge_ms=t.edge_ms * f, server_ms=t.server_ms * f, edge_head_ms=t.edge_head_ms * f,
+                               server_head_ms=t.server_head_ms * f)
+
+
+def test_split_candidates_hold_the_exact_optimum_first_and_one_row_per_split(inst):
+    from optim.exact import solve_exact
+    t, valid = inst
+    rows = CL.split_candidates(t, valid)
+    assert sorted(r['lam'] for r in rows) == list(range(t.num_blocks + 1))
+    ex = solve_exact(t, valid)
+    assert rows[0]['throughput_fps'] == pytest.approx(ex.stages['throughput_fps'])
+    assert all(a['throughput_fps'] >= b['throughput_fps'] for a, b in zip(rows, rows[1:]))
+
+
+def test_band_is_the_larger_of_the_lut_spread_and_the_noise_floor_and_lists_runners_up_inside_it(inst):
+    t, valid = inst
+    rows = CL.split_candidates(t, valid)
+    chosen = rows[0]
+    # the LUT's own spread: entries +/-10 % -> throughput interval about -9 %..+11 %, half width about 10 %
+    d = CL.decision(chosen, rows, scaled(t, 0.9), scaled(t, 1.1), None)
+    period = max(chosen['edge_ms'], chosen['server_ms'])
+    if chosen['link_ms'] < 0.9 * period:  # a compute-bound optimum: its throughput moves with the entries
+        assert d['spread_pct'] == pytest.approx(50 * (1 / 0.9 - 1 / 1.1), rel=1e-6)
+    assert d['band_pct'] == pytest.approx(d['spread_pct'])
+    # a noise floor larger than the spread sets the band; runners-up are exactly the other splits inside it
+    d2 = CL.decision(chosen, rows, t, t, 30.0)
+    assert d2['spread_pct'] == 0 and d2['band_pct'] == 30.0
+    inside = {r['lam'] for r in rows[1:] if r['throughput_fps'] >= 0.7 * chosen['throughput_fps']}
+    assert {r['lam'] for r in d2['runners_up']} == inside
+    assert d2['coin_toss'] == bool(inside)
+    for r in d2['runners_up']:
+        assert r['diff_pct'] == pytest.approx(100 * (r['throughput_fps'] / chosen['throughput_fps'] - 1))
+    line = CL.decision_line(d2)
+    assert ('coin toss' in line) == bool(inside) and 'noise floor 30.0 %' in line
+    # no band: no runner-up unless it predicts exactly the same
+    d0 = CL.decision(chosen, rows, t, t, None)
+    assert all(r['diff_pct'] == 0 for r in d0['runners_up'])
+
+
+def test_quantile_lut_replaces_medians_by_the_asked_percentile():
+    lut = {'edge': {'entries': {'a': {'median_ms': 2.0, 'p10_ms': 1.0, 'p90_ms': 4.0}},
+                    'head': {'h': {'median_ms': 1.0}}},
+           'server': {'entries': {'a': {'median_ms': 2.0, 'p10_ms': 1.5, 'p90_ms': 3.0}}, 'head': {}}, 'x': 1}
+    q = CL.quantile_lut(lut, 'p90_ms')
+    assert q['edge']['entries']['a']['median_ms'] == 4.0 and q['server']['entries']['a']['median_ms'] == 3.0
+    assert q['edge']['head']['h']['median_ms'] == 1.0 and q['x'] == 1
+    assert lut['edge']['entries']['a']['median_ms'] == 2.0  # the original is untouched
+
+
+def test_plan_measures_each_configuration_once_with_all_its_roles(inst):
+    t, valid = inst
+    rows = CL.split_candidates(t, valid)
+    kept = C.measured_kept(t)
+    base = C.plain_baselines(t, kept)
+    plan = CL.plan_measurements(rows[0], base, rows, 4)
+    keys = [(tuple(r['gammas']), r['lam']) for r in plan]
+    assert len(keys) == len(set(keys))
+    roles = [x for r in plan for x in r['roles']]
+    assert roles.count('chosen') == 1 and {'top1', 'top2', 'top3', 'top4'} <= set(roles)
+    assert 'top5' not in roles and {'edge_only', 'server_only', 'best_plain_split'} <= set(roles)
+    assert 'top1' in next(r for r in plan if 'chosen' in r['roles'])['roles']
+
+
+def test_measure_interleaves_passes_and_reports_their_disagreement():
+    plan = [{'gammas': [0], 'lam': i, 'predicted': {'throughput_fps': 10.0 * (i + 1)}, 'roles': [f'top{i + 1}']}
+            for i in range(3)]
+    order = []
+
+    def run(row):
+        order.append(row['lam'])
+        return {'v': 10.0 * (row['lam'] + 1) * (1.0 if len(order) <= 3 else 1.1)}
+
+    def combine(pred, res):
+        return {'throughput_fps': float(np.median([r['v'] for r in res])), 'kind': 'measured'}
+    out = CL.measure(plan, run, combine, passes=2)
+    assert order == [0, 1, 2, 2, 1, 0]  # the second pass runs in reverse: drift hits every configuration alike
+    for r in out:
+        m = r['measured']
+        assert len(m['passes_fps']) == 2 and m['pass_to_pass_pct'] == pytest.approx(100 * 0.1 / 1.05)
+        assert 'before' in m['load_average']
+
+
+def test_pseudo_record_keeps_the_modelled_edge_and_says_which_stage_bound_it():
+    pred = {'edge_ms': 2.0, 'link_ms': 0.5, 'server_ms': 1.0, 'throughput_fps': 500.0}
+    r = CL.pseudo_record(pred, {'median_ms': 3.0, 'p10_ms': 2.5, 'p90_ms': 4.0, 'n': 20}, batch=1)
+    assert r['throughput_fps'] == pytest.approx(1e3 / 3.0) and r['bottleneck'] == 'server'
+    assert r['bottleneck_source'] == 'measured' and r['p10_fps'] == pytest.approx(250.0)
+    assert r['p90_fps'] == pytest.approx(400.0)
+    r2 = CL.pseudo_record(pred, {'median_ms': 1.2, 'p10_ms': 1.1, 'p90_ms': 1.3}, batch=2)
+    assert r2['throughput_fps'] == pytest.approx(1e3) and r2['bottleneck_source'] == 'modelled'
+    assert 'modelled' in r2['how']
+
+
+def test_real_record_takes_the_median_run_and_windows_for_the_spread():
+    def run(fps, n=11):
+        return {'steady_throughput_fps': fps, 'throughput_fps': fps * 0.9, 'edge_ms': 1.0, 'link_ms': 2.0,
+                'server_ms': 0.5, 'latency_ms': 4.0, 'samples': n,
+                'per_batch': [{'samples': 1, 'done_s': i / fps} for i in range(n)]}
+    r = CL.real_record({'throughput_fps': 100.0}, [run(100.0), run(120.0), run(110.0)])
+    assert r['throughput_fps'] == 110.0 and r['bottleneck'] == 'link' and r['kind'] == 'measured'
+    assert 100.0 - 1e-6 <= r['p10_fps'] <= r['p90_fps'] <= 120.0 + 1e-6
+    assert CL.window_fps(run(50.0)['per_batch'], 5) == pytest.approx([50.0] * 5)
+
+
+def test_loop_report_compares_the_chosen_with_the_best_measured_of_the_top_k():
+    def rec(lam, roles, pred, meas):
+        return {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': pred},
+                'measured': {'throughput_fps': meas, 'p10_fps': meas * 0.9, 'p90_fps': meas * 1.1, 'how': 'x',
+                             'pass_to_pass_pct': 4.0, 'load_average': {'before': [1.5, 1, 1]},
+                             'bottleneck_source': 'measured', 'bottleneck': 'edge'}}
+    records = [rec(3, ['chosen', 'top1'], 100.0, 90.0), rec(4, ['top2'], 98.0, 95.0),
+               rec(1, ['best_plain_split'], 80.0, 60.0), rec(0, ['server_only', 'top3'], 50.0, 40.0)]
+    rep = CL.loop_report(records, 'pseudo', 3)
+    assert rep['top_k'] == 3 and rep['best_measured_of_top_k']['lam'] == 4
+    assert rep['chosen_over_best_measured_pct'] == pytest.approx(100 * 90 / 95)
+    assert rep['gain_over_best_plain_split']['measured_x'] == pytest.approx(1.5)
+    assert rep['gain_over_best_plain_split']['predicted_x'] == pytest.approx(1.25)
+    line = CL.report_line(rep)
+    assert 'measured' in line and 'predicted' in line and 'load average 1.50' in line
+    table = CL.measured_table(records)
+    assert 'chosen,top1' in table and '0.90' in table
+
+
+TINY = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25']
+
+
+@pytest.fixture(scope='module')
+def measured_lut(tmp_path_factory):
+    """Step 1 --mode pseudo on a tiny model: the server side measured here, the edge modelled (TX2 profile)."""
+    from pipeline import step1_measure_lut as step1
+    out = tmp_path_factory.mktemp('loop')
+    assert step1.main(['--mode', 'pseudo', '--results_dir', str(out), '--repeats', '5', '--warmup', '2',
+                       '--no_validate', *TINY]) == 0
+    return out
+
+
+def test_step2_pseudo_measures_the_chosen_configuration_its_baselines_and_the_top_k(measured_lut, capsys):
+    from artifacts import load_artifact
+    from pipeline import step2_initial_throughput_opt as step2
+    assert step2.main(['--results_dir', str(measured_lut), '--steps', '60', '--restarts', '1', '--set', 'loop.top_k=4',
+                       *TINY]) == 0
+    obj = load_artifact(measured_lut / 'initial_throughput_config.json', 'initial_throughput_config')
+    loop = obj['closed_loop']
+    assert obj['mode'] == 'pseudo' and loop['mode'] == 'pseudo' and 'skipped' not in loop
+    chosen = next(r for r in loop['measurements'] if 'chosen' in r['roles'])
+    assert (chosen['gammas'], chosen['lam']) == (obj['gammas'], obj['lam'])
+    roles = {x for r in loop['measurements'] for x in r['roles']}
+    assert {'edge_only', 'server_only', 'best_plain_split', 'top1', 'top4'} <= roles and 'top5' not in roles
+    for r in loop['measurements']:
+        m, p = r['measured'], r['predicted']
+        assert m['kind'] == 'measured' and 'modelled' in m['how'] and len(m['passes_fps']) == 2
+        assert m['edge_ms'] == pytest.approx(p['edge_ms'])  # the edge stays the LUT's in pseudo mode
+        if r['lam'] == obj['num_blocks']:  # edge only: nothing runs on the server, the figure is the model's
+            assert m['bottleneck_source'] == 'modelled'
+    rep = loop['report']
+    assert rep['top_k'] == 4 and 0 < rep['chosen_over_best_measured_pct'] <= 100 + 1e-9
+    assert loop['server_device']['device'] == 'cpu' and 'this CPU' in loop['server_device']['note']
+    out = capsys.readouterr().out
+    assert 'decision: lambda' in out and 'closed loop (pseudo' in out and 'meas. fps' in out
+    assert 'the "server" is this CPU' in out
+
+
+def test_real_mode_refuses_a_modelled_edge_and_names_the_command(measured_lut):
+    from config import UserError
+    from pipeline import step2_initial_throughput_opt as step2
+    with pytest.raises(UserError, match=r'modelled .*step1_measure_lut.py --mode real'):
+        step2.main(['--results_dir', str(measured_lut), '--mode', 'real', '--port', '1', *TINY])
+
+
+def test_noise_floor_is_read_from_the_validation_summary(tmp_path):
+    from artifacts import write_artifact
+    path = tmp_path / 'lut_validation.json'
+    assert CL.validation_noise_floor(path) is None  # no validation: no floor
+    write_artifact(path, 'lut_validation', {'summary': {'total': {}}}, None, 'test')
+    assert CL.validation_noise_floor(path) is None  # an older one-pass validation
+    write_artifact(path, 'lut_validation', {'summary': {'noise': {'pass_to_pass_pct': 7.5}}}, None, 'test')
+    assert CL.validation_noise_floor(path) == 7.5
+
+
+def test_bench_closed_loop_rows_and_headline_from_records():
+    from bench import bench_closed_loop as B
+    def rec(lam, roles, p, m):
+        return {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': p},
+                'measured': {'throughput_fps': m, 'p10_fps': m, 'p90_fps': m, 'how': 'x', 'pass_to_pass_pct': 2.0,
+                             'bottleneck_source': 'measured', 'load_average': {'before': [3.5, 1, 1]}}}
+    records = [rec(3, ['chosen', 'top1'], 100.0, 96.0), rec(4, ['top2'], 99.0, 100.0),
+               rec(1, ['best_plain_split'], 80.0, 64.0)]
+    loop = {'report': CL.loop_report(records, 'real', 2),
+            'decision': {'coin_toss': True, 'runners_up': [{'lam': 4}]}}
+    row = B.loop_row('step 3 domain 0', loop, 'x.json')
+    assert row[1] == 'real' and row[2] == 'yes (4)' and row[7] == pytest.approx(96.0)
+    assert row[8] == pytest.approx(1.5) and row[11] == 3.5
+    head = {h[0]: h[1] for h in B.headline([row])}
+    assert head['steps reaching >= 95 % of the best measured'] == 1
+    with pytest.raises(B.BenchLoopError, match='y.json: nothing measured'):
+        B.loop_row('step 2', {'skipped': 'off', 'decision': {}}, 'y.json')
+
+
+def test_pseudo_mode_measures_only_against_a_server_side_measured_here_on_this_device():
+    import platform
+    lut = {'server': {'source': 'measured', 'metadata': {'host': platform.node(), 'device': 'cpu'}}}
+    assert CL.pseudo_skip_reason(lut, 'cpu') is None
+    assert 'device cpu' in CL.pseudo_skip_reason(lut, 'cuda')
+    assert 'modelled' in CL.pseudo_skip_reason({'server': {'source': 'modelled'}}, 'cpu')
+    other = {'server': {'source': 'measured', 'metadata': {'host': 'elsewhere', 'device': 'cpu'}}}
+    assert 'elsewhere' in CL.pseudo_skip_reason(other, 'cpu')

@@ -105,15 +105,13 @@ class _Head:
         return self.linear.forward(self.torch.flatten(self.gap.forward(y), 1))
 
 
-def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dict[str, Any]:
+def _setup(case: Any, configs: int, seed: int) -> Dict[str, Any]:
+    """The random model, `configs` random configurations (a measurable layout per block), their deployed
+    blocks {(block, layout): module}, the head and the input."""
     import torch
 
-    from timing import lut as L
     from timing import measure as M
     from timing.flops import measurable_layouts
-    t_case = time.perf_counter()
-    torch.set_num_threads(1)
-    load_before = common.load_average()
     model = M.random_model(case.arch, seed)
     plan = model.plan
     rng = np.random.default_rng(seed)
@@ -127,27 +125,37 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
     gen = torch.Generator()
     gen.manual_seed(seed + 3)
     x = torch.randn(1, 3, case.input_size, case.input_size, generator=gen)
+    return {'plan': plan, 'cfgs': cfgs, 'dep': dep, 'head': head, 'x': x}
 
-    def lut(**kw: Any) -> Dict[str, Any]:
-        args = dict(arch=case.arch, input_size=case.input_size, batch_sizes=(1,), device='cpu', warmup=case.warmup,
-                    repeats=case.repeats, max_entry_s=case.max_entry_s, seed=seed, timing='chain')
-        threads = kw.pop('threads', 1)
-        args.update(kw)
-        torch.set_num_threads(threads)
-        try:
-            res = M.measure_blocks(**args)
-        finally:
-            torch.set_num_threads(1)
-        return L.side_payload('server', case.arch, case.input_size, dict(res, settings={'batch_sizes': [1]},
-                                                                         metadata={}, roofline={}))
 
-    def predict(side: Dict[str, Any]) -> List[float]:
-        return [L.predict_parts(side, g, 0, 1)['total_ms'] for g in cfgs]
+def _lut(case: Any, seed: int, **kw: Any) -> Dict[str, Any]:
+    """A server-side LUT of the case's model measured by timing.measure.measure_blocks (batch 1, this CPU);
+    `kw` overrides its arguments, `threads` sets torch's threads for this measurement only."""
+    import torch
 
-    luts = {'chain_before': lut()}
-    # interleaved bursts of whole configurations
-    samples = {(c, cond): [] for c in range(configs) for cond in CONDITIONS}
-    insitu = {c: [] for c in range(configs)}
+    from timing import lut as L
+    from timing import measure as M
+    args = dict(arch=case.arch, input_size=case.input_size, batch_sizes=(1,), device='cpu', warmup=case.warmup,
+                repeats=case.repeats, max_entry_s=case.max_entry_s, seed=seed, timing='chain')
+    threads = kw.pop('threads', 1)
+    args.update(kw)
+    torch.set_num_threads(threads)
+    try:
+        res = M.measure_blocks(**args)
+    finally:
+        torch.set_num_threads(1)
+    return L.side_payload('server', case.arch, case.input_size, dict(res, settings={'batch_sizes': [1]},
+                                                                     metadata={}, roofline={}))
+
+
+def _interleaved(su: Dict[str, Any], rounds: int, burst: int, seed: int) -> Any:
+    """Interleaved bursts of whole configurations x CONDITIONS.  Returns (samples {(config, condition): wall
+    ms}, insitu {config: per-pass block times of the timed condition})."""
+    import torch
+    cfgs, dep, head, x = su['cfgs'], su['dep'], su['head'], su['x']
+    configs = len(cfgs)
+    samples: Dict[Any, List[float]] = {(c, cond): [] for c in range(configs) for cond in CONDITIONS}
+    insitu: Dict[int, List[Any]] = {c: [] for c in range(configs)}
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
     order_rng = np.random.default_rng(seed + 7)
     pairs = [(c, cond) for c in range(configs) for cond in CONDITIONS]
@@ -170,61 +178,67 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
                 torch.set_num_threads(1)
                 if cond == 'pinned' and cpus:
                     os.sched_setaffinity(0, set(cpus))
-    # sequential re-timing as validate_side did (warm-up, all repeats of one configuration, next)
+    return samples, insitu
+
+
+def _sequential(su: Dict[str, Any], case: Any) -> List[Dict[str, Any]]:
+    """Sequential re-timing as validate_side did (warm-up, all repeats of one configuration, next)."""
+    from timing import measure as M
     seq = []
-    for g in cfgs:
-        part = [dep[(k, gk)] for k, gk in enumerate(g)]
-        seq.append(M.time_callable(lambda b=part: _pass('whole', b, head, x), 'cpu', case.warmup, case.repeats,
-                                   min_sample_ms=0))
-    luts['chain_after'] = lut()
-    luts['chain_no_warmup'] = lut(warmup=0)
-    luts['isolated'] = lut(timing='isolated')
-    luts['chain_2_threads'] = lut(threads=2)
-    luts['fit'] = lut(timing='fit', fit_configurations=case.fit_configurations, fit_rounds=case.fit_rounds,
-                      fit_burst=case.fit_burst)
-    load_after = common.load_average()
+    for g in su['cfgs']:
+        part = [su['dep'][(k, gk)] for k, gk in enumerate(g)]
+        seq.append(M.time_callable(lambda b=part: _pass('whole', b, su['head'], su['x']), 'cpu', case.warmup,
+                                   case.repeats, min_sample_ms=0))
+    return seq
 
-    n_mod = len(plan) + 1
 
-    def ratio(a: Sequence[float], b: Sequence[float]) -> List[float]:
-        return [x / y for x, y in zip(a, b)]
+def _ratio(a: Sequence[float], b: Sequence[float]) -> List[float]:
+    return [x / y for x, y in zip(a, b)]
 
-    def at(side: Dict[str, Any], field: str) -> Dict[str, Any]:
-        return dict(side, entries={k: dict(e, median_ms=e[field]) for k, e in side['entries'].items()},
-                    head={k: dict(e, median_ms=e[field]) for k, e in side['head'].items()})
 
-    def table_for(agg: Any, field: str) -> Dict[str, Any]:
-        """The rows' effects with one statistic per sample set: medians (what the LUT uses) or minima (the
-        fastest run: preemption by other work only adds time, so minima show the systematic effects even on a
-        loaded machine)."""
-        med = {k: float(agg(v)) for k, v in samples.items()}
-        whole = [med[(c, 'whole')] for c in range(configs)]
-        timed = [med[(c, 'timed')] for c in range(configs)]
-        sum_blk = [float(np.sum(agg(np.asarray(insitu[c]), axis=0))) for c in range(configs)]
-        blk_sum = [float(agg(np.sum(np.asarray(insitu[c]), axis=1))) for c in range(configs)]
-        w = samples
-        half = [(float(agg(w[(c, 'whole')][:len(w[(c, 'whole')]) // 2])),
-                 float(agg(w[(c, 'whole')][len(w[(c, 'whole')]) // 2:]))) for c in range(configs)]
-        pred = {k: predict(at(v, field)) for k, v in luts.items()}
-        p = pred['chain_before']
-        head_chain = float(luts['chain_before']['head'][L.lut_key('head', None, 1)][field])
-        head_marg = float(np.median([med[(c, 'whole')] - med[(c, 'nohead')] for c in range(configs)]))
-        call_us = float(np.median([(med[(c, 'whole')] - med[(c, 'bare')]) / n_mod * 1e3 for c in range(configs)]))
-        cond = {k: [med[(c, k)] for c in range(configs)] for k in CONDITIONS}
-        effects = [
-            _geo_pct(ratio(p, whole)), _geo_pct(ratio(p, sum_blk)), _geo_pct(ratio(sum_blk, timed)),
-            _geo_pct(ratio(timed, whole)), _geo_pct(ratio(sum_blk, blk_sum)), _geo_pct(ratio(whole, cond['bare'])),
-            100.0 * (head_chain - head_marg) / float(np.median(whole)), _geo_pct(ratio(cond['threads2'], whole)),
-            _geo_pct(ratio(pred['chain_2_threads'], p)), _geo_pct(ratio(cond['pinned'], whole)),
-            _geo_pct(ratio(pred['chain_no_warmup'], p)), _geo_pct(ratio(pred['chain_after'], p)),
-            _geo_pct(ratio([s[field] for s in seq], whole)), _geo_pct(ratio(pred['isolated'], p)),
-            float(np.median([abs(a - b) / b * 100 for a, b in half])), _geo_pct(ratio(cond['thread_clock'], whole)),
-            _geo_pct(ratio(pred['fit'], whole))]
-        return {'effects': effects, 'whole': whole, 'timed': timed, 'insitu_sum': sum_blk, 'pred': pred,
-                'head_chain': head_chain, 'head_marg': head_marg, 'call_us': call_us}
+def _at(side: Dict[str, Any], field: str) -> Dict[str, Any]:
+    """The LUT side with `field` (median_ms or min_ms) as every entry's median_ms."""
+    return dict(side, entries={k: dict(e, median_ms=e[field]) for k, e in side['entries'].items()},
+                head={k: dict(e, median_ms=e[field]) for k, e in side['head'].items()})
 
-    md, mn = table_for(np.median, 'median_ms'), table_for(np.min, 'min_ms')
-    labels = [
+
+def _table_for(ms: Dict[str, Any], agg: Any, field: str) -> Dict[str, Any]:
+    """The rows' effects with one statistic per sample set: medians (what the LUT uses) or minima (the
+    fastest run: preemption by other work only adds time, so minima show the systematic effects even on a
+    loaded machine).  `ms`: the measurements (samples, insitu, luts, seq, cfgs, n_mod)."""
+    from timing import lut as L
+    samples, insitu, luts, seq, cfgs, n_mod = (ms[k] for k in ('samples', 'insitu', 'luts', 'seq', 'cfgs', 'n_mod'))
+    configs = len(cfgs)
+    med = {k: float(agg(v)) for k, v in samples.items()}
+    whole = [med[(c, 'whole')] for c in range(configs)]
+    timed = [med[(c, 'timed')] for c in range(configs)]
+    sum_blk = [float(np.sum(agg(np.asarray(insitu[c]), axis=0))) for c in range(configs)]
+    blk_sum = [float(agg(np.sum(np.asarray(insitu[c]), axis=1))) for c in range(configs)]
+    w = samples
+    half = [(float(agg(w[(c, 'whole')][:len(w[(c, 'whole')]) // 2])),
+             float(agg(w[(c, 'whole')][len(w[(c, 'whole')]) // 2:]))) for c in range(configs)]
+    pred = {k: [L.predict_parts(_at(v, field), g, 0, 1)['total_ms'] for g in cfgs] for k, v in luts.items()}
+    p = pred['chain_before']
+    head_chain = float(luts['chain_before']['head'][L.lut_key('head', None, 1)][field])
+    head_marg = float(np.median([med[(c, 'whole')] - med[(c, 'nohead')] for c in range(configs)]))
+    call_us = float(np.median([(med[(c, 'whole')] - med[(c, 'bare')]) / n_mod * 1e3 for c in range(configs)]))
+    cond = {k: [med[(c, k)] for c in range(configs)] for k in CONDITIONS}
+    effects = [
+        _geo_pct(_ratio(p, whole)), _geo_pct(_ratio(p, sum_blk)), _geo_pct(_ratio(sum_blk, timed)),
+        _geo_pct(_ratio(timed, whole)), _geo_pct(_ratio(sum_blk, blk_sum)), _geo_pct(_ratio(whole, cond['bare'])),
+        100.0 * (head_chain - head_marg) / float(np.median(whole)), _geo_pct(_ratio(cond['threads2'], whole)),
+        _geo_pct(_ratio(pred['chain_2_threads'], p)), _geo_pct(_ratio(cond['pinned'], whole)),
+        _geo_pct(_ratio(pred['chain_no_warmup'], p)), _geo_pct(_ratio(pred['chain_after'], p)),
+        _geo_pct(_ratio([s[field] for s in seq], whole)), _geo_pct(_ratio(pred['isolated'], p)),
+        float(np.median([abs(a - b) / b * 100 for a, b in half])), _geo_pct(_ratio(cond['thread_clock'], whole)),
+        _geo_pct(_ratio(pred['fit'], whole))]
+    return {'effects': effects, 'whole': whole, 'timed': timed, 'insitu_sum': sum_blk, 'pred': pred,
+            'head_chain': head_chain, 'head_marg': head_marg, 'call_us': call_us}
+
+
+def _labels(case: Any, n_mod: int, md: Dict[str, Any]) -> List[List[str]]:
+    """Each row's factor, its 'with' and 'without' sides and its note (the effects go between)."""
+    return [
         ['LUT sum (chain, step 1 until now) vs whole configuration', 'chain LUT', 'whole pass', 'the error to explain'],
         ['  a. layout context: chain LUT vs the same blocks timed inside the configuration', 'chain LUT',
          'in-situ block sum', 'uniform-layout chain vs mixed configuration, drift'],
@@ -249,7 +263,29 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
         ['remedy: fit LUT (timing=fit, step 1 now) vs whole configuration', 'fit LUT', 'whole pass',
          'entries fitted to timed parts'],
     ]
-    rows = [lab[:3] + [e1, e2] + lab[3:] for lab, e1, e2 in zip(labels, md['effects'], mn['effects'])]
+
+
+def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dict[str, Any]:
+    import torch
+    t_case = time.perf_counter()
+    torch.set_num_threads(1)
+    load_before = common.load_average()
+    su = _setup(case, configs, seed)
+    luts = {'chain_before': _lut(case, seed)}
+    samples, insitu = _interleaved(su, rounds, burst, seed)
+    seq = _sequential(su, case)
+    luts['chain_after'] = _lut(case, seed)
+    luts['chain_no_warmup'] = _lut(case, seed, warmup=0)
+    luts['isolated'] = _lut(case, seed, timing='isolated')
+    luts['chain_2_threads'] = _lut(case, seed, threads=2)
+    luts['fit'] = _lut(case, seed, timing='fit', fit_configurations=case.fit_configurations,
+                       fit_rounds=case.fit_rounds, fit_burst=case.fit_burst)
+    load_after = common.load_average()
+    n_mod = len(su['plan']) + 1
+    ms = {'samples': samples, 'insitu': insitu, 'luts': luts, 'seq': seq, 'cfgs': su['cfgs'], 'n_mod': n_mod}
+    md, mn = _table_for(ms, np.median, 'median_ms'), _table_for(ms, np.min, 'min_ms')
+    rows = [lab[:3] + [e1, e2] + lab[3:] for lab, e1, e2 in zip(_labels(case, n_mod, md), md['effects'],
+                                                                 mn['effects'])]
     whole, timed, sum_med, pred = md['whole'], md['timed'], md['insitu_sum'], md['pred']
     head_chain, head_marg, call_us = md['head_chain'], md['head_marg'], md['call_us']
     loaded = common.is_loaded(load_before) or common.is_loaded(load_after, own=1.0)

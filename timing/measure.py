@@ -430,6 +430,51 @@ def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, pr
     return dict(zip(cols, costs)), costs[-1], dict(zip(cols, counts)), counts[-1], info, confs
 
 
+def _chain_batch(plan, x, device, get, head_part, warmup, repeats, max_entry_s, clock, bar):
+    # type: (Sequence[object], torch.Tensor, torch.device, Callable, nn.Module, int, int, float, str, object) -> tuple
+    """Chain timings at one batch size (see measure_blocks): one whole pass per layout gamma, every block timed
+    inside it.  Returns ({(block, gamma): summary}, head summary over all passes)."""
+    chain, head_samples = {}, []
+    for lay in LAYOUTS:
+        recorded = [s.index for s in plan if lay.gamma in measurable_layouts(s)]
+        modules = [get(s.index, _fallback_layout(s, lay.gamma)) for s in plan] + [head_part]
+        samples = _time_chain(modules, x, device, warmup, repeats, max_entry_s * len(recorded), clock)
+        for k in recorded:
+            chain[(k, lay.gamma)] = summarize_ms(samples[k])
+        head_samples.extend(samples[-1])
+        if bar is not None:
+            bar.update(1)
+    return chain, summarize_ms(head_samples)
+
+
+def _isolated_batch(model, in_hw, batch, gen, device, head_part, warmup, repeats, max_entry_s, clock, bar):
+    # type: (HyperRepVGG, Sequence[object], int, torch.Generator, torch.device, nn.Module, int, int, float, str, object) -> tuple
+    """Isolated timings at one batch size (see measure_blocks): each block x measurable layout alone in a loop
+    on a random input from `gen`, then the head.  Returns (entry rows, head row)."""
+    plan = model.plan
+    entries = []
+    for spec, block, hw in zip(plan, model.blocks, in_hw):
+        xb = torch.randn(int(batch), spec.in_channels, hw[0], hw[1], generator=gen).to(device)
+        for gamma in measurable_layouts(spec):
+            deployed = deployed_layout(block, gamma).to(device).eval()
+            stats = time_callable(lambda d=deployed, v=xb: d(v), device, warmup, repeats, max_entry_s,
+                                  clock=clock)
+            row = {'block': spec.index, 'layout': gamma, 'batch': int(batch)}
+            row.update(stats)
+            entries.append(row)
+            if bar is not None:
+                bar.update(1)
+    last = plan[-1]
+    ho, wo = out_hw(last, in_hw[-1])
+    h = torch.randn(int(batch), last.out_channels, ho, wo, generator=gen).to(device)
+    stats = time_callable(lambda p=head_part, v=h: p(v), device, warmup, repeats, max_entry_s, clock=clock)
+    head_row = {'batch': int(batch)}
+    head_row.update(stats)
+    if bar is not None:
+        bar.update(1)
+    return entries, head_row
+
+
 def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, max_entry_s=0.0,
                    seed=0, progress=False, timing='fit', clock='wall', fit_configurations=0, fit_rounds=2,
                    fit_burst=2):
@@ -472,57 +517,32 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
         for batch in batch_sizes:
             x = torch.randn(int(batch), 3, int(input_size), int(input_size), generator=gen).to(device)
             head_part = SplitPart([], (model.gap, model.linear)).to(device).eval()
-            if timing in ('chain', 'fit'):
-                chain, head_samples = {}, []
-                for lay in LAYOUTS:
-                    recorded = [s.index for s in plan if lay.gamma in measurable_layouts(s)]
-                    modules = [get(s.index, _fallback_layout(s, lay.gamma)) for s in plan] + [head_part]
-                    samples = _time_chain(modules, x, device, warmup, repeats, max_entry_s * len(recorded), clock)
-                    for k in recorded:
-                        chain[(k, lay.gamma)] = summarize_ms(samples[k])
-                    head_samples.extend(samples[-1])
-                    if bar is not None:
-                        bar.update(1)
-                head_chain = summarize_ms(head_samples)
-                if timing == 'chain':
-                    for (k, g), st in chain.items():
-                        row = {'block': k, 'layout': g, 'batch': int(batch)}
-                        row.update(st)
-                        entries.append(row)
-                    head.append(dict(head_chain, batch=int(batch)))
-                    continue
-                prior = {key: st['median_ms'] for key, st in chain.items()}
-                costs, head_cost, counts, head_count, info, confs = _fit_batch(
-                    model, plan, input_size, batch, device, get, head_part, prior, head_chain['median_ms'],
-                    int(fit_configurations) or n_entries, fit_rounds, fit_burst, seed, clock,
-                    max_entry_s * n_entries, bar)
-                for key, st in chain.items():
-                    entries.append(_fitted_row(st, costs[key], counts[key], block=key[0], layout=key[1],
-                                               batch=int(batch)))
-                head.append(_fitted_row(head_chain, head_cost, head_count, batch=int(batch)))
-                info['configurations_used'] = confs
-                fits[str(int(batch))] = info
+            if timing == 'isolated':
+                rows, head_row = _isolated_batch(model, in_hw, batch, gen, device, head_part, warmup, repeats,
+                                                 max_entry_s, clock, bar)
+                entries.extend(rows)
+                head.append(head_row)
                 continue
-            for spec, block, hw in zip(plan, model.blocks, in_hw):
-                xb = torch.randn(int(batch), spec.in_channels, hw[0], hw[1], generator=gen).to(device)
-                for gamma in measurable_layouts(spec):
-                    deployed = deployed_layout(block, gamma).to(device).eval()
-                    stats = time_callable(lambda d=deployed, v=xb: d(v), device, warmup, repeats, max_entry_s,
-                                          clock=clock)
-                    row = {'block': spec.index, 'layout': gamma, 'batch': int(batch)}
-                    row.update(stats)
+            chain, head_chain = _chain_batch(plan, x, device, get, head_part, warmup, repeats, max_entry_s, clock,
+                                             bar)
+            if timing == 'chain':
+                for (k, g), st in chain.items():
+                    row = {'block': k, 'layout': g, 'batch': int(batch)}
+                    row.update(st)
                     entries.append(row)
-                    if bar is not None:
-                        bar.update(1)
-            last = plan[-1]
-            ho, wo = out_hw(last, in_hw[-1])
-            h = torch.randn(int(batch), last.out_channels, ho, wo, generator=gen).to(device)
-            stats = time_callable(lambda p=head_part, v=h: p(v), device, warmup, repeats, max_entry_s, clock=clock)
-            row = {'batch': int(batch)}
-            row.update(stats)
-            head.append(row)
-            if bar is not None:
-                bar.update(1)
+                head.append(dict(head_chain, batch=int(batch)))
+                continue
+            prior = {key: st['median_ms'] for key, st in chain.items()}
+            costs, head_cost, counts, head_count, info, confs = _fit_batch(
+                model, plan, input_size, batch, device, get, head_part, prior, head_chain['median_ms'],
+                int(fit_configurations) or n_entries, fit_rounds, fit_burst, seed, clock,
+                max_entry_s * n_entries, bar)
+            for key, st in chain.items():
+                entries.append(_fitted_row(st, costs[key], counts[key], block=key[0], layout=key[1],
+                                           batch=int(batch)))
+            head.append(_fitted_row(head_chain, head_cost, head_count, batch=int(batch)))
+            info['configurations_used'] = confs
+            fits[str(int(batch))] = info
     finally:
         if bar is not None:
             bar.close()

@@ -115,9 +115,7 @@ def projection(rel: Sequence[float], domains: int, seeds: int, task_h: float, se
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='bench_executor: %(message)s', stream=sys.stderr)
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_bench_args(p)
     p.add_argument('--source', default='results', help='results directory with finished steps 0-2 whose inputs are '
@@ -137,11 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'out (LUT measurement on the device, step 2, the driver; base model given) (default: 0.5)')
     p.add_argument('step_args', nargs='*', help='further step flags, after `--`, that the source was made with '
                    '(default: none, the embedded default)')
-    args = p.parse_args(argv)
-    if args.workers < 1:
-        raise BenchExecutorError(f'--workers: expected >= 1, got {args.workers}')
-    machine = common.machine_info()
-    root = resolve_path('results/_bench_executor_quick' if args.quick else 'results/_bench_executor')
+    return p.parse_args(argv)
+
+
+def _source_and_domains(args: argparse.Namespace, root: Path):
+    """The source directory, domain ids and extra step flags: (src, domains, extra, step3_extra)."""
     extra, step3_extra = list(args.step_args), []
     if args.quick:
         src = root / 'source'
@@ -158,6 +156,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             part = json.loads((src / 'partition_info.json').read_text()) if (src / 'partition_info.json').is_file() \
                 else {'num_domains': 0}
             domains = ','.join(str(d) for d in range(part['num_domains']))
+    return src, domains, extra, step3_extra
+
+
+def _run_both(args: argparse.Namespace, root: Path, src: Path, domains: str, extra: List[str],
+              step3_extra: List[str]):
+    """Steps 0 and 3 on the local executor, then on Ray: (runs, per-domain details by executor)."""
     runs, details = [], {}
     for executor in ('local', 'ray'):
         work = root / executor
@@ -169,6 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             common.write_modelled_lut(cfg, 'bench_executor.py --modelled_lut')
         runs.append(run_steps(work, domains, executor, args.workers, extra, step3_extra))
         details[executor] = per_domain(work)
+    return runs, details
+
+
+def _analyse(args: argparse.Namespace, runs: List[Dict[str, Any]], details: Dict[str, Any]) -> Dict[str, Any]:
+    """Speedup, efficiency, Ray overhead, local-vs-Ray agreement and the projection."""
     local, ray = runs
     ids = sorted(details['local'])
     same_decision = [d for d in ids if details['local'][d]['decision'] == details['ray'][d]['decision']]
@@ -182,6 +191,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rel = [t / (sum(per) / len(per)) for t in per]
     proj = projection(rel, args.proj_domains, args.proj_seeds, args.proj_task_hours, args.proj_serial_hours,
                       overhead_s)
+    return {'ids': ids, 'same_decision': same_decision, 'same_alpha': same_alpha, 'speedup': speedup, 'eff': eff,
+            'overhead_s': overhead_s, 'rel': rel, 'proj': proj}
+
+
+def _report(args: argparse.Namespace, src: Path, domains: str, runs: List[Dict[str, Any]], details: Dict[str, Any],
+            st: Dict[str, Any]):
+    """The headline rows and the three tables: (headline, tables)."""
+    local, ray = runs
+    ids, same_alpha, same_decision = st['ids'], st['same_alpha'], st['same_decision']
+    speedup, eff, overhead_s, proj = st['speedup'], st['eff'], st['overhead_s'], st['proj']
     n = len(ids)
     la = [f'{r["load_average_before"][0]} -> {r["load_average_after"][0]}' if r['load_average_before'] else 'n/a'
           for r in runs]
@@ -215,7 +234,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ['domains with the same decision local vs ray', f'{len(same_decision)} of {n}', ''],
                 [f'projection (modelled): {args.proj_domains}x{args.proj_seeds} B3 tasks on 8 GPUs, efficiency',
                  next(r[4] for r in proj if r[0] == 8), '']]
-    payload = {'domains': domains, 'modelled_lut': args.modelled_lut, 'workers': args.workers, 'runs': runs,
+    return headline, tables
+
+
+def _payload(args: argparse.Namespace, domains: str, runs: List[Dict[str, Any]], details: Dict[str, Any],
+             st: Dict[str, Any]) -> Dict[str, Any]:
+    speedup, eff, overhead_s, same_decision, same_alpha, rel, proj = (
+        st['speedup'], st['eff'], st['overhead_s'], st['same_decision'], st['same_alpha'], st['rel'], st['proj'])
+    return {'domains': domains, 'modelled_lut': args.modelled_lut, 'workers': args.workers, 'runs': runs,
                'per_domain': {
         ex: {str(d): {k: v for k, v in rec.items() if k != 'alpha'} for d, rec in det.items()}
         for ex, det in details.items()}, 'speedup': speedup, 'parallel_efficiency': eff,
@@ -224,6 +250,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        'domains': args.proj_domains, 'seeds': args.proj_seeds,
                                        'relative_task_times': rel, 'ray_overhead_s': overhead_s},
                        'rows': proj, 'status': 'projection (modelled)'}}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='bench_executor: %(message)s', stream=sys.stderr)
+    args = parse_args(argv)
+    if args.workers < 1:
+        raise BenchExecutorError(f'--workers: expected >= 1, got {args.workers}')
+    machine = common.machine_info()
+    root = resolve_path('results/_bench_executor_quick' if args.quick else 'results/_bench_executor')
+    src, domains, extra, step3_extra = _source_and_domains(args, root)
+    runs, details = _run_both(args, root, src, domains, extra, step3_extra)
+    st = _analyse(args, runs, details)
+    headline, tables = _report(args, src, domains, runs, details, st)
+    payload = _payload(args, domains, runs, details, st)
     path = common.write_result(args.out_dir, NAME, payload, machine, args.quick, headline, tables, argv)
     common.print_tables(tables, path)
     return 0

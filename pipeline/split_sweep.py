@@ -336,6 +336,92 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _load_inputs(cfg: Config, args: argparse.Namespace) -> Dict[str, Any]:
+    """The LUT, the link and the chosen configuration (model, gammas, lambda), checked against each other."""
+    from pipeline import throughput as T
+    from pipeline.export_parts import chosen_configuration
+    from timing import lut as L
+    lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
+    lut = L.load_lut(lut_file)
+    T.check_edge_profile(lut, T.requested_profile(args.edge_profile is not None, cfg), str(lut_file))
+    link, link_source = T.link_for(lut, cfg.lut, args.link is not None)
+    chosen = chosen_configuration(cfg, args.domain_id)
+    model = chosen['model'].to(cfg.device)
+    if lut['num_blocks'] != model.num_blocks or lut['model'] != L.model_spec(cfg):
+        raise UserError(f'{lut_file}: the LUT is for {lut["model"]}, the configuration\'s model is '
+                        f'{model.spec_dict()}; re-run step 1 with the same model flags')
+    return {'lut_file': lut_file, 'lut': lut, 'link': link, 'link_source': link_source, 'chosen': chosen,
+            'model': model, 'gammas': chosen['gammas'], 'lam0': chosen['lam']}
+
+
+def _domain_test_set(cfg: Config, domain_id: Optional[int]):
+    """(x, y): up to real.run_samples test images of the domain, or (None, None) without one."""
+    if domain_id is None:
+        return None, None
+    from accuracy import pruning
+    from data.domains import domain_loader, load_partition
+    partition = load_partition(cfg.path('partition_info.json'), cfg)
+    return pruning.collect(domain_loader(cfg, partition, domain_id, 'test', cfg.train.eval_batch_size, False),
+                           cfg.real.run_samples)
+
+
+def _real_sweep(cfg: Config, args: argparse.Namespace, inp: Dict[str, Any], x: Any, y: Any, mean: Sequence[float],
+                std: Sequence[float]) -> List[Dict[str, Any]]:
+    """The rows of real mode: each split streamed to client_worker.py (random images without a domain)."""
+    import torch
+    from comm.session import session_from_config
+    if x is None:
+        gen = torch.Generator()
+        gen.manual_seed(cfg.seed + 11)
+        size = cfg.model.input_size
+        x = torch.randint(0, 256, (max(3 * cfg.optim.batch_size, args.samples), 3, size, size), dtype=torch.uint8,
+                          generator=gen)
+        y = torch.zeros(len(x), dtype=torch.long)
+    with session_from_config(cfg) as sess:
+        log.info('waiting up to %g s for client_worker.py on %s:%d', cfg.real.connect_timeout_s, cfg.real.host,
+                 sess.port)
+        hello = sess.accept()
+        log.info('worker: %s (%s)', hello.get('device_name'), hello.get('device'))
+        return real_rows(cfg, sess, inp['lut'], inp['link'], inp['model'], inp['gammas'], x, y, mean, std,
+                         args.round_trips or cfg.lut.repeats)
+
+
+def _add_accuracy(cfg: Config, rows: List[Dict[str, Any]], model: Any, x: Any, y: Any, mean: Sequence[float],
+                  std: Sequence[float]) -> None:
+    """Each row's accuracy on the domain's test images and whether it equals the unsplit model's predictions."""
+    import torch
+    from accuracy import pruning
+    with torch.no_grad():
+        ref = pruning.deployed(model).to(cfg.device)
+        from data.normalize import normalize_batch
+        unsplit = torch.cat([ref(normalize_batch(x[i:i + 256].to(cfg.device), mean, std)).argmax(1).cpu()
+                             for i in range(0, len(x), 256)])
+    a_ref = float((unsplit == y).float().mean() * 100)
+    for r in _progress_rows(rows, 'accuracy per lambda'):
+        pred = (torch.tensor(r.pop('stream_predictions')) if 'stream_predictions' in r else
+                split_predictions(model, r['split_layer'], x, mean, std, 256, cfg.device))
+        r['accuracy_pct'] = float((pred == y).float().mean() * 100)
+        r['unsplit_accuracy_pct'] = a_ref
+        r['equals_unsplit'] = bool(torch.equal(pred, unsplit))
+
+
+def _print_summary(args: argparse.Namespace, inp: Dict[str, Any], payload: Dict[str, Any], out_csv: Path,
+                   y: Any) -> None:
+    best, rows, lam0 = payload['best'], payload['rows'], inp['lam0']
+    load_before, load_after = payload['load_average_1_5_15']['before'], payload['load_average_1_5_15']['after']
+    spread = best['best_measured_throughput_p10_p90_fps']
+    print(f'split sweep ({args.mode}, {inp["chosen"]["source"]}): best lambda measured {best["best_measured_lam"]} '
+          f'({best["best_measured_throughput_fps"]:.1f} fps, p10-p90 {spread[0]:.1f}-{spread[1]:.1f}), predicted '
+          f'{best["best_predicted_lam"]} '
+          f'({best["best_predicted_throughput_fps"]:.1f} fps predicted, {best["measured_at_best_predicted_fps"]:.1f} '
+          f'measured), chosen {lam0} ({best["chosen_throughput_fps"]:.1f} fps); load average '
+          f'{load_before[0]:.2f} -> {load_after[0]:.2f}; {payload["wall_s"]:.1f} s -> {out_csv}')
+    if args.domain_id is not None:
+        print(f'accuracy per lambda on {len(y)} test images of domain {args.domain_id}: '
+              f'{"all equal to" if payload["all_equal_unsplit"] else "NOT all equal to"} the unsplit model '
+              f'({rows[0]["unsplit_accuracy_pct"]:.2f} %)')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='split sweep: %(message)s', stream=sys.stderr)
@@ -345,67 +431,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from data.datasets import dataset_stats
-    from pipeline import throughput as T
-    from pipeline.export_parts import chosen_configuration
-    from timing import lut as L
     torch.set_num_threads(cfg.lut.threads or os.cpu_count() or 1)
-    lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
-    lut = L.load_lut(lut_file)
-    T.check_edge_profile(lut, T.requested_profile(args.edge_profile is not None, cfg), str(lut_file))
-    link, link_source = T.link_for(lut, cfg.lut, args.link is not None)
-    chosen = chosen_configuration(cfg, args.domain_id)
-    model, gammas, lam0 = chosen['model'].to(cfg.device), chosen['gammas'], chosen['lam']
-    if lut['num_blocks'] != model.num_blocks or lut['model'] != L.model_spec(cfg):
-        raise UserError(f'{lut_file}: the LUT is for {lut["model"]}, the configuration\'s model is '
-                        f'{model.spec_dict()}; re-run step 1 with the same model flags')
+    inp = _load_inputs(cfg, args)
+    model, gammas, lam0, link = inp['model'], inp['gammas'], inp['lam0'], inp['link']
     mean, std = dataset_stats(cfg)
-    x = y = None
-    if args.domain_id is not None:
-        from accuracy import pruning
-        from data.domains import domain_loader, load_partition
-        partition = load_partition(cfg.path('partition_info.json'), cfg)
-        x, y = pruning.collect(domain_loader(cfg, partition, args.domain_id, 'test', cfg.train.eval_batch_size,
-                                             False), cfg.real.run_samples)
+    x, y = _domain_test_set(cfg, args.domain_id)
     load_before = os.getloadavg()
     if args.mode == 'pseudo':
-        rows = pseudo_rows(cfg, lut, link, model, gammas)
+        rows = pseudo_rows(cfg, inp['lut'], link, model, gammas)
     else:
-        from comm.session import session_from_config
-        if x is None:
-            gen = torch.Generator()
-            gen.manual_seed(cfg.seed + 11)
-            size = cfg.model.input_size
-            x = torch.randint(0, 256, (max(3 * cfg.optim.batch_size, args.samples), 3, size, size), dtype=torch.uint8,
-                              generator=gen)
-            y = torch.zeros(len(x), dtype=torch.long)
-        with session_from_config(cfg) as sess:
-            log.info('waiting up to %g s for client_worker.py on %s:%d', cfg.real.connect_timeout_s, cfg.real.host,
-                     sess.port)
-            hello = sess.accept()
-            log.info('worker: %s (%s)', hello.get('device_name'), hello.get('device'))
-            rows = real_rows(cfg, sess, lut, link, model, gammas, x, y, mean, std,
-                             args.round_trips or cfg.lut.repeats)
+        rows = _real_sweep(cfg, args, inp, x, y, mean, std)
     load_after = os.getloadavg()
     if args.domain_id is not None:
-        from accuracy import pruning
-        with torch.no_grad():
-            ref = pruning.deployed(model).to(cfg.device)
-            from data.normalize import normalize_batch
-            unsplit = torch.cat([ref(normalize_batch(x[i:i + 256].to(cfg.device), mean, std)).argmax(1).cpu()
-                                 for i in range(0, len(x), 256)])
-        a_ref = float((unsplit == y).float().mean() * 100)
-        for r in _progress_rows(rows, 'accuracy per lambda'):
-            pred = (torch.tensor(r.pop('stream_predictions')) if 'stream_predictions' in r else
-                    split_predictions(model, r['split_layer'], x, mean, std, 256, cfg.device))
-            r['accuracy_pct'] = float((pred == y).float().mean() * 100)
-            r['unsplit_accuracy_pct'] = a_ref
-            r['equals_unsplit'] = bool(torch.equal(pred, unsplit))
+        _add_accuracy(cfg, rows, model, x, y, mean, std)
     for r in rows:
         r.pop('stream_predictions', None)
     best = mark_best(rows, lam0)
-    payload = {'mode': args.mode, 'domain': args.domain_id, 'configuration_source': chosen['source'],
+    payload = {'mode': args.mode, 'domain': args.domain_id, 'configuration_source': inp['chosen']['source'],
                'gammas': gammas, 'num_blocks': model.num_blocks, 'batch_size': cfg.optim.batch_size,
-               'link': link.to_dict(), 'link_source': link_source, 'lut_file': str(lut_file),
+               'link': link.to_dict(), 'link_source': inp['link_source'], 'lut_file': str(inp['lut_file']),
                'feature_dtype': cfg.lut.feature_dtype, 'server_device': cfg.device,
                'load_average_1_5_15': {'before': list(load_before), 'after': list(load_after)},
                'test_samples': None if y is None or args.domain_id is None else int(len(y)),
@@ -421,17 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 ('' if args.domain_id is None else f', domain {args.domain_id}') +
                                 f', batch {cfg.optim.batch_size}, link {link.name}')
         plots.save_figure(fig, cfg.path('visualization'), FIGURE, ('png', 'pdf'))
-    spread = best['best_measured_throughput_p10_p90_fps']
-    print(f'split sweep ({args.mode}, {chosen["source"]}): best lambda measured {best["best_measured_lam"]} '
-          f'({best["best_measured_throughput_fps"]:.1f} fps, p10-p90 {spread[0]:.1f}-{spread[1]:.1f}), predicted '
-          f'{best["best_predicted_lam"]} '
-          f'({best["best_predicted_throughput_fps"]:.1f} fps predicted, {best["measured_at_best_predicted_fps"]:.1f} '
-          f'measured), chosen {lam0} ({best["chosen_throughput_fps"]:.1f} fps); load average '
-          f'{load_before[0]:.2f} -> {load_after[0]:.2f}; {payload["wall_s"]:.1f} s -> {out_csv}')
-    if args.domain_id is not None:
-        print(f'accuracy per lambda on {len(y)} test images of domain {args.domain_id}: '
-              f'{"all equal to" if payload["all_equal_unsplit"] else "NOT all equal to"} the unsplit model '
-              f'({rows[0]["unsplit_accuracy_pct"]:.2f} %)')
+    _print_summary(args, inp, payload, out_csv, y)
     return 0
 
 

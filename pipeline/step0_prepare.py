@@ -72,43 +72,42 @@ def parse_domains(text: Optional[str], k: int) -> List[int]:
     return ids
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='step0: %(message)s', stream=sys.stderr)
-    args = parse_args(argv)
-    cfg = resolve_config(args, FLAG_KEYS)
-    import torch
-    from data.datasets import dataset_stats
-    from data.domains import check_partition_config, make_partition, partition_json
-    from accuracy import importance, training
-    from pipeline import executor, tasks
-    from viz import heatmaps
-
-    executor.check_cluster_config(cfg)
-    check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
-    if cfg.model.checkpoint:  # a missing, refused or wrong-shape checkpoint fails here, before anything is written
-        training.load_base_model(cfg)
-    domains = parse_domains(args.domains, cfg.data.num_domains)
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-    cmd = command_line(argv)
-    partition = make_partition(cfg)
+def _write_partition(cfg, partition: dict, cmd: str) -> None:
+    """Write partition_info.json, unless an unchanged partition already has it (kept byte for byte)."""
+    from data.domains import partition_json
     part_path = cfg.path('partition_info.json')
     try:
         old = load_artifact(part_path, 'partition_info')
         same = partition_json({k: v for k, v in old.items() if k not in COMMON_FIELDS}) == partition_json(partition)
     except ArtifactError:
         same = False
-    if not same:  # an unchanged partition keeps its file byte for byte
+    if not same:
         write_artifact(part_path, 'partition_info', partition, cfg, cmd)
 
-    base = training.prepare_base(cfg, force=args.retrain_base)
+
+def _prepare_base(cfg, retrain: bool):
+    """Train, reuse or load the base model and measure it on the clean test set: (model, base_info)."""
+    import torch
+    from data.datasets import dataset_stats
+    from accuracy import training
+    base = training.prepare_base(cfg, force=retrain)
     model, base_info = base['model'], base['info']
     _, test_loader = training.base_loaders(cfg, torch.Generator())
     mean, std = dataset_stats(cfg)
     base_info['test_acc_pct'] = training.evaluate_accuracy(model, test_loader, mean, std, cfg.device, 'base test')
     log.info('base model (%s): %.2f %% on the clean %s test set', base_info['source'], base_info['test_acc_pct'],
              cfg.data.dataset)
+    return model, base_info
 
+
+def _train_domains(cfg, args: argparse.Namespace, domains: List[int], partition: dict, model, base_info: dict,
+                   cmd: str) -> dict:
+    """Train alpha for every domain not yet done, merging each result into the two artifacts as it lands.
+
+    Returns the trained hyper-weights of all done domains, keyed by domain id as a string."""
+    from data.domains import partition_json
+    from accuracy import training
+    from pipeline import executor, tasks
     fingerprint = training.domain_fingerprint(cfg, partition_json(partition), model, Path(base_info['file']))
     hw_path, res_path = training.hyper_weights_path(cfg), cfg.path('training_results.json')
     done_hw = training.load_done_domains(hw_path, 'trained_hyper_weights', fingerprint)
@@ -143,7 +142,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     job = tasks.TrainJob(cfg, partition, model, fingerprint, cmd)
     executor.map_tasks(tasks.train_domain_task, todo, cfg, shared=job, names=[f'domain {d}' for d in todo],
                        step='step0', desc='step 0 alpha training', on_result=merge)
+    return done_hw
 
+
+def _write_importance(cfg, model, done_hw: dict, cmd: str) -> None:
+    """Branch FLOPs, importance scores and rankings of every trained domain, and the two heatmaps."""
+    from accuracy import importance
+    from viz import heatmaps
     flops = importance.branch_flops_table(model.plan, cfg.model.input_size)
     flops['fvcore_check'] = importance.fvcore_check(model, flops)
     write_artifact(cfg.path('branch_flops.json'), 'branch_flops', flops, cfg, cmd)
@@ -157,6 +162,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     heatmaps.write_heatmaps(cfg.path(), model, {d: hw['blocks'] for d, hw in trained.items()},
                                {d: importance.scores_by_block(s) for d, s in scores.items()},
                                f'{model.arch}, {cfg.data.dataset}, {cfg.model.input_size} px')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='step0: %(message)s', stream=sys.stderr)
+    args = parse_args(argv)
+    cfg = resolve_config(args, FLAG_KEYS)
+    import torch
+    from data.domains import check_partition_config, make_partition
+    from accuracy import training
+    from pipeline import executor
+
+    executor.check_cluster_config(cfg)
+    check_partition_config(cfg)  # dataset, data root and partition settings: before anything is written
+    if cfg.model.checkpoint:  # a missing, refused or wrong-shape checkpoint fails here, before anything is written
+        training.load_base_model(cfg)
+    domains = parse_domains(args.domains, cfg.data.num_domains)
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    cmd = command_line(argv)
+    partition = make_partition(cfg)
+    _write_partition(cfg, partition, cmd)
+    model, base_info = _prepare_base(cfg, args.retrain_base)
+    done_hw = _train_domains(cfg, args, domains, partition, model, base_info, cmd)
+    _write_importance(cfg, model, done_hw, cmd)
     log.info('artifacts in %s', cfg.path())
     return 0
 

@@ -13,23 +13,13 @@ import pytest
 import torch
 
 from artifacts import load_artifact, write_artifact
-from config import Config, DataConfig, ModelConfig, TrainConfig
 from conftest import REPO
 from timing import lut as L
 from timing.profiles import get_profile
 
-WIDTH = (0.25, 0.25, 0.25, 0.25)
-SETS = ['--dataset', 'synthetic', '--set', 'model.input_size=32', '--set', 'model.small_input=true',
-        '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'data.synthetic_samples=600',
-        '--set', 'train.base_train_samples=200', '--set', 'train.base_epochs=1', '--set', 'train.batch_size=32',
-        '--set', 'data.num_domains=2']
+from test_step3 import SETS, WIDTH, _cfg  # the tiny synthetic settings step 3's tests run on
+
 SEED_COLUMNS = ['split_layer', 'avg_compute', 'avg_transfer', 'avg_recv', 'avg_rtt']
-
-
-def _cfg(out):
-    return Config(model=ModelConfig(input_size=32, small_input=True, width_multiplier=WIDTH),
-                  data=DataConfig(dataset='synthetic', num_domains=2, synthetic_samples=600),
-                  train=TrainConfig(base_train_samples=200, base_epochs=1, batch_size=32), results_dir=str(out))
 
 
 @pytest.fixture(scope='module')

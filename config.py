@@ -83,6 +83,8 @@ class LutConfig:
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
     timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
     fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
+    fit_rounds: int = 10  # timing=fit: interleaved rounds over the fit's parts (each visits every part once: 1 untimed + 2 timed calls, shuffled order)
+    rounds: int = 20  # whole-configuration timing (LUT validation, closed loop in pseudo mode): interleaved rounds over all parts (each visit 1 untimed + 2 timed calls); even and odd rounds are the two passes
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'lut.batch_sizes': (1, None, False), 'lut.warmup': (0, None, False), 'lut.repeats': (1, None, False),
     'lut.threads': (0, None, False), 'lut.bandwidth_mbps': (0, None, True), 'lut.rtt_ms': (0, None, False),
     'lut.validation_samples': (0, None, False), 'lut.max_entry_s': (0, None, False),
+    'lut.fit_rounds': (2, None, False), 'lut.rounds': (2, None, False),
     'optim.batch_size': (1, None, False), 'optim.omega': (0, 1, False), 'optim.steps': (1, None, False),
     'optim.restarts': (1, None, False), 'optim.lr': (0, None, True), 'optim.tau_start': (0, None, True),
     'optim.tau_end': (0, None, True), 'optim.step2_tau_end': (0, None, True),

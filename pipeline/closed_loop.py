@@ -166,16 +166,6 @@ def decision_line(d: Dict[str, Any]) -> str:
 # Measurement: what is chosen, its baselines, the top-k predicted
 # ----------------------------------------------------------------------------------------------------------
 
-def time_configuration(model: Any, input_size: int, gammas: Sequence[int], lam: int, batch: int, device: str,
-                       warmup: int, repeats: int, seed: int) -> Dict[str, Any]:
-    """Whole-configuration timing on this machine: {'server': median/p10/p90 stats of blocks [lam, N) + head run as
-    one module}.  The one place the closed loop calls timing.measure (step 1's validation uses the same timing)."""
-    from timing import measure as M
-    m = M.measure_configuration(model, input_size, list(gammas), int(lam), batch=int(batch), device=device,
-                                warmup=warmup, repeats=repeats, seed=seed)
-    return {'server': m['server']}
-
-
 def _key(gammas: Sequence[int], lam: int) -> Tuple[Tuple[int, ...], int]:
     return tuple(int(g) for g in gammas), int(lam)
 
@@ -252,13 +242,57 @@ def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[st
             'worker_threads': runs[0].get('worker_threads') if runs else None}
 
 
-def measure(plan: Sequence[Dict[str, Any]], run_one: Callable[[Dict[str, Any]], Dict[str, Any]],
+TimePasses = Callable[[Sequence[Dict[str, Any]], int, Any], List[List[Dict[str, Any]]]]
+
+
+def sequential_passes(run_one: Callable[[Dict[str, Any]], Dict[str, Any]]) -> TimePasses:
+    """time_passes for measure() from a per-configuration run (real mode: one deployment and stream each): pass p
+    runs every configuration once, odd passes in reverse order (a deployment takes seconds; drift hits all alike)."""
+    def time_passes(plan: Sequence[Dict[str, Any]], passes: int, bar: Any) -> List[List[Dict[str, Any]]]:
+        results: List[List[Dict[str, Any]]] = [[] for _ in plan]
+        for p in range(passes):
+            order = range(len(plan)) if p % 2 == 0 else reversed(range(len(plan)))
+            for i in order:
+                results[i].append(run_one(plan[i]))
+                if bar is not None:
+                    bar.update(1)
+        return results
+    return time_passes
+
+
+def pseudo_passes(model_spec: Dict[str, Any], input_size: int, batch: int, device: str, rounds: int, seed: int,
+                  threads: int = 0) -> TimePasses:
+    """time_passes for measure() in pseudo mode: the server parts of all planned configurations (blocks [lam, N) +
+    head, random weights: the timing does not depend on them) timed here together by
+    timing.measure.measure_configurations, in `rounds` fine-grained interleaved rounds (the protocol of step 1's
+    validation, docs/design.md "Measurement protocol"), with `threads` torch threads (0: leave as is) as the
+    LUT's server side.  One result per configuration and pass: the server part's stats in that pass."""
+    def time_passes(plan: Sequence[Dict[str, Any]], passes: int, bar: Any) -> List[List[Dict[str, Any]]]:
+        import torch
+
+        from timing import measure as M
+        model = M.random_model(model_spec, seed)
+        old = torch.get_num_threads()
+        if threads > 0:
+            torch.set_num_threads(int(threads))
+        try:
+            res = M.measure_configurations(model, input_size, [{'gammas': r['gammas'], 'lam': r['lam']} for r in plan],
+                                           batch, device, 1, rounds, passes, seed, sides=('server',))
+        finally:
+            torch.set_num_threads(old)
+        if bar is not None:
+            bar.update(passes * len(plan))
+        return [[p['server'] for p in r['passes']] for r in res]
+    return time_passes
+
+
+def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
             combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], passes: int = 2,
             progress: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Measure every planned configuration `passes` times, interleaved (odd passes in reverse order), and attach
-    `combine(predicted, [one result per pass])` as its 'measured' record, with the passes' disagreement."""
+    """Measure every planned configuration in `passes` passes (`time_passes`: sequential_passes or pseudo_passes)
+    and attach `combine(predicted, [one result per pass])` as its 'measured' record, with the passes'
+    disagreement."""
     passes = max(1, int(passes))
-    results: List[List[Dict[str, Any]]] = [[] for _ in plan]
     bar = None
     if progress:
         try:
@@ -269,12 +303,7 @@ def measure(plan: Sequence[Dict[str, Any]], run_one: Callable[[Dict[str, Any]], 
     load_before = load_average()
     t0 = time.perf_counter()
     try:
-        for p in range(passes):
-            order = range(len(plan)) if p % 2 == 0 else reversed(range(len(plan)))
-            for i in order:
-                results[i].append(run_one(plan[i]))
-                if bar is not None:
-                    bar.update(1)
+        results = time_passes(plan, passes, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -292,27 +321,6 @@ def measure(plan: Sequence[Dict[str, Any]], run_one: Callable[[Dict[str, Any]], 
     for r in out:
         r['measured']['wall_s_all'] = out_wall
     return out
-
-
-def pseudo_runner(model_spec: Dict[str, Any], input_size: int, batch: int, device: str, warmup: int, repeats: int,
-                  seed: int, threads: int = 0) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
-    """run_one for measure() in pseudo mode: the server part of the configuration timed here (random weights: the
-    timing does not depend on them), with `threads` torch threads (0: leave as is) as the LUT's server side."""
-    import torch
-
-    from timing import measure as M
-    model = M.random_model(model_spec, seed)
-
-    def run(row: Dict[str, Any]) -> Dict[str, Any]:
-        old = torch.get_num_threads()
-        if threads > 0:
-            torch.set_num_threads(int(threads))
-        try:
-            return time_configuration(model, input_size, row['gammas'], row['lam'], batch, device, warmup, repeats,
-                                      seed)['server']
-        finally:
-            torch.set_num_threads(old)
-    return run
 
 
 def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]]:
@@ -501,15 +509,16 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
     if mode == 'real':
         if session is None:
             raise ValueError('real mode needs a session')
-        run_one = real_runner(session, lut['model'], lut['input_size'], t.batch, lp.real_samples,
-                              lut['feature_dtype'], cfg.device, cfg.seed, edge_threads(lut))
+        time_passes = sequential_passes(real_runner(session, lut['model'], lut['input_size'], t.batch,
+                                                    lp.real_samples, lut['feature_dtype'], cfg.device, cfg.seed,
+                                                    edge_threads(lut)))
         combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = real_record
     else:
         threads = (lut['server'].get('metadata') or {}).get('threads') or 0
-        run_one = pseudo_runner(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.warmup,
-                                cfg.lut.repeats, cfg.seed, int(threads))
+        time_passes = pseudo_passes(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.rounds, cfg.seed,
+                                    int(threads))
         combine = pseudo_combine(t.batch)
-    records = measure(plan, run_one, combine, lp.passes, progress=label)
+    records = measure(plan, time_passes, combine, lp.passes, progress=label)
     return {'decision': dec, 'measurements': records, 'report': loop_report(records, mode, lp.top_k),
             'server_device': server_device(cfg.device), 'settings': {'top_k': lp.top_k, 'passes': lp.passes,
                                                                    'real_samples': lp.real_samples}}

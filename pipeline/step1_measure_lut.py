@@ -24,7 +24,7 @@ from timing import lut as L  # noqa: E402
 from timing.profiles import get_profile  # noqa: E402
 
 FLAGS = {**LINK_FLAGS, 'edge_profile': 'lut.edge_profile', 'batch_sizes': 'lut.batch_sizes',
-         'repeats': 'lut.repeats', 'warmup': 'lut.warmup', 'input_size': 'model.input_size',
+         'repeats': 'lut.repeats', 'rounds': 'lut.rounds', 'fit_rounds': 'lut.fit_rounds', 'warmup': 'lut.warmup', 'input_size': 'model.input_size',
          'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype', 'port': 'real.port'}
 
 
@@ -35,7 +35,8 @@ def measure(cfg, side, command):
     t0 = time.time()
     res = M.measure_side(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.device, cfg.lut.warmup,
                          cfg.lut.repeats, cfg.lut.threads, cfg.lut.max_entry_s, cfg.seed, progress=True,
-                         timing=cfg.lut.timing, fit_configurations=cfg.lut.fit_configurations)
+                         timing=cfg.lut.timing, fit_configurations=cfg.lut.fit_configurations,
+                         fit_rounds=cfg.lut.fit_rounds)
     payload = L.side_payload(side, model, cfg.model.input_size, res)
     payload['settings']['measure_wall_s'] = time.time() - t0
     payload['roofline_fit'] = L.roofline_fit(payload, min(cfg.lut.batch_sizes))
@@ -46,11 +47,11 @@ def measure(cfg, side, command):
 
 def validate(cfg, side_lut, command):
     configs = L.random_configurations(side_lut['model'], cfg.lut.validation_samples, np.random.default_rng(cfg.seed))
-    rep = L.validate_side(side_lut, configs, min(cfg.lut.batch_sizes), cfg.device, cfg.lut.warmup, cfg.lut.repeats,
-                          cfg.seed, progress=True)
+    rep = L.validate_side(side_lut, configs, min(cfg.lut.batch_sizes), cfg.device, 1, cfg.lut.rounds, cfg.seed,
+                          progress=True)
     write_artifact(cfg.path('lut_validation.json'), 'lut_validation', rep, cfg, command)
     print(f'{L.validation_line(rep)} -> {cfg.path("lut_validation.json")}')
-    warning = L.noise_warning(rep, cfg.lut.repeats, side_lut['metadata'].get('threads', cfg.lut.threads))
+    warning = L.noise_warning(rep, cfg.lut.rounds, side_lut['metadata'].get('threads', cfg.lut.threads))
     if warning:
         print(warning, file=sys.stderr)
     return rep
@@ -172,6 +173,10 @@ def main(argv=None):
                    f'{",".join(map(str, d.batch_sizes))})')
     p.add_argument('--repeats', help=f'timed runs per entry (default: {d.repeats})')
     p.add_argument('--warmup', help=f'untimed runs before each entry (default: {d.warmup})')
+    p.add_argument('--fit_rounds', help='interleaved rounds over the fit\'s timed parts, each part 1 untimed + 2 timed '
+                   f'calls per round (default: {d.fit_rounds})')
+    p.add_argument('--rounds', help='interleaved rounds of the end-to-end validation, each configuration part 1 untimed '
+                   f'+ 2 timed calls per round; even and odd rounds are its two passes (default: {d.rounds})')
     p.add_argument('--max_entry_s', help=f'time budget per entry in s, >= 3 runs kept; 0 = no limit (default: '
                    f'{d.max_entry_s})')
     p.add_argument('--feature_dtype', help=f'dtype of features on the link: fp32 | fp16 (default: {d.feature_dtype})')

@@ -90,7 +90,7 @@ def test_measure_interleaves_passes_and_reports_their_disagreement():
 
     def combine(pred, res):
         return {'throughput_fps': float(np.median([r['v'] for r in res])), 'kind': 'measured'}
-    out = CL.measure(plan, run, combine, passes=2)
+    out = CL.measure(plan, CL.sequential_passes(run), combine, passes=2)
     assert order == [0, 1, 2, 2, 1, 0]  # the second pass runs in reverse: drift hits every configuration alike
     for r in out:
         m = r['measured']

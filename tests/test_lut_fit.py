@@ -105,15 +105,29 @@ def test_measure_configurations_interleaved_passes():
     confs = M.random_fit_configurations(plan, 3, 1) + [{'gammas': [13 if s.has_identity else 4 for s in plan],
                                                          'lam': 0}]
     kept = [b.kept.clone() for b in model.blocks]
-    out = M.measure_configurations(model, 32, confs, repeats=4, passes=2, seed=3)
+    out = M.measure_configurations(model, 32, confs, rounds=3, passes=2, seed=3)  # 3 rounds -> 4 (2 per pass)
     assert [b.kept.tolist() for b in model.blocks] == [k.tolist() for k in kept]  # model unchanged
     for c, r in zip(confs, out):
-        assert r['gammas'] == c['gammas'] and len(r['passes']) == 2 and r['server']['n'] == 4
+        assert r['gammas'] == c['gammas'] and len(r['passes']) == 2 and r['rounds'] == 4
+        assert r['server']['n'] == 4 * r['burst'] and all(p['server']['n'] == 2 * r['burst'] for p in r['passes'])
         assert (r['edge'] is None) == (c['lam'] == 0) and r['total']['median_ms'] > 0
-    one = M.measure_configuration(model, 32, confs[0]['gammas'], confs[0]['lam'], repeats=2)
+    one = M.measure_configuration(model, 32, confs[0]['gammas'], confs[0]['lam'], rounds=2)
     assert set(one) >= {'edge', 'server', 'total', 'passes'}
+    only = M.measure_configurations(model, 32, confs[:2], rounds=2, sides=('server',))
+    assert all(r['edge'] is None and r['server']['n'] == 4 for r in only)
     with pytest.raises(ValueError, match='cannot run layout'):
         M.measure_configurations(model, 32, [{'gammas': [13] * len(plan), 'lam': 0}])
+
+
+def test_passes_are_interleaved_rounds_so_drift_hits_both_alike():
+    # a machine that slows down steadily: consecutive passes (first half, second half) would differ by the drift,
+    # interleaved ones (even rounds, odd rounds) only by one round's worth of it
+    rounds = [[10.0 + r, 10.0 + r] for r in range(20)]
+    first, second = M.split_passes(rounds, 2)
+    assert len(first) == len(second) == 20
+    assert abs(np.median(first) - np.median(second)) == pytest.approx(1.0)
+    assert abs(np.median([v for b in rounds[:10] for v in b]) - np.median([v for b in rounds[10:] for v in b])) == 10
+    assert M.interleaved_rounds(3, 2) == 4 and M.interleaved_rounds(1, 3) == 3 and M.interleaved_rounds(6, 2) == 6
 
 
 class FakeClock:
@@ -138,10 +152,10 @@ def test_noise_floor_and_warning_with_a_fake_timer(monkeypatch, sigma, warns):
     noise = rep['summary']['noise']
     assert noise['passes'] == 2 and noise['count'] == 6 and noise['tolerance_pct'] == 5.0
     assert (noise['pass_to_pass_pct'] > 5.0) == warns and noise['above_tolerance'] == warns
-    w = L.noise_warning(rep, repeats=4, threads=1)
+    w = L.noise_warning(rep, rounds=4, threads=1)
     assert (w is not None) == warns
     if warns:
-        assert 'raise it' in w and '--repeats 4' in w
+        assert 'raise it' in w and '--rounds 4' in w
     assert 'noise floor' in L.validation_line(rep)
     json.dumps(rep)  # JSON-able
 

@@ -543,7 +543,7 @@ def validation_line(report: Dict[str, Any]) -> str:
     return line
 
 
-def noise_warning(report: Dict[str, Any], repeats: int, threads: int) -> Optional[str]:
+def noise_warning(report: Dict[str, Any], rounds: int, threads: int) -> Optional[str]:
     """The warning, with its remedy, when a validation's noise floor is above half its tolerance (its passes
     disagree so much that the LUT error cannot be told from noise); None otherwise."""
     n = report['summary'].get('noise')
@@ -556,7 +556,7 @@ def noise_warning(report: Dict[str, Any], repeats: int, threads: int) -> Optiona
     if load and cores and load[0] > 0.25 * cores + 0.5:
         why.append(f'a busy machine (load average {load[0]:.2f} on {cores} cores: stop other work or measure '
                    'when it is idle)')
-    why.append(f'too few repeats (--repeats {repeats}: raise it)')
+    why.append(f'too few interleaved rounds (--rounds {rounds}: raise it)')
     if threads != 1:
         why.append(f'threads ({threads}; lut.threads=1 avoids thread stalls on a shared CPU)')
     return (f'warning: LUT validation noise floor {n["pass_to_pass_pct"]:.1f} % pass to pass is above '
@@ -575,16 +575,16 @@ def fit_configuration_keys(side: Dict[str, Any], batch: int) -> set:
 
 
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
-                  repeats: int, seed: int = 0, progress: bool = False, passes: int = 2,
+                  rounds: int, seed: int = 0, progress: bool = False, passes: int = 2,
                   tolerance_pct: float = 10.0) -> Dict[str, Any]:
-    """Measure each configuration end to end on this device (timing.measure.measure_configurations: `passes`
-    interleaved passes in a seeded random order, `repeats` timed runs per part in all) and compare it with
-    `side`'s LUT sums.  Configurations the fit was fitted on are measured but left out of the summary."""
+    """Measure each configuration end to end on this device (timing.measure.measure_configurations: `rounds`
+    fine-grained interleaved rounds in a seeded random order, even and odd rounds the two passes) and compare it
+    with `side`'s LUT sums.  Configurations the fit was fitted on are measured but left out of the summary."""
     from timing import measure
     model = measure.random_model(side['model'], seed)
     seen = fit_configuration_keys(side, batch)
     before = measure.machine_state()
-    res = measure.measure_configurations(model, side['input_size'], configs, batch, device, warmup, repeats, passes,
+    res = measure.measure_configurations(model, side['input_size'], configs, batch, device, warmup, rounds, passes,
                                          seed + 17, progress=progress)
     after = measure.machine_state()
     records = []
@@ -606,4 +606,5 @@ def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch
     return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': timing,
             'summary': validation_summary(unseen, tolerance_pct), 'records': records,
             'machine_state_before': before, 'machine_state_after': after, 'cpu_count': os.cpu_count(),
-            'settings': {'warmup': warmup, 'repeats': repeats, 'passes': passes, 'seed': seed}}
+            'settings': {'warmup': warmup, 'rounds': res[0]['rounds'] if res else int(rounds),
+                         'burst': res[0]['burst'] if res else None, 'passes': passes, 'seed': seed}}

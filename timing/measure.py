@@ -415,7 +415,8 @@ def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, pr
     samples = _time_parts(parts, device, rounds, burst, 1, int(seed) + 13 + int(batch), clock, budget_s, bar)
     times = [_median([v for r in s for v in r]) for s in samples]
     done = min(len(s) for s in samples)
-    noise = pass_to_pass_pct([_median(s[0]) for s in samples], [_median(s[1]) for s in samples]) \
+    halves = [split_passes(s[:done], 2) for s in samples]
+    noise = pass_to_pass_pct([_median(h[0]) for h in halves], [_median(h[1]) for h in halves]) \
         if done >= 2 else None
     prior_vec = [prior[key] for key in cols] + [prior_head]
     lower = [0.1 * v for v in prior_vec[:-1]] + [0.0]
@@ -476,7 +477,7 @@ def _isolated_batch(model, in_hw, batch, gen, device, head_part, warmup, repeats
 
 
 def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, max_entry_s=0.0,
-                   seed=0, progress=False, timing='fit', clock='wall', fit_configurations=0, fit_rounds=2,
+                   seed=0, progress=False, timing='fit', clock='wall', fit_configurations=0, fit_rounds=10,
                    fit_burst=2):
     # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool, str, str, int, int, int) -> Dict[str, object]
     """Time every block x measurable layout x batch size, and the head (pooling + classifier) per batch size.
@@ -574,20 +575,39 @@ def deploy_configuration(model, gammas, lam):
     return deploy_part(edge), deploy_part(server)
 
 
-def measure_configurations(model, input_size, configs, batch=1, device='cpu', warmup=1, repeats=10, passes=2,
-                           seed=0, clock='wall', progress=False):
-    # type: (HyperRepVGG, int, Sequence[Dict[str, object]], int, str, int, int, int, int, str, bool) -> List[Dict[str, object]]
+def interleaved_rounds(rounds, passes):
+    # type: (int, int) -> int
+    """`rounds` rounded up to a positive multiple of `passes` (every interleaved pass gets as many rounds)."""
+    passes = max(1, int(passes))
+    return int(math.ceil(max(1, int(rounds)) / float(passes))) * passes
+
+
+def split_passes(rounds_samples, passes):
+    # type: (Sequence[Sequence[float]], int) -> List[List[float]]
+    """Interleaved passes of one part's samples[round] (from _time_parts): pass p holds the rounds r with
+    r % passes == p, so that every pass spans the whole measurement and drift hits all passes alike."""
+    return [[v for r, burst in enumerate(rounds_samples) if r % int(passes) == p for v in burst]
+            for p in range(int(passes))]
+
+
+def measure_configurations(model, input_size, configs, batch=1, device='cpu', warmup=1, rounds=20, passes=2,
+                           seed=0, clock='wall', progress=False, burst=2, sides=('edge', 'server')):
+    # type: (HyperRepVGG, int, Sequence[Dict[str, object]], int, str, int, int, int, int, str, bool, int, Sequence[str]) -> List[Dict[str, object]]
     """Measure whole configurations end to end on this device, as deployed: for each configuration
     {'gammas': layout per block (its kept branches are the layout's), 'lam': split}, its edge part (blocks
     [0, lam), none when lam = 0) and its server part (blocks [lam, N) + head) each run as one
-    hyper_repvgg.SplitPart of DeployedBlocks with no timer inside.  `passes` interleaved passes: every pass
-    visits all parts in an order shuffled with `seed`, each part `warmup` untimed calls then
-    ceil(repeats / passes) timed calls.  Nothing of `model` is changed.
+    hyper_repvgg.SplitPart of DeployedBlocks with no timer inside; `sides` = the parts to time.
 
-    Returns one dict per configuration, in order: {'gammas', 'lam', 'edge': stats or None, 'server': stats,
-    'total': stats of edge + server sample pairs, 'passes': [{'edge_ms', 'server_ms', 'total_ms'} median per
-    pass]}, stats = summarize_ms (median_ms, p10_ms, p90_ms, mean_ms, min_ms, n) in ms.  The pass-to-pass
-    noise of a set of configurations is pass_to_pass_pct over their passes' total_ms.
+    Fine-grained interleaving (the machine's speed drifts in episodes of ~0.5 s, docs/design.md "Measurement
+    protocol"): `rounds` rounds (rounded up to a multiple of `passes`), each visiting every part once in an order
+    shuffled with `seed`, `warmup` untimed calls then `burst` timed calls per visit; pass p = the rounds
+    r with r % passes == p (split_passes), so two passes are two samples of the same stretch of time and their
+    disagreement (pass_to_pass_pct) is the measurement's own noise, not drift.  Nothing of `model` is changed.
+
+    Returns one dict per configuration, in order: {'gammas', 'lam', 'edge': stats or None, 'server': stats
+    or None, 'total': stats of edge + server sample pairs, 'passes': [{'edge_ms', 'server_ms', 'total_ms'}
+    median per pass, 'edge' and 'server' stats per pass], 'rounds', 'burst'}, stats = summarize_ms (median_ms, p10_ms, p90_ms, mean_ms, min_ms, n) in ms (a part not
+    timed counts 0 in the total).
     """
     device = torch.device(device)
     plan = model.plan
@@ -607,41 +627,42 @@ def measure_configurations(model, input_size, configs, batch=1, device='cpu', wa
                 raise ValueError('configuration {}: block {} cannot run layout {}'.format(ci, k, g))
         edge, server = _config_parts(plan, get, head, gammas, lam)
         for part, start, name in ((edge, 0, 'edge'), (server, lam, 'server')):
-            if part is None:
+            if part is None or name not in sides:
                 continue
             if start not in inputs:
                 inputs[start] = _part_input(plan, input_size, start, batch, gen, device)
             parts.append((part.to(device), inputs[start]))
             owner.append((ci, name))
-    per_pass = max(1, int(math.ceil(int(repeats) / float(max(1, int(passes))))))
-    bar = _progress(int(passes), progress, 'configurations ({} x {} parts)'.format(len(configs), len(parts)))
+    rounds = interleaved_rounds(rounds, passes)
+    bar = _progress(rounds, progress, 'configurations ({} x {} parts)'.format(len(configs), len(parts)))
     try:
-        samples = _time_parts(parts, device, passes, per_pass, warmup, seed, clock, 0.0, bar)
+        samples = _time_parts(parts, device, rounds, burst, warmup, seed, clock, 0.0, bar)
     finally:
         if bar is not None:
             bar.close()
     got = [{'edge': None, 'server': None} for _ in configs]
     for (ci, name), s in zip(owner, samples):
-        got[ci][name] = s
+        got[ci][name] = split_passes(s, passes)
     out = []
     for c, g in zip(configs, got):
-        edge, server = g['edge'], g['server']
-        flat_s = [v for r in server for v in r]
-        flat_e = [v for r in edge for v in r] if edge is not None else [0.0] * len(flat_s)
-        passes_out = []
-        for r in range(len(server)):
-            e = _median(edge[r]) if edge is not None else 0.0
-            sv = _median(server[r])
-            tot = _median([a + b for a, b in zip(edge[r] if edge is not None else [0.0] * len(server[r]),
-                                                 server[r])])
-            passes_out.append({'edge_ms': e, 'server_ms': sv, 'total_ms': tot})
+        timed = [g[k] for k in ('edge', 'server') if g[k] is not None]
+        per_pass = [[sum(vals) for vals in zip(*[part[p] for part in timed])] for p in range(int(passes))]
+        flat = {k: [v for p in g[k] for v in p] if g[k] is not None else None for k in ('edge', 'server')}
+        passes_out = [{'edge_ms': _median(g['edge'][p]) if g['edge'] is not None else 0.0,
+                       'server_ms': _median(g['server'][p]) if g['server'] is not None else 0.0,
+                       'total_ms': _median(per_pass[p]),
+                       'edge': summarize_ms(g['edge'][p]) if g['edge'] is not None else None,
+                       'server': summarize_ms(g['server'][p]) if g['server'] is not None else None}
+                      for p in range(int(passes))]
         out.append({'gammas': [int(v) for v in c['gammas']], 'lam': int(c['lam']),
-                    'edge': summarize_ms(flat_e) if edge is not None else None, 'server': summarize_ms(flat_s),
-                    'total': summarize_ms([a + b for a, b in zip(flat_e, flat_s)]), 'passes': passes_out})
+                    'edge': summarize_ms(flat['edge']) if flat['edge'] is not None else None,
+                    'server': summarize_ms(flat['server']) if flat['server'] is not None else None,
+                    'total': summarize_ms([v for p in per_pass for v in p]), 'passes': passes_out,
+                    'rounds': rounds, 'burst': int(burst)})
     return out
 
 
-def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu', warmup=1, repeats=20,
+def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu', warmup=1, rounds=20,
                           passes=2, seed=0, clock='wall'):
     # type: (HyperRepVGG, int, Sequence[int], int, int, str, int, int, int, int, str) -> Dict[str, object]
     """End-to-end time of ONE configuration on this device, as deployed (layout gammas[k] per block, its kept
@@ -651,7 +672,7 @@ def measure_configuration(model, input_size, gammas, lam, batch=1, device='cpu',
     configurations (a choice and its baselines), time them together with measure_configurations: interleaved,
     drift and load hit them alike."""
     return measure_configurations(model, input_size, [{'gammas': gammas, 'lam': lam}], batch, device, warmup,
-                                  repeats, passes, seed, clock)[0]
+                                  rounds, passes, seed, clock)[0]
 
 
 def roofline_microbenchmark(device='cpu', matmul_n=None, copy_mb=None, repeats=10):
@@ -739,7 +760,7 @@ def set_threads(threads):
 
 def measure_side(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, threads=0,
                  max_entry_s=0.0, seed=0, progress=False, microbenchmark=True, timing='fit', clock='wall',
-                 fit_configurations=0, fit_rounds=2, fit_burst=2):
+                 fit_configurations=0, fit_rounds=10, fit_burst=2):
     # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool, str, str, int, int, int) -> Dict[str, object]
     """Everything one side contributes to the LUT, measured here: block entries, head, roofline, metadata (with
     machine_state() before and after the measurement), settings; with timing='fit' also `fit` (per batch)."""

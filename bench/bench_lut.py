@@ -13,9 +13,10 @@ start and end of each model is recorded and a loaded machine flagged: no target 
 
 Models: default = the embedded default (config.py: RepVGG-A0 at width (0.25, 0.25, 0.25, 0.5), 64 px,
 10 classes); a0_224 = RepVGG-A0 at its own width, 224 px, 1000 classes; b3_224 = RepVGG-B3, 224 px, 1000 classes
-(~0.75 s a pass here: 3 chain passes per layout, 60 fit configurations in one round of one call per part, 10
-validation configurations with 3 timed runs per part over the two passes, so that the whole bench stays
-within about 10 minutes on an idle 2-core machine).  Batch 1 throughout.  Writes bench/results/lut_fidelity.json.
+(~0.75 s a pass here: 3 chain passes per layout, 60 fit configurations in 2 rounds of one timed call per part,
+10 validation configurations in 4 rounds, so that the whole bench stays within about 10 minutes on an idle
+2-core machine).  Every whole-configuration timing is the measurement protocol of docs/design.md: fine-grained
+interleaved rounds, the two passes = even and odd rounds.  Batch 1 throughout.  Writes bench/results/lut_fidelity.json.
 """
 import sys
 from pathlib import Path
@@ -41,13 +42,14 @@ class Case(NamedTuple):
     label: str
     arch: Dict[str, Any]  # hyper_repvgg spec_dict: name, num_classes, width_multiplier, small_input
     input_size: int  # px
-    warmup: int  # untimed passes (chain prior per layout; per part and round in the fit and the validation)
-    repeats: int  # timed chain passes per layout; timed runs per part in the validation (over both passes)
+    warmup: int  # untimed chain passes per layout (the fit's prior)
+    repeats: int  # timed chain passes per layout
     max_entry_s: float  # time budget per LUT entry, s (0 = none)
     configs: int  # whole configurations validated (never seen by the fit)
     fit_configurations: int = 0  # random configurations timed for the fit (0 = as many as entries)
-    fit_rounds: int = 2  # interleaved rounds over their parts
-    fit_burst: int = 2  # timed calls per part and round
+    fit_rounds: int = 10  # interleaved rounds over their parts (lut.fit_rounds)
+    fit_burst: int = 2  # timed calls per part and round (after one untimed)
+    rounds: int = 20  # interleaved rounds of the validation, 1 untimed + 2 timed calls per part (lut.rounds)
 
 
 def default_case(warmup: int, repeats: int, configs: int) -> Case:
@@ -56,7 +58,8 @@ def default_case(warmup: int, repeats: int, configs: int) -> Case:
     cfg = Config()
     wm = cfg.model.width_multiplier
     return Case('default', f'{cfg.model.name} w{tuple(wm) if wm else "(arch)"} {cfg.model.input_size} px',
-                model_spec(cfg), cfg.model.input_size, warmup, repeats, 0.0, configs)
+                model_spec(cfg), cfg.model.input_size, warmup, repeats, 0.0, configs, cfg.lut.fit_configurations,
+                cfg.lut.fit_rounds, 2, cfg.lut.rounds)
 
 
 def imagenet_arch(name: str) -> Dict[str, Any]:
@@ -67,12 +70,17 @@ def cases(quick: bool) -> Dict[str, Case]:
     if quick:  # a tiny model: the whole run takes seconds
         tiny = {'name': 'RepVGG-A0', 'num_classes': 10, 'width_multiplier': [0.25, 0.25, 0.25, 0.25],
                 'small_input': False}
-        return {'tiny': Case('tiny', 'RepVGG-A0 w0.25 32 px (quick)', tiny, 32, 1, 2, 0.0, 4, 20, 2, 1)}
-    # B3 at 224 px is ~0.75 s a pass on this CPU: 60 fit configurations in one round (120 parts for 342
-    # entries: the chain prior carries what they do not determine), 10 validation configurations x 2 passes
+        return {'tiny': Case('tiny', 'RepVGG-A0 w0.25 32 px (quick)', tiny, 32, 1, 2, 0.0, 4, 20, 2, 1, 4)}
+    # A0 at 224 px is ~35 ms a pass on this CPU: as many fit configurations as entries (258) in 6 rounds of one
+    # timed call, 20 validation configurations in 12 rounds.  B3 at 224 px is ~0.75 s a pass: 60 fit
+    # configurations in 2 rounds (120 parts for 342 entries: the chain prior carries what they do not
+    # determine), 10 validation configurations in 4 rounds (2 per pass); a call spans several of the machine's
+    # ~0.5 s speed episodes, so fewer rounds reach the same noise floor.  About 10 minutes in all, idle.
     return {'default': default_case(warmup=5, repeats=20, configs=20),
-            'a0_224': Case('a0_224', 'RepVGG-A0 224 px', imagenet_arch('RepVGG-A0'), 224, 3, 10, 0.0, 20),
-            'b3_224': Case('b3_224', 'RepVGG-B3 224 px', imagenet_arch('RepVGG-B3'), 224, 0, 3, 0.0, 10, 60, 1, 1)}
+            'a0_224': Case('a0_224', 'RepVGG-A0 224 px', imagenet_arch('RepVGG-A0'), 224, 3, 10, 0.0, 20, 0, 6, 1,
+                           12),
+            'b3_224': Case('b3_224', 'RepVGG-B3 224 px', imagenet_arch('RepVGG-B3'), 224, 0, 3, 0.0, 10, 60, 2, 1,
+                           4)}
 
 
 def spearman(pred: Sequence[float], meas: Sequence[float]) -> Optional[float]:
@@ -151,7 +159,7 @@ def run_case(case: Case, threads: int, seed: int) -> Dict[str, Any]:
     t_lut = time.perf_counter() - t0
     configs = L.random_configurations(case.arch, case.configs, np.random.default_rng(seed))
     t0 = time.perf_counter()
-    rep = L.validate_side(side, configs, 1, 'cpu', case.warmup, case.repeats, seed, progress=True)
+    rep = L.validate_side(side, configs, 1, 'cpu', 1, case.rounds, seed, progress=True)
     t_val = time.perf_counter() - t0
     load_end = common.load_average()
     loaded = common.is_loaded(load_start) or common.is_loaded(load_end, own=1.0)
@@ -165,7 +173,8 @@ def run_case(case: Case, threads: int, seed: int) -> Dict[str, Any]:
            'settings': {'warmup': case.warmup, 'repeats': case.repeats, 'max_entry_s': case.max_entry_s,
                         'threads': res['metadata']['threads'], 'timing': 'fit', 'seed': seed,
                         'fit_configurations': fit['configurations'], 'fit_parts': fit['parts'],
-                        'fit_rounds': fit['rounds'], 'fit_burst': case.fit_burst, 'validation_passes': 2},
+                        'fit_rounds': fit['rounds'], 'fit_burst': case.fit_burst, 'validation_passes': 2,
+                        'validation_rounds': rep['settings']['rounds'], 'validation_burst': rep['settings']['burst']},
            'configurations': len(rep['records']), 'tolerance_pct': TOLERANCE_PCT, 'methods': methods,
            'fit': {k: v for k, v in fit.items() if k != 'configurations_used'},
            'median_measured_total_ms': float(np.median(meas)),
@@ -184,7 +193,7 @@ def run_case(case: Case, threads: int, seed: int) -> Dict[str, Any]:
 
 COLUMNS = ['model', 'LUT', 'configs', 'within +/-10 % (%)', 'median |err| (%)', 'median signed err (%)',
            'Spearman rho', 'noise floor, pass to pass (%)', 'LUT vs pass 2 (%)', 'median measured (ms)',
-           'measured range (% of median)', 'fit configs x rounds', 'repeats', 'load avg start / end',
+           'measured range (% of median)', 'fit configs x rounds', 'validation rounds', 'load avg start / end',
            'targets met', 'bench time (s)']
 
 
@@ -199,7 +208,7 @@ def table_rows(results: Dict[str, Dict[str, Any]]) -> List[List[Any]]:
                          n.get('pass_to_pass_pct'), n.get('lut_vs_pass2_median_abs_pct'),
                          r['median_measured_total_ms'], r['measured_range_pct'],
                          f'{r["settings"]["fit_configurations"]} x {r["settings"]["fit_rounds"]}' if name == 'fit'
-                         else '-', r['settings']['repeats'],
+                         else '-', r['settings'].get('validation_rounds', '-'),
                          f'{common.fmt((r["load_average_start"] or [None])[0])} / '
                          f'{common.fmt((r["load_average_end"] or [None])[0])}',
                          ('not claimed (loaded)' if r['loaded'] else ('yes' if met else 'no')),

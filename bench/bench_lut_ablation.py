@@ -12,7 +12,11 @@ in-situ times), `bare` (each block's forward() called directly, no nn.Module.__c
 CPU time instead of the wall clock).  LUTs: `chain` (timing.measure, step 1's method before this bench)
 measured before and after the passes (drift), `chain` without warm-up, `isolated`, `chain` at 2 threads, and
 `fit` (step 1's method now, the remedy); `sequential` re-times each configuration as timing.lut.validate_side
-did (warm-up, then all repeats of one configuration before the next).
+did (warm-up, then all repeats of one configuration before the next).  Two more factors attribute the noise and
+the loaded-machine bias: the interleaving granularity (the same calls as 2 coarse rounds, step 1's validation
+until now, vs fine rounds of 2 calls with passes = even / odd rounds, timing.measure now: the noise floor of
+each), and a competing process (one torch thread of convolutions, stopped and continued by alternating rounds)
+beside the whole passes and beside a chain LUT measurement.
 
 Effects are exp(mean over configurations of log(ratio)) - 1, in %, so that the three factors of the chain
 LUT's error (layout context x untimed gaps x timer overhead) multiply to the whole; each is given with the
@@ -192,6 +196,78 @@ def _sequential(su: Dict[str, Any], case: Any) -> List[Dict[str, Any]]:
     return seq
 
 
+COMPETITOR = ('import torch\n'
+              'torch.set_num_threads(1)\n'
+              'x = torch.randn(1, 64, 56, 56)\n'
+              'c = torch.nn.Conv2d(64, 64, 3, padding=1)\n'
+              'with torch.no_grad():\n'
+              '    while True:\n'
+              '        c(x)\n')
+
+
+def _whole_parts(su: Dict[str, Any]) -> List[Any]:
+    """(callable, input) per configuration: its whole pass as a deployed part runs it (timing.measure._time_parts)."""
+    return [(lambda x, b=[su['dep'][(k, gk)] for k, gk in enumerate(g)]: _pass('whole', b, su['head'], x), su['x'])
+            for g in su['cfgs']]
+
+
+def _granularity(su: Dict[str, Any], calls: int, seed: int) -> Dict[str, Any]:
+    """The same configurations, the same number of timed calls each, in two protocols: coarse (2 rounds of
+    calls / 2 consecutive calls: step 1's validation until now, one pass per round) and fine (calls / 2 rounds of
+    2 calls, passes = even / odd rounds: timing.measure now).  Returns {protocol: [(pass 1, pass 2) samples per
+    configuration]}."""
+    import torch
+
+    from timing import measure as M
+    parts = _whole_parts(su)
+    coarse = M._time_parts(parts, torch.device('cpu'), 2, max(2, calls // 2), 1, seed + 21)
+    fine = M._time_parts(parts, torch.device('cpu'), max(2, calls // 2), 2, 1, seed + 23)
+    return {'coarse': [(s[0], s[1]) for s in coarse], 'fine': [tuple(M.split_passes(s, 2)) for s in fine]}
+
+
+def _competing(su: Dict[str, Any], rounds: int, seed: int) -> Dict[str, Any]:
+    """Whole passes with and without a competing process (one torch thread of 3x3 convolutions, the kind of
+    work a second job on this machine runs), alternating by rounds: the competitor is stopped (SIGSTOP) in even
+    rounds and running (SIGCONT) in odd ones, so drift hits both alike.  Returns {'alone': [...], 'competing':
+    [...]} samples per configuration, or None where the process cannot be controlled (no SIGSTOP)."""
+    import signal
+    import subprocess
+
+    import torch
+
+    from timing import measure as M
+    if not hasattr(signal, 'SIGSTOP'):
+        return None
+    parts = _whole_parts(su)
+    proc = subprocess.Popen([sys.executable, '-c', COMPETITOR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    alone: List[List[float]] = [[] for _ in parts]
+    busy: List[List[float]] = [[] for _ in parts]
+    try:
+        time.sleep(1.0)  # let it import torch and start
+        for r in range(max(2, rounds)):
+            proc.send_signal(signal.SIGSTOP if r % 2 == 0 else signal.SIGCONT)
+            time.sleep(0.05)
+            got = M._time_parts(parts, torch.device('cpu'), 1, 2, 1, seed + 31 + r)
+            for i, s in enumerate(got):
+                (alone if r % 2 == 0 else busy)[i].extend(s[0])
+    finally:
+        proc.kill()
+        proc.wait()
+    return {'alone': alone, 'competing': busy}
+
+
+def _with_competitor(fn: Any) -> Any:
+    """fn() while the competing process of _competing runs."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, '-c', COMPETITOR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        return fn()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _ratio(a: Sequence[float], b: Sequence[float]) -> List[float]:
     return [x / y for x, y in zip(a, b)]
 
@@ -232,6 +308,14 @@ def _table_for(ms: Dict[str, Any], agg: Any, field: str) -> Dict[str, Any]:
         _geo_pct(_ratio([s[field] for s in seq], whole)), _geo_pct(_ratio(pred['isolated'], p)),
         float(np.median([abs(a - b) / b * 100 for a, b in half])), _geo_pct(_ratio(cond['thread_clock'], whole)),
         _geo_pct(_ratio(pred['fit'], whole))]
+    gran = ms['granularity']
+    for proto in ('coarse', 'fine'):
+        effects.append(float(np.median([abs(float(agg(a)) - float(agg(b))) / float(agg(b)) * 100
+                                        for a, b in gran[proto]])))
+    comp = ms['competing']
+    effects.append(_geo_pct([float(agg(b)) / float(agg(a)) for a, b in zip(comp['alone'], comp['competing'])])
+                   if comp else None)
+    effects.append(_geo_pct(_ratio(pred['chain_competing'], p)) if 'chain_competing' in pred else None)
     return {'effects': effects, 'whole': whole, 'timed': timed, 'insitu_sum': sum_blk, 'pred': pred,
             'head_chain': head_chain, 'head_marg': head_marg, 'call_us': call_us}
 
@@ -262,6 +346,14 @@ def _labels(case: Any, n_mod: int, md: Dict[str, Any]) -> List[List[str]]:
         ['clock: thread CPU time vs wall time of the whole pass', 'thread CPU', 'wall', ''],
         ['remedy: fit LUT (timing=fit, step 1 now) vs whole configuration', 'fit LUT', 'whole pass',
          'entries fitted to timed parts'],
+        ['noise floor, coarse passes: 2 rounds of consecutive calls (step 1 validation until now)', 'pass 1',
+         'pass 2', 'median |p1 - p2| / p2, same calls as the next row'],
+        ['noise floor, fine interleaving: rounds of 2 calls, passes = even / odd rounds (now)', 'pass 1', 'pass 2',
+         'median |p1 - p2| / p2'],
+        ['load: whole pass with a competing process (1 torch thread of convolutions) vs alone', 'competing',
+         'alone', 'alternating rounds, SIGSTOP / SIGCONT'],
+        ['load: chain LUT measured beside the competing process vs alone', 'competing', 'alone',
+         'a LUT measured on a busy machine'],
     ]
 
 
@@ -280,9 +372,14 @@ def run_case(case: Any, configs: int, rounds: int, burst: int, seed: int) -> Dic
     luts['chain_2_threads'] = _lut(case, seed, threads=2)
     luts['fit'] = _lut(case, seed, timing='fit', fit_configurations=case.fit_configurations,
                        fit_rounds=case.fit_rounds, fit_burst=case.fit_burst)
-    load_after = common.load_average()
+    granularity = _granularity(su, 2 * rounds * burst, seed)
+    load_after = common.load_average()  # before the competing process adds its own load
+    competing = _competing(su, 2 * rounds, seed)
+    if competing is not None:
+        luts['chain_competing'] = _with_competitor(lambda: _lut(case, seed))
     n_mod = len(su['plan']) + 1
-    ms = {'samples': samples, 'insitu': insitu, 'luts': luts, 'seq': seq, 'cfgs': su['cfgs'], 'n_mod': n_mod}
+    ms = {'samples': samples, 'insitu': insitu, 'luts': luts, 'seq': seq, 'cfgs': su['cfgs'], 'n_mod': n_mod,
+          'granularity': granularity, 'competing': competing}
     md, mn = _table_for(ms, np.median, 'median_ms'), _table_for(ms, np.min, 'min_ms')
     rows = [lab[:3] + [e1, e2] + lab[3:] for lab, e1, e2 in zip(_labels(case, n_mod, md), md['effects'],
                                                                  mn['effects'])]

@@ -7,8 +7,9 @@ HyperRepVGG.load_hyper_weights).  Files are written only through artifacts.write
 
 Rounds live in `joint_optimization/domain_<d>_rounds/`: `reference.json` (A_ref and the initial sensitivities)
 and `round_<r>.json` (the round's solution, measured accuracy, corrected sensitivities and the alpha state after
-fine-tuning).  A rerun with the same inputs (fingerprint) resumes after the last finished round; solving is
-deterministic (seeded per domain and round), so a resumed run makes the same decisions.
+fine-tuning), and `pareto_<k>.json` (the k-th point of the epsilon sweep, deployed and measured).  A rerun with
+the same inputs (fingerprint) resumes after the last finished round and point; solving is deterministic (seeded per
+domain, round and point), so a resumed run makes the same decisions.
 """
 from __future__ import annotations
 
@@ -517,38 +518,71 @@ def _measured_like(st: LoopState, fin: FinalPick, inp: Inputs, gammas: Sequence[
     return fin.measured if (_pruned_of(inp, fin.gammas) == want).all() else None
 
 
-def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
-                 ref: Reference, d: int) -> List[Dict[str, Any]]:
-    """The epsilon sweep: each point solved on the final surrogate (margin-reduced budget), deployed (pruned,
-    fine-tuned) and measured; its accuracy is the measured test accuracy with its paired interval."""
+def pareto_path(cfg: Config, d: int, k: int) -> Path:
+    """Checkpoint of the k-th point of the epsilon sweep (kind joint_pareto)."""
+    return rounds_dir(cfg, d) / f'pareto_{k:03d}.json'
+
+
+def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
+                 ref: Reference, d: int, k: int, eps: float) -> Dict[str, Any]:
+    """One point of the epsilon sweep: solved on the final surrogate (margin-reduced budget), deployed (pruned,
+    fine-tuned) and measured, or the measurement of a round that prunes exactly the same branches."""
     from accuracy.training import seeded_generator
     j = inp.cfg.joint
+    t0 = time.perf_counter()
     anchor = st.anchor()
     before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
         _pruned_of(inp, st.rounds[anchor]['gammas'])
+    bud = _budget(inp, st, ref, eps)
+    sp = goal.solve(problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit,
+                                bud['budget_pct']), 'gd' if j.solver == 'gd' else 'milp',
+                    seeded_generator(inp.cfg.seed, 4000 + d, k), _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)),
+                    j.milp_time_limit_s)['best']
+    m = _measured_like(st, fin, inp, sp.gammas)
+    held_out = m is None
+    if m is None:
+        model, _ = _deploy(inp, st, model0, data, sp.gammas, d, 1000 + k, f'domain {d} pareto eps={eps:g}')
+        m = measure(inp, model, data, ref, (8000 + d, k))
+    predicted = float(sp.evaluation['surrogate_loss_pct'])
+    return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
+            'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
+            'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
+            'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, eps),
+            'predicted_drop_pct': predicted, 'error_pct': predicted - m['val']['drop_pct'],
+            'held_out': held_out, 'budget': bud,
+            'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
+            'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
+            'solver': sp.solver, 'status': sp.status, 'wall_s': time.perf_counter() - t0}
+
+
+def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
+                 ref: Reference, d: int, fp: str, command: str,
+                 only: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+    """The epsilon sweep, point by point (pareto_point), each checkpointed in domain_<d>_rounds/pareto_<k>.json and
+    resumed from there; `only`: compute just those indices (one Ray task per (domain, epsilon)) and return them."""
     pareto = []
-    sweep_solver = 'gd' if j.solver == 'gd' else 'milp'
-    for k, eps in enumerate(j.epsilon_sweep):
-        bud = _budget(inp, st, ref, eps)
-        sp = goal.solve(problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit,
-                                    bud['budget_pct']), sweep_solver, seeded_generator(inp.cfg.seed, 4000 + d, k),
-                        _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)), j.milp_time_limit_s)['best']
-        m = _measured_like(st, fin, inp, sp.gammas)
-        held_out = m is None
-        if m is None:
-            model, _ = _deploy(inp, st, model0, data, sp.gammas, d, 1000 + k, f'domain {d} pareto eps={eps:g}')
-            m = measure(inp, model, data, ref, (8000 + d, k))
-        predicted = float(sp.evaluation['surrogate_loss_pct'])
-        pareto.append({'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
-                       'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
-                       'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
-                       'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, eps),
-                       'predicted_drop_pct': predicted, 'error_pct': predicted - m['val']['drop_pct'],
-                       'held_out': held_out, 'budget': bud,
-                       'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
-                       'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
-                       'solver': sp.solver, 'status': sp.status})
+    for k, eps in enumerate(inp.cfg.joint.epsilon_sweep):
+        if only is not None and k not in only:
+            continue
+        path = pareto_path(inp.cfg, d, k)
+        done = _load_checkpoint(path, 'joint_pareto', fp)
+        if done is not None and done['point']['epsilon'] == float(eps):
+            pareto.append(done['point'])
+            continue
+        point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
+        write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
+        pareto.append(point)
     return pareto
+
+
+def pareto_todo(cfg: Config, d: int, fp: str) -> List[int]:
+    """Indices of the epsilon sweep without a checkpoint for these inputs."""
+    out = []
+    for k, eps in enumerate(cfg.joint.epsilon_sweep):
+        done = _load_checkpoint(pareto_path(cfg, d, k), 'joint_pareto', fp)
+        if done is None or done['point']['epsilon'] != float(eps):
+            out.append(k)
+    return out
 
 
 def _measure_real(real_run: Any, fin: FinalPick, data: DomainData) -> Dict[str, Any]:
@@ -648,10 +682,13 @@ def _state(inp: Inputs, d: int, fp: str, fin: FinalPick) -> Dict[str, Any]:
     return state
 
 
-def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
-               real_run: Optional[Any] = None) -> Dict[str, Any]:
+def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run: Optional[Any] = None,
+               phase: str = 'all', points: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Step 3 for domain d; returns {'payload', 'state', 'skipped'}.  `real_run(model, gammas, lam, x, y)` (real
-    mode) deploys the configuration and returns the measured dict."""
+    mode) deploys the configuration and returns the measured dict.  Every phase resumes from its checkpoints, so
+    the domain can also run in pieces (pipeline/tasks.py, one Ray task each): phase 'rounds' stops after the
+    rounds ('pareto_todo': the sweep indices still to do), phase 'pareto' computes only the sweep points `points`
+    ('points': them), and phase 'all' then assembles the result from the checkpoints."""
     from accuracy import training
     cfg, j = inp.cfg, inp.cfg.joint
     t_start = time.perf_counter()
@@ -672,6 +709,8 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
     data = _domain_data(inp, d)
     timing: Dict[str, float] = {}
 
+    if phase not in ('all', 'rounds', 'pareto'):
+        raise ValueError(f'run_domain: phase {phase!r}')
     t0 = time.perf_counter()  # reference accuracy and initial sensitivities (checkpointed: the most expensive step)
     done_ref = _read_checkpoint(rd / 'reference.json', 'joint_reference', fp)
     if done_ref is None:
@@ -686,15 +725,17 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False,
              'bound of the paired val drop <= %.2f points', d, refs.a_fit, refs.a_val, refs.val_correct.size,
              refs.a_test, j.epsilon)
 
-    t0 = time.perf_counter()
     st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm)
     _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
-    timing['rounds_s'] = time.perf_counter() - t0
+    timing['rounds_s'] = float(sum(rec['wall_s'] for rec in st.rounds))
+    if phase == 'rounds':
+        return {'payload': None, 'state': None, 'skipped': False, 'pareto_todo': pareto_todo(cfg, d, fp)}
 
     fin = final_pick(inp, st, model0, data, refs)
-    t0 = time.perf_counter()
-    pareto = pareto_phase(inp, st, fin, model0, data, refs, d)
-    timing['pareto_s'] = time.perf_counter() - t0
+    pareto = pareto_phase(inp, st, fin, model0, data, refs, d, fp, command, only=points)
+    if phase == 'pareto':
+        return {'payload': None, 'state': None, 'skipped': False, 'points': pareto}
+    timing['pareto_s'] = float(sum(p['wall_s'] for p in pareto))
     measured = _measure_real(real_run, fin, data) if real_run is not None else None
     payload = payload_phase(inp, d, fp, ref, st, fin, pareto, data, measured, real_run is not None)
     payload['timing'] = dict(timing, wall_s=time.perf_counter() - t_start)

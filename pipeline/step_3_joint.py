@@ -10,8 +10,9 @@ over eps on the corrected surrogate.
 Writes <results_dir>/joint_optimization/domain_<d>_joint.json and domain_<d>_state.json (alpha, masks, gamma,
 lambda: HyperRepVGG.load_hyper_weights reads it); rounds are checkpointed in domain_<d>_rounds/ and resumed.
 A finished domain is skipped on rerun unless --force.  --mode real also deploys the result to the worker and
-measures it on the domain's test split.  Each domain is one task of pipeline/executor.py (in this process, or on a
-Ray cluster with --executor ray; logs in <results_dir>/logs/step3/).
+measures it on the domain's test split.  Each domain is one task of pipeline/executor.py in this process; with
+--executor ray the tasks run on a Ray cluster: each domain's rounds, then each (domain, epsilon) point of the sweep,
+then each domain's result from their checkpoints (logs in <results_dir>/logs/step3/).
 """
 import sys
 from pathlib import Path
@@ -90,6 +91,43 @@ def summary_line(p: dict) -> str:
             f'{p["timing"]["wall_s"]:.1f} s (predicted throughputs; measured: the closed-loop lines)')
 
 
+def fan_out(job: Any, domains: Sequence[int], cfg: Config, on_result: Any) -> None:
+    """Step 3's tasks.  Local executor: one task per domain.  Ray: the domains' rounds, then one task per (domain,
+    epsilon) of the sweep (each deploys and fine-tunes its point), then each domain's result assembled from the
+    checkpoints; a domain whose task failed is left out of the later stages and every failure is reported at the
+    end (tasks.py; the results equal the local executor's, as every stage resumes the same checkpoints)."""
+    import dataclasses
+
+    from pipeline import executor, tasks
+    names = [f'domain {d}' for d in domains]
+    if cfg.cluster.executor == 'local' or not cfg.joint.epsilon_sweep:
+        executor.map_tasks(tasks.joint_domain_task, domains, cfg, shared=job, names=names, step='step3',
+                           desc='step 3 domains', on_result=on_result)
+        return
+    failed: Dict[str, str] = {}
+
+    def stage(fn: Any, items: list, item_names: list, desc: str, shared: Any, done: Any) -> None:
+        try:
+            executor.map_tasks(fn, items, cfg, shared=shared, names=item_names, step='step3', desc=desc,
+                               on_result=done)
+        except executor.TasksFailed as e:
+            failed.update(e.failures)
+
+    todo: Dict[int, list] = {}
+    stage(tasks.joint_rounds_task, list(domains), names, 'step 3 rounds', job,
+          lambda d, out: todo.__setitem__(d, out['pareto_todo']))
+    again = dataclasses.replace(job, force=False)  # --force redid the rounds; the later stages resume them
+    sweep = cfg.joint.epsilon_sweep
+    points = [(d, k) for d in domains if d in todo for k in todo[d]]
+    finished: set = set()
+    stage(tasks.joint_pareto_task, points, [f'domain {d} eps={sweep[k]:g}' for d, k in points], 'step 3 epsilon sweep',
+          again, lambda item, out: finished.add(item))
+    ready = [d for d in domains if d in todo and all((d, k) in finished for k in todo[d])]
+    stage(tasks.joint_domain_task, ready, [f'domain {d}' for d in ready], 'step 3 domains', again, on_result)
+    if failed:
+        raise executor.TasksFailed('step3', failed, len(domains) + len(points))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='step3: %(message)s', stream=sys.stderr)
@@ -118,9 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             real_run = joint.real_runner(session, cfg, inp.mean, inp.std, CL.edge_threads(inp.lut) or 0)
         job = tasks.JointJob(inp, cmd, force=args.force, real_run=real_run)
         outs: Dict[int, Dict[str, Any]] = {}
-        executor.map_tasks(tasks.joint_domain_task, domains, cfg, shared=job, names=[f'domain {d}' for d in domains],
-                           step='step3', desc='step 3 domains',
-                           on_result=lambda d, out: outs.__setitem__(d, out))
+        fan_out(job, domains, cfg, lambda d, out: outs.__setitem__(d, out))
         for d in domains:  # the closed loop measures here, after the tasks, so no task's load distorts it
             out = outs[d]
             payload = CL.domain_closed_loop(inp, out, args.mode, session, worker)  # None: nothing new to write

@@ -1,5 +1,5 @@
-"""The per-domain tasks that pipeline/executor.py fans out: step 0's alpha training and step 3's joint optimization
-of one domain.  Each is a module-level function (shared job, domain id) that writes the domain's own artifacts
+"""The tasks that pipeline/executor.py fans out: step 0's alpha training of one domain; step 3's joint optimization
+of one domain, whole or (on Ray) in pieces: its rounds, each point of its epsilon sweep, then the assembly.  Each is a module-level function (shared job, domain id) that writes the domain's own artifacts
 atomically and returns what the driver merges or prints; the job carries the resolved config and the inputs read
 from the step's input artifacts, so a task on another node computes exactly what the local executor computes.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from artifacts import ArtifactError, load_artifact, write_artifact
 from config import Config
@@ -93,3 +93,28 @@ def joint_domain_task(job: JointJob, d: int) -> Dict[str, Any]:
         write_artifact(joint.state_path(cfg, d), 'joint_state', out['state'], cfg, job.command)
         write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', out['payload'], cfg, job.command)
     return {'payload': out['payload'], 'skipped': out['skipped']}
+
+
+def joint_rounds_task(job: JointJob, d: int) -> Dict[str, Any]:
+    """Step 3's reference and rounds of domain d (checkpointed); returns {'skipped', 'pareto_todo'}: the indices of
+    the epsilon sweep still to compute (none for a finished domain)."""
+    import torch
+
+    from pipeline import joint
+    from pipeline.executor import task_threads
+    torch.set_num_threads(task_threads(job.inp.cfg, job.inp.cfg.joint.threads))
+    out = joint.run_domain(job.inp, d, job.command, force=job.force, phase='rounds')
+    return {'skipped': out['skipped'], 'pareto_todo': out.get('pareto_todo', [])}
+
+
+def joint_pareto_task(job: JointJob, item: Tuple[int, int]) -> Dict[str, Any]:
+    """Point k of domain d's epsilon sweep (item (d, k)), on the rounds' checkpoints; writes its checkpoint and
+    returns {'points': [the point]}."""
+    import torch
+
+    from pipeline import joint
+    from pipeline.executor import task_threads
+    torch.set_num_threads(task_threads(job.inp.cfg, job.inp.cfg.joint.threads))
+    d, k = item
+    out = joint.run_domain(job.inp, d, job.command, phase='pareto', points=[k])
+    return {'points': out.get('points', [])}

@@ -15,7 +15,7 @@ from config import ClusterConfig, Config, ConfigError
 from pipeline import executor, joint, tasks
 from test_step3 import FAST, SETS, _cfg, results  # noqa: F401 - `results`: step 0 + modelled LUT, module fixture
 
-CHEAP = FAST + ['--max_rounds', '1', '--epsilon_sweep', '1', '--sensitivity', 'importance']
+CHEAP = FAST + ['--max_rounds', '1', '--epsilon_sweep', '1,4', '--sensitivity', 'importance']
 
 
 def _step3(argv):
@@ -76,6 +76,26 @@ def test_step0_and_step3_on_ray_decide_as_local(results, local_run, ray_cluster,
         assert _decisions(res, d) == _decisions(local_run, d)
     log = executor.log_path(_cfg(res), 'step3', 'domain 0').read_text()
     assert 'attempt started' in log and 'round 1' in log
+    # each (domain, epsilon) point of the sweep was a task of its own
+    assert 'attempt started' in executor.log_path(_cfg(res), 'step3', 'domain 1 eps=4').read_text()
+
+
+def test_step3_in_pieces_decides_as_one_task(results, local_run, tmp_path):  # noqa: F811
+    """The pieces Ray runs as tasks (rounds, each sweep point, the assembly from the checkpoints), run here one
+    after another in reverse point order: the same decisions as one task per domain."""
+    from pipeline import step_3_joint
+    res = _copy(results, tmp_path, 'pieces')
+    args = step_3_joint.parse_args(SETS + CHEAP + ['--results_dir', str(res), '--all_domains'])
+    cfg = step_3_joint.resolve_config(args, step_3_joint.FLAGS)
+    job = tasks.JointJob(joint.prepare_inputs(cfg, cfg.path('hardware_lut_complete.json')), 'test')
+    for d in (0, 1):
+        todo = tasks.joint_rounds_task(job, d)['pareto_todo']
+        assert todo == [0, 1] and not joint.joint_path(cfg.path(), d).exists()
+        for k in reversed(todo):
+            assert [p['epsilon'] for p in tasks.joint_pareto_task(job, (d, k))['points']] == [(1.0, 4.0)[k]]
+        assert tasks.joint_rounds_task(job, d)['pareto_todo'] == []
+        assert not tasks.joint_domain_task(job, d)['skipped']
+        assert _decisions(res, d) == _decisions(local_run, d)
 
 
 def _dies_on_first_attempt(job, d):

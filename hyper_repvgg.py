@@ -346,6 +346,13 @@ def deploy_block(block, layout=None, kept=None):
     The one place a block is deployed: the LUT (any layout), the sensitivities (a block with one branch pruned),
     the edge and the part files all come through here.
     """
+    if getattr(block.spec, 'plain', False):  # a plain network's block (chain_nets): one layout, 0, deployed as is
+        if (layout is not None and int(layout) != 0) or (kept is not None and frozenset(kept) != LAYOUTS[0].branches):
+            raise ValueError('block {} ({}) of a plain network has only layout 0 (branch D), got layout {} kept {}'
+                             .format(block.spec.index, block.spec.name, layout, kept))
+        out = copy.deepcopy(block).eval()
+        out.layout = 0
+        return out
     has = frozenset(BRANCHES if block.spec.has_identity else ('D', 'O'))
     own = block.kept_set() if isinstance(block, HyperRepVGGBlock) else has
     if layout is None:
@@ -615,7 +622,11 @@ def build_hyper_repvgg(name, checkpoint=None, num_classes=1000, width_multiplier
 def apply_config(model, gammas):
     # type: (HyperRepVGG, Sequence[int]) -> None
     """Apply a configuration in place: block k keeps the branches of layout gammas[k] (restoring earlier prunes where
-    that set grows) and runs layout gammas[k].  Validates every block before changing any."""
+    that set grows) and runs layout gammas[k].  Validates every block before changing any.  A plain network
+    (chain_nets.ChainNet) has one layout per block: its configuration is only checked."""
+    if getattr(model, 'plain', False):
+        model.check_config(gammas)
+        return
     if len(gammas) != model.num_blocks:
         raise ValueError('need {} layouts, got {}'.format(model.num_blocks, len(gammas)))
     for k, (g, block) in enumerate(zip(gammas, model.blocks)):

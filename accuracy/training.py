@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from artifacts import file_sha256, fingerprint
 from config import Config, UserError, one_line, resolve_path
 from hyper_repvgg import HyperRepVGG, RepVGG, build_hyper_repvgg
+from nets import canonical_name, is_plain
 
 HYPER_WEIGHTS_FILE = 'trained_hyper_weights.json'
 BASE_DIR = 'base_model'
@@ -262,6 +263,10 @@ def build_model(cfg: Config, hyper: bool = True) -> RepVGG:
     from data.datasets import num_classes_for
     from hyper_repvgg import build_repvgg
     ncls = num_classes_for(cfg.data.dataset, cfg)
+    if is_plain(cfg.model.name):  # a plain network (chain_nets): torchvision's own modules, random weights
+        from data._torchvision import torchvision_chain_net
+        return torchvision_chain_net({'name': canonical_name(cfg.model.name), 'num_classes': ncls,
+                                      'width_multiplier': cfg.model.width_multiplier, 'small_input': False})
     if hyper:
         return build_hyper_repvgg(cfg.model.name, None, ncls, cfg.model.width_multiplier, cfg.model.small_input,
                                   cfg.model.adapt_bn)

@@ -1,4 +1,5 @@
-"""The one place torchvision is imported (server side only, as a fallback dataset downloader).
+"""The one place torchvision is imported (server side only): the fallback dataset downloader and the server's build
+of the plain networks (`torchvision_chain_net`).
 
 torchvision 0.28's wheel in requirements.txt is built for CUDA; on a CPU-only torch its compiled operators
 are missing and `import torchvision` fails with "operator torchvision::nms does not exist" (its fake-tensor
@@ -8,7 +9,7 @@ imports torchvision.  Where the compiled ops load, it declares nothing.  Never i
 """
 import importlib
 from types import ModuleType
-from typing import List
+from typing import Any, Dict, List
 
 import torch
 
@@ -46,3 +47,19 @@ def import_torchvision() -> ModuleType:
             lib.define(_SCHEMAS[n])
         _LIBRARIES.append(lib)
     return importlib.import_module('torchvision')
+
+
+def torchvision_chain_net(spec: Dict[str, Any]) -> Any:
+    """chain_nets.ChainNet over torchvision's own modules for spec {'name': mobilenet_v2 | resnet18 | resnet50,
+    'num_classes', 'width_multiplier'} (random weights, nothing downloaded): the server-side build."""
+    import chain_nets as CN
+    tv = import_torchvision()
+    name = str(spec['name'])
+    plan = CN.chain_plan(name, spec.get('width_multiplier'))  # checks the name and the width
+    kwargs: Dict[str, Any] = {'weights': None, 'num_classes': int(spec['num_classes'])}
+    if name == 'mobilenet_v2' and spec.get('width_multiplier') is not None:
+        kwargs['width_mult'] = float(spec['width_multiplier'][0])
+    net = getattr(tv.models, name)(**kwargs)
+    model = CN.ChainNet(spec, net)
+    assert len(plan) == model.num_blocks
+    return model

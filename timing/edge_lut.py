@@ -42,7 +42,7 @@ def lut_key(block, layout, batch):
 def side_payload(side, model, input_size, measured):
     # type: (str, dict, int, dict) -> dict
     """A side LUT from timing.measure.measure_side()'s result (all entries 'measured')."""
-    from hyper_repvgg import block_plan
+    from nets import plan_of
     entries = {}
     for e in measured['entries']:
         row = dict(e)
@@ -53,7 +53,7 @@ def side_payload(side, model, input_size, measured):
         row = dict(h)
         row['source'] = 'measured'
         head[lut_key('head', None, h['batch'])] = row
-    plan = block_plan(model['name'], model.get('width_multiplier'), bool(model.get('small_input', False)))
+    plan = plan_of(model)
     out = {'side': side, 'model': model, 'input_size': int(input_size), 'num_blocks': len(plan),
            'batch_sizes': measured['settings']['batch_sizes'], 'source': 'measured', 'profile': None,
            'entries': entries, 'head': head, 'roofline': measured['roofline'],

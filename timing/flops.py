@@ -1,4 +1,5 @@
-"""Closed-form operation and byte counts of RepVGG blocks, layouts, the head and the split points.
+"""Closed-form operation and byte counts of RepVGG blocks, layouts, plain-network blocks, the head and the split
+points.
 
 Pure Python over `hyper_repvgg.BlockSpec` tuples (no torch): importable on the device (Python 3.6).
 
@@ -66,7 +67,10 @@ def block_shapes(plan, input_size):
 
 def available_branches(spec):
     # type: (object) -> Tuple[str, ...]
-    """Branches block `spec` has at all: D and O always, I only when in == out channels and stride 1."""
+    """Branches block `spec` has at all: D and O always, I only when in == out channels and stride 1; a plain
+    network's block (chain_nets) has one, D: the block itself."""
+    if getattr(spec, 'plain', False):
+        return ('D',)
     return BRANCHES if spec.has_identity else ('D', 'O')
 
 
@@ -98,6 +102,8 @@ def branch_macs(spec, in_hw):
     # type: (object, Tuple[int, int]) -> Dict[str, int]
     """Multiply-adds of each branch the block has, for one sample: {'D': ..., 'O': ..., ['I': ...]}."""
     ho, wo = out_hw(spec, in_hw)
+    if getattr(spec, 'plain', False):
+        return {'D': plain_cost(spec, in_hw).macs}
     kinds = {'D': 'conv3', 'O': 'conv1', 'I': 'affine'}
     return {b: _kernel_macs(spec, kinds[b], ho, wo) for b in available_branches(spec)}
 
@@ -135,6 +141,8 @@ def layout_cost(spec, in_hw, gamma, act_bytes_per_elem=4, weight_bytes_per_elem=
         raise ValueError('layout {} needs branches {} but block {} ({}) has only {}'.format(
             gamma, ''.join(sorted(layout.branches, key=BRANCHES.index)), spec.index, spec.name,
             ''.join(available_branches(spec))))
+    if getattr(spec, 'plain', False):
+        return plain_cost(spec, in_hw, act_bytes_per_elem, weight_bytes_per_elem)
     ho, wo = out_hw(spec, in_hw)
     macs = params = 0
     for part in layout.parts:
@@ -149,6 +157,61 @@ def layout_cost(spec, in_hw, gamma, act_bytes_per_elem=4, weight_bytes_per_elem=
     weight = params * weight_bytes_per_elem
     flops = 2 * macs
     return LayoutCost(macs, flops, weight, act_in, act_out, 2 * parts, float(flops) / (weight + act_in + act_out))
+
+
+def _convs(spec, in_hw):
+    # type: (object, Tuple[int, int]) -> List[Tuple[int, int, int, int, int, Tuple[int, int], Tuple[int, int]]]
+    """The convolutions of a plain block in order: (in_ch, out_ch, k, groups, stride, in_hw, out_hw); each is
+    followed by its BatchNorm (folded into it in the deploy form)."""
+    s = spec
+    h1 = out_hw(s, in_hw)
+    if s.kind == 'conv_bn_act':
+        return [(s.in_channels, s.out_channels, s.kernel, 1, s.stride, in_hw, h1)]
+    if s.kind == 'stem':  # 7x7 stride-2 conv, then a 3x3 stride-2 max pool (not a conv; see plain_cost)
+        mid = ((in_hw[0] - 1) // 2 + 1, (in_hw[1] - 1) // 2 + 1)
+        return [(s.in_channels, s.out_channels, 7, 1, 2, in_hw, mid)]
+    if s.kind == 'inverted_residual':
+        out = [(s.in_channels, s.hidden, 1, 1, 1, in_hw, in_hw)] if s.hidden != s.in_channels else []
+        return out + [(s.hidden, s.hidden, 3, s.hidden, s.stride, in_hw, h1),
+                      (s.hidden, s.out_channels, 1, 1, 1, h1, h1)]
+    short = [(s.in_channels, s.out_channels, 1, 1, s.stride, in_hw, h1)] if s.shortcut else []
+    if s.kind == 'basic':
+        return [(s.in_channels, s.out_channels, 3, 1, s.stride, in_hw, h1),
+                (s.out_channels, s.out_channels, 3, 1, 1, h1, h1)] + short
+    if s.kind == 'bottleneck':
+        return [(s.in_channels, s.hidden, 1, 1, 1, in_hw, in_hw), (s.hidden, s.hidden, 3, 1, s.stride, in_hw, h1),
+                (s.hidden, s.out_channels, 1, 1, 1, h1, h1)] + short
+    raise ValueError('unknown plain block kind {!r} of block {} ({})'.format(s.kind, s.index, s.name))
+
+
+def plain_cost(spec, in_hw, act_bytes_per_elem=4, weight_bytes_per_elem=4):
+    # type: (object, Tuple[int, int], int, int) -> LayoutCost
+    """Cost of a plain network's block (chain_nets.ChainBlockSpec; its one layout) on one sample, as deployed with
+    BN folded: MACs of every conv (depthwise: out_ch x k x k x Ho x Wo), weights = kernels + biases, activations =
+    every conv reads its input and writes its output; a residual sum reads two tensors and writes one; the stem's
+    max pool reads the conv output and writes the block output.  Kernels: one per conv, one per sum or pool."""
+    macs = params = act = 0
+    kernels = 0
+    for c_in, c_out, k, groups, _, hw_in, hw_out in _convs(spec, in_hw):
+        macs += c_out * (c_in // groups) * k * k * hw_out[0] * hw_out[1]
+        params += c_out * (c_in // groups) * k * k + c_out
+        act += c_in * hw_in[0] * hw_in[1] + c_out * hw_out[0] * hw_out[1]
+        kernels += 1
+    ho, wo = out_hw(spec, in_hw)
+    out_elems = spec.out_channels * ho * wo
+    if spec.kind == 'stem':
+        mid = ((in_hw[0] - 1) // 2 + 1, (in_hw[1] - 1) // 2 + 1)
+        act += spec.out_channels * mid[0] * mid[1] + out_elems
+        kernels += 1
+    elif spec.kind in ('basic', 'bottleneck') or spec.shortcut:
+        act += 3 * out_elems
+        kernels += 1
+    in_elems = spec.in_channels * in_hw[0] * in_hw[1]
+    act_in = in_elems * act_bytes_per_elem
+    act_out = act * act_bytes_per_elem - act_in
+    weight = params * weight_bytes_per_elem
+    flops = 2 * macs
+    return LayoutCost(macs, flops, weight, act_in, act_out, kernels, float(flops) / (weight + act_in + act_out))
 
 
 def head_cost(plan, input_size, num_classes, act_bytes_per_elem=4, weight_bytes_per_elem=4):

@@ -27,7 +27,8 @@ import numpy as np
 
 from artifacts import ArtifactError, load_artifact
 from config import Config, ConfigError, UserError
-from hyper_repvgg import LAYOUTS, NUM_LAYOUTS, arch_name, block_plan
+import nets
+from hyper_repvgg import LAYOUTS, NUM_LAYOUTS
 from timing import flops as F
 from timing.edge_lut import lut_key, side_payload  # noqa: F401 - device-side, so the TX2 writes what this reads
 from optim.cost import CostTables
@@ -77,17 +78,19 @@ def num_classes_for_config(cfg: Config) -> int:
 
 
 def model_spec(cfg: Config) -> Dict[str, Any]:
-    """JSON-able architecture of cfg (as hyper_repvgg.RepVGG.spec_dict()), checked to build a block plan."""
+    """JSON-able architecture of cfg (as RepVGG.spec_dict() / ChainNet.spec_dict()), checked to build a block plan."""
     try:
-        name = arch_name(cfg.model.name)
+        name = nets.canonical_name(cfg.model.name)
     except KeyError as e:
         raise ConfigError(f'--model / model.name: {e.args[0]}') from None
     wm = cfg.model.width_multiplier
     spec = {'name': name, 'num_classes': num_classes_for_config(cfg),
             'width_multiplier': None if wm is None else [float(w) for w in wm],
             'small_input': bool(cfg.model.small_input)}
+    if nets.is_plain(name) and spec['small_input']:
+        raise ConfigError(f'model.small_input: {name} has no small-input stem; set it to false')
     try:
-        block_plan(name, spec['width_multiplier'], spec['small_input'])
+        nets.plan_of(spec)
     except ValueError as e:
         raise ConfigError(f'model.width_multiplier: {e}') from None
     if cfg.model.input_size < 8:
@@ -96,7 +99,7 @@ def model_spec(cfg: Config) -> Dict[str, Any]:
 
 
 def plan_of(model: Dict[str, Any]) -> list:
-    return block_plan(model['name'], model.get('width_multiplier'), bool(model.get('small_input', False)))
+    return nets.plan_of(model)
 
 
 @dataclass(frozen=True)

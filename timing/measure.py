@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from hyper_repvgg import HyperRepVGG, HyperRepVGGBlock  # noqa: F401 - used in type comments
-from hyper_repvgg import (LAYOUTS, SplitPart, apply_config, block_plan, build_hyper_repvgg, deploy_block,
-                          deploy_part)
+import nets
+from hyper_repvgg import LAYOUTS, SplitPart, apply_config, deploy_block, deploy_part
 from timing.flops import block_input_hw, measurable_layouts, out_hw
 
 MIN_TIMED_RUNS = 3  # a time budget never cuts an entry below this many timed runs
@@ -156,12 +156,11 @@ def randomize_bn_(module, generator):
 
 def random_model(arch, seed=0):
     # type: (Dict[str, object], int) -> HyperRepVGG
-    """The HyperRepVGG of spec `arch` (hyper_repvgg.RepVGG.spec_dict()) with random weights and BN stats, eval."""
+    """The network of spec `arch` (nets.build_model: a HyperRepVGG or a plain ChainNet) with random weights and BN
+    stats, eval."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = build_hyper_repvgg(arch['name'], num_classes=int(arch['num_classes']),
-                                   width_multiplier=arch.get('width_multiplier'),
-                                   small_input=bool(arch.get('small_input', False)))
+        model = nets.build_model(arch)
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 1)
     return randomize_bn_(model, gen).eval()
@@ -186,7 +185,15 @@ def _progress(total, enabled, desc):
 def _fallback_layout(spec, gamma):
     # type: (object, int) -> int
     """gamma where the block can run it, else the block's deploy form (13, or 4 without identity)."""
-    return gamma if gamma in measurable_layouts(spec) else (13 if spec.has_identity else 4)
+    if gamma in measurable_layouts(spec):
+        return gamma
+    return measurable_layouts(spec)[0] if getattr(spec, 'plain', False) else (13 if spec.has_identity else 4)
+
+
+def plan_layouts(plan):
+    # type: (Sequence[object]) -> List[int]
+    """The layouts some block of `plan` can run (all 14 for RepVGG; [0] for a plain network)."""
+    return [lay.gamma for lay in LAYOUTS if any(lay.gamma in measurable_layouts(s) for s in plan)]
 
 
 def _time_chain(modules, x, device, warmup, repeats, budget_s, clock='wall'):
@@ -436,7 +443,8 @@ def _chain_batch(plan, x, device, get, head_part, warmup, repeats, max_entry_s, 
     """Chain timings at one batch size (see measure_blocks): one whole pass per layout gamma, every block timed
     inside it.  Returns ({(block, gamma): summary}, head summary over all passes)."""
     chain, head_samples = {}, []
-    for lay in LAYOUTS:
+    for gamma in plan_layouts(plan):
+        lay = LAYOUTS[gamma]
         recorded = [s.index for s in plan if lay.gamma in measurable_layouts(s)]
         modules = [get(s.index, _fallback_layout(s, lay.gamma)) for s in plan] + [head_part]
         samples = _time_chain(modules, x, device, warmup, repeats, max_entry_s * len(recorded), clock)
@@ -511,7 +519,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     if timing == 'isolated':
         total = len(batch_sizes) * (n_entries + 1)
     else:
-        total = len(batch_sizes) * (len(LAYOUTS) + (int(fit_rounds) if timing == 'fit' else 0))
+        total = len(batch_sizes) * (len(plan_layouts(plan)) + (int(fit_rounds) if timing == 'fit' else 0))
     get = _deploy_getter(model, device, keep=timing == 'fit')
     bar = _progress(total, progress, 'LUT {} ({})'.format(device, timing))
     try:
@@ -765,7 +773,7 @@ def measure_side(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, rep
     """Everything one side contributes to the LUT, measured here: block entries, head, roofline, metadata (with
     machine_state() before and after the measurement), settings; with timing='fit' also `fit` (per batch)."""
     used = set_threads(threads)
-    plan = block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input', False)))
+    plan = nets.plan_of(arch)
     before = machine_state()
     result = measure_blocks(arch, input_size, batch_sizes, device, warmup, repeats, max_entry_s, seed, progress,
                             timing, clock, fit_configurations, fit_rounds, fit_burst)

@@ -472,3 +472,4 @@ def check_chain_valid(c: ChainTables, valid: np.ndarray) -> np.ndarray:
                 raise CostError(f'the LUT has no {name} time for block {k}, layout gamma={int(missing[0])} '
                                 f'(valid for its kept branches); re-run step 1 for this model')
     return valid
+

@@ -91,12 +91,20 @@ def chain_split_gammas(best: np.ndarray, lams: np.ndarray) -> np.ndarray:
     return best[device, np.arange(n)[None, :]]
 
 
+def active_devices(lams: np.ndarray, num_blocks: int) -> np.ndarray:
+    """(S,) how many devices run at least one block under each split vector (S, K - 1)."""
+    s = lams.shape[0]
+    bounds = np.concatenate([np.zeros((s, 1), np.int64), lams, np.full((s, 1), num_blocks, np.int64)], 1)
+    return (np.diff(bounds, axis=1) > 0).sum(1)
+
+
 def solve_chain_exact(c: ChainTables, valid: np.ndarray, objective: str = 'throughput', omega: float = 0.5,
-                      chunk: int = 8192, max_vectors: int = 5_000_000, keep_per_vector: int = 10_000
-                      ) -> ChainExactResult:
+                      chunk: int = 8192, max_vectors: int = 5_000_000, keep_per_vector: int = 10_000,
+                      max_active: int = 0) -> ChainExactResult:
     """The optimum of a chain by the scan over every split vector (module docstring), `chunk` vectors at a time;
-    ties go to the lower latency, then the first vector in cost.split_vectors order.  Refuses more than
-    `max_vectors` split vectors (CostError)."""
+    ties go to the lower latency, then the first vector in cost.split_vectors order.  With `max_active` > 0 only the
+    split vectors under which at most that many devices compute (the others only forward) are scanned: max_active
+    = 2 is the best two-device split inside the chain.  Refuses more than `max_vectors` split vectors (CostError)."""
     check_objective(objective, omega)
     t0 = time.perf_counter()
     best = chain_device_best(c, valid)
@@ -106,6 +114,9 @@ def solve_chain_exact(c: ChainTables, valid: np.ndarray, objective: str = 'throu
         raise CostError(f'a chain of {k} devices over {n} blocks has {total} split vectors, more than '
                         f'max_vectors={max_vectors}')
     vectors = split_vectors(n, k)
+    if max_active > 0:
+        vectors = vectors[active_devices(vectors, n) <= max_active]
+        total = len(vectors)
     per: List[float] = []
     cur: Tuple[float, float, int] = (np.inf, np.inf, -1)
     for lo in range(0, total, chunk):

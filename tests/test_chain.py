@@ -199,3 +199,44 @@ def test_bad_chains_are_named():
     c = C.ChainTables((e, e, e), (0.0, 0.0, 0.0), t.link_bytes, (C.ChainLink(1.0, 0.0), C.ChainLink(1.0, 0.0)))
     with pytest.raises(C.CostError, match='split vectors of 2 points'):
         C.chain_stage_times(np.zeros((1, 4), int), np.array([[1]]), c)
+
+
+def test_parse_chain_string_json_and_errors(tmp_path):
+    from config import ConfigError
+    from pipeline.chain import Hop, describe_hops, parse_chain
+    hops = parse_chain('rpi4:wifi, jetson-orin-nano:ethernet ,server')
+    assert hops == [Hop('rpi4', 'wifi'), Hop('jetson-orin-nano', 'ethernet'), Hop('server', None)]
+    assert describe_hops(hops) == 'rpi4:wifi,jetson-orin-nano:ethernet,server'
+    f = tmp_path / 'chain.json'
+    f.write_text('{"chain": [{"device": "rpi4", "link": "wifi"}, {"device": "jetson-orin-nano", "link": "ethernet"},'
+                 ' {"device": "server"}]}')
+    assert parse_chain(str(f)) == hops
+    for spec, msg in (('rpi4:wifi', 'at least two devices'), ('rpi4,server', 'needs the link to the next'),
+                      ('rpi4:5g,server', "unknown link preset '5g'"), ('tx9:wifi,server', "'tx9' is neither"),
+                      ('rpi4:wifi,server:wifi', 'drop its link')):
+        with pytest.raises(ConfigError, match=msg):
+            parse_chain(spec)
+    f.write_text('{"chain": "rpi4"}')
+    with pytest.raises(ConfigError, match='field "chain" must be a list'):
+        parse_chain(str(f))
+    with pytest.raises(ConfigError, match='cannot read the chain file'):
+        parse_chain(str(tmp_path / 'missing.json'))
+
+
+def test_step2_chain_section(tmp_path, capsys):
+    from test_step2 import _run, _write_lut
+    _write_lut(tmp_path)
+    obj = _run(tmp_path, '--chain', 'rpi4:ethernet,edge:wifi,server')
+    ch = obj['chain']
+    assert ch['description'] == 'rpi4:ethernet,edge:wifi,server' and ch['num_devices'] == 3
+    assert [d['source'] for d in ch['devices']] == ['modelled'] * 3 and ch['devices'][0]['profile'] == 'rpi4'
+    assert [ln['name'] for ln in ch['links']] == ['link1:ethernet', 'link2:wifi']
+    n = obj['num_blocks']
+    assert ch['num_split_vectors'] == C.num_split_vectors(n, 3) and ch['exact']['status'] == 'optimal'
+    assert ch['hop_blocks'] == [list(r) for r in C.hop_ranges(ch['lams'], n)]
+    assert ch['gap_pct'] >= 0 and ch['exact']['throughput_fps'] >= ch['best_two_device']['throughput_fps']
+    assert ch['chain_gain_pct'] >= 0 and set(ch['exact']['stages_ms']) == {'rpi4', 'link1:ethernet', 'edge',
+                                                                              'link2:wifi', 'server'}
+    assert 'chain rpi4:ethernet,edge:wifi,server (3 devices' in capsys.readouterr().out
+    with pytest.raises(Exception, match='unknown link preset'):
+        _run(tmp_path, '--chain', 'rpi4:lte,server')

@@ -240,3 +240,29 @@ def test_step2_chain_section(tmp_path, capsys):
     assert 'chain rpi4:ethernet,edge:wifi,server (3 devices' in capsys.readouterr().out
     with pytest.raises(Exception, match='unknown link preset'):
         _run(tmp_path, '--chain', 'rpi4:lte,server')
+
+
+def test_bench_chain_quick(tmp_path):
+    from bench import bench_chain, common
+    assert bench_chain.main(['--quick', '--out_dir', str(tmp_path)]) == 0
+    obj = common.load_result(tmp_path / 'chain.json')
+    assert obj['kind'] == 'bench_chain' and obj['quick'] is True
+    assert obj['brute_force']['max_gap_pct'] == pytest.approx(0.0, abs=1e-9)
+    assert [r['num_devices'] for r in obj['relaxed']] == [3, 4] and all(r['max_gap_pct'] >= 0 for r in obj['relaxed'])
+    named = obj['scenario']['named'][0]
+    assert named['chain_fps'] >= named['two_device_fps'] and named['gain_pct'] >= 0
+    assert any('MODELLED' in row[0] for row in obj['headline'])
+
+
+def test_step4_draws_the_chain_stages(tmp_path):
+    from test_step2 import _run, _write_lut
+    from viz import plots
+    from viz.summary import load_step2
+    _write_lut(tmp_path)
+    _run(tmp_path, '--chain', 'rpi4:ethernet,jetson-nano:ethernet,edge:wifi,server')
+    view = load_step2(tmp_path / 'initial_throughput_config.json')
+    assert view.chain['num_devices'] == 4
+    fig = plots.chain_stage_bars(view.chain)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3 * 7 and ax.get_ylabel().endswith('(ms)')
+    assert sum(p.get_linewidth() == 2 for p in ax.patches) == 3  # one bottleneck per configuration

@@ -98,6 +98,7 @@ class OptimConfig:
     tau_start: float = 2.0  # initial softmax / smooth-max temperature
     tau_end: float = 0.02  # final temperature (geometric annealing)
     step2_tau_end: float = 0.001  # final temperature of step 2's solver (lower: smooth max ends nearly exact)
+    chain: str = ''  # device chain for step 2, 'dev:link,dev:link,dev' (dev = edge | server | a device profile, link = a link preset) or a JSON file; '' = the two-device LUT only (docs/design.md#device-chains)
 
 
 @dataclass(frozen=True)

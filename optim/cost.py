@@ -17,12 +17,22 @@ Objectives (all minimized, in ms per batch): 'throughput' -> the period max(T_ed
 it maximizes B / period); 'latency' -> end-to-end latency; 'weighted' -> omega * latency +
 (1 - omega) * period (omega in [0, 1]: 0 = throughput, 1 = latency; both terms are ms, so no rescaling is needed).
 
+Chains of K devices (docs/design.md#device-chains).  A chain d_1 -> ... -> d_K has K stage tables and K - 1 links
+and a split vector lam_1 <= ... <= lam_{K-1}: device j runs blocks lam_{j-1} <= k < lam_j (lam_0 = 0, lam_K = N),
+the device holding block N - 1 (the first j with lam_j = N) also runs the head, and link j carries the activation
+at lam_j (the logits when lam_j = N).  T_dev_j as T_edge above, T_link_j = link_bytes[lam_j] * B * 8 / bandwidth_j
+(+ serialization), period = max over the 2K - 1 stages, latency = their sum + every link's one-way latency.
+The two-device model is K = 2 of the same code: `CostTables.chain` is its ChainTables and `stage_times` reads
+`chain_stage_times` (same operations, so bit-identical to the former two-device formula; tests/test_chain.py).
+
 Every function here is array in / array out: no I/O.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence
+from functools import cached_property
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,8 +99,99 @@ class CostTables:
 
     def link_ms(self) -> np.ndarray:
         """(N + 1,) link stage time (occupancy per batch, without the one-way latency) for each split point, ms."""
+        return self.chain.link_ms(0)
+
+    @cached_property
+    def chain(self) -> 'ChainTables':
+        """These tables as the chain edge -> server (K = 2), the form every cost function computes on."""
+        return ChainTables((self.edge_ms, self.server_ms), (self.edge_head_ms, self.server_head_ms), self.link_bytes,
+                           (ChainLink(self.bandwidth_mbps, self.latency_ms, self.serialize_ms_per_mb),), self.batch,
+                           ('edge', 'server'), ('link',))
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One hop of a chain: the link from device j to device j + 1."""
+    bandwidth_mbps: float  # Mbit/s
+    latency_ms: float  # one-way latency, ms
+    serialize_ms_per_mb: float = 0.0  # (de)serialization cost per MB sent, ms (0 = unknown)
+
+
+@dataclass(frozen=True)
+class ChainTables:
+    """The LUT of one batch size for a chain of K >= 2 devices (module docstring), all times in ms per batch.
+
+    `device_ms[j]` is (N, 14) for device j (NaN where not measurable), `head_ms[j]` its pooling + classifier time,
+    `links[j]` the hop from device j to j + 1; `link_bytes` (N + 1,) bytes per sample at each split point (the same
+    activation whichever hop carries it).  Names label the stages in results ('edge', 'link', 'server' for K = 2)."""
+    device_ms: Tuple[np.ndarray, ...]  # K arrays (N, 14), ms
+    head_ms: Tuple[float, ...]  # K head times, ms
+    link_bytes: np.ndarray  # (N + 1,) bytes per sample
+    links: Tuple[ChainLink, ...]  # K - 1 hops
+    batch: int = 1  # samples per batch B
+    device_names: Tuple[str, ...] = ()  # K names (default d1..dK)
+    link_names: Tuple[str, ...] = ()  # K - 1 names (default link1..link{K-1})
+
+    def __post_init__(self) -> None:
+        k = len(self.device_ms)
+        if k < 2:
+            raise CostError(f'a chain needs at least 2 devices, got {k}')
+        n = np.shape(self.device_ms[0])[0]
+        for j, a in enumerate(self.device_ms):
+            if np.shape(a) != (n, 14):
+                raise CostError(f'chain device {j}: stage table must be ({n}, 14), got {np.shape(a)}')
+            if (a[np.isfinite(a)] < 0).any() or np.isinf(a).any():
+                raise CostError(f'chain device {j}: stage table must hold times >= 0 ms (NaN where not measurable)')
+        if len(self.head_ms) != k or not all(h >= 0 and np.isfinite(h) for h in self.head_ms):
+            raise CostError(f'a chain of {k} devices needs {k} head times >= 0 ms, got {list(self.head_ms)}')
+        if len(self.links) != k - 1:
+            raise CostError(f'a chain of {k} devices needs {k - 1} links, got {len(self.links)}')
+        for j, ln in enumerate(self.links):
+            if not (ln.bandwidth_mbps > 0 and np.isfinite(ln.bandwidth_mbps)):
+                raise CostError(f'chain link {j}: bandwidth_mbps must be a positive number, got {ln.bandwidth_mbps}')
+            if not (ln.latency_ms >= 0 and np.isfinite(ln.latency_ms)):
+                raise CostError(f'chain link {j}: latency_ms must be >= 0, got {ln.latency_ms}')
+            if not (ln.serialize_ms_per_mb >= 0 and np.isfinite(ln.serialize_ms_per_mb)):
+                raise CostError(f'chain link {j}: serialize_ms_per_mb must be >= 0, got {ln.serialize_ms_per_mb}')
+        if np.shape(self.link_bytes) != (n + 1,):
+            raise CostError(f'link_bytes must have N + 1 = {n + 1} entries, got {np.shape(self.link_bytes)}')
+        if not (np.isfinite(self.link_bytes).all() and (self.link_bytes >= 0).all()):
+            raise CostError('link_bytes must be finite byte counts >= 0')
+        if self.batch < 1:
+            raise CostError(f'batch must be >= 1, got {self.batch}')
+        if self.device_names and len(self.device_names) != k or self.link_names and len(self.link_names) != k - 1:
+            raise CostError(f'a chain of {k} devices needs {k} device names and {k - 1} link names')
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.device_ms)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(np.shape(self.device_ms[0])[0])
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The 2K - 1 stage names in pipeline order: device 1, link 1, device 2, ..., device K."""
+        dev = self.device_names or tuple(f'd{j + 1}' for j in range(self.num_devices))
+        lnk = self.link_names or tuple(f'link{j + 1}' for j in range(self.num_devices - 1))
+        return tuple(x for pair in itertools.zip_longest(dev, lnk) for x in pair if x is not None)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(N, 14) bool: layouts measured on every device."""
+        return np.logical_and.reduce([np.isfinite(a) for a in self.device_ms])
+
+    @property
+    def latency_ms(self) -> float:
+        """The one-way latencies of all hops, summed, ms."""
+        return float(sum(ln.latency_ms for ln in self.links))
+
+    def link_ms(self, j: int) -> np.ndarray:
+        """(N + 1,) occupancy per batch of hop j (without its one-way latency) at each split point, ms."""
+        ln = self.links[j]
         mb = self.link_bytes * self.batch / 1e6
-        return mb * 8.0 / self.bandwidth_mbps * 1e3 + mb * self.serialize_ms_per_mb
+        return mb * 8.0 / ln.bandwidth_mbps * 1e3 + mb * ln.serialize_ms_per_mb
 
 
 class StageTimes(NamedTuple):
@@ -102,31 +203,81 @@ class StageTimes(NamedTuple):
     bottleneck: np.ndarray  # index into STAGES
 
 
+class ChainStageTimes(NamedTuple):
+    stages_ms: np.ndarray  # (M, 2K - 1): device 1, link 1, device 2, ..., device K (ChainTables.names), ms
+    latency_ms: np.ndarray  # (M,)
+    throughput_fps: np.ndarray  # (M,)
+    bottleneck: np.ndarray  # (M,) index into ChainTables.names
+
+    @property
+    def device_ms(self) -> np.ndarray:
+        """(M, K) device stage times, ms."""
+        return self.stages_ms[:, 0::2]
+
+    @property
+    def link_ms(self) -> np.ndarray:
+        """(M, K - 1) link occupancies, ms."""
+        return self.stages_ms[:, 1::2]
+
+    @property
+    def period_ms(self) -> np.ndarray:
+        return self.stages_ms.max(1)
+
+
+def check_splits(lams: np.ndarray, num_blocks: int, num_devices: int) -> np.ndarray:
+    """Split vectors as an (M, K - 1) int array, checked: 0 <= lam_1 <= ... <= lam_{K-1} <= N."""
+    lams = np.asarray(lams, dtype=np.int64)
+    lams = lams.reshape(-1, 1) if lams.ndim <= 1 and num_devices == 2 else np.atleast_2d(lams)
+    if lams.shape[1] != num_devices - 1:
+        raise CostError(f'a chain of {num_devices} devices needs split vectors of {num_devices - 1} points, got '
+                        f'shape {lams.shape}')
+    if lams.size and (lams.min() < 0 or lams.max() > num_blocks):
+        raise CostError(f'split lambda must be in 0..{num_blocks}, got {lams.min()}..{lams.max()}')
+    if (np.diff(lams, axis=1) < 0).any():
+        raise CostError(f'split vector {lams[np.flatnonzero((np.diff(lams, axis=1) < 0).any(1))[0]].tolist()} is '
+                        f'not non-decreasing (lam_1 <= ... <= lam_(K-1))')
+    return lams
+
+
+def chain_stage_times(gammas: np.ndarray, lams: np.ndarray, c: ChainTables) -> ChainStageTimes:
+    """Stage times of M chain configurations: gammas (M, N) ints, lams (M, K - 1) split vectors (or (M,) for K = 2)."""
+    gammas = np.atleast_2d(np.asarray(gammas, dtype=np.int64))
+    n, k = c.num_blocks, c.num_devices
+    lams = check_splits(lams, n, k)
+    if gammas.shape[1] != n or gammas.shape[0] != lams.shape[0]:
+        raise CostError(f'gammas must be (M, {n}) and split vectors (M, {k - 1}), got {gammas.shape} and '
+                        f'{lams.shape}')
+    m = lams.shape[0]
+    bounds = np.concatenate([np.zeros((m, 1), np.int64), lams, np.full((m, 1), n, np.int64)], 1)
+    rows = np.arange(n)
+    names = c.device_names or tuple(f'd{j + 1}' for j in range(k))
+    cols = []
+    for j in range(k):
+        t = c.device_ms[j][rows, gammas]  # (M, N)
+        here = (rows[None, :] >= bounds[:, j:j + 1]) & (rows[None, :] < bounds[:, j + 1:j + 2])
+        if np.isnan(np.where(here, t, 0.0)).any():
+            i, b = np.argwhere(np.isnan(np.where(here, t, 0.0)))[0]
+            raise CostError(f'layout gamma={gammas[i, b]} has no LUT entry for block {b} on the {names[j]}')
+        head = (bounds[:, j + 1] == n) & (bounds[:, j] < n)  # this device runs block N - 1, hence the head
+        cols.append(np.where(here, t, 0.0).sum(1) + np.where(head, c.head_ms[j], 0.0))
+        if j < k - 1:
+            cols.append(c.link_ms(j)[lams[:, j]])
+    stacked = np.stack(cols, 1)
+    worst = stacked.max(1)
+    return ChainStageTimes(stacked, stacked.sum(1) + c.latency_ms, c.batch * 1e3 / worst, stacked.argmax(1))
+
+
 def stage_times(gammas: np.ndarray, lams: np.ndarray, t: CostTables) -> StageTimes:
-    """Stage times of M configurations at once: gammas (M, N) ints, lams (M,) ints in 0..N."""
+    """Stage times of M configurations at once: gammas (M, N) ints, lams (M,) ints in 0..N (the chain
+    edge -> server, `chain_stage_times` with K = 2)."""
     gammas = np.atleast_2d(np.asarray(gammas, dtype=np.int64))
     lams = np.atleast_1d(np.asarray(lams, dtype=np.int64))
     n = t.num_blocks
-    if gammas.shape[1] != n or gammas.shape[0] != lams.shape[0]:
+    if gammas.shape[1] != n or gammas.shape[0] != lams.shape[0] or lams.ndim != 1:
         raise CostError(f'gammas must be (M, {n}) and lams (M,), got {gammas.shape} and {lams.shape}')
-    if lams.min() < 0 or lams.max() > n:
-        raise CostError(f'split lambda must be in 0..{n}, got {lams.min()}..{lams.max()}')
-    rows = np.arange(n)
-    e = t.edge_ms[rows, gammas]  # (M, N)
-    s = t.server_ms[rows, gammas]
-    on_edge = rows[None, :] < lams[:, None]
-    if np.isnan(np.where(on_edge, e, 0.0)).any() or np.isnan(np.where(on_edge, 0.0, s)).any():
-        m, k = np.argwhere(np.isnan(np.where(on_edge, e, s)))[0]
-        raise CostError(f'layout gamma={gammas[m, k]} has no LUT entry for block {k} on the '
-                         f'{"edge" if on_edge[m, k] else "server"}')
-    full = lams == n
-    t_edge = np.where(on_edge, e, 0.0).sum(1) + np.where(full, t.edge_head_ms, 0.0)
-    t_server = np.where(on_edge, 0.0, s).sum(1) + np.where(full, 0.0, t.server_head_ms)
-    t_link = t.link_ms()[lams]
-    stacked = np.stack([t_edge, t_link, t_server], 1)
-    worst = stacked.max(1)
-    return StageTimes(t_edge, t_link, t_server, stacked.sum(1) + t.latency_ms, t.batch * 1e3 / worst,
-                      stacked.argmax(1))
+    cs = chain_stage_times(gammas, lams[:, None], t.chain)
+    s = cs.stages_ms
+    return StageTimes(s[:, 0], s[:, 1], s[:, 2], cs.latency_ms, cs.throughput_fps, cs.bottleneck)
 
 
 def evaluate(gammas, lam: int, t: CostTables) -> dict:
@@ -150,13 +301,17 @@ def check_objective(objective: str, omega: float = 0.5) -> None:
         raise CostError(f'--omega / optim.omega: expected a weight in [0, 1], got {omega}')
 
 
-def period_ms(st: StageTimes) -> np.ndarray:
-    """The pipeline period max(T_edge, T_link, T_server) of each configuration, ms per batch."""
+def period_ms(st) -> np.ndarray:
+    """The pipeline period max(T_edge, T_link, T_server) (for a chain: max over its 2K - 1 stages) of each
+    configuration, ms per batch."""
+    if isinstance(st, ChainStageTimes):
+        return st.period_ms
     return np.maximum(np.maximum(st.edge_ms, st.link_ms), st.server_ms)
 
 
-def objective_values(st: StageTimes, objective: str = 'throughput', omega: float = 0.5) -> np.ndarray:
-    """The minimized objective of each configuration, ms per batch (see the module docstring)."""
+def objective_values(st, objective: str = 'throughput', omega: float = 0.5) -> np.ndarray:
+    """The minimized objective of each configuration (StageTimes or ChainStageTimes), ms per batch (see the module
+    docstring)."""
     check_objective(objective, omega)
     if objective == 'throughput':
         return period_ms(st)
@@ -209,18 +364,7 @@ def valid_mask(kept: Sequence[Sequence[str]]) -> np.ndarray:
 def check_valid(t: CostTables, valid: np.ndarray) -> np.ndarray:
     """`valid` as a bool (N, 14) array, checked: every block has a valid layout, all of them in the LUT on
     both sides (CostError naming the block, layout and side otherwise)."""
-    valid = np.asarray(valid, dtype=bool)
-    if valid.shape != (t.num_blocks, NUM_LAYOUTS):
-        raise CostError(f'valid layout mask must be ({t.num_blocks}, {NUM_LAYOUTS}), got {valid.shape}')
-    for k in range(t.num_blocks):
-        if not valid[k].any():
-            raise CostError(f'block {k} has no valid layout')
-        for side, a in (('edge', t.edge_ms), ('server', t.server_ms)):
-            missing = np.flatnonzero(valid[k] & ~np.isfinite(a[k]))
-            if missing.size:
-                raise CostError(f'the LUT has no {side} time for block {k}, layout gamma={int(missing[0])} '
-                                f'(valid for its kept branches); re-run step 1 for this model')
-    return valid
+    return check_chain_valid(t.chain, valid)
 
 
 def fused_gammas(kept: Sequence[Sequence[str]]) -> List[int]:
@@ -267,3 +411,65 @@ def plain_baselines(t: CostTables, kept: Sequence[Sequence[str]], objective: str
     out['best_plain_split']['description'] = f'plain deploy model split at its best lambda for the {objective} ' \
                                              'objective (Neurosurgeon/DADS style)'
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chains: split vectors, per-hop block ranges, one configuration described
+# ----------------------------------------------------------------------------------------------------------
+
+def num_split_vectors(num_blocks: int, num_devices: int) -> int:
+    """How many split vectors 0 <= lam_1 <= ... <= lam_{K-1} <= N there are: C(N + K - 1, K - 1)."""
+    from math import comb
+    return comb(int(num_blocks) + int(num_devices) - 1, int(num_devices) - 1)
+
+
+def split_vectors(num_blocks: int, num_devices: int) -> np.ndarray:
+    """(S, K - 1) every split vector of a chain of K devices over N blocks, in lexicographic order (for K = 2 the
+    column 0..N, the order of the two-device split scan)."""
+    out = np.array(list(itertools.combinations_with_replacement(range(int(num_blocks) + 1), int(num_devices) - 1)),
+                   dtype=np.int64)
+    return out.reshape(-1, int(num_devices) - 1)
+
+
+def hop_ranges(lams: Sequence[int], num_blocks: int) -> List[Tuple[int, int]]:
+    """The blocks each device of a chain runs, from its split vector: [(start, end)] per device d_1..d_K, device j
+    running blocks start <= k < end (end == start: it runs none and only forwards the activation it receives).
+    K = len(lams) + 1.  E.g. hop_ranges([3, 10], 22) == [(0, 3), (3, 10), (10, 22)]; the device whose range ends
+    at N (the first one, if several do) also runs the head.  CostError unless 0 <= lam_1 <= ... <= N."""
+    lam = check_splits(np.asarray(list(lams), dtype=np.int64)[None, :], num_blocks, len(lams) + 1)[0]
+    b = [0] + [int(x) for x in lam] + [int(num_blocks)]
+    return [(b[j], b[j + 1]) for j in range(len(b) - 1)]
+
+
+def chain_describe(gammas: Sequence[int], lams: Sequence[int], c: ChainTables, objective: str = 'throughput',
+                   omega: float = 0.5) -> Dict[str, object]:
+    """One chain configuration as plain values (JSON-able): gammas, lams, the blocks per device, every stage time
+    by name, the device and link times as lists, period, latency, throughput, bottleneck and objective (ms)."""
+    g = [int(x) for x in gammas]
+    lam = [int(x) for x in lams]
+    st = chain_stage_times(np.asarray(g)[None], np.asarray(lam)[None], c)
+    names = c.names
+    return {'gammas': g, 'lams': lam, 'hop_blocks': [list(r) for r in hop_ranges(lam, c.num_blocks)],
+            'stages_ms': {nm: float(v) for nm, v in zip(names, st.stages_ms[0])},
+            'device_ms': [float(v) for v in st.device_ms[0]], 'link_ms': [float(v) for v in st.link_ms[0]],
+            'period_ms': float(st.period_ms[0]), 'latency_ms': float(st.latency_ms[0]),
+            'throughput_fps': float(st.throughput_fps[0]), 'bottleneck': names[int(st.bottleneck[0])],
+            'objective_ms': float(objective_values(st, objective, omega)[0])}
+
+
+def check_chain_valid(c: ChainTables, valid: np.ndarray) -> np.ndarray:
+    """`valid` (N, 14) as a bool array, checked against every device of the chain (as check_valid)."""
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != (c.num_blocks, NUM_LAYOUTS):
+        raise CostError(f'valid layout mask must be ({c.num_blocks}, {NUM_LAYOUTS}), got {valid.shape}')
+    names = c.device_names or tuple(f'd{j + 1}' for j in range(c.num_devices))
+    for k in range(c.num_blocks):
+        if not valid[k].any():
+            raise CostError(f'block {k} has no valid layout')
+        for name, a in zip(names, c.device_ms):
+            missing = np.flatnonzero(valid[k] & ~np.isfinite(a[k]))
+            if missing.size:
+                raise CostError(f'the LUT has no {name} time for block {k}, layout gamma={int(missing[0])} '
+                                f'(valid for its kept branches); re-run step 1 for this model')
+    return valid
+

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from hyper_repvgg import BRANCHES, LAYOUTS, NUM_LAYOUTS
-from optim.cost import STAGES, CostError, CostTables, gap_pct, stage_times
+from optim.cost import (STAGES, ChainTables, CostError, CostTables, chain_stage_times, check_splits, gap_pct,
+                        split_vectors, stage_times)
 from optim.relax import RelaxTables, expected_stage_times, relax_tables, smooth_max
 from optim import search
 from optim.search import Improve
@@ -219,27 +220,47 @@ def check_config(p: GoalProblem, gammas: Sequence[int], lam: int) -> None:
         raise GoalError(f'layout gamma={int(g[k])} is not an allowed choice for block {k}')
 
 
-def goal_values(p: GoalProblem, gammas: np.ndarray, lams: np.ndarray) -> Dict[str, np.ndarray]:
+def goal_values(p: GoalProblem, gammas: np.ndarray, lams: np.ndarray,
+                chain: Optional[ChainTables] = None) -> Dict[str, np.ndarray]:
     """Vectorized: for M configurations (gammas (M, N), lams (M,)) the stage times, surrogate accuracy, deviations,
-    roofline term and the lexicographic levels (LEVELS)."""
+    roofline term and the lexicographic levels (LEVELS).
+
+    With `chain` (a K-device ChainTables over the same blocks, docs/design.md#device-chains) lams are (M, K - 1)
+    split vectors and the times and period are the chain's (optim.cost.chain_stage_times; extra key 'stages_ms',
+    (M, 2K - 1)); pruning is per branch as before, the memory goal counts the blocks on d_1, and the roofline term
+    takes the edge knee for the blocks of d_1..d_{K-1} and the server knee for those of d_K (the goal problem holds
+    two knees).  Without it: the two-device tables p.tables, unchanged."""
     g = np.atleast_2d(np.asarray(gammas, dtype=np.int64))
-    lams = np.atleast_1d(np.asarray(lams, dtype=np.int64))
-    st = stage_times(g, lams, p.tables)
     rows = np.arange(p.num_blocks)
-    period = np.maximum(np.maximum(st.edge_ms, st.link_ms), st.server_ms)
+    if chain is None:
+        lams = np.atleast_1d(np.asarray(lams, dtype=np.int64))
+        st = stage_times(g, lams, p.tables)
+        period = np.maximum(np.maximum(st.edge_ms, st.link_ms), st.server_ms)
+        on_edge = rows[None, :] < lams[:, None]
+        on_last = ~on_edge
+        times = {'edge_ms': st.edge_ms, 'link_ms': st.link_ms, 'server_ms': st.server_ms}
+    else:
+        if chain.num_blocks != p.num_blocks:
+            raise GoalError(f'the chain has {chain.num_blocks} blocks, the goal problem {p.num_blocks}')
+        st = chain_stage_times(g, lams, chain)
+        lams = check_splits(lams, chain.num_blocks, chain.num_devices)
+        period = st.period_ms
+        on_edge = rows[None, :] < lams[:, :1]
+        on_last = rows[None, :] >= lams[:, -1:]
+        times = {'edge_ms': st.device_ms[:, 0], 'link_ms': st.link_ms.max(1), 'server_ms': st.device_ms[:, -1],
+                 'stages_ms': st.stages_ms}
     loss = p.loss[rows, g].sum(1)
     acc = p.a_ref - loss
     xi_a = np.maximum(0.0, p.floor - acc)
-    on_edge = rows[None, :] < lams[:, None]
     mem = np.where(on_edge, p.weight_bytes[rows, g], 0.0).sum(1)
-    roof = np.where(on_edge, p.roof_edge[rows, g], p.roof_server[rows, g]).mean(1)
+    roof = np.where(on_last, p.roof_server[rows, g], p.roof_edge[rows, g]).mean(1)
     tp = p.target_period_ms
     xi_p = np.zeros_like(period) if tp is None else np.maximum(0.0, period - tp)
     main = (period if tp is None else xi_p) / p.period_scale_ms
     xi_m = np.maximum(0.0, mem - p.memory_budget_bytes) if p.memory_budget_bytes > 0 else np.zeros_like(mem)
     new = np.zeros_like(period) if p.new_prunes is None else p.new_prunes[rows, g].sum(1)
     xi_new = np.maximum(0.0, new - p.max_new_prunes) if p.max_new_prunes > 0 else np.zeros_like(period)
-    return {'edge_ms': st.edge_ms, 'link_ms': st.link_ms, 'server_ms': st.server_ms, 'latency_ms': st.latency_ms,
+    return {**times, 'latency_ms': st.latency_ms,
             'throughput_fps': st.throughput_fps, 'bottleneck': st.bottleneck, 'period_ms': period,
             'surrogate_loss_pct': loss, 'accuracy_pct': acc, 'xi_accuracy_pct': xi_a, 'xi_period_ms': xi_p,
             'edge_weight_bytes': mem, 'xi_memory_bytes': xi_m, 'roofline': roof,
@@ -797,3 +818,31 @@ def solve(p: GoalProblem, solver: str, generator: torch.Generator, gd_kwargs: Op
     gd = solve_gd(p, generator, **(gd_kwargs or {})) if solver in ('gd', 'both') else None
     mi = solve_milp(p, time_limit_s) if solver in ('milp', 'both') else None
     return {'gd': gd, 'milp': mi, 'best': best_of([mi, gd]), 'gap': compare(gd, mi)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chains of K devices: the goal program's key under the chain cost
+# ----------------------------------------------------------------------------------------------------------
+
+def chain_local_search(p: GoalProblem, chain: ChainTables, gammas: Sequence[int], lams: Sequence[int],
+                       max_moves: int = 200) -> Tuple[np.ndarray, np.ndarray, int, str]:
+    """Step 3 over a chain: best-improvement moves on the goal program's lexicographic key (goal_values with
+    `chain`) from (gammas, lams): every single-block change among p.allowed (split kept; pruning per branch as for
+    K = 2) and every split vector (layouts kept).  A local optimum, not an exact one: the exact MILP and the GD
+    of step 3 stay two-device.  Returns (gammas, lams, moves, 'converged' | 'move_limit')."""
+    g = np.asarray(gammas, dtype=np.int64).copy()
+    lam = check_splits(np.asarray(lams, dtype=np.int64)[None], chain.num_blocks, chain.num_devices)[0].copy()
+    check_config(p, g, int(lam[0]))
+    vectors = split_vectors(chain.num_blocks, chain.num_devices)
+    ks, gs = np.nonzero(p.allowed)
+    for moves in range(max_moves):
+        cand = np.repeat(g[None], ks.size + len(vectors), 0)
+        cand[np.arange(ks.size), ks] = gs
+        cl = np.concatenate([np.repeat(lam[None], ks.size, 0), vectors])
+        keys = lex_keys(goal_values(p, cand, cl, chain))
+        cur = lex_keys(goal_values(p, g[None], lam[None], chain))[0]
+        i = lex_best(keys)
+        if not lex_better(keys[i], cur):
+            return g, lam, moves, 'converged'
+        g, lam = cand[i].copy(), cl[i].copy()
+    return g, lam, max_moves, 'move_limit'

@@ -44,8 +44,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from optim.cost import (CostError, CostTables, best_index, check_objective, check_valid, describe,
-                        objective_values, stage_times)
+from optim.cost import (ChainTables, CostError, CostTables, best_index, chain_describe, chain_stage_times,
+                        check_chain_valid, check_objective, check_valid, describe, objective_values, split_vectors,
+                        stage_times)
 from optim.search import Improve, local_search
 
 
@@ -261,3 +262,188 @@ def solve_relaxed(t: CostTables, valid: np.ndarray, objective: str = 'throughput
     return RelaxResult([int(x) for x in g], int(lam), final, describe(g, lam, t, objective, omega),
                        [int(x) for x in arg_g[gd_best]], int(arg_l[gd_best]), float(gd_obj[gd_best]), int(best),
                        history, status, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chains of K devices (docs/design.md#device-chains)
+# ----------------------------------------------------------------------------------------------------------
+#
+# The same relaxation with one layout softmax per block and DEVICE (theta is (K, R, N, 14)) and the split softmax
+# over every split vector (cost.split_vectors, S = C(N + K - 1, K - 1) of them), again solved exactly by the Gibbs
+# distribution at every step.  Device j's expected time at split vector s is C_j[b_{j+1}(s)] - C_j[b_j(s)] (+ its
+# head where it runs block N - 1), C_j the prefix sums of its expected block times and b the bounds
+# (0, lam_1, ..., lam_{K-1}, N): a product with the (S, N + 1) incidence matrix A_j = onehot(b_{j+1}) - onehot(b_j),
+# and the gradient flows back through A_j's transpose.  For K = 2 this is the problem of `relaxed_value_grad`
+# (solve_relaxed keeps its own faster code for K = 2: its artifacts stay as they were).
+
+@dataclass(frozen=True)
+class ChainRelaxTables:
+    """A chain's LUT for the relaxed problem (numpy; invalid layouts: time 0, mask False)."""
+    device: np.ndarray  # (K, N, 14) ms
+    mask: np.ndarray  # (N, 14) bool
+    vectors: np.ndarray  # (S, K - 1) split vectors
+    incidence: np.ndarray  # (K, S, N + 1): A_j
+    fixed: np.ndarray  # (S, 2K - 1) ms: the heads in the device columns, the link occupancies in the link columns
+    scale: float  # ms
+
+
+def chain_relax_tables(c: ChainTables, valid: np.ndarray) -> ChainRelaxTables:
+    valid = check_chain_valid(c, valid)
+    n, k = c.num_blocks, c.num_devices
+    vectors = split_vectors(n, k)
+    s = len(vectors)
+    bounds = np.concatenate([np.zeros((s, 1), np.int64), vectors, np.full((s, 1), n, np.int64)], 1)
+    inc = np.zeros((k, s, n + 1))
+    fixed = np.zeros((s, 2 * k - 1))
+    rows = np.arange(s)
+    for j in range(k):
+        inc[j, rows, bounds[:, j + 1]] += 1.0
+        inc[j, rows, bounds[:, j]] -= 1.0
+        fixed[:, 2 * j] = np.where((bounds[:, j + 1] == n) & (bounds[:, j] < n), c.head_ms[j], 0.0)
+        if j < k - 1:
+            fixed[:, 2 * j + 1] = c.link_ms(j)[vectors[:, j]]
+    device = np.stack([np.where(valid, a, 0.0) for a in c.device_ms])
+    uniform = device.sum(-1) / valid.sum(1)  # (K, N) block times under uniform layouts
+    cum = np.concatenate([np.zeros((k, 1)), np.cumsum(uniform, 1)], 1)  # (K, N + 1)
+    x = fixed.copy()
+    x[:, 0::2] += np.einsum('ksi,ki->sk', inc, cum)
+    big = x.max(1).mean()
+    return ChainRelaxTables(device, valid, vectors, inc, fixed, float(big) if big > 0 else 1.0)
+
+
+def chain_relaxed_value_grad(theta: np.ndarray, rt: ChainRelaxTables, objective: str, omega: float, tau: float
+                             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The chain loss -tau * logsumexp(-F / tau) over the split vectors and its analytic gradient:
+    (loss (R,), d loss / d theta (K, R, N, 14), q (R, S)); theta (K, R, N, 14) holds each device's layout logits."""
+    z = np.where(rt.mask, theta / tau, -np.inf)
+    ez = np.exp(z - z.max(-1, keepdims=True))
+    p = ez / ez.sum(-1, keepdims=True)
+    e = (p * rt.device[:, None]).sum(-1)  # (K, R, N) expected block times
+    cum = np.concatenate([np.zeros(e.shape[:2] + (1,)), np.cumsum(e, -1)], -1)  # (K, R, N + 1)
+    dev = np.einsum('ksi,kri->rsk', rt.incidence, cum)  # (R, S, K)
+    x = np.broadcast_to(rt.fixed, dev.shape[:2] + rt.fixed.shape[1:]).copy()
+    x[..., 0::2] += dev
+    x /= rt.scale  # (R, S, 2K - 1)
+    if objective == 'latency':
+        f, df = x.sum(-1), np.ones_like(x)
+    else:
+        m = x.max(-1, keepdims=True)
+        w = np.exp((x - m) / tau)
+        per = m[..., 0] + tau * np.log(w.sum(-1))
+        w = w / w.sum(-1, keepdims=True)
+        f, df = (per, w) if objective == 'throughput' else (omega * x.sum(-1) + (1 - omega) * per,
+                                                             omega + (1 - omega) * w)
+    mn = f.min(-1, keepdims=True)
+    a = np.exp(-(f - mn) / tau)
+    loss = mn[:, 0] - tau * np.log(a.sum(-1))
+    q = a / a.sum(-1, keepdims=True)
+    g = q[..., None] * df / rt.scale  # (R, S, 2K - 1)
+    d_cum = np.einsum('ksi,rsk->kri', rt.incidence, g[..., 0::2])  # (K, R, N + 1)
+    d_e = np.cumsum(d_cum[..., ::-1], -1)[..., ::-1][..., 1:]  # block k is in C_j[i] for every i > k
+    dp = d_e[..., None] * rt.device[:, None]
+    grad = p * (dp - (p * dp).sum(-1, keepdims=True)) / tau
+    return loss, grad, q
+
+
+@dataclass
+class ChainRelaxResult:
+    gammas: List[int]  # chosen layout per block (after local search)
+    lams: List[int]  # chosen split vector
+    objective_ms: float  # exact objective of the choice, ms per batch
+    stages: Dict[str, object]  # cost.chain_describe() of the choice
+    gd_gammas: List[int]  # best restart's argmax before the local search
+    gd_lams: List[int]
+    gd_objective_ms: float  # exact objective of that argmax
+    restart: int
+    history: List[Dict[str, object]] = field(default_factory=list)
+    status: str = 'converged'  # converged | round_limit
+    wall_s: float = 0.0
+
+
+def chain_local_search(c: ChainTables, gammas: np.ndarray, lams: np.ndarray, valid: np.ndarray, objective: str,
+                       omega: float, vectors: np.ndarray, max_moves: int = 200) -> Tuple[np.ndarray, np.ndarray, int,
+                                                                                         str]:
+    """Best-improvement moves under the exact chain cost: every single-block layout change (split kept) and every
+    split vector in `vectors` (layouts kept); strictly better in (objective, then latency).  Returns
+    (gammas, lams, moves, 'converged' | 'move_limit')."""
+    g = np.asarray(gammas, dtype=np.int64).copy()
+    lam = np.asarray(lams, dtype=np.int64).copy()
+    ks, gs = np.nonzero(valid)
+    for moves in range(max_moves):
+        cand = np.repeat(g[None], ks.size + len(vectors), 0)
+        cand[np.arange(ks.size), ks] = gs
+        cl = np.concatenate([np.repeat(lam[None], ks.size, 0), vectors])
+        st = chain_stage_times(cand, cl, c)
+        obj = objective_values(st, objective, omega)
+        i = best_index(obj, st.latency_ms)
+        cur = chain_stage_times(g[None], lam[None], c)
+        cur_obj = float(objective_values(cur, objective, omega)[0])
+        tol = 1e-12 * max(1.0, abs(cur_obj))
+        if not (obj[i] < cur_obj - tol or (obj[i] <= cur_obj + tol and st.latency_ms[i] < cur.latency_ms[0] - tol)):
+            return g, lam, moves, 'converged'
+        g, lam = cand[i].copy(), cl[i].copy()
+    return g, lam, max_moves, 'move_limit'
+
+
+def solve_chain_relaxed(c: ChainTables, valid: np.ndarray, objective: str = 'throughput', omega: float = 0.5,
+                        steps: int = 300, restarts: int = 4, lr: float = 0.1, tau_start: float = 2.0,
+                        tau_end: float = 0.001, rng: Optional[np.random.Generator] = None, init_std: float = 1.0,
+                        search: bool = True, max_rounds: int = 200, history_points: int = 50) -> ChainRelaxResult:
+    """Solve the chain problem by the relaxation above (Adam on the layout logits, annealed tau, Gibbs split over
+    the split vectors), then each restart's argmax by `chain_local_search`; the best restart wins.  Deterministic
+    for the state of `rng`."""
+    check_objective(objective, omega)
+    if steps < 1 or restarts < 1 or not lr > 0 or not (tau_start >= tau_end > 0):
+        raise CostError(f'optim: expected steps >= 1, restarts >= 1, lr > 0 and tau_start >= tau_end > 0; got '
+                        f'steps={steps}, restarts={restarts}, lr={lr}, tau_start={tau_start}, tau_end={tau_end}')
+    if rng is None:
+        raise CostError('solve_chain_relaxed needs an explicit numpy Generator (seed it from the config)')
+    t0 = time.perf_counter()
+    rt = chain_relax_tables(c, valid)
+    valid = rt.mask
+    n, k = c.num_blocks, c.num_devices
+    theta = init_std * rng.standard_normal((k, restarts, n, valid.shape[1]))
+    m1, m2 = np.zeros_like(theta), np.zeros_like(theta)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    ratio = tau_end / tau_start
+    every = max(1, steps // max(1, history_points))
+    curves: List[List[float]] = [[] for _ in range(restarts)]
+    q = np.full((restarts, len(rt.vectors)), 1.0 / len(rt.vectors))
+    for step in range(steps):
+        tau = tau_start * ratio ** (step / max(1, steps - 1))
+        loss, grad, q = chain_relaxed_value_grad(theta, rt, objective, omega, tau)
+        m1 = b1 * m1 + (1 - b1) * grad
+        m2 = b2 * m2 + (1 - b2) * grad * grad
+        theta = theta - lr / (1 - b1 ** (step + 1)) * m1 / (np.sqrt(m2 / (1 - b2 ** (step + 1))) + eps)
+        if step % every == 0 or step == steps - 1:
+            for r, v in enumerate(loss * rt.scale):
+                curves[r].append(float(v))
+    dev_g = np.where(valid, theta, -np.inf).argmax(-1)  # (K, R, N)
+    arg_l = rt.vectors[q.argmax(-1)]  # (R, K - 1)
+    device = (np.arange(n)[None, :, None] >= arg_l[:, None, :]).sum(-1)  # (R, N)
+    arg_g = np.take_along_axis(dev_g, device[None], 0)[0]
+    st = chain_stage_times(arg_g, arg_l, c)
+    gd_obj = objective_values(st, objective, omega)
+    history, finals = [], []
+    status = 'converged'
+    for r in range(restarts):
+        if search:
+            g, lam, moves, s = chain_local_search(c, arg_g[r], arg_l[r], valid, objective, omega, rt.vectors,
+                                                  max_rounds)
+            status = 'round_limit' if s != 'converged' else status
+        else:
+            g, lam, moves = arg_g[r], arg_l[r], 0
+        final = float(objective_values(chain_stage_times(g[None], lam[None], c), objective, omega)[0])
+        finals.append((g, lam, final))
+        history.append({'restart': r, 'loss_every_steps': every, 'relaxed_loss_ms': curves[r],
+                        'gd_lams': [int(x) for x in arg_l[r]], 'gd_objective_ms': float(gd_obj[r]),
+                        'local_search_moves': int(moves), 'final_lams': [int(x) for x in lam],
+                        'final_objective_ms': final})
+    lat = chain_stage_times(np.stack([f[0] for f in finals]), np.stack([f[1] for f in finals]), c).latency_ms
+    best = best_index(np.array([f[2] for f in finals]), lat)
+    gd_best = best_index(gd_obj, st.latency_ms)
+    g, lam, final = finals[best]
+    return ChainRelaxResult([int(x) for x in g], [int(x) for x in lam], final,
+                            chain_describe(g, lam, c, objective, omega), [int(x) for x in arg_g[gd_best]],
+                            [int(x) for x in arg_l[gd_best]], float(gd_obj[gd_best]), int(best), history, status,
+                            time.perf_counter() - t0)

@@ -24,6 +24,7 @@ from config import (LINK_FLAGS, Config, add_common_args, add_link_args, command_
 log = logging.getLogger('step2')
 FLAGS = {'objective': 'optim.objective', 'omega': 'optim.omega', 'batch_size': 'optim.batch_size',
          'steps': 'optim.steps', 'restarts': 'optim.restarts', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
+         'chain': 'optim.chain',
          **LINK_FLAGS}
 
 
@@ -42,6 +43,10 @@ def parse(argv):
     p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
                    "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
                    f'default {d.edge_profile})')
+    p.add_argument('--chain', help='also optimize a chain of devices, e.g. rpi4:wifi,jetson-orin-nano:ethernet,server '
+                   '(each device but the last with the link preset of its hop; device = edge | server: that side of '
+                   'the LUT, or a device profile: modelled), or a JSON file {"chain": [{"device": .., "link": ..}, '
+                   '..]}; predicted only, written to the "chain" field (default: none, the two-device split only)')
     p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo', help='closed loop: pseudo measures the '
                    'server part of the chosen configuration, its baselines and the loop.top_k best-predicted here '
                    '(edge part from the LUT); real measures them end to end through client_worker.py and the link '
@@ -71,6 +76,10 @@ def main(argv=None):
                'num_blocks': lut['num_blocks'], 'link': link.to_dict(), 'link_source': link_source,
                'feature_dtype': lut['feature_dtype'], 'edge': T.edge_info(lut)}
     payload.update(T.solve_step2(tables, T.unpruned_valid(lut), cfg.optim, cfg.seed))
+    if cfg.optim.chain:
+        from pipeline import chain as CH
+        chain, info = CH.chain_tables(lut, CH.parse_chain(cfg.optim.chain), cfg.optim.batch_size)
+        payload['chain'] = dict(info, **CH.solve_chain(chain, T.unpruned_valid(lut), cfg.optim, cfg.seed))
     t_loop = time.perf_counter()
     payload['mode'] = args.mode
     payload['closed_loop'] = CL.step2_closed_loop(cfg, lut, lut_file, tables, T.unpruned_valid(lut), payload,
@@ -85,6 +94,8 @@ def main(argv=None):
     print(T.table_text(payload))
     for line in CL.closed_loop_lines(payload['closed_loop']):
         print(line)
+    if 'chain' in payload:
+        print(CH.chain_text(payload['chain']))
     w = payload['wall_s']
     print(f'gap to the exact optimum: {payload["gap_pct"]:.3g} % (gradient descent alone, before the local search: '
           f'{payload["gradient_descent"]["gap_pct"]:.3g} %); solvers: relaxed {w["relaxed"]:.2f} s, exact '

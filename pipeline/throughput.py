@@ -166,3 +166,23 @@ def random_tables(rng: np.random.Generator, num_blocks: int, has_identity: Optio
     t = C.CostTables(edge, server, float(base.mean() * 0.1), float(base.mean() * 0.1 / ratio), link_bytes, bw,
                      float(rng.uniform(0.0, 0.2) * edge_total), int(batch))
     return t, valid
+
+
+def random_chain(rng: np.random.Generator, num_blocks: int, num_devices: int,
+                 has_identity: Optional[Sequence[bool]] = None, batch: int = 1) -> Tuple[C.ChainTables, np.ndarray]:
+    """A seeded random chain instance (tables, valid mask) of `num_devices` devices: `random_tables`' edge and
+    server as d_1 and d_K, the devices between them each 1.5-6x faster than the one before it (times varying
+    0.5-2x per layout independently), the last hop the instance's link and the hops before it 1-10x faster, each
+    with a one-way latency of 0-20 % of the edge's total time."""
+    t, valid = random_tables(rng, num_blocks, has_identity, batch)
+    devices, heads = [t.edge_ms], [t.edge_head_ms]
+    for _ in range(int(num_devices) - 2):
+        f = rng.uniform(1.5, 6.0)
+        devices.append(devices[-1] / f * rng.uniform(0.5, 2.0, t.edge_ms.shape))
+        heads.append(heads[-1] / f)
+    devices.append(t.server_ms)
+    heads.append(t.server_head_ms)
+    edge_total = float(np.nanmin(t.edge_ms, 1).sum())
+    links = [C.ChainLink(t.bandwidth_mbps * rng.uniform(1.0, 10.0), float(rng.uniform(0.0, 0.2) * edge_total))
+             for _ in range(int(num_devices) - 2)] + [C.ChainLink(t.bandwidth_mbps, t.latency_ms)]
+    return C.ChainTables(tuple(devices), tuple(heads), t.link_bytes, tuple(links), int(batch)), valid

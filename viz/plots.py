@@ -39,7 +39,7 @@ BASELINE_STYLE = {  # label, marker, color
 BRANCH_NAMES = {'D': '3x3 dense (D)', 'O': '1x1 (O)', 'I': 'identity (I)'}
 FORMATS = ('png', 'pdf')
 FIGURE_NAMES = ('accuracy_throughput_curve', 'domain_comparison', 'alpha_heatmap', 'gamma_heatmap', 'lut_heatmap_edge',
-                'lut_heatmap_server', 'stage_times', 'predicted_vs_measured')  # every figure step 4 can draw
+                'lut_heatmap_server', 'stage_times', 'predicted_vs_measured', 'chain_stages')  # every figure step 4 can draw
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -370,6 +370,39 @@ def stage_bars(rows: Sequence[Tuple[str, Stage]], title: str, separator: Optiona
 
 
 @_styled
+def chain_stage_bars(chain: Mapping[str, Any]) -> Figure:
+    """Step 2's chain section (--chain): per configuration (the chosen one, the exact optimum, the best split on at
+    most two computing devices) the predicted time of each of the chain's 2K - 1 stages, devices and links in
+    pipeline order, the bottleneck outlined; the blocks each device runs under the group."""
+    rows = [('chosen (GD + local search)', chain['predicted']), ('exact optimum', chain['exact']),
+            ('best with 2 computing devices', chain['best_two_device'])]
+    names = list(chain['exact']['stages_ms'])
+    fig = new_figure(max(7.5, 1.1 * len(names) * len(rows) / 2 + 2.5), 4.8)
+    ax = fig.subplots()
+    w = 0.8 / len(names)
+    x = np.arange(len(rows))
+    cmap = matplotlib.colormaps['tab10']
+    for s, name in enumerate(names):
+        is_link = s % 2 == 1
+        vals = [float(d['stages_ms'].get(name, 0.0)) for _, d in rows]
+        bars = ax.bar(x + (s - (len(names) - 1) / 2) * w, vals, w, color=cmap(s // 2) if not is_link else '#DD8452',
+                      hatch='//' if is_link else None, label=f'{name} (ms)', alpha=0.9)
+        for b, (_, d) in zip(bars, rows):
+            if d['bottleneck'] == name:
+                b.set_edgecolor('black')
+                b.set_linewidth(2)
+    labels = [f'{label}\n{d["throughput_fps"]:.3g} fps\nblocks {" ".join(f"{a}-{b}" for a, b in d["hop_blocks"])}'
+              for label, d in rows]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel('predicted stage time per batch (ms)')
+    ax.set_xlabel('configuration (predicted throughput; blocks start-end per device, a-a = none)')
+    ax.legend(loc='upper right', ncol=2, title='stage (links hatched; bottleneck outlined)')
+    ax.set_title(f'Chain {chain.get("description", "")}: predicted stage times '
+                 f'(chain {chain["chain_gain_pct"]:+.1f} % fps over 2 devices)')
+    return fig
+
+
+@_styled
 def predicted_vs_measured(points: Mapping[str, Sequence[Tuple[str, float, float]]]) -> Figure:
     """One scatter panel per quantity ('throughput (frames/s)', ...): measured vs predicted, y = x line."""
     fig = new_figure(4.2 * len(points) + 0.5, 4.2)
@@ -461,6 +494,8 @@ def figure_builders(inputs: Inputs) -> Tuple[Dict[str, Callable[[], Figure]], Li
                                               separator=len(s2 or {}))
     else:
         notes.append('neither step 2 nor step 3 results: stage_times skipped')
+    if inputs.step2 and inputs.step2.chain:
+        b['chain_stages'] = lambda: chain_stage_bars(inputs.step2.chain)
     pts = measured_points(res, inputs.step2.loop if inputs.step2 else None)
     if pts:
         b['predicted_vs_measured'] = lambda: predicted_vs_measured(pts)

@@ -130,6 +130,7 @@ class Step2View:
     exact_throughput_fps: Optional[float] = None
     gap_pct: Optional[float] = None
     loop: Optional[Dict[str, Any]] = None  # the closed loop (pipeline/closed_loop.py)
+    chain: Optional[Dict[str, Any]] = None  # the chain section (--chain, pipeline/chain.py), predicted
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,7 +227,8 @@ def load_step2(path: Path) -> Step2View:
     return Step2View(tuple(int(g) for g in obj['gammas']), int(obj['lam']),
                      stage_from(obj['predicted'], f'{where}: predicted'), base, base_lam,
                      exact.get('throughput_fps'), obj.get('gap_pct'),
-                     obj.get('closed_loop') if isinstance(obj.get('closed_loop'), dict) else None)
+                     obj.get('closed_loop') if isinstance(obj.get('closed_loop'), dict) else None,
+                     obj.get('chain') if isinstance(obj.get('chain'), dict) else None)
 
 
 def side_source(lut: Mapping[str, Any], side: str, batch: int) -> Tuple[str, str]:

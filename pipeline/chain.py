@@ -1,0 +1,161 @@
+"""Chains of K devices for steps 2 and 3 (docs/design.md#device-chains): the one chain description, its cost tables
+from a LUT, and step 2's chain section.
+
+A chain is described once, as `--chain` / `optim.chain`: devices in pipeline order, each but the last followed by
+the link preset of its hop to the next, e.g. 'rpi4:wifi,jetson-orin-nano:ethernet,server'; or the path of a JSON
+file {"chain": [{"device": "rpi4", "link": "wifi"}, {"device": "jetson-orin-nano", "link": "ethernet"},
+{"device": "server"}]}.  A device is 'edge' or 'server' (that side of the LUT, measured or modelled as step 1
+made it) or a device profile of timing/profiles.py (its side MODELLED by timing.lut.modelled_side for the LUT's
+model and input size); a link is a preset of timing.lut.LINK_PRESETS (bandwidth and rtt / 2 per hop).  Every
+hop carries the LUT's activation bytes at its split point (`lut.feature_dtype`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import numpy as np
+
+from config import ConfigError, OptimConfig
+from optim import cost as C
+from optim.exact import solve_chain_exact
+from optim.relax import solve_chain_relaxed
+from timing import lut as L
+from timing.profiles import PROFILES, get_profile
+
+LUT_DEVICES = ('edge', 'server')  # the LUT's own sides; any other device name is a profile (modelled)
+WHERE = '--chain / optim.chain'
+
+
+class Hop(NamedTuple):
+    device: str  # 'edge' | 'server' | a timing/profiles.py profile name
+    link: Optional[str]  # link preset to the next device (None for the last device)
+
+
+def describe_hops(hops: List[Hop]) -> str:
+    """The compact form of a chain, 'dev:link,dev:link,dev' (parse_chain's inverse)."""
+    return ','.join(h.device if h.link is None else f'{h.device}:{h.link}' for h in hops)
+
+
+def _check(hops: List[Hop], where: str) -> List[Hop]:
+    if len(hops) < 2:
+        raise ConfigError(f'{where}: a chain needs at least two devices, got {describe_hops(hops) or "nothing"}')
+    for j, h in enumerate(hops):
+        if h.device not in LUT_DEVICES and h.device not in PROFILES:
+            raise ConfigError(f'{where}: device {j + 1} {h.device!r} is neither a side of the LUT ('
+                              f'{", ".join(LUT_DEVICES)}) nor a device profile ({", ".join(sorted(PROFILES))})')
+        last = j == len(hops) - 1
+        if last and h.link is not None:
+            raise ConfigError(f'{where}: the last device {h.device!r} has no next hop; drop its link {h.link!r}')
+        if not last and h.link is None:
+            raise ConfigError(f'{where}: device {j + 1} {h.device!r} needs the link to the next device, as '
+                              f'{h.device}:<link> (links: {", ".join(L.LINK_PRESETS)})')
+        if not last and h.link not in L.LINK_PRESETS:
+            raise ConfigError(f'{where}: device {j + 1} {h.device!r}: unknown link preset {h.link!r}; valid '
+                              f'choices: {", ".join(L.LINK_PRESETS)}')
+    return hops
+
+
+def parse_chain(spec: str, where: str = WHERE) -> List[Hop]:
+    """The hops of a chain description (module docstring): the compact string or a JSON file (.json).
+    ConfigError naming the flag, file and field otherwise."""
+    spec = spec.strip()
+    if spec.endswith('.json'):
+        from config import resolve_path
+        path = resolve_path(spec)
+        try:
+            obj = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f'{where}: cannot read the chain file {path}: {e}') from None
+        items = obj.get('chain') if isinstance(obj, dict) else None
+        if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get('device'), str)
+                                                   for i in items):
+            raise ConfigError(f'{path}: field "chain" must be a list of {{"device": NAME, "link": PRESET}} '
+                              f'(no "link" on the last device)')
+        return _check([Hop(i['device'], i.get('link')) for i in items], f'{where} {path}')
+    hops = []
+    for part in spec.split(','):
+        dev, _, link = part.strip().partition(':')
+        hops.append(Hop(dev.strip(), link.strip() or None))
+    return _check(hops, where)
+
+
+def device_side(lut: Dict[str, Any], device: str, batch: int) -> Dict[str, Any]:
+    """One device of a chain: its (N, 14) stage table and head time at `batch`, and where they come from."""
+    if device in LUT_DEVICES:
+        side = lut[device]
+        ms, head = L.side_ms(lut, device, batch), L.head_ms(lut, device, batch)
+        return {'ms': ms, 'head_ms': head, 'source': side.get('source'),
+                'profile': (side.get('profile') or {}).get('name'),
+                'device_name': (side.get('metadata') or {}).get('device_name')}
+    prof = get_profile(device)
+    side = L.modelled_side(prof, lut['model'], lut['input_size'], [batch], side=device)
+    view = dict(lut, batch_sizes=[batch], **{'chain_device': side})
+    return {'ms': L.side_ms(view, 'chain_device', batch), 'head_ms': L.head_ms(view, 'chain_device', batch),
+            'source': 'modelled', 'profile': prof.name, 'device_name': prof.description}
+
+
+def chain_tables(lut: Dict[str, Any], hops: List[Hop], batch: int, feature_dtype: Optional[str] = None
+                 ) -> tuple:
+    """(ChainTables, info): the chain's cost tables from `lut` at `batch` and, per device and hop, where its
+    numbers come from (JSON-able)."""
+    dt = feature_dtype or lut['feature_dtype']
+    if dt not in lut['link_bytes']:
+        raise L.LutError(f'feature dtype {dt!r} not in the LUT; choices: {sorted(lut["link_bytes"])}')
+    sides = [device_side(lut, h.device, batch) for h in hops]
+    names = [h.device if [x.device for x in hops].count(h.device) == 1 else f'{h.device}#{j + 1}'
+             for j, h in enumerate(hops)]
+    presets = [L.LINK_PRESETS[h.link] for h in hops[:-1]]
+    link_names = [f'link{j + 1}:{p.name}' for j, p in enumerate(presets)]
+    c = C.ChainTables(tuple(s['ms'] for s in sides), tuple(s['head_ms'] for s in sides),
+                      np.asarray(lut['link_bytes'][dt], dtype=np.float64),
+                      tuple(C.ChainLink(float(p.bandwidth_mbps), float(p.latency_ms)) for p in presets), int(batch),
+                      tuple(names), tuple(link_names))
+    info = {'description': describe_hops(hops), 'feature_dtype': dt,
+            'devices': [dict(name=n, device=h.device, source=s['source'], profile=s['profile'],
+                             device_name=s['device_name']) for n, h, s in zip(names, hops, sides)],
+            'links': [dict(p.to_dict(), name=ln) for ln, p in zip(link_names, presets)]}
+    return c, info
+
+
+def solve_chain(c: C.ChainTables, valid: np.ndarray, opt: OptimConfig, seed: int) -> Dict[str, Any]:
+    """Step 2 over a chain (JSON-able, all PREDICTED by the cost model): the relaxed solver's choice and the exact
+    optimum, the gap, and the best split using at most two of the chain's devices (the others only forward; exact),
+    with the chain's throughput gain over it (chain_gain_pct, %).  Wall times only under `wall_s`."""
+    r = solve_chain_relaxed(c, valid, opt.objective, opt.omega, steps=opt.steps, restarts=opt.restarts, lr=opt.lr,
+                            tau_start=opt.tau_start, tau_end=opt.step2_tau_end, rng=np.random.default_rng(int(seed)))
+    ex = solve_chain_exact(c, valid, opt.objective, opt.omega)
+    t0 = time.perf_counter()
+    two = solve_chain_exact(c, valid, opt.objective, opt.omega, max_active=2)
+    t_two = time.perf_counter() - t0
+    return {'num_devices': c.num_devices, 'num_split_vectors': ex.evaluated,
+            'gammas': r.gammas, 'lams': r.lams, 'hop_blocks': r.stages['hop_blocks'], 'predicted': r.stages,
+            'exact': dict(ex.stages, status=ex.status, evaluated=ex.evaluated),
+            'gap_pct': C.gap_pct(r.objective_ms, ex.objective_ms),
+            'gradient_descent': {'gammas': r.gd_gammas, 'lams': r.gd_lams, 'objective_ms': r.gd_objective_ms,
+                                 'gap_pct': C.gap_pct(r.gd_objective_ms, ex.objective_ms),
+                                 'description': 'argmax of the best restart before the local search'},
+            'best_two_device': dict(two.stages, evaluated=two.evaluated,
+                                    description='exact optimum among the split vectors under which at most two '
+                                                'devices compute (the others only forward), predicted'),
+            'chain_gain_pct': 100.0 * (ex.stages['throughput_fps'] / two.stages['throughput_fps'] - 1.0),
+            'history': {'restarts': r.history, 'winning_restart': r.restart, 'status': r.status},
+            'wall_s': {'relaxed': r.wall_s, 'exact': ex.wall_s, 'two_device': t_two}}
+
+
+def chain_text(section: Dict[str, Any]) -> str:
+    """Step 2's printed summary of its chain section: one line per configuration, stage times by name."""
+    lines = [f'chain {section["description"]} ({section["num_devices"]} devices, {section["num_split_vectors"]} '
+             f'split vectors), predicted:']
+    rows = [('chosen (GD + local search)', section['predicted']), ('exact optimum', section['exact'])]
+    rows.append(('best with two computing devices', section['best_two_device']))
+    for label, d in rows:
+        stages = ', '.join(f'{k} {v:.2f}' for k, v in d['stages_ms'].items())
+        lines.append(f'  {label}: lambda {d["lams"]}, blocks {d["hop_blocks"]}; {stages} ms; '
+                     f'{d["throughput_fps"]:.2f} fps, latency {d["latency_ms"]:.2f} ms, bottleneck {d["bottleneck"]}')
+    lines.append(f'  gap to the exact optimum {section["gap_pct"]:.3g} % (GD alone '
+                 f'{section["gradient_descent"]["gap_pct"]:.3g} %); chain vs best two devices: '
+                 f'{section["chain_gain_pct"]:+.1f} % throughput')
+    return '\n'.join(lines)

@@ -41,7 +41,8 @@ import hyper_repvgg as H
 FORMAT = 'hyperrepvgg-part'
 VERSION = 1
 META = '__meta__'
-PARTS = ('edge', 'server', 'stage')
+PARTS = ('edge', 'server')  # the two part files of a split at lambda
+PART_KINDS = PARTS + ('stage',)  # meta 'part': also one hop's range of a chain
 
 
 class PartFileError(ValueError):
@@ -56,8 +57,8 @@ def _deployed_blocks(model, lo, hi):
 def part_arrays(model, lam, part, input_size, mean=None, std=None, feature_dtype='fp32'):
     # type: (H.HyperRepVGG, int, str, int, Optional[Sequence[float]], Optional[Sequence[float]], str) -> Dict[str, np.ndarray]
     """The arrays of one part file (meta included) for `model` split at `lam`, in its current layouts."""
-    if part not in PARTS[:2]:
-        raise ValueError('part must be one of {}, got {!r}'.format(PARTS[:2], part))
+    if part not in PARTS:
+        raise ValueError('part must be one of {}, got {!r}'.format(PARTS, part))
     n = model.num_blocks
     if not 0 <= int(lam) <= n:
         raise ValueError('split lambda={} out of range 0..{}'.format(lam, n))
@@ -181,8 +182,9 @@ def read_meta(arrays, where):
     if meta.get('version') != VERSION:
         raise PartFileError('{}: {}.version is {!r}, this code reads {}; export the parts again'.format(
             where, META, meta.get('version'), VERSION))
-    if meta.get('part') not in PARTS:
-        raise PartFileError('{}: {}.part is {!r}, expected one of {}'.format(where, META, meta.get('part'), PARTS))
+    if meta.get('part') not in PART_KINDS:
+        raise PartFileError('{}: {}.part is {!r}, expected one of {}'.format(where, META, meta.get('part'),
+                                                                           PART_KINDS))
     try:
         lo, hi = part_range(meta)
         n = int(meta['num_blocks'])

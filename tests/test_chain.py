@@ -12,7 +12,7 @@ import torch
 import test_real_mode as R
 from comm import parts as PF
 from comm import protocol as P
-from comm.linkemu import LinkEmulator
+from comm.localdevice import LocalChain
 from comm.session import Hop, ServerSession, SessionError, predict_chain, run_chain
 from data.normalize import normalize_batch
 from test_hostile_peers import frame, wait_closed
@@ -51,48 +51,15 @@ def reference(net, images):
         return net(normalize_batch(images, R.MEAN, R.STD))
 
 
-class Chain:
-    """Two worker hops with a session each; hop 1 listens for hop 0; optional emulators on both data links."""
-
-    def __init__(self, tmp, rates=None, python1=None):
-        self.sessions = [ServerSession(port=0, token=TOKEN, connect_timeout_s=90, io_timeout_s=R.IO_TIMEOUT)
-                         for _ in range(2)]
-        self.emus, self.workers, self.logs = [], [], [tmp / 'hop0.log', tmp / 'hop1.log']
-        try:
-            port1 = self.sessions[1].port
-            if rates:  # link 1: hop 1 -> the server, through the emulator in front of hop 1's session
-                self.emus.append(LinkEmulator(('127.0.0.1', 0), ('127.0.0.1', port1), rates[1], 2.0).start())
-                port1 = self.emus[-1].port
-            self.workers.append(R.start_worker(port1, '--listen', '127.0.0.1:0', '--connect_timeout_s', '3',
-                                               python=python1 or R.sys.executable, token=TOKEN,
-                                               log_path=self.logs[1]))
-            self.hello1 = self.sessions[1].accept()
-            self.listen_port = self.hello1['listen_port']
-            nxt = self.listen_port
-            if rates:  # link 0: hop 0 -> hop 1's --listen
-                self.emus.append(LinkEmulator(('127.0.0.1', 0), ('127.0.0.1', nxt), rates[0], 2.0).start())
-                nxt = self.emus[-1].port
-            self.workers.append(R.start_worker(self.sessions[0].port, token=TOKEN, log_path=self.logs[0]))
-            self.hello0 = self.sessions[0].accept()
-            self.hops = [Hop(self.sessions[0], f'127.0.0.1:{nxt}'), Hop(self.sessions[1])]
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        for s in self.sessions:
-            s.close()
-        for w in self.workers:
-            R.stop(w)
-        for e in self.emus:
-            e.close()
+def start_chain(log_dir, rates=(None, None), pythons=None):
+    """comm.localdevice.LocalChain: hop 0 and hop 1 (listening for hop 0), a session each, the handshake deadline 3 s."""
+    return LocalChain(2, rates, 2.0, TOKEN, pythons, log_dir, io_timeout_s=R.IO_TIMEOUT, handshake_timeout_s=3)
 
 
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory):
-    c = Chain(tmp_path_factory.mktemp('chain'), RATES_MBPS)
-    yield c
-    c.close()
+    with start_chain(tmp_path_factory.mktemp('chain'), RATES_MBPS) as c:
+        yield c
 
 
 def test_chain_parts_cover_the_model_and_a_bad_chain_is_refused(net):
@@ -123,7 +90,7 @@ def test_chain_parts_cover_the_model_and_a_bad_chain_is_refused(net):
 def test_listening_hop_survives_hostile_peers_then_serves_the_chain(chain, net, images):
     """Whatever connects to hop 1's --listen first (garbage, silence, an oversized hello, a wrong token, a replayed
     proof, an authenticated connection of another run) is refused in one log line; the hop goes on."""
-    port = chain.listen_port
+    port = chain.hellos[1]['listen_port']
     attacks = {
         'garbage': (lambda s: s.sendall(os.urandom(200)), 'bad magic'),
         'silent': (lambda s: None, 'handshake deadline'),
@@ -148,7 +115,7 @@ def test_listening_hop_survives_hostile_peers_then_serves_the_chain(chain, net, 
             wait_closed(s, 8)  # the handshake deadline is 3 s (--connect_timeout_s)
         finally:
             s.close()
-        assert chain.workers[1].poll() is None, name
+        assert chain.procs[0].poll() is None, name  # procs: the last hop first
     # an authenticated connection of another run (a stale one) is dropped when the run starts
     stale = socket.create_connection(('127.0.0.1', port), timeout=10)
     stale.settimeout(10)
@@ -235,13 +202,11 @@ def test_a_failing_relay_hop_is_reported_and_the_chain_recovers(chain, net, imag
 
 def test_python36_torch110_relay_hop(py36_python, net, images, tmp_path):
     """The relay hop (it listens for hop 0, receives, computes, forwards) under the TX2's Python 3.6 + torch 1.10."""
-    c = Chain(tmp_path, python1=py36_python)
-    try:
-        assert c.hello1['python_version'].startswith('3.6') and c.hello1['torch_version'].startswith('1.10')
+    with start_chain(tmp_path, pythons=[R.sys.executable, str(py36_python)]) as c:
+        hello = c.hellos[1]
+        assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
         files = PF.chain_bytes(net, SPLITS, 32, R.MEAN, R.STD, feature_dtype='fp16')
         res = run_chain(files, c.hops, images[:8], torch.zeros(8), BATCH)
         assert res['stages'][1]['python_version'].startswith('3.6')
         assert torch.allclose(res['outputs'], reference(net, images[:8]), rtol=2e-2, atol=2e-2)  # fp16 features
-    finally:
-        c.close()
     assert 'Traceback' not in c.logs[1].read_text()

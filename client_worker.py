@@ -4,6 +4,7 @@ everywhere else the device is the "edge" (lut_edge.json, lut.edge_profile).
 
     python client_worker.py [--server_ip 127.0.0.1] [--port 6006] [--device cuda] [--token T | env HYPERREPVGG_TOKEN]
                             [--ssh user@host[:port] [--ssh_key FILE]]
+                            [--listen 127.0.0.1:PORT] [--next_ssh user@host[:port]]    (a hop of a chain of devices)
 
 It dials the server (directly, through a tunnel you opened with `ssh -N -L 6006:127.0.0.1:6006 user@server`,
 or through its own paramiko tunnel with --ssh), authenticates (with a token, only a server that proves it first
@@ -12,17 +13,27 @@ when a peer sends anything malformed or fails to prove the token, it logs one li
 exponential backoff (0.5 s doubling up to --backoff_max_s).  Between commands it expects the server's heartbeat:
 silence for comm.protocol.idle_timeout_s (4 heartbeats + 2 s) means the link or the server is gone, and it redials.  Commands: measure_lut (timing.measure, the
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
-hyper_repvgg.build_edge from raw tensors), load_part (the edge part from a part file, comm/parts.py), upload (uint8
-images), run (pipelined: the edge part runs batch after batch while a sender thread streams the features),
+hyper_repvgg.build_edge from raw tensors), load_part (this hop's part from a part file, comm/parts.py), upload
+(uint8 images), run (pipelined: the part runs batch after batch while a sender thread streams its output),
 round_trips (single requests with the result sent back), memory (peak RSS with the edge part against the full
-model).  A failing command answers an error frame; the worker stays usable.  Device-side: imports only
-hyper_repvgg, comm.protocol, comm.parts, data.normalize, timing.measure, timing.flops, numpy and torch (the files:
+model).  A failing command answers an error frame; the worker stays usable.
+
+A chain of devices (camera -> edge box -> server; comm.session.run_chain): every hop is this worker, each with its
+own connection to the server.  The first hop computes on uploaded images; a relay hop is started with --listen and
+takes the previous hop's stream there: each connection to it is authenticated first (the listening hop proves the
+token first, as the server does; a connection that fails is logged in one line and closed), and its first frame must
+name the run.  The last worker hop streams to the server on its own connection, any other dials the next hop's
+--listen address the server gives it (as seen from this hop: the next hop's address, the local end of an
+`ssh -N -L` tunnel, or through --next_ssh's paramiko tunnel).  Device-side: imports only
+hyper_repvgg, errors, comm.protocol, comm.parts, data.normalize, timing.measure, timing.flops, numpy and torch (the files:
 comm/bundle.py DEVICE_FILES).
 """
 import argparse
+import ipaddress
 import logging
 import os
 import queue
+import select
 import socket
 import sys
 import threading
@@ -42,10 +53,6 @@ from data.normalize import normalize_batch  # noqa: E402
 from timing import measure as M  # noqa: E402
 
 log = logging.getLogger('client_worker')
-
-
-class AuthRefused(P.ProtocolError):
-    """The server refused this worker, could not prove that it knows the token, or wants one we lack."""
 
 
 def _line(e):
@@ -106,7 +113,10 @@ class Worker(object):
         self.handshake_timeout_s = handshake_timeout_s
         self.edge = None
         self.edge_info = {}
+        self.part_meta = None  # the loaded part file's meta (load_part), for the warm-up input of a relay hop
         self.images = []
+        self.listener = None  # a Listener when this hop takes its input from a predecessor (--listen)
+        self.next_tunnel = None  # an SshTunnel to the successor (--next_ssh)
         self.lock = threading.Lock()
         self.heartbeat_s = 5.0
         self.started = False  # whether the last connection got through the handshake
@@ -118,45 +128,15 @@ class Worker(object):
         if self._info is None:
             info = M.device_metadata(self.device)
             info.update({'numpy_version': np.__version__, 'protocol_version': P.VERSION, 'pid': os.getpid(),
-                         'cuda_available': torch.cuda.is_available()})
+                         'cuda_available': torch.cuda.is_available(),
+                         'listen_port': self.listener.port if self.listener is not None else None})
             self._info = info
         return dict(self._info)
 
-    @staticmethod
-    def _expect(sock, kind, deadline):
-        frame = P.recv_frame(sock, P.PREAUTH_LIMITS, deadline)
-        if frame.kind == 'error':
-            raise AuthRefused('the server refused this worker: {}'.format(_line(frame.header.get('message'))))
-        if frame.kind != kind:
-            raise P.ProtocolError('expected a {} frame, got {}'.format(kind, frame.kind))
-        return frame
-
     def handshake(self, sock, deadline):
         """comm.protocol's version-2 handshake; returns the connection to use (a SecureChannel with a token)."""
-        ch = self._expect(sock, 'challenge', deadline)
-        hb, required = ch.header.get('heartbeat_s'), ch.header.get('auth_required')
-        if isinstance(hb, bool) or not isinstance(hb, (int, float)) or not 0.05 <= hb <= 3600:
-            raise P.ProtocolError('challenge: heartbeat_s must be 0.05..3600 s, got {!r}'.format(hb))
-        if not isinstance(required, bool):
-            raise P.ProtocolError('challenge: auth_required must be true or false, got {!r}'.format(required))
-        nonce_s, nonce_w = P.check_nonce(ch.header.get('nonce'), 'the server'), P.make_nonce()
-        P.send_frame(sock, 'hello', {'nonce': nonce_w})
-        proof = self._expect(sock, 'proof', deadline)
-        msg = None
-        if self.token and not P.check_proof(self.token, 'server', nonce_s, nonce_w, proof.header.get('mac')):
-            msg = 'the server could not prove that it holds the token (a wrong address, or the tokens differ)'
-        elif required and not self.token:
-            msg = 'the server requires a token: pass --token or set env {} on the device'.format(P.TOKEN_ENV)
-        if msg is not None:  # nothing of ours was sent but a fresh nonce
-            P.send_frame(sock, 'error', {'error': 'AuthRefused', 'message': msg})
-            raise AuthRefused(msg)
-        answer = {'info': self.hello_info()}
-        if self.token:
-            answer['mac'] = P.auth_proof(self.token, 'worker', nonce_s, nonce_w)
-        P.send_frame(sock, 'proof', answer)
-        self._expect(sock, 'welcome', deadline)
-        self.heartbeat_s = float(hb)
-        return P.SecureChannel(sock, P.session_key(self.token, nonce_s, nonce_w), 'worker') if self.token else sock
+        conn, self.heartbeat_s = P.dial_handshake(sock, self.token, self.hello_info(), deadline)
+        return conn
 
     def serve(self, sock):
         """Handshake, then answer requests until bye.  Returns normally on bye; raises ProtocolError on a drop,
@@ -273,8 +253,9 @@ class Worker(object):
                 'device': self.device, 'blocks': len(edge.blocks), 'threads': torch.get_num_threads()}, None
 
     def cmd_load_part(self, sock, frame):
-        """Load an edge part file (comm/parts.py: plain arrays, never unpickled) as the edge part: its bytes in the
-        tensor 'file', or args.path, a file already on this device.  Only the edge blocks are built."""
+        """Load a part file (comm/parts.py: plain arrays, never unpickled) as this hop's part: its bytes in the tensor
+        'file', or args.path, a file already on this device.  An edge part (blocks 0..lam-1), or any hop's stage of
+        a chain (blocks lo..hi-1, a server part included); only that part's blocks are built."""
         a = frame.header.get('args', {})
         data = frame.tensors.get('file')
         if data is not None:
@@ -288,23 +269,31 @@ class Worker(object):
             edge, meta = PF.load_part(source)
         except PF.PartFileError as e:
             raise CommandError('load_part: {}'.format(e))
-        if meta['part'] != 'edge':
-            raise CommandError('load_part: {} is a {} part file; the device runs the edge part'.format(
-                a.get('path') or 'the file', meta['part']))
-        if meta['mean'] is None or meta['std'] is None or meta['feature_dtype'] not in ('fp32', 'fp16'):
+        lo, hi = PF.part_range(meta)
+        if (lo == 0 < hi and (meta['mean'] is None or meta['std'] is None)) or \
+                meta['feature_dtype'] not in ('fp32', 'fp16'):
             raise CommandError('load_part: the part file lacks the input normalization or feature dtype')
         self.edge = edge.to(self.device)
-        self.edge_info = {'lam': int(meta['lam']), 'num_blocks': int(meta['num_blocks']), 'mean': meta['mean'],
+        self.edge_info = {'lo': lo, 'lam': hi, 'num_blocks': int(meta['num_blocks']), 'mean': meta['mean'],
                           'std': meta['std'], 'feature_dtype': meta['feature_dtype']}
-        size = int(meta['input_size'])
-        self.forward(torch.zeros(1, 3, size, size, dtype=torch.uint8))  # one untimed warm-up pass
+        self.part_meta = meta
+        self.forward(self.warmup_input(1))  # one untimed warm-up pass
         if isinstance(source, bytes):
             raw = source
         else:
             with open(source, 'rb') as f:
                 raw = f.read()
-        return {'load_ms': (time.monotonic() - t0) * 1e3, 'lam': int(meta['lam']), 'blocks': len(edge.blocks),
-                'bytes': len(raw), 'sha256': PF.sha256_hex(raw), 'device': self.device}, None
+        return {'load_ms': (time.monotonic() - t0) * 1e3, 'lam': hi, 'lo': lo, 'part': meta['part'],
+                'blocks': len(edge.blocks), 'bytes': len(raw), 'sha256': PF.sha256_hex(raw), 'device': self.device}, \
+            None
+
+    def warmup_input(self, batch):
+        """A batch of what this hop's part takes (uint8 images when it starts at block 0), for untimed warm-ups."""
+        meta = self.part_meta
+        if meta is None or self.edge_info.get('lo', 0) == 0:
+            size = int(meta['input_size']) if meta is not None else 8
+            return torch.zeros(batch, 3, size, size, dtype=torch.uint8)
+        return PF.part_input(meta, batch)
 
     def cmd_memory(self, sock, frame):
         """Memory of the edge part against the full model on this device: the part files (uint8 tensors 'edge_file',
@@ -371,27 +360,72 @@ class Worker(object):
         return {'samples': int(sum(len(c) for c in self.images))}, None
 
     def forward(self, x):
-        """uint8 batch -> what crosses the link: the images (lambda 0), features (fp32/fp16) or logits (lambda N)."""
+        """A batch in -> what crosses the next link: this hop's blocks lo..lam-1 on it (uint8 images are normalized
+        when lo == 0, features cast to float32), fp16 features when asked, the logits after block N-1; an empty part
+        passes on what it receives (the uint8 images at lambda 0)."""
         info = self.edge_info
-        if info['lam'] == 0:
+        lo = info.get('lo', 0)
+        if info['lam'] == lo:
             return x
         with torch.no_grad():
-            y = self.edge(normalize_batch(x.to(self.device), info['mean'], info['std']))
+            x = x.to(self.device)
+            y = self.edge(normalize_batch(x, info['mean'], info['std']) if lo == 0 else x.float())
             if info['feature_dtype'] == 'fp16' and info['lam'] < info['num_blocks']:
                 y = y.half()
             return y.cpu()
 
     def cmd_run(self, sock, frame):
-        """Pipelined run: compute batch i+1 while a sender thread streams batch i (bounded queue)."""
+        """Pipelined run: compute batch i+1 while a sender thread streams batch i (bounded queue).
+
+        args.source 'images' (default; the first hop): the uploaded images; 'upstream' (a relay hop of a chain): the
+        predecessor's stream on --listen, the connection whose first frame names run args.run, read by a receiver
+        thread.  Results go to the server on this connection, or with args.next (HOST:PORT as seen from this hop:
+        the successor's --listen or a tunnel to it) to the successor, over an authenticated connection of their own
+        (this hop dials, the successor proves first), closed by a bye frame.  A failing data link is a command error:
+        this connection to the server stays up."""
         if self.edge is None:
-            raise CommandError('run: no edge part loaded (send load_edge first)')
-        if not self.images:
-            raise CommandError('run: no images uploaded (send upload first)')
+            raise CommandError('run: no edge part loaded (send load_edge or load_part first)')
         a = frame.header.get('args', {})
-        bs = int(a['batch_size'])
-        images = torch.from_numpy(np.concatenate(self.images) if len(self.images) > 1 else self.images[0])
-        n_batches = -(-len(images) // bs)
-        q = queue.Queue(maxsize=max(1, int(a.get('queue', 2))))
+        bs, source, nxt, tag = int(a['batch_size']), a.get('source', 'images'), a.get('next'), str(a.get('run', ''))
+        up = down = None
+        try:
+            if source == 'images':
+                if not self.images:
+                    raise CommandError('run: no images uploaded (send upload first)')
+                images = torch.from_numpy(np.concatenate(self.images) if len(self.images) > 1 else self.images[0])
+                batches = ((i, images[i * bs:(i + 1) * bs], None) for i in range(-(-len(images) // bs)))
+                warm = images[:bs]
+            elif source == 'upstream':
+                if self.listener is None:
+                    raise CommandError('run: source "upstream" needs this hop started with --listen HOST:PORT')
+                warm = self.warmup_input(bs)
+                up = Upstream(self.listener.take(tag, self.io_timeout_s, lambda: server_gone(sock, self.limits)),
+                              self.limits, self.io_timeout_s)
+                batches = up.batches()
+            else:
+                raise CommandError('run: args.source must be "images" or "upstream", got {!r}'.format(source))
+            if nxt:
+                down = self.dial_next(str(nxt), tag)
+            result = self.pipeline(batches, down if down is not None else sock, None if down is not None else
+                                   self.lock, max(1, int(a.get('queue', 2))), warm)
+            if down is not None:
+                try:
+                    P.send_frame(down, 'bye', {'batches': result['batches']})
+                except P.ProtocolError as e:
+                    raise CommandError('run: the link to the next hop at {} failed at the end: {}'.format(nxt, _line(e)))
+        finally:
+            for c in (up, down):
+                if c is not None:
+                    try:
+                        c.close()
+                    except OSError:
+                        pass
+        return result, None
+
+    def pipeline(self, batches, out, lock, queue_size, warm):
+        """Compute each (index, batch, receive stamps) of `batches` while a sender thread sends the previous result
+        on `out` as a features frame: the per-batch timings of this hop (its own clock)."""
+        q = queue.Queue(maxsize=queue_size)
         stop, errors, sent = threading.Event(), [], {}
 
         def sender():
@@ -402,24 +436,25 @@ class Worker(object):
                 i, y, edge_start, edge_ms = item
                 t0 = time.monotonic()
                 try:
-                    P.send_frame(sock, 'features', {'batch': i, 'edge_start': edge_start, 'edge_ms': edge_ms,
-                                                    'send_start': t0}, [('x', y)], lock=self.lock)
+                    n = P.send_frame(out, 'features', {'batch': i, 'edge_start': edge_start, 'edge_ms': edge_ms,
+                                                       'send_start': t0}, [('x', y)], lock=lock)
                 except P.ProtocolError as e:
                     errors.append(e)
                     stop.set()
                     return
-                sent[i] = (time.monotonic() - t0) * 1e3
+                sent[i] = (t0, (time.monotonic() - t0) * 1e3, n)
 
-        self.forward(images[:bs])  # untimed warm-up (first-call allocations, cuDNN autotuning)
+        if warm is not None:
+            self.forward(warm)  # untimed warm-up (first-call allocations, cuDNN autotuning)
         thread = threading.Thread(target=sender, name='sender', daemon=True)
         thread.start()
-        per_batch = []
+        per_batch, samples = [], 0
         try:
-            for i in range(n_batches):
+            for i, x, received in batches:
                 if stop.is_set():
                     break
                 t0 = time.monotonic()
-                y = self.forward(images[i * bs:(i + 1) * bs])
+                y = self.forward(x)
                 edge_ms = (time.monotonic() - t0) * 1e3
                 t1 = time.monotonic()
                 while not stop.is_set():
@@ -428,7 +463,10 @@ class Worker(object):
                         break
                     except queue.Full:
                         continue
-                per_batch.append({'batch': i, 'edge_ms': edge_ms, 'queue_wait_ms': (time.monotonic() - t1) * 1e3})
+                row = {'batch': i, 'edge_ms': edge_ms, 'compute_start': t0, 'queue_wait_ms': (time.monotonic() - t1) * 1e3}
+                row.update(received or {})
+                per_batch.append(row)
+                samples += int(len(x))
         finally:
             while thread.is_alive():
                 try:
@@ -438,10 +476,203 @@ class Worker(object):
                     continue
             thread.join()
         if errors:
+            if lock is None:  # the data link to the next hop, not this connection to the server
+                raise CommandError('run: the link to the next hop failed: {}'.format(_line(errors[0])))
             raise errors[0]
         for row in per_batch:
-            row['send_ms'] = sent.get(row['batch'])
-        return {'batches': n_batches, 'samples': int(len(images)), 'per_batch': per_batch}, None
+            send_start, send_ms, nbytes = sent.get(row['batch'], (None, None, None))
+            row.update({'send_start': send_start, 'send_ms': send_ms, 'frame_bytes': nbytes})
+        return {'batches': len(per_batch), 'samples': samples, 'per_batch': per_batch}
+
+    def dial_next(self, addr, tag):
+        """The authenticated connection to the successor's --listen at `addr` (HOST:PORT, through --next_ssh's
+        tunnel when given), announced as run `tag`."""
+        host, _, port = addr.rpartition(':')
+        host = host.strip('[]')
+        if not host or not port.isdigit():
+            raise CommandError('run: args.next must be HOST:PORT, got {!r}'.format(addr))
+        sock = None
+        try:
+            if self.next_tunnel is not None:
+                sock = self.next_tunnel.open(host, int(port))
+            else:
+                sock = socket.create_connection((host, int(port)), timeout=self.handshake_timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                P.tune_keepalive(sock, 10)
+            sock.settimeout(self.handshake_timeout_s)
+            conn, _ = P.dial_handshake(sock, self.token, self.hello_info(), time.monotonic() + self.handshake_timeout_s,
+                                       peer='the next hop at ' + addr)
+            conn.settimeout(self.io_timeout_s)
+            P.send_frame(conn, 'request', {'cmd': 'stream', 'run': tag})
+            return conn
+        except (OSError, P.ProtocolError) as e:
+            if sock is not None:
+                sock.close()
+            raise CommandError('run: cannot stream to the next hop at {}: {}'.format(addr, _line(e)))
+
+
+def server_gone(conn, limits):
+    # type: (object, P.Limits) -> bool
+    """Whether the server closed this connection (or sent anything but heartbeats) while a command runs: reads the
+    heartbeats waiting on it (nothing else arrives during a command).  A paramiko Channel is not looked at (its
+    transport has a keepalive of its own)."""
+    raw = getattr(conn, 'sock', conn)
+    if not isinstance(raw, socket.socket):
+        return False
+    try:
+        while select.select([raw], [], [], 0)[0]:
+            old = raw.gettimeout()
+            raw.settimeout(2.0)  # a heartbeat is one small write: it is here whole or comes at once
+            try:
+                frame = P.recv_frame(conn, limits)
+            finally:
+                raw.settimeout(old)
+            if frame.kind != 'heartbeat':
+                return True
+    except (P.ProtocolError, OSError, ValueError):
+        return True
+    return False
+
+
+class Upstream(object):
+    """A relay hop's input: a thread reads the predecessor's features frames into a bounded queue (a slower stage
+    here back-pressures the link), each with the time this hop was ready for it and the time it had all of it."""
+
+    def __init__(self, conn, limits, io_timeout_s, size=2):
+        self.conn, self.limits, self.io_timeout_s = conn, limits, io_timeout_s
+        self.frames = queue.Queue(maxsize=size)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name='upstream', daemon=True)
+        self.thread.start()
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.frames.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _loop(self):
+        while not self.stop.is_set():
+            ready = time.monotonic()
+            try:
+                f = P.recv_frame(self.conn, self.limits)
+            except P.ProtocolError as e:
+                self._put(e)
+                return
+            if f.kind == 'heartbeat':
+                continue
+            if f.kind == 'bye':
+                self._put(None)
+                return
+            if f.kind != 'features' or 'x' not in f.tensors:
+                self._put(P.ProtocolError('a {} frame in its stream (expected features with tensor x)'.format(f.kind)))
+                return
+            self._put((f, ready, time.monotonic()))
+
+    def batches(self):
+        """(index, batch, receive stamps) of each streamed batch, in order, until the predecessor's bye."""
+        expected = 0
+        while True:
+            try:
+                item = self.frames.get(timeout=self.io_timeout_s + 5)
+            except queue.Empty:
+                raise CommandError('run: the predecessor sent nothing for {:.3g} s'.format(self.io_timeout_s))
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise CommandError('run: the link from the predecessor failed: {}'.format(_line(item)))
+            f, ready, done = item
+            if f.header.get('batch') != expected:
+                raise CommandError('run: the predecessor sent batch {!r} where {} was due'.format(
+                    f.header.get('batch'), expected))
+            x = f.tensors['x']
+            yield expected, torch.from_numpy(x), {'recv_ready': ready, 'recv_done': done, 'bytes_in': int(x.nbytes)}
+            expected += 1
+
+    def close(self):
+        self.stop.set()
+        self.conn.close()
+        self.thread.join(5)
+
+
+class Listener(object):
+    """A hop's socket for its predecessor in a chain (--listen): a thread accepts each connection and authenticates
+    it with comm.protocol's handshake in the server role (this hop proves first; small pre-auth frames, one
+    deadline), and queues the authenticated ones for the next run.  Whatever a connection sends or fails to send,
+    it is logged in one line and closed; the hop goes on."""
+
+    def __init__(self, host, port, token, handshake_timeout_s, limits, backlog=4):
+        self.token, self.handshake_timeout_s, self.limits = token, handshake_timeout_s, limits
+        family = socket.AF_INET6 if ':' in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(8)
+        except OSError as e:
+            self.sock.close()
+            raise SystemExit('--listen {}:{}: cannot listen there ({})'.format(host, port, e))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.ready = queue.Queue(maxsize=backlog)
+        self.thread = threading.Thread(target=self._loop, name='listener', daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:  # closed
+                return
+            peer = '{}:{}'.format(addr[0], addr[1])
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                P.tune_keepalive(conn, 10)
+                conn.settimeout(self.handshake_timeout_s)
+                _, ch = P.answer_handshake(conn, self.token, 5.0, time.monotonic() + self.handshake_timeout_s,
+                                           peer='the predecessor at ' + peer)
+            except Exception as e:  # noqa: BLE001 - whatever a peer sends, the hop survives it
+                log.warning('--listen: connection from %s refused: %s', peer, _line(e))
+                conn.close()
+                continue
+            try:
+                self.ready.put_nowait((ch, peer))
+            except queue.Full:
+                log.warning('--listen: %d authenticated connections wait for a run already; closing the one from %s',
+                            self.ready.maxsize, peer)
+                ch.close()
+
+    def take(self, tag, timeout_s, cancelled=lambda: False):
+        """The predecessor's authenticated connection whose first frame announces run `tag`; connections of other
+        runs (stale ones) are closed.  CommandError after timeout_s without one, or as soon as cancelled()."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CommandError('run: no predecessor streamed run {} to --listen {}:{} within {:.3g} s'.format(
+                    tag, self.host, self.port, timeout_s))
+            if cancelled():
+                raise CommandError('run: the server dropped the session while this hop waited for its predecessor')
+            try:
+                ch, peer = self.ready.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            why = None
+            try:
+                ch.settimeout(max(0.1, min(left, self.handshake_timeout_s)))
+                f = P.recv_frame(ch, self.limits)
+                if f.kind == 'request' and f.header.get('cmd') == 'stream' and f.header.get('run') == tag:
+                    ch.settimeout(timeout_s)  # the stream: the hop's io timeout
+                    return ch
+                why = 'a {} frame announcing run {!r}'.format(f.kind, f.header.get('run'))
+            except P.ProtocolError as e:
+                why = _line(e)
+            log.warning('--listen: dropping the connection from %s, not run %s (%s)', peer, tag, why)
+            ch.close()
+
+    def close(self):
+        self.sock.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,7 +752,7 @@ def session_once(worker, args, tunnel):
     why = None
     try:
         worker.serve(sock)
-    except AuthRefused as e:
+    except P.AuthRefused as e:
         why = _line(e)
     except P.ProtocolError as e:  # before the handshake e.g. an ssh -L tunnel with nothing behind it yet
         why = _line(e) if worker.started else 'no session ({})'.format(_line(e))
@@ -558,6 +789,15 @@ def parse_args(argv=None):
                    '~/.ssh/known_hosts)')
     p.add_argument('--ssh_accept_unknown', action='store_true', help='accept an unknown SSH host key (insecure; '
                    'default: off, unknown hosts are refused)')
+    p.add_argument('--listen', default=None, metavar='HOST:PORT', help='also listen there for the predecessor of '
+                   'this hop in a chain of devices (a relay hop: it receives the previous hop\'s features there and '
+                   'forwards its own to the next hop or the server); port 0 picks a free one, logged and reported to '
+                   'the server (default: none, this hop takes uploaded images)')
+    p.add_argument('--allow_remote', action='store_true', help='let --listen bind an address other than loopback '
+                   '(then use a token; default: off, loopback only, reached through an SSH tunnel)')
+    p.add_argument('--next_ssh', default=None, metavar='USER@HOST[:PORT]', help='reach the next hop through a '
+                   'paramiko SSH tunnel to this host (the run\'s next address is then as seen from it; --ssh_key and '
+                   '--ssh_known_hosts apply; default: none, dial the next address directly or through your `ssh -L`)')
     p.add_argument('--connect_timeout_s', type=float, default=10.0, help='timeout of one dial, and of the whole '
                    'handshake after it, in s (default: 10)')
     p.add_argument('--io_timeout_s', type=float, default=120.0, help='timeout of one send/receive within a command '
@@ -574,7 +814,26 @@ def parse_args(argv=None):
             p.error('--{}: expected a finite number > 0, got {}'.format(name, v))
     if not 0 <= args.port <= 65535:
         p.error('--port: expected 0..65535, got {}'.format(args.port))
+    if args.listen is not None:
+        host, _, port = args.listen.rpartition(':')
+        host = host.strip('[]')
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            p.error('--listen: expected HOST:PORT with a port 0..65535, got {!r}'.format(args.listen))
+        if not is_loopback(host) and not args.allow_remote:
+            p.error('--listen {}: not a loopback address; the predecessor reaches this hop through an SSH tunnel to '
+                    '127.0.0.1. To listen there anyway add --allow_remote (then use a token)'.format(args.listen))
+        args.listen = (host, int(port))
     return args
+
+
+def is_loopback(host):
+    # type: (str) -> bool
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv=None):
@@ -589,6 +848,14 @@ def main(argv=None):
     if args.ssh:
         tunnel = SshTunnel(args.ssh, args.ssh_key, args.ssh_known_hosts, args.ssh_accept_unknown,
                            args.connect_timeout_s)
+    if args.next_ssh:
+        worker.next_tunnel = SshTunnel(args.next_ssh, args.ssh_key, args.ssh_known_hosts, args.ssh_accept_unknown,
+                                       args.connect_timeout_s)
+    if args.listen is not None:
+        worker.listener = Listener(args.listen[0], args.listen[1], token, args.connect_timeout_s, worker.limits)
+        if not token and not is_loopback(args.listen[0]):
+            log.warning('--listen %s:%d is reachable from other machines WITHOUT a token', *args.listen)
+        log.info('listening for the predecessor on %s:%d', worker.listener.host, worker.listener.port)
     log.info('worker pid %d, device %s, python %s, torch %s, dialing %s:%d%s%s', os.getpid(), device,
              sys.version.split()[0], torch.__version__, args.server_ip, args.port,
              ' via ssh ' + args.ssh if args.ssh else '', ', token set' if token else '')

@@ -30,6 +30,7 @@ DEVICE_FILES: Tuple[str, ...] = (
     'client_worker.py',
     'step1_measure_lut.py',
     'hyper_repvgg.py',
+    'errors.py',
     'comm/__init__.py',
     'comm/protocol.py',
     'comm/parts.py',

@@ -140,6 +140,80 @@ class LocalDevice:
         return subprocess.call(cmd, cwd=str(REPO), preexec_fn=_pinned(self.server_cores))
 
 
+class LocalChain:
+    """A chain of devices on this machine (comm.session.run_chain over loopback): `workers` client_worker.py
+    processes, hop k with a ServerSession of its own, every hop after the first listening for its predecessor on a
+    free loopback port, and a link emulator (comm/linkemu.py, in this process) on each data link: rates_mbps[k] is
+    the link from hop k to hop k+1, the last one from the last worker hop to this server (None: that link direct).
+    .hops is run_chain's argument, .hellos the workers' infos, .logs their log files; a context manager (close()
+    stops the workers and emulators and closes the sessions).  `pythons` gives each hop's interpreter."""
+
+    def __init__(self, workers: int = 2, rates_mbps: Optional[Sequence[Optional[float]]] = None,
+                 delay_ms: float = 2.0, token: Optional[str] = None, pythons: Optional[Sequence[str]] = None,
+                 log_dir: Optional[Path] = None, io_timeout_s: float = 60.0, connect_timeout_s: float = 90.0,
+                 handshake_timeout_s: float = 10.0) -> None:
+        from comm.linkemu import LinkEmulator
+        from comm.session import Hop, ServerSession
+        rates = list(rates_mbps) if rates_mbps is not None else [None] * workers
+        pythons = list(pythons) if pythons is not None else [sys.executable] * workers
+        if workers < 1 or len(rates) != workers or len(pythons) != workers:
+            raise LocalDeviceError(f'a local chain of {workers} worker hops needs {workers} link rates (hop k -> '
+                                   f'k+1, the last -> this server) and interpreters, got {len(rates)} and '
+                                   f'{len(pythons)}')
+        self.log_dir = Path(log_dir or REPO / 'results' / 'local_chain')
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [self.log_dir / f'hop{k}.log' for k in range(workers)]
+        self.sessions = [ServerSession(port=0, token=token, connect_timeout_s=connect_timeout_s,
+                                       io_timeout_s=io_timeout_s) for _ in range(workers)]
+        self.emus: List[LinkEmulator] = []
+        self.procs: List[subprocess.Popen] = []
+        self.hellos: List[dict] = [{}] * workers
+        env = {k: v for k, v in os.environ.items() if k != 'HYPERREPVGG_TOKEN'}
+        if token is not None:
+            env['HYPERREPVGG_TOKEN'] = token
+        next_addr: List[Optional[str]] = [None] * workers
+        try:
+            target = None  # where the hop started next sends its output: None = its session
+            for k in reversed(range(workers)):  # the last hop first: each hop's --listen port is known before
+                dest = target if target is not None else self.sessions[k].port  # its data link's far end
+                if rates[k] is not None:
+                    self.emus.append(LinkEmulator(('127.0.0.1', 0), ('127.0.0.1', dest), rates[k], delay_ms).start())
+                    dest = self.emus[-1].port
+                control = dest  # the last worker hop's data link is its session
+                if target is not None:
+                    next_addr[k], control = f'127.0.0.1:{dest}', self.sessions[k].port
+                cmd = [pythons[k], str(REPO / 'client_worker.py'), '--port', str(control), '--device', 'cpu',
+                       '--threads', '1', '--backoff_max_s', '1', '--connect_timeout_s', str(handshake_timeout_s)]
+                if k > 0:
+                    cmd += ['--listen', '127.0.0.1:0']
+                with open(self.logs[k], 'w') as out:
+                    self.procs.append(subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=out,
+                                                       stderr=subprocess.STDOUT))
+                self.hellos[k] = self.sessions[k].accept()
+                target = self.hellos[k].get('listen_port')
+            self.hops = [Hop(self.sessions[k], next_addr[k]) for k in range(workers)]
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> 'LocalChain':
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        for e in self.emus:
+            e.close()
+        self.procs, self.emus = [], []
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--port', type=int, default=0, help='server port the session listens on; 0 = a free one, '

@@ -4,16 +4,20 @@ DEVICE-SIDE module (Python 3.6 + torch 1.10 + numpy, no torchvision, no config.p
 JSON line).  A part file is a NumPy `.npz` archive of plain numeric arrays, read with `allow_pickle=False`, so
 loading one never unpickles anything (a copied file, or bytes that came over the link, are equally safe):
 
-    __meta__            uint8: UTF-8 JSON {format, version, part ('edge' | 'server'), arch (RepVGG.spec_dict()),
-                        lam, num_blocks, blocks: [{index, name, layout, kinds}], head, input_size, mean, std,
-                        feature_dtype}
+    __meta__            uint8: UTF-8 JSON {format, version, part ('edge' | 'server' | 'stage'), arch
+                        (RepVGG.spec_dict()), lam, lo, hi, num_blocks, blocks: [{index, name, layout, kinds}], head,
+                        input_size, mean, std, feature_dtype}; the part holds blocks lo..hi-1 (edge: 0..lam-1,
+                        server: lam..N-1, stage: one hop's range of a chain, lam = hi; files without lo/hi are read
+                        by their part and lam)
     block<k>.w<i>       float32: kernel (conv: (out, in / groups, k, k)) or scale (affine: (C,)) of part i of block k
     block<k>.b<i>       float32: bias of part i of block k, (out,)
     linear.weight/bias  float32: the classifier (in the server part; in the edge part when lam == N, and then the
                         server part is empty)
 
 `part_bytes(model, lam, 'edge' | 'server', ...)` makes the bytes of one part from a HyperRepVGG in its current
-configuration (kept sets and layouts); `load_part(path_or_bytes)` rebuilds a `hyper_repvgg.SplitPart` of
+configuration (kept sets and layouts), `stage_bytes(model, lo, hi, ...)` those of one hop's blocks lo..hi-1 in a
+chain of devices (the classifier with the stage that ends at N), `chain_bytes(model, splits, ...)` all K parts of a
+split vector; `load_part(path_or_bytes)` rebuilds a `hyper_repvgg.SplitPart` of
 `DeployedBlock`s straight from the arrays and the block plan, allocating only that part's blocks (never the full
 model).  `memory_probe(...)` / `python -m comm.parts --probe FILE [FILE ...]` loads part files in a fresh process,
 runs one forward pass and reports its peak RSS (resource.getrusage) and, on a GPU, torch.cuda.max_memory_allocated.
@@ -37,7 +41,8 @@ import hyper_repvgg as H
 FORMAT = 'hyperrepvgg-part'
 VERSION = 1
 META = '__meta__'
-PARTS = ('edge', 'server')
+PARTS = ('edge', 'server')  # the two part files of a split at lambda
+PART_KINDS = PARTS + ('stage',)  # meta 'part': also one hop's range of a chain
 
 
 class PartFileError(ValueError):
@@ -59,7 +64,23 @@ def part_arrays(model, lam, part, input_size, mean=None, std=None, feature_dtype
         raise ValueError('split lambda={} out of range 0..{}'.format(lam, n))
     lam = int(lam)
     lo, hi = (0, lam) if part == 'edge' else (lam, n)
-    head = (part == 'server') == (lam < n)  # the classifier runs wherever block N-1's output is (none: lam == N server)
+    return _range_arrays(model, lo, hi, part, lam, input_size, mean, std, feature_dtype)
+
+
+def stage_arrays(model, lo, hi, input_size, mean=None, std=None, feature_dtype='fp32'):
+    # type: (H.HyperRepVGG, int, int, int, Optional[Sequence[float]], Optional[Sequence[float]], str) -> Dict[str, np.ndarray]
+    """The arrays of the part file of one hop of a chain: blocks lo..hi-1 (the classifier too when hi == N and the
+    stage is not empty; an empty stage passes on what it receives)."""
+    n = model.num_blocks
+    if not 0 <= int(lo) <= int(hi) <= n:
+        raise ValueError('stage blocks {}..{} out of range: need 0 <= lo <= hi <= {}'.format(lo, hi, n))
+    return _range_arrays(model, int(lo), int(hi), 'stage', int(hi), input_size, mean, std, feature_dtype)
+
+
+def _range_arrays(model, lo, hi, part, lam, input_size, mean, std, feature_dtype):
+    # type: (H.HyperRepVGG, int, int, str, int, int, Optional[Sequence[float]], Optional[Sequence[float]], str) -> Dict[str, np.ndarray]
+    n = model.num_blocks
+    head = hi == n and lo < hi  # the classifier runs wherever block N-1's output is
     arrays = {}
     blocks = []
     with torch.no_grad():
@@ -72,20 +93,50 @@ def part_arrays(model, lam, part, input_size, mean=None, std=None, feature_dtype
         if head:
             arrays['linear.weight'] = model.linear.weight.detach().cpu().float().numpy()
             arrays['linear.bias'] = model.linear.bias.detach().cpu().float().numpy()
-    meta = {'format': FORMAT, 'version': VERSION, 'part': part, 'arch': model.spec_dict(), 'lam': lam,
-            'num_blocks': n, 'blocks': blocks, 'head': head, 'input_size': int(input_size),
+    meta = {'format': FORMAT, 'version': VERSION, 'part': part, 'arch': model.spec_dict(), 'lam': lam, 'lo': lo,
+            'hi': hi, 'num_blocks': n, 'blocks': blocks, 'head': head, 'input_size': int(input_size),
             'mean': None if mean is None else [float(v) for v in mean],
             'std': None if std is None else [float(v) for v in std], 'feature_dtype': str(feature_dtype)}
     arrays[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode('utf-8'), dtype=np.uint8)
     return arrays
 
 
+def _npz_bytes(arrays):
+    # type: (Dict[str, np.ndarray]) -> bytes
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # uncompressed: the weights are what they are, and loading stays fast
+    return buf.getvalue()
+
+
 def part_bytes(model, lam, part, input_size, mean=None, std=None, feature_dtype='fp32'):
     # type: (H.HyperRepVGG, int, str, int, Optional[Sequence[float]], Optional[Sequence[float]], str) -> bytes
-    """The .npz bytes of one part file (uncompressed: the weights are what they are, and loading stays fast)."""
-    buf = io.BytesIO()
-    np.savez(buf, **part_arrays(model, lam, part, input_size, mean, std, feature_dtype))
-    return buf.getvalue()
+    """The .npz bytes of one part file."""
+    return _npz_bytes(part_arrays(model, lam, part, input_size, mean, std, feature_dtype))
+
+
+def stage_bytes(model, lo, hi, input_size, mean=None, std=None, feature_dtype='fp32'):
+    # type: (H.HyperRepVGG, int, int, int, Optional[Sequence[float]], Optional[Sequence[float]], str) -> bytes
+    """The .npz bytes of the part file of one chain hop (stage_arrays)."""
+    return _npz_bytes(stage_arrays(model, lo, hi, input_size, mean, std, feature_dtype))
+
+
+def chain_bytes(model, splits, input_size, mean=None, std=None, feature_dtype='fp32'):
+    # type: (H.HyperRepVGG, Sequence[int], int, Optional[Sequence[float]], Optional[Sequence[float]], str) -> List[bytes]
+    """The K part files of a chain split at lambda_1 <= ... <= lambda_{K-1} (`splits`): hop k holds blocks
+    lambda_{k-1}..lambda_k - 1, with lambda_0 = 0 and lambda_K = N."""
+    cuts = [0] + [int(s) for s in splits] + [model.num_blocks]
+    if any(a > b for a, b in zip(cuts, cuts[1:])):
+        raise ValueError('chain splits {} must be non-decreasing within 0..{}'.format(list(splits), model.num_blocks))
+    return [stage_bytes(model, lo, hi, input_size, mean, std, feature_dtype) for lo, hi in zip(cuts, cuts[1:])]
+
+
+def part_range(meta):
+    # type: (Dict[str, object]) -> Tuple[int, int]
+    """(lo, hi): the part holds blocks lo..hi-1 (read from lo/hi, or from part and lam in files without them)."""
+    if 'lo' in meta or 'hi' in meta:
+        return int(meta['lo']), int(meta['hi'])
+    lam, n = int(meta['lam']), int(meta['num_blocks'])
+    return (0, lam) if meta['part'] == 'edge' else (lam, n)
 
 
 def sha256_hex(data):
@@ -131,6 +182,22 @@ def read_meta(arrays, where):
     if meta.get('version') != VERSION:
         raise PartFileError('{}: {}.version is {!r}, this code reads {}; export the parts again'.format(
             where, META, meta.get('version'), VERSION))
+    if meta.get('part') not in PART_KINDS:
+        raise PartFileError('{}: {}.part is {!r}, expected one of {}'.format(where, META, meta.get('part'),
+                                                                           PART_KINDS))
+    try:
+        lo, hi = part_range(meta)
+        n = int(meta['num_blocks'])
+        indices = [int(b['index']) for b in meta['blocks']]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PartFileError('{}: {} needs integer lam / lo / hi / num_blocks and blocks[].index ({!r})'.format(
+            where, META, e))
+    if not 0 <= lo <= hi <= n or indices != list(range(lo, hi)):
+        raise PartFileError('{}: {} describes blocks {} but the range {}..{} of {} blocks'.format(
+            where, META, indices, lo, hi - 1, n))
+    if bool(meta.get('head')) != (hi == n and lo < hi):
+        raise PartFileError('{}: {}.head is {!r}; the classifier belongs exactly to the non-empty part ending at '
+                            'block N-1'.format(where, META, meta.get('head')))
     return meta
 
 
@@ -196,8 +263,8 @@ def part_input(meta, batch=1):
     arch = meta['arch']
     plan = H.block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input', False)))
     size = int(meta['input_size'])
-    lo = int(meta['blocks'][0]['index']) if meta['blocks'] else int(meta['lam'])
-    if meta['part'] == 'edge' or lo == 0:
+    lo = part_range(meta)[0]
+    if lo == 0:
         return torch.randn(int(batch), 3, size, size)
     from timing.flops import block_shapes
     c, h, w = block_shapes(plan, size)[lo - 1]['output_shape']

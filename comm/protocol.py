@@ -49,6 +49,8 @@ from typing import Dict, NamedTuple
 
 import numpy as np
 
+from errors import one_line
+
 MAGIC = b'HRVG'
 VERSION = 2  # 2: server proves first, proofs cover both nonces and the role, MAC trailer on every frame
 FIXED = struct.Struct('!4sBBHIQ')  # magic, version, type, flags, json length, payload length
@@ -74,6 +76,16 @@ class ConnectionClosed(ProtocolError):
 
 class ProtocolTimeout(ProtocolError):
     """No data arrived within the socket's timeout."""
+
+
+class AuthRefused(ProtocolError):
+    """The handshake's authentication failed: the peer refused this side (an error frame; its text is in
+    .peer_message), could not prove that it holds the token, or wants one this side lacks."""
+
+    def __init__(self, message, peer_message=None):
+        # type: (str, Optional[str]) -> None
+        ProtocolError.__init__(self, message)
+        self.peer_message = peer_message
 
 
 class Limits(NamedTuple):
@@ -536,3 +548,72 @@ def tune_keepalive(sock, idle_s):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     except OSError:
         pass
+
+
+def expect_preauth(sock, kind, deadline, refusal):
+    # type: (object, str, float, str) -> Frame
+    """The next handshake frame, which must be `kind` (PREAUTH_LIMITS, the handshake's deadline); an error frame
+    from the peer raises AuthRefused: `refusal` with {} replaced by the peer's text."""
+    frame = recv_frame(sock, PREAUTH_LIMITS, deadline)
+    if frame.kind == 'error':
+        text = one_line(str(frame.header.get('message')), 300)
+        raise AuthRefused(refusal.format(text), text)
+    if frame.kind != kind:
+        raise ProtocolError('expected a {} frame, got {}'.format(kind, frame.kind))
+    return frame
+
+
+def dial_handshake(sock, token, info, deadline, peer='the server'):
+    # type: (object, Optional[str], Dict[str, object], float, str) -> Tuple[object, float]
+    """The version-2 handshake on a connection this side dialed (the 'worker' role: the worker to the server, a
+    hop to its successor's --listen): (the connection to use, a SecureChannel with a token; the peer's
+    heartbeat_s).  Nothing but a fresh nonce is sent before the peer proved the token; `info` goes with our proof.
+    AuthRefused when the peer refuses us, fails its proof or wants a token we lack; ProtocolError on anything
+    malformed (`peer` names the other side in the messages)."""
+    refusal = peer + ' refused this worker: {}'
+    ch = expect_preauth(sock, 'challenge', deadline, refusal)
+    hb, required = ch.header.get('heartbeat_s'), ch.header.get('auth_required')
+    if isinstance(hb, bool) or not isinstance(hb, (int, float)) or not 0.05 <= hb <= 3600:
+        raise ProtocolError('challenge: heartbeat_s must be 0.05..3600 s, got {!r}'.format(hb))
+    if not isinstance(required, bool):
+        raise ProtocolError('challenge: auth_required must be true or false, got {!r}'.format(required))
+    nonce_s, nonce_w = check_nonce(ch.header.get('nonce'), peer), make_nonce()
+    send_frame(sock, 'hello', {'nonce': nonce_w})
+    proof = expect_preauth(sock, 'proof', deadline, refusal)
+    msg = None
+    if token and not check_proof(token, 'server', nonce_s, nonce_w, proof.header.get('mac')):
+        msg = '{} could not prove that it holds the token (a wrong address, or the tokens differ)'.format(peer)
+    elif required and not token:
+        msg = '{} requires a token: pass --token or set env {} on the device'.format(peer, TOKEN_ENV)
+    if msg is not None:  # nothing of ours was sent but a fresh nonce
+        send_frame(sock, 'error', {'error': 'AuthRefused', 'message': msg})
+        raise AuthRefused(msg)
+    answer = {'info': info}
+    if token:
+        answer['mac'] = auth_proof(token, 'worker', nonce_s, nonce_w)
+    send_frame(sock, 'proof', answer)
+    expect_preauth(sock, 'welcome', deadline, refusal)
+    conn = SecureChannel(sock, session_key(token, nonce_s, nonce_w), 'worker') if token else sock
+    return conn, float(hb)
+
+
+def answer_handshake(conn, token, heartbeat_s, deadline, peer='the worker'):
+    # type: (object, Optional[str], float, float, str) -> Tuple[Dict[str, object], object]
+    """The version-2 handshake on a connection this side accepted (the 'server' role: the server session, a hop
+    listening for its predecessor): this side proves first.  -> (the dialer's info, the connection to use: a
+    SecureChannel with a token).  AuthRefused when the dialer refuses us (.peer_message set) or fails to prove the
+    token (it gets an error frame, nothing was run); ProtocolError on anything malformed."""
+    nonce_s, refusal = make_nonce(), peer + ' refuses: {}'
+    send_frame(conn, 'challenge', {'nonce': nonce_s, 'auth_required': token is not None, 'heartbeat_s': heartbeat_s,
+                                   'version': VERSION})
+    nonce_w = check_nonce(expect_preauth(conn, 'hello', deadline, refusal).header.get('nonce'), peer)
+    send_frame(conn, 'proof', {'mac': auth_proof(token, 'server', nonce_s, nonce_w)} if token else {})
+    proof = expect_preauth(conn, 'proof', deadline, refusal)
+    if token is not None and not check_proof(token, 'worker', nonce_s, nonce_w, proof.header.get('mac')):
+        send_frame(conn, 'error', {'error': 'AuthRefused', 'message': 'authentication failed: wrong or missing token'})
+        raise AuthRefused('{} failed to prove the token: wrong or missing token'.format(peer))
+    info = proof.header.get('info')
+    if not isinstance(info, dict):
+        raise ProtocolError('{}\'s proof frame needs an "info" object, got {}'.format(peer, type(info).__name__))
+    send_frame(conn, 'welcome', {})
+    return dict(info), (SecureChannel(conn, session_key(token, nonce_s, nonce_w), 'server') if token else conn)

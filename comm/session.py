@@ -56,6 +56,7 @@ import socket
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -142,6 +143,10 @@ class ServerSession:
     def _drop(self) -> None:
         self._beat_stop.set()
         if self._conn is not None:
+            try:  # shutdown first: a receiver thread blocked on the socket would hold back the FIN of close()
+                self._conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 self._conn.close()
             except OSError:
@@ -200,31 +205,13 @@ class ServerSession:
 
     def _handshake(self, conn: socket.socket, peer: str, deadline: float) -> Tuple[Dict[str, Any], Any]:
         """comm.protocol's version-2 handshake: (the worker's info, the connection to use from now on)."""
-        token, nonce_s = self.token, P.make_nonce()
-        P.send_frame(conn, 'challenge', {'nonce': nonce_s, 'auth_required': token is not None,
-                                         'heartbeat_s': self.heartbeat_s, 'version': P.VERSION})
-        nonce_w = P.check_nonce(self._expect(conn, 'hello', peer, deadline).header.get('nonce'), 'the worker')
-        P.send_frame(conn, 'proof', {'mac': P.auth_proof(token, 'server', nonce_s, nonce_w)} if token else {})
-        proof = self._expect(conn, 'proof', peer, deadline)
-        if token is not None and not P.check_proof(token, 'worker', nonce_s, nonce_w, proof.header.get('mac')):
-            P.send_frame(conn, 'error', {'error': 'AuthRefused', 'message': 'authentication failed: wrong or missing '
-                                         'token'})
+        try:
+            return P.answer_handshake(conn, self.token, self.heartbeat_s, deadline)
+        except P.AuthRefused as e:
+            if e.peer_message is not None:
+                raise _Refused(f'worker at {peer} refuses: {e.peer_message}') from None
             raise _Refused(f'worker at {peer} refused: wrong or missing token (real.token / env {P.TOKEN_ENV}); '
-                           'nothing was run')
-        info = proof.header.get('info')
-        if not isinstance(info, dict):
-            raise P.ProtocolError(f'the worker\'s proof frame needs an "info" object, got {type(info).__name__}')
-        P.send_frame(conn, 'welcome', {})
-        return dict(info), (P.SecureChannel(conn, P.session_key(token, nonce_s, nonce_w), 'server') if token else conn)
-
-    @staticmethod
-    def _expect(conn: socket.socket, kind: str, peer: str, deadline: float) -> P.Frame:
-        frame = P.recv_frame(conn, P.PREAUTH_LIMITS, deadline)
-        if frame.kind == 'error':
-            raise _Refused(f'worker at {peer} refuses: {one_line(str(frame.header.get("message")), 300)}')
-        if frame.kind != kind:
-            raise P.ProtocolError(f'expected a {kind} frame, got {frame.kind}')
-        return frame
+                           'nothing was run') from None
 
     def _start_heartbeats(self) -> None:
         """A heartbeat to the worker every heartbeat_s while this connection is up: its read timeout between
@@ -473,6 +460,8 @@ class ServerSession:
                 item = rx.frames.get(timeout=self.io_timeout_s + 5)
             except queue.Empty:
                 raise self._lost(P.ProtocolTimeout('receiver got nothing'), 'run') from None
+            if isinstance(item, SessionError):  # another hop of a chain failed (run_chain)
+                raise item
             if isinstance(item, P.ProtocolError):
                 raise self._lost(item, f'run (after {len(per_batch)} batches)')
             f, t_ready, t_recv = item
@@ -532,19 +521,24 @@ def _server_stage(server_part: Optional[torch.nn.Module], dev: torch.device, dep
                   features: np.ndarray) -> torch.Tensor:
     """Predicted classes of one streamed batch: the server part on the features (normalized images at lambda 0),
     or the argmax of the logits the worker sent (lambda N)."""
+    return _stage_logits(server_part, dev, dep['lam'] == 0, dep['mean'], dep['std'], features,
+                         f'the server part at lambda {dep["lam"]}').argmax(1)
+
+
+def _stage_logits(part: Optional[torch.nn.Module], dev: torch.device, images: bool, mean: Sequence[float],
+                  std: Sequence[float], features: np.ndarray, what: str) -> torch.Tensor:
+    """The last stage here on one streamed batch, float32 logits on the CPU: `part` on the features (on uint8
+    images, normalized, when `images`), or the logits the last hop sent as they are (part None)."""
     x = torch.from_numpy(features)
     try:
         with torch.no_grad():
-            if server_part is None:
-                out = x.float()
-            else:
-                x = x.to(dev)
-                x = normalize_batch(x, dep['mean'], dep['std']) if dep['lam'] == 0 else x.float()
-                out = server_part(x)
-            return out.argmax(1).cpu()
+            if part is None:
+                return x.float()
+            x = x.to(dev)
+            return part(normalize_batch(x, mean, std) if images else x.float()).float().cpu()
     except (RuntimeError, IndexError, ValueError) as e:
-        raise SessionError(f'run: a streamed batch of shape {tuple(x.shape)} does not fit the server part at '
-                           f'lambda {dep["lam"]} ({one_line(str(e), 200)})') from None
+        raise SessionError(f'run: a streamed batch of shape {tuple(x.shape)} does not fit {what} '
+                           f'({one_line(str(e), 200)})') from None
 
 
 def _batch_record(h: Dict[str, Any], x: np.ndarray, off: float, times: Tuple[float, float, float, float],
@@ -578,17 +572,33 @@ def _run_summary(per_batch: List[Dict[str, Any]], pred: torch.Tensor, labels: to
 def deploy_part_file(session: ServerSession, data: bytes) -> Dict[str, Any]:
     """Load an edge part file (comm/parts.py bytes) on the worker as its edge part; afterwards run() and
     round_trips() use it.  -> {'lam', 'blocks', 'bytes', 'sha256', 'load_ms', 'device', 'round_trip_ms'}"""
-    from comm import parts
-    meta = parts.read_meta(parts._read(data)[0], '<edge part file>')
+    meta = _part_meta(data, '<edge part file>')
     if meta['part'] != 'edge':
         raise SessionError(f'deploy_part_file: a {meta["part"]} part file; the worker runs the edge part')
+    return deploy_stage(session, data, meta)
+
+
+def deploy_stage(session: ServerSession, data: bytes, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Load any part file (comm/parts.py bytes: an edge part, a chain hop's stage, a server part) on the worker as
+    its part.  -> {'lo', 'lam' (= hi), 'part', 'blocks', 'bytes', 'sha256', 'load_ms', 'device', 'round_trip_ms'}"""
+    from comm import parts
+    meta = meta if meta is not None else _part_meta(data, '<part file>')
+    lo, hi = parts.part_range(meta)
     t0 = time.perf_counter()
     res, _ = session.request('load_part', {}, [('file', np.frombuffer(data, dtype=np.uint8))])
     res['round_trip_ms'] = (time.perf_counter() - t0) * 1e3
-    session._deployed = {'lam': int(meta['lam']), 'num_blocks': int(meta['num_blocks']), 'mean': meta['mean'],
+    session._deployed = {'lam': hi, 'lo': lo, 'num_blocks': int(meta['num_blocks']), 'mean': meta['mean'],
                          'std': meta['std'], 'feature_dtype': meta['feature_dtype'],
                          'num_classes': int(meta['arch']['num_classes'])}
     return res
+
+
+def _part_meta(data: bytes, where: str) -> Dict[str, Any]:
+    from comm import parts
+    try:
+        return parts.read_meta(parts._read(data)[0], where)
+    except parts.PartFileError as e:
+        raise SessionError(str(e)) from None
 
 
 def measure_memory(session: ServerSession, edge_file: bytes, server_file: bytes, batch: int = 1) -> Dict[str, Any]:
@@ -654,6 +664,242 @@ def round_trips(session: ServerSession, server_part: Optional[torch.nn.Module], 
         raise SessionError(f'round_trips: the worker reported {len(result.get("requests", []))} of {len(rows)} '
                            'requests')
     return {'requests': rows, 'count': len(rows), 'lam': lam, 'clock_offset_s': off}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A chain of devices: K stages, K - 1 links (docs/design.md#chain-of-devices)
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Hop:
+    """One worker hop of a chain: its own server session (accept()ed) and where it reaches its successor."""
+    session: ServerSession
+    next_addr: Optional[str] = None  # HOST:PORT of the successor's --listen as seen from this hop (the local end of
+    # its tunnel); None for the last worker hop, which streams to this server on its session
+
+
+def run_chain(parts_: Sequence[bytes], hops: Sequence[Hop], images_uint8: torch.Tensor, labels: Any,
+              batch_size: int, links: Optional[Sequence[Any]] = None, device: str = 'cpu',
+              queue_size: int = 2) -> Dict[str, Any]:
+    """Run a split model over a chain of K devices: hops[k] (a worker) runs parts_[k], this server the last part.
+
+    parts_ are K part files (comm/parts.py bytes, e.g. parts.chain_bytes(model, splits, ...)): part k holds blocks
+    lambda_k..lambda_{k+1}-1, from 0 to N.  Each is deployed to its hop (load_part), the images are uploaded to the
+    first hop (untimed), the clocks synced, then the pipelined run: hop 0 computes on the images and streams to
+    hop 1's --listen (hops[0].next_addr), each relay hop receives, computes and forwards, the last worker hop
+    streams to this server on its session, and this thread runs the last part as frames arrive.
+
+    `links` (optional, K - 1 objects or dicts with bandwidth_mbps, e.g. timing.lut.LinkSpec or the emulators'
+    rates) gives the prediction: period = max(every stage's measured median time, every link's occupancy = frame
+    bytes / bandwidth); a streamed link overlaps its latency.  -> {
+        'outputs' (float32 logits, (samples, classes)), 'predictions', 'accuracy_pct',
+        'throughput_fps' (whole run), 'steady_throughput_fps' (after the first batch), 'latency_ms' (median, first
+        hop's compute start to the last stage's end, queueing included), 'wall_s', 'batches', 'samples',
+        'stages': [{'hop', 'where', 'lo', 'hi', 'compute_ms', 'compute_ms_p10', 'compute_ms_p90', 'device',
+                    'python_version', 'torch_version'}],
+        'links': [{'from', 'to', 'frame_bytes', 'link_ms', 'link_ms_p10', 'link_ms_p90', 'measured_mbps'}],
+        'measured_period_ms' (max of the stage and link medians), 'predicted' ({'period_ms', 'throughput_fps',
+        'bottleneck', 'link_occupancy_ms', 'how'} or None), 'per_batch': [{'stage_ms': [...], 'link_ms': [...],
+        'latency_ms', 'done_s'}], 'loads': [each hop's load_part result], 'clock_offsets_s'}
+    Per link, link_ms is its service time as in ServerSession.run: from the later of (the sender starts the frame,
+    the receiver is ready for it) until the receiver has all of it, on this server's clock (each hop's monotonic
+    clock mapped by its offset)."""
+    from comm import parts as PF
+    metas, ranges, bs = _check_chain(parts_, hops, batch_size)
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or len(images_uint8) != len(labels) \
+            or len(labels) == 0:
+        raise SessionError(f'run_chain: images must be a non-empty uint8 (B, C, H, W) tensor with one label each, '
+                           f'got {images_uint8.dtype} {tuple(images_uint8.shape)} and {len(labels)} labels')
+    if links is not None and len(links) != len(hops):
+        raise SessionError(f'run_chain: {len(parts_)} stages have {len(hops)} links; got {len(links)} link models')
+    loads = [deploy_stage(h.session, data, meta) for h, data, meta in zip(hops, parts_, metas)]
+    lo, hi = ranges[-1]
+    dev = torch.device(device)
+    last = PF.load_part(parts_[-1])[0].to(dev).eval() if lo < hi else None
+    mean, std = metas[-1]['mean'], metas[-1]['std']
+    hops[0].session.upload(images_uint8)
+    offsets = [h.session.sync_clock() for h in hops]
+    tag = P.make_nonce()[:16]
+    tail = hops[-1].session
+    rx = _Receiver(tail._need_conn(), tail.limits)
+    waiters: List[_ReplyWaiter] = []
+    t_start = time.monotonic()
+    try:
+        for k in reversed(range(len(hops))):  # downstream first: each hop is waiting when its predecessor streams
+            args = {'batch_size': bs, 'queue': int(queue_size), 'source': 'images' if k == 0 else 'upstream',
+                    'run': tag}
+            if hops[k].next_addr is not None:
+                args['next'] = hops[k].next_addr
+            sess = hops[k].session
+            sess._ids += 1
+            sess._send('request', {'cmd': 'run', 'id': sess._ids, 'args': args}, what=f'run (hop {k})')
+            if k == len(hops) - 1:
+                rx.thread.start()
+            else:
+                waiters.append(_ReplyWaiter(sess, sess._ids, k, rx))
+        stage = (lambda x: _stage_logits(last, dev, lo == 0, mean, std, x, f'the last stage (blocks {lo}..{hi - 1})'))
+        try:
+            outs, tail_rows, tail_result = tail._collect(rx, stage, t_start)
+        except SessionError as e:
+            if isinstance(e, _HopFailed):
+                raise SessionError(f'run_chain: hop {e.hop}: {e.cause}') from None
+            for h in hops[:-1]:  # the hops before may still wait or stream: their sessions are dropped
+                h.session._drop()
+            causes = [f'hop {w.hop}: {r}' for w in waiters for r in [w.join(5)] if isinstance(r, _HopFailed)]
+            raise SessionError(f'run_chain: hop {len(hops) - 1} (the last worker hop) failed: {e}' +
+                               (f'; before it: {"; ".join(causes)}' if causes else '')) from None
+        results = [w.join(h.session.io_timeout_s + 10) for w, h in zip(reversed(waiters), hops)]
+        rx.stop.set()
+    except BaseException:
+        rx.stop.set()
+        for h in hops:  # a hop may still be streaming: drop its session, it reconnects
+            h.session._drop()
+        raise
+    rx.thread.join(tail.io_timeout_s)
+    wall = time.monotonic() - t_start
+    bad = [f'hop {k}: {r}' for k, r in enumerate(results) if isinstance(r, Exception)]
+    if bad:
+        raise SessionError('run_chain: ' + '; '.join(bad))
+    outputs = torch.cat(outs) if outs else torch.zeros(0)
+    if len(outputs) != len(labels):
+        raise SessionError(f'run_chain: received outputs for {len(outputs)} of {len(labels)} samples')
+    rows = [_rows(r, k, len(tail_rows)) for k, r in enumerate(results + [tail_result])]
+    summary = _run_summary(tail_rows, outputs.argmax(1), labels, wall)
+    for key in ('edge_ms', 'link_ms', 'server_ms', 'per_batch'):  # the last hop's view; the chain's replaces it
+        summary.pop(key)
+    summary.update(_chain_summary(rows, tail_rows, offsets, t_start, links, bs))
+    summary['per_batch'] = summary.pop('chain_per_batch')
+    summary['latency_ms'] = _median([r['latency_ms'] for r in summary['per_batch']])
+    for k, (h, (a, b)) in enumerate(zip(hops, ranges)):
+        info = h.session.hello or {}
+        summary['stages'][k].update(hop=k, where='worker', lo=a, hi=b, device=info.get('device'),
+                                    python_version=info.get('python_version'), torch_version=info.get('torch_version'))
+    summary['stages'][-1].update(hop=len(hops), where='server', lo=lo, hi=hi, device=str(dev), python_version=None,
+                                 torch_version=torch.__version__)
+    return dict(summary, outputs=outputs, loads=loads, clock_offsets_s=offsets, batch_size=bs)
+
+
+def _check_chain(parts_: Sequence[bytes], hops: Sequence[Hop],
+                 batch_size: int) -> Tuple[List[Dict[str, Any]], List[Tuple[int, int]], int]:
+    """(metas, block ranges, batch size) of run_chain's arguments, or SessionError naming what does not chain."""
+    from comm import parts as PF
+    if len(parts_) < 2 or len(hops) != len(parts_) - 1:
+        raise SessionError(f'run_chain: K parts need K - 1 worker hops (the last part runs here), got {len(parts_)} '
+                           f'parts and {len(hops)} hops')
+    metas = [_part_meta(data, f'parts[{k}]') for k, data in enumerate(parts_)]
+    ranges = [PF.part_range(m) for m in metas]
+    n = int(metas[0]['num_blocks'])
+    cuts = [ranges[0][0]] + [b for _, b in ranges]
+    if cuts[0] != 0 or cuts[-1] != n or any(ranges[k][1] != ranges[k + 1][0] for k in range(len(ranges) - 1)) \
+            or any(m['arch'] != metas[0]['arch'] for m in metas):
+        raise SessionError(f'run_chain: the parts hold blocks {[(a, b - 1) for a, b in ranges]}; they must be one '
+                           f'model\'s consecutive ranges from block 0 to {n - 1}')
+    for k, h in enumerate(hops):
+        if (h.next_addr is None) != (k == len(hops) - 1):
+            raise SessionError(f'run_chain: hops[{k}].next_addr must be ' + ('None: the last worker hop streams to this '
+                               'server' if k == len(hops) - 1 else 'the HOST:PORT at which it reaches hop '
+                               f'{k + 1}\'s --listen'))
+    if int(batch_size) < 1:
+        raise SessionError(f'run_chain: batch_size must be >= 1, got {batch_size}')
+    return metas, ranges, int(batch_size)
+
+
+class _HopFailed(SessionError):
+    """A hop of a chain before the last worker hop failed its run (.hop, .cause)."""
+
+    def __init__(self, hop: int, cause: SessionError) -> None:
+        super().__init__(f'hop {hop}: {cause}')
+        self.hop, self.cause = hop, cause
+
+
+class _ReplyWaiter:
+    """A thread that waits for one hop's reply to run; join() -> its result dict or a _HopFailed, which is also
+    put on the last hop's receiver queue so that run_chain stops waiting for frames that will not come."""
+
+    def __init__(self, session: ServerSession, rid: int, hop: int, rx: '_Receiver') -> None:
+        self.session, self.rid, self.hop, self.rx = session, rid, hop, rx
+        self.result: Any = None
+        self.thread = threading.Thread(target=self._run, name=f'hop{hop}-reply', daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.session._reply('run', self.rid)[0]
+        except SessionError as e:
+            self.result = _HopFailed(self.hop, e)
+            self.rx._put(self.result)
+
+    def join(self, timeout_s: float) -> Any:
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            return SessionError(f'no reply to run within {timeout_s:g} s')
+        return self.result
+
+
+def _rows(result: Dict[str, Any], hop: int, batches: int) -> List[Dict[str, float]]:
+    """A hop's per-batch rows (its own clock), every field a finite number, or SessionError."""
+    rows = result.get('per_batch') if isinstance(result, dict) else None
+    keys = ('edge_ms', 'compute_start', 'send_start', 'frame_bytes') + (('recv_ready', 'recv_done') if hop else ())
+    if not isinstance(rows, list) or len(rows) != batches or not all(isinstance(r, dict) for r in rows):
+        raise SessionError(f'run_chain: hop {hop} reported {len(rows) if isinstance(rows, list) else "no"} per-batch '
+                           f'rows for {batches} batches')
+    return [{k: _number(r.get(k)) for k in keys} for r in rows]
+
+
+def _chain_summary(rows: List[List[Dict[str, float]]], tail_rows: List[Dict[str, Any]], offsets: Sequence[float],
+                   t_start: float, links: Optional[Sequence[Any]], bs: int) -> Dict[str, Any]:
+    """Per-stage and per-link statistics of a chain run (run_chain's docstring), all on this server's clock."""
+    hops = len(rows)
+    per_batch = []
+    for b, tail in enumerate(tail_rows):
+        stage_ms = [rows[k][b]['edge_ms'] for k in range(hops)] + [tail['server_ms']]
+        link_ms = []
+        for k in range(hops - 1):  # hop k -> hop k+1, both clocks mapped onto ours
+            send = rows[k][b]['send_start'] + offsets[k]
+            ready, done = rows[k + 1][b]['recv_ready'] + offsets[k + 1], rows[k + 1][b]['recv_done'] + offsets[k + 1]
+            link_ms.append((done - max(send, ready)) * 1e3)
+        link_ms.append(tail['link_ms'])  # the last worker hop -> this server (ServerSession's record)
+        start = rows[0][b]['compute_start'] + offsets[0] - t_start
+        per_batch.append({'batch': b, 'samples': tail['samples'], 'stage_ms': stage_ms, 'link_ms': link_ms,
+                          'frame_bytes': [rows[k][b]['frame_bytes'] for k in range(hops)],
+                          'latency_ms': (tail['done_s'] - start) * 1e3, 'done_s': tail['done_s']})
+
+    def stats(values: List[float], name: str) -> Dict[str, float]:
+        return {name: float(np.median(values)), f'{name}_p10': float(np.percentile(values, 10)),
+                f'{name}_p90': float(np.percentile(values, 90))}
+    stages = [stats([r['stage_ms'][k] for r in per_batch], 'compute_ms') for k in range(hops + 1)]
+    out_links = []
+    for k in range(hops):
+        row = dict(stats([r['link_ms'][k] for r in per_batch], 'link_ms'), **{'from': k, 'to': k + 1})
+        row['frame_bytes'] = float(np.median([r['frame_bytes'][k] for r in per_batch]))
+        row['measured_mbps'] = row['frame_bytes'] * 8 / (row['link_ms'] * 1e3) if row['link_ms'] > 0 else None
+        out_links.append(row)
+    measured = max([s['compute_ms'] for s in stages] + [li['link_ms'] for li in out_links])
+    return {'stages': stages, 'links': out_links, 'measured_period_ms': measured,
+            'predicted': None if links is None else predict_chain([s['compute_ms'] for s in stages],
+                                                                  [li['frame_bytes'] for li in out_links], links, bs),
+            'chain_per_batch': per_batch}
+
+
+def predict_chain(stage_ms: Sequence[float], frame_bytes: Sequence[float], links: Sequence[Any],
+                  batch_size: int) -> Dict[str, Any]:
+    """Predicted period of a pipelined chain: max(every stage's time, every link's occupancy = bytes / bandwidth),
+    per batch of `batch_size`; links are objects or dicts with bandwidth_mbps (a streamed link overlaps its
+    latency, so the latency adds to the latency, not to the period)."""
+    def mbps(link: Any) -> float:
+        v = link.get('bandwidth_mbps') if isinstance(link, dict) else getattr(link, 'bandwidth_mbps', None)
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise SessionError(f'run_chain: a link model needs bandwidth_mbps > 0, got {link!r}')
+        return float(v)
+    occupancy = [b * 8 / (mbps(li) * 1e6) * 1e3 for b, li in zip(frame_bytes, links)]
+    candidates = [(t, f'stage {k}') for k, t in enumerate(stage_ms)] + \
+        [(t, f'link {k}->{k + 1}') for k, t in enumerate(occupancy)]
+    period, bottleneck = max(candidates)
+    return {'period_ms': period, 'throughput_fps': batch_size / period * 1e3 if period > 0 else None,
+            'bottleneck': bottleneck, 'stage_ms': list(stage_ms), 'link_occupancy_ms': occupancy,
+            'how': 'predicted: period = max(per-hop measured median stage time, per-link median frame bytes / '
+                   'modelled bandwidth)'}
 
 
 def session_from_config(cfg: Config) -> ServerSession:

@@ -13,8 +13,11 @@ before it was measured, and each newly deployed Pareto point).  Today's method i
 
 Results are written after every seed (`complete` false until the last), so an interrupted run leaves its
 finished cases; a rerun with the same --work_dir resumes finished domains, and --collect_only reports the domains
-finished so far without running anything.  --jobs runs seeds at the same time.  --quick: the tiny synthetic setting
-of bench_quality.py (2 domains, 2 seeds; numbers not meant for reading).  Writes bench/results/accuracy.json.
+finished so far without running anything.  Each seed is one task of pipeline/executor.py: one after another here
+(--executor local), or on a Ray cluster (--executor ray: a local one of --workers CPUs, or --ray_address), where a
+task runs its seed's steps 0 and 3 with one torch thread per CPU it holds; the cases are those of the local
+executor.  --quick: the tiny synthetic setting of bench_quality.py (2 domains, 2 seeds; numbers not meant for
+reading).  Writes bench/results/accuracy.json.
 """
 import sys
 from pathlib import Path
@@ -26,13 +29,15 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.bench_quality import QUICK_CONFIG, QUICK_STEP3, BenchQualityError, _run, build_quick  # noqa: E402
-from config import REPO_ROOT, Config, ConfigError, resolve_path, run_cli  # noqa: E402
+from config import REPO_ROOT, ClusterConfig, Config, ConfigError, resolve_path, run_cli  # noqa: E402
+from pipeline.executor import EXECUTORS  # noqa: E402
 
 log = logging.getLogger('bench_accuracy')
 NAME = 'accuracy'
@@ -116,6 +121,26 @@ def summarize(cases: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]], 
     return out
 
 
+@dataclass(frozen=True)
+class SeedJob:
+    """What every seed task reads (pipeline/executor.py's shared input)."""
+    work: Path
+    src: Path
+    ckpt: Path
+    eps: float
+    quick: bool
+    domains: Optional[str]
+    extra: Tuple[str, ...]
+    threads: int  # torch threads of step 0 (0: every core)
+    sets: Tuple[str, ...]
+
+
+def seed_task(job: SeedJob, seed: int) -> Dict[str, Any]:
+    """One seed as a task of pipeline/executor.py (run_seed with the job's settings)."""
+    return run_seed(seed, job.work, job.src, job.ckpt, job.eps, job.quick, job.domains, job.extra, job.threads,
+                    job.sets)
+
+
 def run_seed(seed: int, work: Path, src: Path, ckpt: Path, eps: float, quick: bool, domains: Optional[str],
              extra: Sequence[str], threads: int = 0, sets: Sequence[str] = ()) -> Dict[str, Any]:
     """Steps 0 and 3 for one seed in work/seed_<s>; the cases and the wall times."""
@@ -195,8 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f'allowed test drop, points (default: {Config().joint.epsilon})')
     p.add_argument('--work_dir', default='results/_bench_accuracy', help='per-seed work directories; kept, and a '
                    'rerun resumes finished domains (default: results/_bench_accuracy)')
-    p.add_argument('--jobs', type=int, default=1, help='seeds run at the same time (each step-0 process then uses '
-                   'one torch thread; default: 1)')
+    p.add_argument('--executor', choices=EXECUTORS, default='local', help='local: the seeds one after another here, '
+                   'step 0 with one torch thread per core | ray: each seed a task on a Ray cluster, step 0 with '
+                   'cluster.cpus_per_task threads (default: local)')
+    p.add_argument('--ray_address', default=None, help='with --executor ray: a running cluster to join, e.g. '
+                   'HEAD:6379 (default: none, start a local one of --workers CPUs)')
+    p.add_argument('--workers', type=int, default=2, help='with --executor ray and no --ray_address: CPUs of the '
+                   'local Ray cluster = seeds at the same time (default: 2)')
     p.add_argument('--set', action='append', metavar='SECTION.KEY=VALUE', help='config override for steps 0 and 3, '
                    'repeatable: the overrides the source run was made with (default: none)')
     p.add_argument('--collect_only', action='store_true', help='run nothing: read the domains that the seeds\' '
@@ -219,35 +249,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ckpt = base_checkpoint(src)
     where = 'quick: synthetic, tiny' if args.quick else f'base model, LUT and step 2 of {args.results_dir}'
     runs: List[Dict[str, Any]] = []
-    path = None
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-    threads = 1 if args.jobs > 1 or args.quick else 0
-    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
-    if args.collect_only:  # whatever finished: the domains each seed's step 3 has written so far
-        futures = [pool.submit(lambda s: {'seed': s, 'partial': True, 'cases': read_cases(work / f'seed_{s}', s,
-                                                                                         args.epsilon)}, seed)
-                   for seed in seeds if (work / f'seed_{seed}' / 'joint_optimization').is_dir()]
-    else:
-        futures = [pool.submit(run_seed, seed, work, src, ckpt, args.epsilon, args.quick, args.domains,
-                               args.step_args, threads, args.set or []) for seed in seeds]
-    for fut in as_completed(futures):
-        done = fut.result()
-        seed = done['seed']
+    written: List[Path] = []
+    tables: List[Dict[str, Any]] = []
+
+    def finished(seed: int, done: Dict[str, Any]) -> None:  # after every seed: the result so far
         runs.append(done)
         runs.sort(key=lambda r: r['seed'])
         today = [] if args.quick else read_today(resolve_path(args.today_dir) if args.today_dir else src)
         if not any(r['cases'] for r in runs):
-            continue
+            return
         s = summarize([c for r in runs for c in r['cases']], today, args.epsilon)
         payload = {'settings': {'seeds': seeds, 'domains': args.domains, 'epsilon': args.epsilon, 'source': where,
-                                'set': list(args.set or []),
+                                'set': list(args.set or []), 'executor': args.executor,
+                                'workers': args.workers if args.executor == 'ray' else 1,
                                 'base_checkpoint': str(ckpt), 'step_args': list(args.step_args)},
                    'complete': len(runs) == len(seeds) and not args.collect_only, 'summary': s, 'runs': runs,
                    'today': today, 'wall_s': time.perf_counter() - t0}
-        tables = tables_for(runs, s, where)
-        path = common.write_result(args.out_dir, NAME, payload, machine, args.quick, headline_for(s), tables, argv)
-        log.info('seed %d done: %d cases so far -> %s', seed, s['cases'], path)
-    pool.shutdown()
+        tables[:] = tables_for(runs, s, where)
+        written.append(common.write_result(args.out_dir, NAME, payload, machine, args.quick, headline_for(s),
+                                           tables, argv))
+        log.info('seed %d done: %d cases so far -> %s', seed, s['cases'], written[-1])
+
+    if args.collect_only:  # whatever finished: the domains each seed's step 3 has written so far
+        for seed in seeds:
+            if (work / f'seed_{seed}' / 'joint_optimization').is_dir():
+                finished(seed, {'seed': seed, 'partial': True, 'cases': read_cases(work / f'seed_{seed}', seed,
+                                                                                 args.epsilon)})
+    else:
+        from bench import bench_accuracy as this  # by its package name: Ray's workers import the task from there
+        from pipeline.executor import map_tasks
+        cluster = ClusterConfig(executor=args.executor, ray_address=args.ray_address, local_cpus=args.workers)
+        job = SeedJob(work, src, ckpt, args.epsilon, args.quick, args.domains, tuple(args.step_args),
+                      1 if args.executor == 'ray' or args.quick else 0, tuple(args.set or []))
+        map_tasks(this.seed_task, seeds, Config(results_dir=str(work), cluster=cluster), shared=job,
+                  names=[f'seed {s}' for s in seeds], step='bench_accuracy', desc='bench_accuracy seeds',
+                  on_result=finished)
+    path = written[-1] if written else None
     if path is None:
         raise BenchQualityError(f'--work_dir {work}: no seed has step-3 results yet')
     common.print_tables(tables, path)

@@ -233,7 +233,7 @@ def check_splits(lams: np.ndarray, num_blocks: int, num_devices: int) -> np.ndar
                         f'shape {lams.shape}')
     if lams.size and (lams.min() < 0 or lams.max() > num_blocks):
         raise CostError(f'split lambda must be in 0..{num_blocks}, got {lams.min()}..{lams.max()}')
-    if (np.diff(lams, axis=1) < 0).any():
+    if lams.shape[1] > 1 and (np.diff(lams, axis=1) < 0).any():
         raise CostError(f'split vector {lams[np.flatnonzero((np.diff(lams, axis=1) < 0).any(1))[0]].tolist()} is '
                         f'not non-decreasing (lam_1 <= ... <= lam_(K-1))')
     return lams
@@ -249,17 +249,22 @@ def chain_stage_times(gammas: np.ndarray, lams: np.ndarray, c: ChainTables) -> C
                         f'{lams.shape}')
     m = lams.shape[0]
     bounds = np.concatenate([np.zeros((m, 1), np.int64), lams, np.full((m, 1), n, np.int64)], 1)
-    rows = np.arange(n)
-    names = c.device_names or tuple(f'd{j + 1}' for j in range(k))
+    rows = np.arange(n)[None, :]
     cols = []
     for j in range(k):
-        t = c.device_ms[j][rows, gammas]  # (M, N)
-        here = (rows[None, :] >= bounds[:, j:j + 1]) & (rows[None, :] < bounds[:, j + 1:j + 2])
-        if np.isnan(np.where(here, t, 0.0)).any():
-            i, b = np.argwhere(np.isnan(np.where(here, t, 0.0)))[0]
+        if j == 0:
+            here = rows < bounds[:, 1:2]
+        elif j == k - 1:
+            here = rows >= bounds[:, j:j + 1]
+        else:
+            here = (rows >= bounds[:, j:j + 1]) & (rows < bounds[:, j + 1:j + 2])
+        x = np.where(here, c.device_ms[j][rows, gammas], 0.0)  # (M, N): the blocks of device j
+        if np.isnan(x).any():
+            i, b = np.argwhere(np.isnan(x))[0]
+            names = c.device_names or tuple(f'd{d + 1}' for d in range(k))
             raise CostError(f'layout gamma={gammas[i, b]} has no LUT entry for block {b} on the {names[j]}')
         head = (bounds[:, j + 1] == n) & (bounds[:, j] < n)  # this device runs block N - 1, hence the head
-        cols.append(np.where(here, t, 0.0).sum(1) + np.where(head, c.head_ms[j], 0.0))
+        cols.append(x.sum(1) + np.where(head, c.head_ms[j], 0.0))
         if j < k - 1:
             cols.append(c.link_ms(j)[lams[:, j]])
     stacked = np.stack(cols, 1)

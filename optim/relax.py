@@ -164,6 +164,61 @@ def exact_improvement(t: CostTables, objective: str, omega: float) -> Improve:
     return improve
 
 
+def gibbs_loss_grad(x: np.ndarray, objective: str, omega: float, tau: float, scale: float
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From stage times x (R, S, stages) in units of `scale` at each of S splits: the per-split objective F (smooth
+    maximum over the stages), the loss -tau * logsumexp(-F / tau) (R,), the Gibbs split distribution q (R, S) and
+    d loss / d (stage time in ms) (R, S, stages)."""
+    if objective == 'latency':
+        f, df = x.sum(-1), np.ones_like(x)
+    else:
+        m = x.max(-1, keepdims=True)
+        w = np.exp((x - m) / tau)
+        per = m[..., 0] + tau * np.log(w.sum(-1))
+        w = w / w.sum(-1, keepdims=True)
+        f, df = (per, w) if objective == 'throughput' else (omega * x.sum(-1) + (1 - omega) * per,
+                                                             omega + (1 - omega) * w)
+    mn = f.min(-1, keepdims=True)
+    a = np.exp(-(f - mn) / tau)
+    loss = mn[:, 0] - tau * np.log(a.sum(-1))
+    q = a / a.sum(-1, keepdims=True)
+    return loss, q, q[..., None] * df / scale
+
+
+def check_settings(solver: str, objective: str, omega: float, steps: int, restarts: int, lr: float,
+                   tau_start: float, tau_end: float, rng: Optional[np.random.Generator]) -> None:
+    """CostError unless the relaxed solver's settings make sense and a seeded Generator is given."""
+    check_objective(objective, omega)
+    if steps < 1 or restarts < 1 or not lr > 0 or not (tau_start >= tau_end > 0):
+        raise CostError(f'optim: expected steps >= 1, restarts >= 1, lr > 0 and tau_start >= tau_end > 0; got '
+                        f'steps={steps}, restarts={restarts}, lr={lr}, tau_start={tau_start}, tau_end={tau_end}')
+    if rng is None:
+        raise CostError(f'{solver} needs an explicit numpy Generator (seed it from the config)')
+
+
+def adam_descent(theta: np.ndarray, value_grad, steps: int, lr: float, tau_start: float, tau_end: float,
+                 history_points: int) -> Tuple[np.ndarray, np.ndarray, List[List[float]], int]:
+    """Adam (torch.optim.Adam's defaults) on the layout logits theta (..., R, N, 14) with tau annealed geometrically;
+    value_grad(theta, tau) -> (loss (R,) ms, grad, q).  Returns (theta, the last q, loss curves per restart sampled
+    every `every` steps, every)."""
+    m1, m2 = np.zeros_like(theta), np.zeros_like(theta)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    ratio = tau_end / tau_start
+    every = max(1, steps // max(1, history_points))
+    curves: List[List[float]] = [[] for _ in range(theta.shape[-3])]
+    q = None
+    for step in range(steps):
+        tau = tau_start * ratio ** (step / max(1, steps - 1))
+        loss, grad, q = value_grad(theta, tau)
+        m1 = b1 * m1 + (1 - b1) * grad
+        m2 = b2 * m2 + (1 - b2) * grad * grad
+        theta = theta - lr / (1 - b1 ** (step + 1)) * m1 / (np.sqrt(m2 / (1 - b2 ** (step + 1))) + eps)
+        if step % every == 0 or step == steps - 1:
+            for r, v in enumerate(loss):
+                curves[r].append(float(v))
+    return theta, q, curves, every
+
+
 def relaxed_value_grad(theta: np.ndarray, rt: RelaxTables, objective: str, omega: float, tau: float
                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The step-2 loss -tau * logsumexp(-F / tau) (F = split_objective, layouts p = masked_softmax(theta, tau)
@@ -182,20 +237,7 @@ def relaxed_value_grad(theta: np.ndarray, rt: RelaxTables, objective: str, omega
     t_edge = np.concatenate([zero, np.cumsum(e, -1)], -1) + rt.edge_head.numpy()
     t_server = np.concatenate([np.cumsum(s[:, ::-1], -1)[:, ::-1], zero], -1) + rt.server_head.numpy()
     x = np.stack([t_edge, np.broadcast_to(rt.link.numpy(), t_edge.shape), t_server], -1) / rt.scale  # (R, N+1, 3)
-    if objective == 'latency':
-        f, df = x.sum(-1), np.ones_like(x)
-    else:
-        m = x.max(-1, keepdims=True)
-        w = np.exp((x - m) / tau)
-        per = m[..., 0] + tau * np.log(w.sum(-1))
-        w = w / w.sum(-1, keepdims=True)
-        f, df = (per, w) if objective == 'throughput' else (omega * x.sum(-1) + (1 - omega) * per,
-                                                             omega + (1 - omega) * w)
-    mn = f.min(-1, keepdims=True)
-    a = np.exp(-(f - mn) / tau)
-    loss = mn[:, 0] - tau * np.log(a.sum(-1))
-    q = a / a.sum(-1, keepdims=True)
-    g = q[..., None] * df / rt.scale  # d loss / d (T_edge, T_link, T_server) at every split, (R, N + 1, 3)
+    loss, q, g = gibbs_loss_grad(x, objective, omega, tau, rt.scale)  # g: d loss / d (T_edge, T_link, T_server)
     d_e = np.cumsum(g[..., 0][:, ::-1], -1)[:, ::-1][:, 1:]  # block k is on the edge for every split > k
     d_s = np.cumsum(g[..., 2], -1)[:, :-1]  # and on the server for every split <= k
     dp = np.stack([d_e[..., None] * edge, d_s[..., None] * server])
@@ -209,32 +251,17 @@ def solve_relaxed(t: CostTables, valid: np.ndarray, objective: str = 'throughput
                   search: bool = True, max_rounds: int = 200, history_points: int = 50) -> RelaxResult:
     """Solve step 2 by the relaxed problem (module docstring) for a fixed kept set given as the `valid` mask.
     Deterministic for the state of `rng` (explicit: seed it from the config)."""
-    check_objective(objective, omega)
-    if steps < 1 or restarts < 1 or not lr > 0 or not (tau_start >= tau_end > 0):
-        raise CostError(f'optim: expected steps >= 1, restarts >= 1, lr > 0 and tau_start >= tau_end > 0; got '
-                        f'steps={steps}, restarts={restarts}, lr={lr}, tau_start={tau_start}, tau_end={tau_end}')
-    if rng is None:
-        raise CostError('solve_relaxed needs an explicit numpy Generator (seed it from the config)')
+    check_settings('solve_relaxed', objective, omega, steps, restarts, lr, tau_start, tau_end, rng)
     t0 = time.perf_counter()
     valid = check_valid(t, valid)
     rt = relax_tables(t, valid)
     n = t.num_blocks
     theta = init_std * rng.standard_normal((2, restarts, n, valid.shape[1]))  # [0] edge, [1] server logits
-    m1, m2 = np.zeros_like(theta), np.zeros_like(theta)
-    b1, b2, eps = 0.9, 0.999, 1e-8  # Adam (torch.optim.Adam's defaults)
-    ratio = tau_end / tau_start
-    every = max(1, steps // max(1, history_points))
-    curves: List[List[float]] = [[] for _ in range(restarts)]
-    q = np.full((restarts, n + 1), 1.0 / (n + 1))
-    for step in range(steps):
-        tau = tau_start * ratio ** (step / max(1, steps - 1))
-        loss, grad, q = relaxed_value_grad(theta, rt, objective, omega, tau)
-        m1 = b1 * m1 + (1 - b1) * grad
-        m2 = b2 * m2 + (1 - b2) * grad * grad
-        theta = theta - lr / (1 - b1 ** (step + 1)) * m1 / (np.sqrt(m2 / (1 - b2 ** (step + 1))) + eps)
-        if step % every == 0 or step == steps - 1:
-            for r, v in enumerate(loss * rt.scale):
-                curves[r].append(float(v))
+
+    def value_grad(th: np.ndarray, tau: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        loss, grad, q = relaxed_value_grad(th, rt, objective, omega, tau)
+        return loss * rt.scale, grad, q
+    theta, q, curves, every = adam_descent(theta, value_grad, steps, lr, tau_start, tau_end, history_points)
     side_g = np.where(valid, theta, -np.inf).argmax(-1)  # (2, R, N)
     arg_l = q.argmax(-1)
     on_edge = np.arange(n)[None, :] < arg_l[:, None]
@@ -324,20 +351,7 @@ def chain_relaxed_value_grad(theta: np.ndarray, rt: ChainRelaxTables, objective:
     x = np.broadcast_to(rt.fixed, dev.shape[:2] + rt.fixed.shape[1:]).copy()
     x[..., 0::2] += dev
     x /= rt.scale  # (R, S, 2K - 1)
-    if objective == 'latency':
-        f, df = x.sum(-1), np.ones_like(x)
-    else:
-        m = x.max(-1, keepdims=True)
-        w = np.exp((x - m) / tau)
-        per = m[..., 0] + tau * np.log(w.sum(-1))
-        w = w / w.sum(-1, keepdims=True)
-        f, df = (per, w) if objective == 'throughput' else (omega * x.sum(-1) + (1 - omega) * per,
-                                                             omega + (1 - omega) * w)
-    mn = f.min(-1, keepdims=True)
-    a = np.exp(-(f - mn) / tau)
-    loss = mn[:, 0] - tau * np.log(a.sum(-1))
-    q = a / a.sum(-1, keepdims=True)
-    g = q[..., None] * df / rt.scale  # (R, S, 2K - 1)
+    loss, q, g = gibbs_loss_grad(x, objective, omega, tau, rt.scale)
     d_cum = np.einsum('ksi,rsk->kri', rt.incidence, g[..., 0::2])  # (K, R, N + 1)
     d_e = np.cumsum(d_cum[..., ::-1], -1)[..., ::-1][..., 1:]  # block k is in C_j[i] for every i > k
     dp = d_e[..., None] * rt.device[:, None]
@@ -392,32 +406,17 @@ def solve_chain_relaxed(c: ChainTables, valid: np.ndarray, objective: str = 'thr
     """Solve the chain problem by the relaxation above (Adam on the layout logits, annealed tau, Gibbs split over
     the split vectors), then each restart's argmax by `chain_local_search`; the best restart wins.  Deterministic
     for the state of `rng`."""
-    check_objective(objective, omega)
-    if steps < 1 or restarts < 1 or not lr > 0 or not (tau_start >= tau_end > 0):
-        raise CostError(f'optim: expected steps >= 1, restarts >= 1, lr > 0 and tau_start >= tau_end > 0; got '
-                        f'steps={steps}, restarts={restarts}, lr={lr}, tau_start={tau_start}, tau_end={tau_end}')
-    if rng is None:
-        raise CostError('solve_chain_relaxed needs an explicit numpy Generator (seed it from the config)')
+    check_settings('solve_chain_relaxed', objective, omega, steps, restarts, lr, tau_start, tau_end, rng)
     t0 = time.perf_counter()
     rt = chain_relax_tables(c, valid)
     valid = rt.mask
     n, k = c.num_blocks, c.num_devices
     theta = init_std * rng.standard_normal((k, restarts, n, valid.shape[1]))
-    m1, m2 = np.zeros_like(theta), np.zeros_like(theta)
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    ratio = tau_end / tau_start
-    every = max(1, steps // max(1, history_points))
-    curves: List[List[float]] = [[] for _ in range(restarts)]
-    q = np.full((restarts, len(rt.vectors)), 1.0 / len(rt.vectors))
-    for step in range(steps):
-        tau = tau_start * ratio ** (step / max(1, steps - 1))
-        loss, grad, q = chain_relaxed_value_grad(theta, rt, objective, omega, tau)
-        m1 = b1 * m1 + (1 - b1) * grad
-        m2 = b2 * m2 + (1 - b2) * grad * grad
-        theta = theta - lr / (1 - b1 ** (step + 1)) * m1 / (np.sqrt(m2 / (1 - b2 ** (step + 1))) + eps)
-        if step % every == 0 or step == steps - 1:
-            for r, v in enumerate(loss * rt.scale):
-                curves[r].append(float(v))
+
+    def value_grad(th: np.ndarray, tau: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        loss, grad, q = chain_relaxed_value_grad(th, rt, objective, omega, tau)
+        return loss * rt.scale, grad, q
+    theta, q, curves, every = adam_descent(theta, value_grad, steps, lr, tau_start, tau_end, history_points)
     dev_g = np.where(valid, theta, -np.inf).argmax(-1)  # (K, R, N)
     arg_l = rt.vectors[q.argmax(-1)]  # (R, K - 1)
     device = (np.arange(n)[None, :, None] >= arg_l[:, None, :]).sum(-1)  # (R, N)

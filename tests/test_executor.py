@@ -166,3 +166,22 @@ def _fails_on_b(shared, item):
     if item == 'b':
         raise ValueError('bad b')
     return f'{item}{shared}'
+
+
+@pytest.mark.slow
+def test_bench_accuracy_seeds_on_ray_give_the_local_cases(ray_cluster, tmp_path):
+    """bench_accuracy's seed repetitions as Ray tasks (the tiny synthetic --quick setting, one seed, one domain):
+    the same cases as the local executor."""
+    from bench import bench_accuracy
+
+    def cases(executor_name, work):
+        out = tmp_path / f'out_{executor_name}'
+        assert bench_accuracy.main(['--quick', '--seeds', '1', '--domains', '0', '--work_dir', str(work),
+                                    '--out_dir', str(out), '--executor', executor_name]) == 0
+        obj = json.loads((out / 'accuracy.json').read_text())
+        assert obj['complete'] and obj['settings']['executor'] == executor_name
+        return [r['cases'] for r in obj['runs']]
+    local = cases('local', tmp_path / 'local')
+    shutil.copytree(tmp_path / 'local' / '_quick_source', tmp_path / 'ray' / '_quick_source')  # built once
+    assert cases('ray', tmp_path / 'ray') == local and len(local[0]) == 1
+    assert 'attempt started' in (tmp_path / 'ray' / 'logs' / 'bench_accuracy' / 'seed_1.log').read_text()

@@ -30,6 +30,8 @@ DEVICE_FILES: Tuple[str, ...] = (
     'client_worker.py',
     'step1_measure_lut.py',
     'hyper_repvgg.py',
+    'chain_nets.py',
+    'nets.py',
     'errors.py',
     'comm/__init__.py',
     'comm/protocol.py',

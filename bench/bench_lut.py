@@ -101,18 +101,22 @@ def chain_side(side: Dict[str, Any]) -> Dict[str, Any]:
                 head={k: back(e) for k, e in side['head'].items()}, fit=None)
 
 
-def method_row(side: Dict[str, Any], rep: Dict[str, Any]) -> Dict[str, Any]:
-    """The figures of one LUT (fit or its chain prior) against the validation's measurements."""
+def method_row(side: Dict[str, Any], rep: Dict[str, Any], anchored: bool = False) -> Dict[str, Any]:
+    """The figures of one LUT (fit or its chain prior) against the validation's measurements; `anchored`: the
+    LUT re-anchored to the validation window's speed by the fit configurations it re-timed (timing.lut.
+    speed_factors; the comparison with pass 2 uses pass 1's factor only)."""
     from timing import lut as L
     recs = []
     for r in rep['records']:
-        if r['seen_by_fit']:
+        if r['seen_by_fit'] or r.get('anchor'):
             continue
         pred = L.predict_parts(side, r['gammas'], r['lam'], rep['batch'])
         recs.append(dict(r, predicted=pred, error_pct={
             'total': L._err(pred['total_ms'], r['measured']['total_ms']),
             'edge': L._err(pred['edge_ms'], r['measured']['edge_ms']) if r['lam'] > 0 else None,
             'server': L._err(pred['server_ms'], r['measured']['server_ms'])}))
+    if anchored:
+        recs = L.anchored_records(recs, rep['speed'])
     summ = L.validation_summary(recs, TOLERANCE_PCT)
     pred = [r['predicted']['total_ms'] for r in recs]
     meas = [r['measured']['total_ms'] for r in recs]
@@ -163,8 +167,10 @@ def run_case(case: Case, threads: int, seed: int) -> Dict[str, Any]:
     t_val = time.perf_counter() - t0
     load_end = common.load_average()
     loaded = common.is_loaded(load_start) or common.is_loaded(load_end, own=1.0)
-    meas = [r['measured']['total_ms'] for r in rep['records']]
+    meas = [r['measured']['total_ms'] for r in rep['records'] if not r['seen_by_fit'] and not r.get('anchor')]
     methods = {'fit': method_row(side, rep), 'chain': method_row(chain_side(side), rep)}
+    if rep.get('speed'):
+        methods['fit, re-anchored'] = method_row(side, rep, anchored=True)
     for m in methods.values():
         m['targets'] = targets_met(m, case.key)
     fit = res['fit']['1']
@@ -175,11 +181,12 @@ def run_case(case: Case, threads: int, seed: int) -> Dict[str, Any]:
                         'fit_configurations': fit['configurations'], 'fit_parts': fit['parts'],
                         'fit_rounds': fit['rounds'], 'fit_burst': case.fit_burst, 'validation_passes': 2,
                         'validation_rounds': rep['settings']['rounds'], 'validation_burst': rep['settings']['burst']},
-           'configurations': len(rep['records']), 'tolerance_pct': TOLERANCE_PCT, 'methods': methods,
+           'configurations': len(meas), 'tolerance_pct': TOLERANCE_PCT, 'methods': methods,
            'fit': {k: v for k, v in fit.items() if k != 'configurations_used'},
            'median_measured_total_ms': float(np.median(meas)),
            'measured_range_pct': float(100 * (max(meas) - min(meas)) / np.median(meas)), 'lut_measure_wall_s': t_lut,
-           'validation_wall_s': t_val, 'load_average_start': load_start, 'load_average_end': load_end,
+           'validation_wall_s': t_val, 'speed': rep.get('speed'), 'load_average_start': load_start,
+           'load_average_end': load_end,
            'loaded': loaded, 'summary': rep['summary'], 'records': rep['records']}
     f = methods['fit']
     log.info('%s: %d configurations, fit LUT %.0f %% within +/-%.0f %%, median |error| %.1f %%, signed %+.1f %%, '
@@ -247,6 +254,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       (f['noise'] or {}).get('pass_to_pass_pct'), '%'],
                      [f'{r["label"]}: chain LUT (before the fit), median signed error',
                       r['methods']['chain']['median_signed_error_pct'], '%']]
+        a = r['methods'].get('fit, re-anchored')
+        if a:
+            headline += [[f'{r["label"]}: fit LUT re-anchored to the window\'s speed (x{r["speed"]["factor"]:.3f}), '
+                          'configurations within +/-10 %', 100 * a['share_within_10pct'], '%'],
+                         [f'{r["label"]}: fit LUT re-anchored, median signed error / Spearman rho',
+                          f'{a["median_signed_error_pct"]:.2f} / {common.fmt(a["spearman_rho"])}', '% / '],
+                         [f'{r["label"]}: fit LUT re-anchored vs pass 2 / noise floor',
+                          f'{common.fmt((a["noise"] or {}).get("lut_vs_pass2_median_abs_pct"))} / '
+                          f'{common.fmt((a["noise"] or {}).get("pass_to_pass_pct"))}', '%'],
+                         [f'{r["label"]}: targets met by the re-anchored LUT',
+                          'not claimed (loaded)' if r['loaded'] else ('yes' if a['targets']['met'] else 'no'), '']]
     tables = [common.table('Server-side LUT on this CPU: LUT sum vs end-to-end time of whole configurations the '
                            'fit never saw, batch 1, two interleaved passes (targets are not claimed on a loaded '
                            'machine)', COLUMNS, rows)]

@@ -172,8 +172,13 @@ def test_step1_fit_lut_and_validation_json_fields(tmp_path, capsys):
     assert set(val['summary']['noise']) == {'passes', 'pass_to_pass_pct', 'lut_vs_pass2_median_abs_pct',
                                            'tolerance_pct', 'above_tolerance', 'count'}
     assert len(val['machine_state_before']['load_average']) == 3 and 'machine_state_after' in val
+    anchors = [r for r in val['records'] if r['anchor']]
+    assert len(anchors) == val['settings']['anchors'] == L.ANCHORS and all(r['seen_by_fit'] for r in anchors)
     for r in val['records']:
-        assert len(r['passes']) == 2 and r['seen_by_fit'] is False and r['measured']['total_ms'] > 0
+        assert len(r['passes']) == 2 and r['seen_by_fit'] is r['anchor'] and r['measured']['total_ms'] > 0
+    assert val['speed']['anchors'] == L.ANCHORS and val['speed']['factor'] > 0
+    assert val['anchored']['total']['count'] == val['summary']['total']['count']
+    assert 're-anchored to this window' in cap.out
     if val['summary']['noise']['above_tolerance']:
         assert 'warning: LUT validation noise floor' in cap.err
 
@@ -193,3 +198,27 @@ def test_old_chain_lut_is_read_and_unknown_method_refused(tmp_path):
     write_artifact(path, 'lut_server', dict(old, settings=dict(old['settings'], timing='magic')), Config(), 'test')
     with pytest.raises(ArtifactError, match=r'settings\.timing: unknown timing method .magic.'):
         L.load_side(path, 'server')
+
+
+def _record(pred_ms, meas_ms, pass_ms, anchor):
+    return {'predicted': {'edge_ms': 0.0, 'server_ms': pred_ms, 'total_ms': pred_ms},
+            'measured': {'edge_ms': 0.0, 'server_ms': meas_ms, 'total_ms': meas_ms},
+            'passes': [{'total_ms': pass_ms[0]}, {'total_ms': pass_ms[1]}], 'anchor': anchor, 'seen_by_fit': anchor,
+            'error_pct': {'total': L._err(pred_ms, meas_ms), 'edge': None, 'server': L._err(pred_ms, meas_ms)}}
+
+
+def test_speed_factor_re_anchors_a_uniformly_slower_window_and_pass2_sees_pass1_only():
+    # the machine runs 1.2x slower than when the LUT was fitted, 1.25x in pass 1 and 1.15x in pass 2
+    anchors = [_record(p, 1.2 * p, (1.25 * p, 1.15 * p), True) for p in (2.0, 3.0, 5.0)]
+    unseen = [_record(p, 1.2 * p, (1.25 * p, 1.15 * p), False) for p in (1.0, 4.0, 6.0, 8.0)]
+    f = L.speed_factors(anchors + unseen)
+    assert f['anchors'] == 3 and f['factor'] == pytest.approx(1.2) and f['factor_pass1'] == pytest.approx(1.25)
+    raw = L.validation_summary(unseen)
+    assert raw['total']['median_signed_error_pct'] == pytest.approx(100 * (1 / 1.2 - 1))
+    fixed = L.validation_summary(L.anchored_records(unseen, f))
+    assert fixed['total']['median_abs_error_pct'] == pytest.approx(0.0, abs=1e-9)
+    assert fixed['total']['share_within_tol'] == 1.0
+    # against pass 2 the re-anchored LUT uses pass 1's factor: 1.25 / 1.15 - 1, never pass 2's own speed
+    assert fixed['noise']['lut_vs_pass2_median_abs_pct'] == pytest.approx(100 * (1.25 / 1.15 - 1))
+    assert fixed['noise']['pass_to_pass_pct'] == raw['noise']['pass_to_pass_pct']
+    assert L.speed_factors(unseen) is None

@@ -497,7 +497,8 @@ def validation_summary(records: Sequence[Dict[str, Any]], tolerance_pct: float =
     noise = None
     if two:
         p2p = [abs(_err(r['passes'][0]['total_ms'], r['passes'][1]['total_ms'])) for r in two]
-        vs2 = [abs(_err(r['predicted']['total_ms'], r['passes'][1]['total_ms'])) for r in two]
+        vs2 = [abs(_err(r.get('predicted_for_pass2_ms', r['predicted']['total_ms']), r['passes'][1]['total_ms']))
+               for r in two]
         floor = float(np.median(p2p))
         noise = {'passes': 2, 'pass_to_pass_pct': floor, 'lut_vs_pass2_median_abs_pct': float(np.median(vs2)),
                  'tolerance_pct': tolerance_pct / 2, 'above_tolerance': bool(floor > tolerance_pct / 2),
@@ -543,6 +544,14 @@ def validation_line(report: Dict[str, Any]) -> str:
         load = (report.get('machine_state_before') or {}).get('load_average')
         line += (f'; noise floor {n["pass_to_pass_pct"]:.1f} % pass to pass (LUT vs pass 2: '
                  f'{n["lut_vs_pass2_median_abs_pct"]:.1f} %)' + (f', load average {load[0]:.2f}' if load else ''))
+    a, sp = report.get('anchored'), report.get('speed')
+    if a and sp:
+        line += (f'; re-anchored to this window\'s speed ({sp["anchors"]} fit configurations re-timed: the machine '
+                 f'ran x{sp["factor"]:.3f} the LUT\'s time): {100 * a["total"]["share_within_tol"]:.0f} % within '
+                 f'+/-{s["tolerance_pct"]:.0f} %, median |error| {pct(a["total"])}, signed '
+                 f'{a["total"]["median_signed_error_pct"]:+.1f} %')
+        if a.get('noise'):
+            line += f', vs pass 2 {a["noise"]["lut_vs_pass2_median_abs_pct"]:.1f} %'
     return line
 
 
@@ -577,21 +586,69 @@ def fit_configuration_keys(side: Dict[str, Any], batch: int) -> set:
     return {(tuple(int(g) for g in c['gammas']), int(c['lam'])) for c in fit.get('configurations_used') or []}
 
 
+ANCHORS = 4  # fit configurations re-timed in every validation: the machine's speed now against the LUT's
+
+
+def anchor_configurations(side: Dict[str, Any], batch: int, count: int = ANCHORS) -> List[Dict[str, Any]]:
+    """The first `count` configurations a fitted side LUT was fitted on at `batch` (none for chain LUTs):
+    re-timed beside a validation, they measure how fast the machine runs now against when the LUT was fitted."""
+    fit = (side.get('fit') or {}).get(str(int(batch))) or {}
+    return [{'gammas': [int(g) for g in c['gammas']], 'lam': int(c['lam'])}
+            for c in (fit.get('configurations_used') or [])[:max(0, int(count))]]
+
+
+def speed_factors(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The machine's speed now relative to the LUT's window, from the validation's re-timed fit configurations
+    (`anchor` records): median of measured / predicted totals over both passes (`factor`) and over pass 1 alone
+    (`factor_pass1`, for the comparison with pass 2, which it must not see), with the anchors' own spread.
+    None without anchors."""
+    anchors = [r for r in records if r.get('anchor')]
+    if not anchors:
+        return None
+    ratios = [r['measured']['total_ms'] / r['predicted']['total_ms'] for r in anchors]
+    first = [r['passes'][0]['total_ms'] / r['predicted']['total_ms'] for r in anchors if r.get('passes')]
+    return {'factor': float(np.median(ratios)), 'factor_pass1': float(np.median(first)) if first else None,
+            'min': float(min(ratios)), 'max': float(max(ratios)), 'anchors': len(anchors),
+            'meaning': 'measured / LUT-predicted total of configurations the fit was fitted on, re-timed in this '
+                       'validation: > 1 = the machine runs slower now than when the LUT was measured'}
+
+
+def anchored_records(records: Sequence[Dict[str, Any]], factors: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Records whose predictions are the LUT's sums times the speed factor of this window (pass-2 comparisons
+    use the factor measured in pass 1 only): the LUT re-anchored to the machine's speed at the time of use."""
+    f = float(factors['factor'])
+    out = []
+    for r in records:
+        pred = {k: v * f for k, v in r['predicted'].items()}
+        meas = r['measured']
+        err = {'total': _err(pred['total_ms'], meas['total_ms']),
+               'edge': _err(pred['edge_ms'], meas['edge_ms']) if r['error_pct']['edge'] is not None else None,
+               'server': _err(pred['server_ms'], meas['server_ms'])}
+        extra = {}
+        if r.get('passes') and factors.get('factor_pass1'):  # the comparison with pass 2 sees pass 1's factor only
+            extra['predicted_for_pass2_ms'] = r['predicted']['total_ms'] * float(factors['factor_pass1'])
+        out.append(dict(r, predicted=pred, error_pct=err, **extra))
+    return out
+
+
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
                   rounds: int, seed: int = 0, progress: bool = False, passes: int = 2,
-                  tolerance_pct: float = 10.0) -> Dict[str, Any]:
+                  tolerance_pct: float = 10.0, anchors: int = ANCHORS) -> Dict[str, Any]:
     """Measure each configuration end to end on this device (timing.measure.measure_configurations: `rounds`
     fine-grained interleaved rounds in a seeded random order, even and odd rounds the two passes) and compare it
-    with `side`'s LUT sums.  Configurations the fit was fitted on are measured but left out of the summary."""
+    with `side`'s LUT sums.  Configurations the fit was fitted on are measured but left out of the summary; the
+    first `anchors` of them are re-timed in the same rounds (speed_factors): `summary` is the LUT as measured,
+    `anchored` the LUT re-anchored to the machine's speed in this window (None for chain LUTs)."""
     from timing import measure
     model = measure.random_model(side['model'], seed)
     seen = fit_configuration_keys(side, batch)
+    anchor_confs = anchor_configurations(side, batch, anchors)
     before = measure.machine_state()
-    res = measure.measure_configurations(model, side['input_size'], configs, batch, device, warmup, rounds, passes,
-                                         seed + 17, progress=progress)
+    res = measure.measure_configurations(model, side['input_size'], list(configs) + anchor_confs, batch, device,
+                                         warmup, rounds, passes, seed + 17, progress=progress)
     after = measure.machine_state()
     records = []
-    for c, m in zip(configs, res):
+    for i, (c, m) in enumerate(zip(list(configs) + anchor_confs, res)):
         pred = predict_parts(side, c['gammas'], c['lam'], batch)
         meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms'],
                 'total_ms': m['total']['median_ms']}
@@ -599,15 +656,19 @@ def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch
             'gammas': [int(g) for g in c['gammas']], 'lam': int(c['lam']), 'predicted': pred, 'measured': meas,
             'measured_spread': {'total_p10_ms': m['total']['p10_ms'], 'total_p90_ms': m['total']['p90_ms']},
             'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
-            'passes': m['passes'],
+            'passes': m['passes'], 'anchor': i >= len(configs),
             'seen_by_fit': (tuple(int(g) for g in c['gammas']), int(c['lam'])) in seen,
             'error_pct': {'total': _err(pred['total_ms'], meas['total_ms']),
                           'edge': _err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
                           'server': _err(pred['server_ms'], meas['server_ms'])}})
     unseen = [r for r in records if not r['seen_by_fit']]
+    factors = speed_factors(records)
     timing = (side.get('settings') or {}).get('timing')
     return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': timing,
-            'summary': validation_summary(unseen, tolerance_pct), 'records': records,
+            'summary': validation_summary(unseen, tolerance_pct), 'speed': factors,
+            'anchored': validation_summary(anchored_records(unseen, factors), tolerance_pct) if factors else None,
+            'records': records,
             'machine_state_before': before, 'machine_state_after': after, 'cpu_count': os.cpu_count(),
             'settings': {'warmup': warmup, 'rounds': res[0]['rounds'] if res else int(rounds),
-                         'burst': res[0]['burst'] if res else None, 'passes': passes, 'seed': seed}}
+                         'burst': res[0]['burst'] if res else None, 'passes': passes, 'seed': seed,
+                         'anchors': len(anchor_confs)}}

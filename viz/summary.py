@@ -273,9 +273,18 @@ def lut_validation_note(path: Path) -> Optional[str]:
     if not isinstance(share, (int, float)) or not isinstance(med, (int, float)):
         return None
     tol = obj['summary'].get('tolerance_pct', 10.0)
-    return (f'LUT validation ({obj.get("side", "?")} side, {obj.get("device", "?")}, {tot.get("count")} whole '
+    line = (f'LUT validation ({obj.get("side", "?")} side, {obj.get("device", "?")}, {tot.get("count")} whole '
             f'configurations measured end to end): {100 * share:.0f} % within ±{tol:g} % of the LUT sum, median '
-            f'|error| {med:.1f} %.')
+            f'|error| {med:.1f} %')
+    noise = obj['summary'].get('noise') or {}
+    if isinstance(noise.get('pass_to_pass_pct'), (int, float)):
+        line += f', noise floor {noise["pass_to_pass_pct"]:.1f} % pass to pass'
+    speed, anch = obj.get('speed'), (obj.get('anchored') or {}).get('total') or {}
+    if isinstance(speed, dict) and isinstance(anch.get('median_abs_error_pct'), (int, float)):
+        line += (f'; re-anchored to the validation window\'s speed (x{speed["factor"]:.3f}, from '
+                 f'{speed["anchors"]} re-timed fit configurations): {100 * anch["share_within_tol"]:.0f} % within '
+                 f'±{tol:g} %, median |error| {anch["median_abs_error_pct"]:.1f} %')
+    return line + '.'
 
 
 @dataclass

@@ -28,18 +28,25 @@ def test_bench_lut_quick_fields(lut_result):
     assert m['cpu_cores'] >= 1 and m['cpu_model'] and m['torch_version'].startswith('2.')
     (row,) = obj['models'].values()
     assert row['num_blocks'] == 22 and row['batch'] == 1 and row['configurations'] == 4
-    assert len(row['records']) == 4 and row['lut_entries'] > 22 and row['settings']['timing'] == 'fit'
+    unseen = [r for r in row['records'] if not r['anchor']]
+    assert len(unseen) == 4 and len(row['records']) == 4 + row['speed']['anchors']
+    assert row['lut_entries'] > 22 and row['settings']['timing'] == 'fit'
     fit = row['methods']['fit']
     assert 0.0 <= fit['share_within_10pct'] <= 1.0 and fit['median_abs_error_pct'] >= 0.0
     assert fit['spearman_rho'] is None or -1.0 <= fit['spearman_rho'] <= 1.0
-    errs = sorted(abs(r['error_pct']['total']) for r in row['records'])
+    errs = sorted(abs(r['error_pct']['total']) for r in unseen)
     assert fit['median_abs_error_pct'] == pytest.approx((errs[1] + errs[2]) / 2)
     assert fit['share_within_10pct'] == pytest.approx(sum(e <= 10.0 for e in errs) / 4)
+    # re-anchored: the same measurements against the LUT's sums times the window's speed factor
+    f = row['speed']['factor']
+    aerrs = sorted(abs(100 * (f * r['predicted']['total_ms'] - r['measured']['total_ms']) / r['measured']['total_ms'])
+                   for r in unseen)
+    assert row['methods']['fit, re-anchored']['median_abs_error_pct'] == pytest.approx((aerrs[1] + aerrs[2]) / 2)
     assert fit['noise']['passes'] == 2 and fit['noise']['pass_to_pass_pct'] >= 0.0
     assert row['methods']['chain']['configurations'] == 4 and isinstance(row['loaded'], bool)
     assert len(row['load_average_start']) == 3 and 'met' in fit['targets']
     assert 'configurations within +/-10 %' in [h[0] for h in obj['headline']][0]
-    assert obj['tables'][0]['columns'][0] == 'model' and len(obj['tables'][0]['rows']) == 2
+    assert obj['tables'][0]['columns'][0] == 'model' and len(obj['tables'][0]['rows']) == 3
     assert 'Spearman rho' in stdout and 'noise floor' in stdout
 
 
@@ -181,3 +188,20 @@ def test_executor_projection_makespan():
     rows = bench_executor.projection([1.0, 1.0], 2, 2, task_h=1.0, serial_h=0.0, overhead_s=0.0)
     by_gpus = {r[0]: r for r in rows}
     assert by_gpus[1][2] == 4.0 and by_gpus[2][2] == 2.0 and by_gpus[4][4] == 1.0 and by_gpus[8][4] == 0.5
+
+
+@pytest.mark.slow
+def test_bench_repeat_quick_runs_steps_1_2_twice_and_checks_stability(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'bench_repeat.py'), '--quick', '--out_dir',
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    obj = json.loads((tmp_path / 'decision_stability.json').read_text())
+    assert obj['kind'] == 'bench_decision_stability' and len(obj['runs']) == 2
+    for r in obj['runs']:
+        assert r['validation']['speed']['anchors'] >= 1 and r['report']['chosen']['measured_fps'] > 0
+        assert str(r['report']['chosen']['lam']) in r['measured_fps_by_lambda']
+    metrics = [h[0] for h in obj['headline']]
+    assert any('re-anchored' in m for m in metrics) and any('chosen lambda per run' in m for m in metrics)
+    lams = {r['report']['chosen']['lam'] for r in obj['runs']}
+    spread = next(h[1] for h in obj['headline'] if h[0].startswith('measured throughput difference'))
+    assert (spread == 0.0) == (len(lams) == 1)

@@ -50,3 +50,35 @@ def py36_python():
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f'could not build the Python 3.6 + torch 1.10.2 venv at {PY36_VENV}: {e}')
     return exe
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (restored after): a server and its workers on the same cores, each with one
+    thread, do not stall each other.  Real-mode modules take it with pytest.mark.usefixtures('one_torch_thread')."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def pruned_a0(width, small_input=False, layouts=((2, 13), (4, 10))):
+    """A HyperRepVGG-A0 (10 classes) in eval mode with seeded random BN statistics and alphas, branch O of block 3
+    pruned and the given (block, layout) pairs set: the deployable model of the real-mode and part-file tests."""
+    import torch
+
+    import hyper_repvgg as H
+    from timing.measure import randomize_bn_
+    torch.manual_seed(0)
+    m = H.build_hyper_repvgg('A0', num_classes=10, width_multiplier=tuple(width), small_input=small_input)
+    g = torch.Generator()
+    g.manual_seed(1)
+    randomize_bn_(m, g)
+    with torch.no_grad():
+        for a in m.alpha_parameters():
+            a.uniform_(0.5, 1.5, generator=g)
+    m.prune(3, 'O')
+    for block, layout in layouts:
+        m.set_layout(block, layout)
+    return m.eval()

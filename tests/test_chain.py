@@ -187,6 +187,31 @@ def test_goal_values_chain_path_k2_matches_and_k3_runs():
         assert not goal.lex_better(other, best)
 
 
+def test_predict_chain_is_the_cost_models_chain():
+    """comm.session.predict_chain (the prediction next to a real chain run's measurement) computes with optim/cost.py:
+    fed the cost model's own stage times and per-batch bytes of a configuration it gives that configuration's
+    period, throughput, latency and bottleneck."""
+    from comm.session import SessionError, predict_chain
+    rng = np.random.default_rng(3)
+    for k in (2, 3, 4):
+        c, valid = random_chain(rng, 7, k)
+        gam = np.argmin(np.where(valid, c.device_ms[0], np.inf), 1)
+        for lams in C.split_vectors(7, k)[::5]:
+            d = C.chain_describe(gam, lams, c)
+            links = [{'bandwidth_mbps': ln.bandwidth_mbps, 'latency_ms': ln.latency_ms} for ln in c.links]
+            p = predict_chain(d['device_ms'], [c.link_bytes[x] * c.batch for x in lams], links, c.batch)
+            assert p['period_ms'] == pytest.approx(d['period_ms'], rel=1e-12)
+            assert p['throughput_fps'] == pytest.approx(d['throughput_fps'], rel=1e-12)
+            assert p['latency_ms'] == pytest.approx(d['latency_ms'], rel=1e-12)
+            assert p['link_occupancy_ms'] == pytest.approx(d['link_ms'], rel=1e-12)
+            where = c.names.index(d['bottleneck'])
+            assert p['bottleneck'] == (f'stage {where // 2}' if where % 2 == 0 else f'link {where // 2}->{where // 2 + 1}')
+    with pytest.raises(SessionError, match='bandwidth_mbps > 0'):
+        predict_chain([1.0, 1.0], [10.0], [{'bandwidth_mbps': 0}], 1)
+    with pytest.raises(SessionError, match='2 stages need 1 links'):
+        predict_chain([1.0, 1.0], [10.0, 5.0], [{'bandwidth_mbps': 1}, {'bandwidth_mbps': 1}], 1)
+
+
 def test_bad_chains_are_named():
     t, valid = random_tables(np.random.default_rng(0), 4)
     e = t.edge_ms

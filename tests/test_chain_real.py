@@ -13,30 +13,22 @@ import test_real_mode as R
 from comm import parts as PF
 from comm import protocol as P
 from comm.localdevice import LocalChain
+from conftest import pruned_a0
 from comm.session import Hop, ServerSession, SessionError, predict_chain, run_chain
 from data.normalize import normalize_batch
 from test_hostile_peers import frame, wait_closed
-from test_real_mode import model  # noqa: F401 - the fixture behind net
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.usefixtures('one_torch_thread')]
 TOKEN = 'chain-token'
 SPLITS = (3, 10)  # hop 0: blocks 0..2, hop 1: blocks 3..9, this server: blocks 10..21 and the classifier
 RATES_MBPS = (20.0, 10.0)  # link 0 (hop 0 -> hop 1) and link 1 (hop 1 -> server), each with 2 ms one way
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope='module')
-def net(request):
+def net():
     """test_real_mode's pruned, re-laid-out HyperRepVGG-A0 (width 0.25, 32 px, 10 classes)."""
-    return request.getfixturevalue('model')
+    return pruned_a0((0.25, 0.25, 0.25, 0.25), small_input=True)
 
 
 @pytest.fixture(scope='module')

@@ -22,39 +22,18 @@ from comm import protocol as P
 from comm.bundle import bundle_bytes
 from comm.linkemu import LinkEmulator
 from comm.session import ServerSession, SessionError
-from conftest import REPO
+from conftest import REPO, pruned_a0
 from data.normalize import normalize_batch
-from timing.measure import randomize_bn_
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.usefixtures('one_torch_thread')]
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 IO_TIMEOUT = 20.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Server and worker share 2 cores: one torch thread each keeps them from stalling each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    m = H.build_hyper_repvgg('A0', num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.25), small_input=True)
-    g = torch.Generator()
-    g.manual_seed(1)
-    randomize_bn_(m, g)
-    with torch.no_grad():
-        for a in m.alpha_parameters():
-            a.uniform_(0.5, 1.5, generator=g)
-    m.prune(3, 'O')
-    m.set_layout(2, 13)
-    m.set_layout(4, 10)
-    return m.eval()
+    return pruned_a0((0.25, 0.25, 0.25, 0.25), small_input=True)
 
 
 @pytest.fixture(scope='module')

@@ -37,7 +37,7 @@ import torch
 
 from hyper_repvgg import BRANCHES, LAYOUTS, NUM_LAYOUTS
 from optim.cost import (STAGES, ChainTables, CostError, CostTables, chain_stage_times, check_splits, gap_pct,
-                        split_vectors, stage_times)
+                        hop_ranges, split_vectors, stage_times)
 from optim.relax import RelaxTables, expected_stage_times, relax_tables, smooth_max
 from optim import search
 from optim.search import Improve
@@ -825,7 +825,7 @@ def solve(p: GoalProblem, solver: str, generator: torch.Generator, gd_kwargs: Op
 # ----------------------------------------------------------------------------------------------------------
 
 def chain_local_search(p: GoalProblem, chain: ChainTables, gammas: Sequence[int], lams: Sequence[int],
-                       max_moves: int = 200) -> Tuple[np.ndarray, np.ndarray, int, str]:
+                       max_moves: int = 200, move_split: bool = True) -> Tuple[np.ndarray, np.ndarray, int, str]:
     """Step 3 over a chain: best-improvement moves on the goal program's lexicographic key (goal_values with
     `chain`) from (gammas, lams): every single-block change among p.allowed (split kept; pruning per branch as for
     K = 2) and every split vector (layouts kept).  A local optimum, not an exact one: the exact MILP and the GD
@@ -833,7 +833,8 @@ def chain_local_search(p: GoalProblem, chain: ChainTables, gammas: Sequence[int]
     g = np.asarray(gammas, dtype=np.int64).copy()
     lam = check_splits(np.asarray(lams, dtype=np.int64)[None], chain.num_blocks, chain.num_devices)[0].copy()
     check_config(p, g, int(lam[0]))
-    vectors = split_vectors(chain.num_blocks, chain.num_devices)
+    vectors = split_vectors(chain.num_blocks, chain.num_devices) if move_split else lam[None, :0].reshape(
+        0, chain.num_devices - 1)
     ks, gs = np.nonzero(p.allowed)
     for moves in range(max_moves):
         cand = np.repeat(g[None], ks.size + len(vectors), 0)
@@ -846,3 +847,74 @@ def chain_local_search(p: GoalProblem, chain: ChainTables, gammas: Sequence[int]
             return g, lam, moves, 'converged'
         g, lam = cand[i].copy(), cl[i].copy()
     return g, lam, max_moves, 'move_limit'
+
+
+def chain_problem(p: GoalProblem, chain: ChainTables) -> GoalProblem:
+    """`p` with its choices narrowed to the layouts measurable on every device of `chain` (GoalError when a block
+    keeps none); the chain's own times enter through goal_values(..., chain)."""
+    from dataclasses import replace
+    if chain.num_blocks != p.num_blocks:
+        raise GoalError(f'the chain has {chain.num_blocks} blocks, the goal problem {p.num_blocks}')
+    return replace(p, allowed=p.allowed & chain.valid)
+
+
+def chain_evaluate(p: GoalProblem, chain: ChainTables, gammas: Sequence[int], lams: Sequence[int]) -> Dict[str, Any]:
+    """JSON-able evaluation of one chain configuration under the goal program (as `evaluate`, with the chain's
+    cost): every stage by name (ChainTables.names), the blocks per device, period, latency, throughput, bottleneck,
+    surrogate accuracy, deviations and the lexicographic key (LEVELS)."""
+    g = np.asarray(gammas, dtype=np.int64)
+    lam = check_splits(np.asarray(lams, dtype=np.int64)[None], chain.num_blocks, chain.num_devices)[0]
+    check_config(p, g, int(lam[0]))
+    v = goal_values(p, g[None], lam[None], chain)
+    names = chain.names
+    out: Dict[str, Any] = {'gammas': [int(x) for x in g], 'lams': [int(x) for x in lam],
+                           'hop_blocks': [list(r) for r in hop_ranges(lam, chain.num_blocks)],
+                           'stages_ms': {nm: float(x) for nm, x in zip(names, v['stages_ms'][0])},
+                           'bottleneck': names[int(v['bottleneck'][0])]}
+    for k in ('period_ms', 'latency_ms', 'throughput_fps', 'accuracy_pct', 'surrogate_loss_pct', 'xi_accuracy_pct',
+              'edge_weight_bytes', 'xi_memory_bytes', 'roofline', 'new_prunes'):
+        out[k] = float(v[k][0])
+    out['key'] = {k: float(v[k][0]) for k in LEVELS}
+    out['branches_pruned'] = pruned_count(p, g)
+    out['kept'] = kept_sets(g)
+    return out
+
+
+def solve_chain_goal(p: GoalProblem, chain: ChainTables, starts: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                     max_moves: int = 200, polish_starts: int = 16) -> Dict[str, Any]:
+    """Step 3's goal program over a chain of K >= 3 devices.  Moving a split point often needs several blocks to
+    change at once, which single moves miss (as split_polish for two devices): so first, for every split vector,
+    each block in its device's fastest layout among those that prune nothing with a cost, improved by single-block
+    moves with that split vector kept; the `polish_starts` best of these join `starts` (gammas, lams), and from
+    each a full chain_local_search; the lexicographically best local optimum wins (ties: the first start).  Returns {'gammas', 'lams', 'status'
+    ('local_optimum' | 'move_limit'), 'start', 'starts': [{'moves', 'status', 'key'}], 'wall_s'}: a local
+    optimum of the goal program's key, not a proven optimum (the two-device MILP has no chain form yet)."""
+    if not starts:
+        raise GoalError('solve_chain_goal: no start configuration')
+    t0 = time.perf_counter()
+    q = chain_problem(p, chain)
+    runs, keys = [], []
+    n = q.num_blocks
+    free = q.allowed & (q.loss <= 0)  # layouts that prune nothing with a cost
+    free[~free.any(1)] = q.allowed[~free.any(1)]
+    fastest = np.stack([np.argmin(np.where(free, a, np.inf), 1) for a in chain.device_ms])  # (K, N)
+    vectors = split_vectors(n, chain.num_devices)
+    polish = []
+    for v in vectors:  # every split vector: its un-pruned fastest layouts, then single-block moves (split kept)
+        g0 = fastest[(np.arange(n)[:, None] >= v[None, :]).sum(1), np.arange(n)]
+        g, lam, _, _ = chain_local_search(q, chain, g0, v, 3 * n, move_split=False)
+        polish.append((g, lam, lex_keys(goal_values(q, g[None], lam[None], chain))[0]))
+    order = np.lexsort(np.stack([k for _, _, k in polish]).T[::-1])  # lexicographic, the first level first
+    starts = list(starts) + [(polish[i][0], polish[i][1]) for i in order[:polish_starts]]
+    for g0, l0 in starts:
+        g0 = np.where(q.allowed[np.arange(q.num_blocks), np.asarray(g0, dtype=np.int64)], g0,
+                      np.argmax(q.allowed, 1))  # a start layout the chain cannot run: the block's first allowed one
+        g, lam, moves, status = chain_local_search(q, chain, g0, l0, max_moves)
+        keys.append(lex_keys(goal_values(q, g[None], lam[None], chain))[0])
+        runs.append((g, lam, moves, status))
+    b = lex_best(np.stack(keys))
+    g, lam, _, status = runs[b]
+    return {'gammas': [int(x) for x in g], 'lams': [int(x) for x in lam],
+            'status': 'local_optimum' if status == 'converged' else status, 'start': b,
+            'starts': [{'moves': r[2], 'status': r[3], 'key': k.tolist()} for r, k in zip(runs, keys)],
+            'wall_s': time.perf_counter() - t0}

@@ -159,3 +159,56 @@ def chain_text(section: Dict[str, Any]) -> str:
                  f'{section["gradient_descent"]["gap_pct"]:.3g} %); chain vs best two devices: '
                  f'{section["chain_gain_pct"]:+.1f} % throughput')
     return '\n'.join(lines)
+
+
+def two_device_link(hops: List[Hop], where: str = WHERE) -> L.LinkSpec:
+    """Step 3's chain of two devices: the LUT's own edge and server sides (the closed loop measures against them)
+    with the link preset of its hop, which then replaces the two-device link: the same tables and the same code
+    as without a chain (C.two_device_tables(chain_tables(..)) equals timing.lut.cost_tables under that preset)."""
+    if len(hops) != 2 or (hops[0].device, hops[1].device) != LUT_DEVICES:
+        raise ConfigError(f'{where}: a chain of two devices in step 3 must be edge:<link>,server (the LUT\'s own '
+                          f'sides, which the closed loop measures against), got {describe_hops(hops)}; for a '
+                          'modelled edge device re-run step 1 with --edge_profile')
+    return L.LINK_PRESETS[hops[0].link]
+
+
+def goal_section(p: Any, c: C.ChainTables, info: Dict[str, Any], gammas: List[int], lam: int,
+                 available: List[Any]) -> Dict[str, Any]:
+    """Step 3's chain field for a chain of K >= 3 devices (JSON-able, PREDICTED by the cost model and the
+    surrogate): the goal program `p` (the domain's final surrogate and accuracy floor) solved over the chain by
+    optim.goal.solve_chain_goal from two starts, the unpruned chain optimum and the domain's own pruning placed at
+    its best split vector; its decision (pruning per branch, split vector, layout per block on its device) with
+    those two as baselines and the throughput gain over each."""
+    from optim import goal
+    full = C.valid_mask(available)
+    mine = C.valid_mask(goal.kept_sets(gammas))
+    unpruned = solve_chain_exact(c, full & c.valid)
+    placed = solve_chain_exact(c, mine & c.valid)
+    res = goal.solve_chain_goal(p, c, [(unpruned.gammas, unpruned.lams), (placed.gammas, placed.lams)])
+    q = goal.chain_problem(p, c)
+    dec = goal.chain_evaluate(q, c, res['gammas'], res['lams'])
+    base = {'unpruned_chain_optimum': dict(goal.chain_evaluate(q, c, unpruned.gammas, unpruned.lams),
+                                           description='nothing pruned; layouts and split vector exact'),
+            'domain_pruning_on_chain': dict(goal.chain_evaluate(q, c, placed.gammas, placed.lams),
+                                            description=f'the domain\'s two-device decision\'s pruning (lambda {lam}) '
+                                                        'with layouts and split vector exact on the chain')}
+    return dict(info, num_devices=c.num_devices, decision=dec, solver={k: v for k, v in res.items()
+                                                                        if k not in ('gammas', 'lams')},
+                baselines=base,
+                gain_pct={k: 100.0 * (dec['throughput_fps'] / b['throughput_fps'] - 1.0) for k, b in base.items()},
+                how='predicted: the chain cost model (optim/cost.py) under the domain\'s final surrogate accuracy '
+                    '(goal program levels as for two devices); the progressive pruning rounds and the closed loop '
+                    'ran on the two-device split, so this decision\'s accuracy is the surrogate\'s unless '
+                    '"measured" names a round that pruned the same branches')
+
+
+def goal_text(d: int, section: Dict[str, Any]) -> str:
+    """Step 3's printed line for a domain's chain field."""
+    dec = section['decision']
+    if section['num_devices'] == 2:
+        return f'domain {d}: chain {section["description"]}: the two-device decision itself (lambda {dec["lams"]})'
+    stages = ', '.join(f'{k} {v:.2f}' for k, v in dec['stages_ms'].items())
+    gains = ', '.join(f'{v:+.1f} % vs {k}' for k, v in section['gain_pct'].items())
+    return (f'domain {d}: chain {section["description"]} (predicted, {section["solver"]["status"]}): lambda '
+            f'{dec["lams"]}, blocks {dec["hop_blocks"]}, {dec["branches_pruned"]} branches pruned, surrogate accuracy '
+            f'{dec["accuracy_pct"]:.2f} %; {stages} ms; {dec["throughput_fps"]:.1f} fps ({gains})')

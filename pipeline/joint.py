@@ -81,6 +81,8 @@ class Inputs:
     std: Sequence[float]
     base_fingerprint: str
     link: Dict[str, Any]  # the link the cost tables use (timing.lut.LinkSpec.to_dict())
+    chain: Optional[cost.ChainTables] = None  # optim.chain of K >= 3 devices (its goal program: payload "chain")
+    chain_info: Optional[Dict[str, Any]] = None  # pipeline.chain.chain_tables' info of optim.chain (any K)
 
 
 def problem_for(inp: Inputs, sens: np.ndarray, a_ref: float, epsilon: float,
@@ -738,6 +740,11 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
     timing['pareto_s'] = float(sum(p['wall_s'] for p in pareto))
     measured = _measure_real(real_run, fin, data) if real_run is not None else None
     payload = payload_phase(inp, d, fp, ref, st, fin, pareto, data, measured, real_run is not None)
+    t0 = time.perf_counter()
+    chain = chain_phase(inp, st, fin, refs)
+    if chain is not None:
+        payload['chain'] = chain
+        timing['chain_s'] = time.perf_counter() - t0
     payload['timing'] = dict(timing, wall_s=time.perf_counter() - t_start)
     return {'payload': payload, 'state': _state(inp, d, fp, fin), 'skipped': False}
 
@@ -775,6 +782,16 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
     from pipeline.throughput import check_edge_profile, link_for, requested_profile
     check_edge_profile(lut, requested_profile(edge_profile_explicit, cfg), str(lut_file))
     link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
+    chain, chain_info = None, None
+    if cfg.optim.chain:  # docs/design.md#device-chains: K = 2 is the two-device program under the chain's link
+        from pipeline import chain as CH
+        hops = CH.parse_chain(cfg.optim.chain)
+        chain, chain_info = CH.chain_tables(lut, hops, cfg.optim.batch_size, cfg.lut.feature_dtype)
+        if chain.num_devices == 2:
+            if link_flag_given and cfg.lut.link != hops[0].link:
+                raise ConfigError(f'--link {cfg.lut.link} and --chain {cfg.optim.chain}: a chain of two devices '
+                                  'sets the link itself; give one of them')
+            link, chain = CH.two_device_link(hops), None
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)
     available = cost.measured_kept(t)
     valid = cost.valid_mask(available)
@@ -788,7 +805,25 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
                            c['model'], c['data'], c['lut']['feature_dtype'], cfg.seed, warm, cost.COST_MODEL_VERSION,
                            JOINT_VERSION])
     return Inputs(cfg, lut, Path(lut_file), t, L.block_stats(lut), available, unpruned, warm, why, partition,
-                  mean, std, base_fp, link.to_dict())
+                  mean, std, base_fp, link.to_dict(), chain, chain_info)
+
+
+def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, ref: Reference) -> Optional[Dict[str, Any]]:
+    """The domain's "chain" field (None without optim.chain): for two devices the decision itself (the chain was
+    the two-device program), for K >= 3 the goal program over the chain (pipeline.chain.goal_section) at the
+    final surrogate and accuracy floor, with the measurement of a round that pruned the same branches, if any."""
+    if inp.chain_info is None:
+        return None
+    if inp.chain is None:
+        n = inp.tables.num_blocks
+        return dict(inp.chain_info, num_devices=2, decision={'gammas': fin.gammas, 'lams': [fin.lam],
+                                                             'hop_blocks': [[0, fin.lam], [fin.lam, n]]},
+                    how='two devices: the domain\'s decision itself, made on the chain\'s tables')
+    from pipeline import chain as CH
+    p = problem_for(inp, st.sens, ref.a_fit, inp.cfg.joint.epsilon)
+    sec = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available)
+    sec['measured'] = _measured_like(st, fin, inp, sec['decision']['gammas'])
+    return sec
 
 
 def real_runner(session: Any, cfg: Config, mean: Sequence[float], std: Sequence[float], threads: int = 0) -> Any:

@@ -500,6 +500,8 @@ class Worker(object):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 P.tune_keepalive(sock, 10)
             sock.settimeout(self.handshake_timeout_s)
+            log.info('run %s: streaming to the next hop at %s%s', tag, addr,
+                     '' if self.next_tunnel is None else ' via ssh ' + self.next_tunnel.host)
             conn, _ = P.dial_handshake(sock, self.token, self.hello_info(), time.monotonic() + self.handshake_timeout_s,
                                        peer='the next hop at ' + addr)
             conn.settimeout(self.io_timeout_s)

@@ -212,3 +212,120 @@ def goal_text(d: int, section: Dict[str, Any]) -> str:
     return (f'domain {d}: chain {section["description"]} (predicted, {section["solver"]["status"]}): lambda '
             f'{dec["lams"]}, blocks {dec["hop_blocks"]}, {dec["branches_pruned"]} branches pruned, surrogate accuracy '
             f'{dec["accuracy_pct"]:.2f} %; {stages} ms; {dec["throughput_fps"]:.1f} fps ({gains})')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real mode: the chain's chosen configuration over a chain of workers (comm.session.run_chain)
+# ----------------------------------------------------------------------------------------------------------
+
+def open_chain(cfg: Any, stack: Any, workers: int) -> tuple:
+    """Real mode over a chain: one server session per worker hop (hop k listens on real.chain_port + k, default
+    real.port + 1 + k; closed by `stack`), each worker accepted in order, and where each hop reaches its successor
+    (real.chain_next[k], default 127.0.0.1:<the successor's --listen port>: the same machine, or a tunnel whose
+    local end has the same port, as --next_ssh opens).  -> (comm.session.Hop list, the workers' hellos)."""
+    import dataclasses
+    import logging
+
+    from comm.session import Hop, SessionError, session_from_config
+    r = cfg.real
+    first = r.chain_port or r.port + 1
+    if first + workers - 1 > 65535:
+        raise ConfigError(f'real.chain_port: {workers} hops need ports {first}..{first + workers - 1}')
+    nxt = list(r.chain_next)
+    if len(nxt) > workers - 1:
+        raise ConfigError(f'real.chain_next: {len(nxt)} addresses for a chain of {workers} worker hops; one per hop '
+                          f'but the last ({workers - 1})')
+    sessions = [stack.enter_context(session_from_config(dataclasses.replace(cfg, real=dataclasses.replace(
+        r, port=first + k)))) for k in range(workers)]
+    hellos = []
+    for k, s in enumerate(sessions):
+        logging.getLogger('chain').info('waiting up to %g s for worker hop %d on %s:%d%s', r.connect_timeout_s, k,
+                                        r.host, s.port, ' (started with --listen)' if k else '')
+        hellos.append(s.accept())
+        if k and not hellos[-1].get('listen_port'):
+            raise SessionError(f'chain hop {k} (port {s.port}) does not listen for hop {k - 1}: start its '
+                               'client_worker.py with --listen HOST:PORT')
+    addrs = [(nxt[k] if k < len(nxt) and nxt[k] else f'127.0.0.1:{hellos[k + 1]["listen_port"]}')
+             for k in range(workers - 1)]
+    return [Hop(s, a) for s, a in zip(sessions, addrs + [None])], hellos
+
+
+def real_chain_run(cfg: Any, lut: Dict[str, Any], section: Dict[str, Any], hops: list,
+                   hellos: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The chain section's chosen configuration (gammas, lams) deployed over `hops` (random weights, the layouts'
+    kept sets), loop.real_samples random uint8 images streamed through it at optim.batch_size, MEASURED per stage
+    and link, next to the cost model's prediction from the LUT (the section's 'predicted') and its prediction from
+    the measured stage times and the links' presets (comm.session.run_chain); the outputs against the unsplit
+    model's."""
+    import torch
+
+    from comm import parts as PF
+    from comm.session import run_chain
+    from data.normalize import normalize_batch
+    from pipeline.closed_loop import apply_gammas, load_average
+    from timing import measure as M
+    model = apply_gammas(M.random_model(lut['model'], cfg.seed), section['gammas']).eval()
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    dt = section['feature_dtype']
+    parts = PF.chain_bytes(model, section['lams'], lut['input_size'], mean, std, feature_dtype=dt)
+    gen = torch.Generator()
+    gen.manual_seed(int(cfg.seed) + 7)
+    bs = int(cfg.optim.batch_size)
+    size = lut['input_size']
+    images = torch.randint(0, 256, (max(3 * bs, int(cfg.loop.real_samples)), 3, size, size), dtype=torch.uint8,
+                           generator=gen)
+    load_before = load_average()
+    res = run_chain(parts, hops, images, torch.zeros(len(images), dtype=torch.long), bs, links=section['links'],
+                    device=cfg.device)
+    with torch.no_grad():
+        ref = model(normalize_batch(images, mean, std))
+    pred = section['predicted']
+    return {'mode': 'real', 'gammas': section['gammas'], 'lams': section['lams'], 'samples': res['samples'],
+            'batch_size': bs, 'feature_dtype': dt, 'stages': res['stages'], 'links': res['links'],
+            'measured_period_ms': res['measured_period_ms'], 'throughput_fps': res['throughput_fps'],
+            'steady_throughput_fps': res['steady_throughput_fps'], 'latency_ms': res['latency_ms'],
+            'wall_s': res['wall_s'],
+            'predicted_lut': {'device_ms': pred['device_ms'], 'link_ms': pred['link_ms'],
+                              'period_ms': pred['period_ms'], 'throughput_fps': pred['throughput_fps'],
+                              'bottleneck': pred['bottleneck'],
+                              'how': 'the cost model on the LUT / device profiles and link presets (step 2\'s '
+                                     'prediction of this configuration)'},
+            'predicted_measured_stages': res['predicted'],
+            'max_abs_diff_vs_unsplit': float((res['outputs'] - ref).abs().max()),
+            'predictions_equal_unsplit': res['predictions'] == ref.argmax(1).tolist(),
+            'load_average': {'before': load_before, 'after': load_average()},
+            'workers': [{k: h.get(k) for k in ('device', 'device_name', 'host', 'threads', 'python_version',
+                                               'torch_version', 'listen_port')} for h in hellos],
+            'next_addrs': [h.next_addr for h in hops[:-1]]}
+
+
+def real_text(real: Dict[str, Any], section: Dict[str, Any]) -> str:
+    """Step 2's printed lines for a measured chain run: each stage and link measured (median [p10, p90]) next to
+    the LUT's prediction, then throughput measured vs predicted, with the load average."""
+    names = [d['name'] for d in section['devices']]
+    lp = real['predicted_lut']
+    lines = [f'chain measured (real mode, {real["samples"]} samples, batch {real["batch_size"]}, outputs vs unsplit '
+             f'model max |diff| {real["max_abs_diff_vs_unsplit"]:.2g}):']
+    for k, s in enumerate(real['stages']):
+        lines.append(f'  stage {k} ({names[k]}, blocks {s["lo"]}..{s["hi"] - 1}, {s["device"]}): measured '
+                     f'{s["compute_ms"]:.2f} ms [{s["compute_ms_p10"]:.2f}, {s["compute_ms_p90"]:.2f}], predicted '
+                     f'{lp["device_ms"][k]:.2f} ms (LUT)')
+    for k, li in enumerate(real['links']):
+        lines.append(f'  link {k}->{k + 1} ({section["links"][k]["name"]}): measured {li["link_ms"]:.2f} ms '
+                     f'[{li["link_ms_p10"]:.2f}, {li["link_ms_p90"]:.2f}] for {li["frame_bytes"]:.0f} B, predicted '
+                     f'{lp["link_ms"][k]:.2f} ms (LUT bytes / preset bandwidth)')
+    pm = real['predicted_measured_stages']
+    load = (real['load_average'] or {}).get('after')
+    lines.append(f'  throughput: measured {real["steady_throughput_fps"]:.2f} samples/s (steady; whole run '
+                 f'{real["throughput_fps"]:.2f}), predicted {lp["throughput_fps"]:.2f} (LUT, bottleneck '
+                 f'{lp["bottleneck"]}) and {pm["throughput_fps"]:.2f} (measured stages + preset links, bottleneck '
+                 f'{pm["bottleneck"]}); load average {load}')
+    return '\n'.join(lines)
+
+
+def measure_chain(cfg: Any, lut: Dict[str, Any], section: Dict[str, Any]) -> Dict[str, Any]:
+    """Step 2 --mode real with a chain: open_chain for its K - 1 worker hops, real_chain_run, sessions closed."""
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        hops, hellos = open_chain(cfg, stack, int(section['num_devices']) - 1)
+        return real_chain_run(cfg, lut, section, hops, hellos)

@@ -1,8 +1,11 @@
 """Shared fixtures.  Fixtures of one area live in that area's test file; this file holds the cross-cutting ones."""
+import getpass
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,56 @@ def pruned_a0(width, small_input=False, layouts=((2, 13), (4, 10))):
     for block, layout in layouts:
         m.set_layout(block, layout)
     return m.eval()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def sshd(tmp_path_factory):
+    """An sshd of the test session's own on 127.0.0.1 (a host key and a user key of its own, TCP forwarding on),
+    for the workers' paramiko tunnels and `ssh -L`; skips with the reason when sshd or ssh-keygen is absent or it does
+    not start.  -> {'port', 'key' (the user key file), 'known_hosts', 'user', 'dir'}; stopped at the end."""
+    exe = Path('/usr/sbin/sshd')
+    if not exe.is_file() or not shutil.which('ssh-keygen'):
+        pytest.skip('needs openssh-server (/usr/sbin/sshd) and ssh-keygen')
+    d = tmp_path_factory.mktemp('sshd')
+    for name in ('host_key', 'user_key'):
+        subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(d / name)], check=True, timeout=60)
+    (d / 'authorized_keys').write_text((d / 'user_key.pub').read_text())
+    os.chmod(d / 'authorized_keys', 0o600)
+    port = free_port()
+    (d / 'sshd_config').write_text(
+        f'Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n'
+        f'AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin yes\nPubkeyAuthentication yes\n'
+        'PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n'
+        'AllowTcpForwarding yes\n')
+    if os.geteuid() == 0:
+        try:
+            os.makedirs('/run/sshd', exist_ok=True)  # sshd's privilege-separation directory
+        except OSError as e:
+            pytest.skip(f'sshd needs /run/sshd: {e}')
+    log = open(d / 'sshd.log', 'w')
+    proc = subprocess.Popen([str(exe), '-D', '-e', '-f', str(d / 'sshd_config')], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.skip(f'sshd did not start: {(d / "sshd.log").read_text()[-500:]}')
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.skip('sshd did not accept connections within 15 s')
+    host_pub = (d / 'host_key.pub').read_text().split()
+    (d / 'known_hosts').write_text(f'[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n')
+    yield {'port': port, 'key': d / 'user_key', 'known_hosts': d / 'known_hosts', 'user': getpass.getuser(),
+           'dir': d}
+    proc.terminate()
+    proc.wait(10)
+    log.close()

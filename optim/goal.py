@@ -881,11 +881,12 @@ def chain_evaluate(p: GoalProblem, chain: ChainTables, gammas: Sequence[int], la
 
 
 def solve_chain_goal(p: GoalProblem, chain: ChainTables, starts: Sequence[Tuple[Sequence[int], Sequence[int]]],
-                     max_moves: int = 200, polish_starts: int = 16) -> Dict[str, Any]:
+                     max_moves: int = 200, polish_starts: int = 16, polish_vectors: int = 128) -> Dict[str, Any]:
     """Step 3's goal program over a chain of K >= 3 devices.  Moving a split point often needs several blocks to
-    change at once, which single moves miss (as split_polish for two devices): so first, for every split vector,
-    each block in its device's fastest layout among those that prune nothing with a cost, improved by single-block
-    moves with that split vector kept; the `polish_starts` best of these join `starts` (gammas, lams), and from
+    change at once, which single moves miss (as split_polish for two devices): so first, for every split vector
+    (the `polish_vectors` whose start is best when there are more), each block in its device's fastest layout
+    among those that prune nothing with a cost, improved by single-block moves with that split vector kept; the
+    `polish_starts` best of these join `starts` (gammas, lams), and from
     each a full chain_local_search; the lexicographically best local optimum wins (ties: the first start).  Returns {'gammas', 'lams', 'status'
     ('local_optimum' | 'move_limit'), 'start', 'starts': [{'moves', 'status', 'key'}], 'wall_s'}: a local
     optimum of the goal program's key, not a proven optimum (the two-device MILP has no chain form yet)."""
@@ -899,9 +900,12 @@ def solve_chain_goal(p: GoalProblem, chain: ChainTables, starts: Sequence[Tuple[
     free[~free.any(1)] = q.allowed[~free.any(1)]
     fastest = np.stack([np.argmin(np.where(free, a, np.inf), 1) for a in chain.device_ms])  # (K, N)
     vectors = split_vectors(n, chain.num_devices)
+    first = fastest[(np.arange(n)[None, :, None] >= vectors[:, None, :]).sum(-1), np.arange(n)[None, :]]  # (S, N)
+    if len(vectors) > polish_vectors:  # the split vectors whose un-pruned start has the best keys
+        keep = np.lexsort(lex_keys(goal_values(q, first, vectors, chain)).T[::-1])[:polish_vectors]
+        vectors, first = vectors[np.sort(keep)], first[np.sort(keep)]
     polish = []
-    for v in vectors:  # every split vector: its un-pruned fastest layouts, then single-block moves (split kept)
-        g0 = fastest[(np.arange(n)[:, None] >= v[None, :]).sum(1), np.arange(n)]
+    for g0, v in zip(first, vectors):  # its un-pruned fastest layouts, then single-block moves (split kept)
         g, lam, _, _ = chain_local_search(q, chain, g0, v, 3 * n, move_split=False)
         polish.append((g, lam, lex_keys(goal_values(q, g[None], lam[None], chain))[0]))
     order = np.lexsort(np.stack([k for _, _, k in polish]).T[::-1])  # lexicographic, the first level first

@@ -307,7 +307,8 @@ def real_text(real: Dict[str, Any], section: Dict[str, Any]) -> str:
     lines = [f'chain measured (real mode, {real["samples"]} samples, batch {real["batch_size"]}, outputs vs unsplit '
              f'model max |diff| {real["max_abs_diff_vs_unsplit"]:.2g}):']
     for k, s in enumerate(real['stages']):
-        lines.append(f'  stage {k} ({names[k]}, blocks {s["lo"]}..{s["hi"] - 1}, {s["device"]}): measured '
+        blocks = f'blocks {s["lo"]}..{s["hi"] - 1}' if s['hi'] > s['lo'] else 'no blocks: forwards'
+        lines.append(f'  stage {k} ({names[k]}, {blocks}, {s["device"]}): measured '
                      f'{s["compute_ms"]:.2f} ms [{s["compute_ms_p10"]:.2f}, {s["compute_ms_p90"]:.2f}], predicted '
                      f'{lp["device_ms"][k]:.2f} ms (LUT)')
     for k, li in enumerate(real['links']):

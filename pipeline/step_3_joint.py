@@ -6,6 +6,7 @@ over eps on the corrected surrogate.
     python pipeline/step_3_joint.py --domain_id 3 --mode pseudo
     python pipeline/step_3_joint.py --all_domains [--epsilon 1] [--solver both] [--link wifi]
     python pipeline/step_3_joint.py --all_domains --executor ray [--ray_address HEAD:6379]
+    python pipeline/step_3_joint.py --all_domains --chain rpi4:wifi,jetson-orin-nano:ethernet,server
 
 Writes <results_dir>/joint_optimization/domain_<d>_joint.json and domain_<d>_state.json (alpha, masks, gamma,
 lambda: HyperRepVGG.load_hyper_weights reads it); rounds are checkpointed in domain_<d>_rounds/ and resumed.

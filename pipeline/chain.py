@@ -173,19 +173,37 @@ def two_device_link(hops: List[Hop], where: str = WHERE) -> L.LinkSpec:
 
 
 def goal_section(p: Any, c: C.ChainTables, info: Dict[str, Any], gammas: List[int], lam: int,
-                 available: List[Any]) -> Dict[str, Any]:
+                 available: List[Any], solver: str = 'both', time_limit_s: float = 60.0) -> Dict[str, Any]:
     """Step 3's chain field for a chain of K >= 3 devices (JSON-able, PREDICTED by the cost model and the
-    surrogate): the goal program `p` (the domain's final surrogate and accuracy floor) solved over the chain by
-    optim.goal.solve_chain_goal from two starts, the unpruned chain optimum and the domain's own pruning placed at
-    its best split vector; its decision (pruning per branch, split vector, layout per block on its device) with
-    those two as baselines and the throughput gain over each."""
+    surrogate): the goal program `p` (the domain's final surrogate and accuracy floor) solved over the chain, by
+    optim.goal.solve_chain_goal (the local search; `solver` gd or both) from two starts, the unpruned chain optimum
+    and the domain's own pruning placed at its best split vector, and by optim.goal.solve_chain_milp (exact;
+    `solver` milp or both); the lexicographically best is the decision (pruning per branch, split vector, layout
+    per block on its device), with those two starts as baselines and the throughput gain over each."""
     from optim import goal
     full = C.valid_mask(available)
     mine = C.valid_mask(goal.kept_sets(gammas))
     unpruned = solve_chain_exact(c, full & c.valid)
     placed = solve_chain_exact(c, mine & c.valid)
-    res = goal.solve_chain_goal(p, c, [(unpruned.gammas, unpruned.lams), (placed.gammas, placed.lams)])
     q = goal.chain_problem(p, c)
+    found = {}
+    if solver in ('gd', 'both'):
+        found['local_search'] = goal.solve_chain_goal(p, c, [(unpruned.gammas, unpruned.lams),
+                                                             (placed.gammas, placed.lams)])
+    if solver in ('milp', 'both'):
+        found['milp'] = goal.solve_chain_milp(p, c, time_limit_s)
+    keys = {k: goal.lex_keys(goal.goal_values(q, np.array([r['gammas']]), np.array([r['lams']]), c))[0]
+            for k, r in found.items() if r['gammas']}
+    if not keys:
+        raise goal.GoalError(f'chain goal program: no solver returned a configuration ({found})')
+    names = list(keys)
+    chosen = names[goal.lex_best(np.stack([keys[k] for k in names]))]
+    res = dict(found[chosen], chosen=chosen)
+    if len(keys) == 2:
+        res['gap'] = {'objective_gap_pct': C.gap_pct(float(keys['local_search'][2]), float(keys['milp'][2])),
+                      'same_configuration': (found['local_search']['gammas'], found['local_search']['lams']) ==
+                      (found['milp']['gammas'], found['milp']['lams'])}
+    res['solvers'] = {k: {x: v for x, v in r.items() if x not in ('gammas', 'lams')} for k, r in found.items()}
     dec = goal.chain_evaluate(q, c, res['gammas'], res['lams'])
     base = {'unpruned_chain_optimum': dict(goal.chain_evaluate(q, c, unpruned.gammas, unpruned.lams),
                                            description='nothing pruned; layouts and split vector exact'),
@@ -193,7 +211,7 @@ def goal_section(p: Any, c: C.ChainTables, info: Dict[str, Any], gammas: List[in
                                             description=f'the domain\'s two-device decision\'s pruning (lambda {lam}) '
                                                         'with layouts and split vector exact on the chain')}
     return dict(info, num_devices=c.num_devices, decision=dec, solver={k: v for k, v in res.items()
-                                                                        if k not in ('gammas', 'lams')},
+                                                                        if k in ('chosen', 'gap', 'solvers')},
                 baselines=base,
                 gain_pct={k: 100.0 * (dec['throughput_fps'] / b['throughput_fps'] - 1.0) for k, b in base.items()},
                 how='predicted: the chain cost model (optim/cost.py) under the domain\'s final surrogate accuracy '
@@ -209,7 +227,10 @@ def goal_text(d: int, section: Dict[str, Any]) -> str:
         return f'domain {d}: chain {section["description"]}: the two-device decision itself (lambda {dec["lams"]})'
     stages = ', '.join(f'{k} {v:.2f}' for k, v in dec['stages_ms'].items())
     gains = ', '.join(f'{v:+.1f} % vs {k}' for k, v in section['gain_pct'].items())
-    return (f'domain {d}: chain {section["description"]} (predicted, {section["solver"]["status"]}): lambda '
+    sv = section['solver']
+    how = f'{sv["chosen"]}, {sv["solvers"][sv["chosen"]]["status"]}' + (
+        f'; local search vs MILP gap {sv["gap"]["objective_gap_pct"]:.3g} %' if 'gap' in sv else '')
+    return (f'domain {d}: chain {section["description"]} (predicted, {how}): lambda '
             f'{dec["lams"]}, blocks {dec["hop_blocks"]}, {dec["branches_pruned"]} branches pruned, surrogate accuracy '
             f'{dec["accuracy_pct"]:.2f} %; {stages} ms; {dec["throughput_fps"]:.1f} fps ({gains})')
 

@@ -821,7 +821,9 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, ref: Reference) -> O
                     how='two devices: the domain\'s decision itself, made on the chain\'s tables')
     from pipeline import chain as CH
     p = problem_for(inp, st.sens, ref.a_fit, inp.cfg.joint.epsilon)
-    sec = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available)
+    j = inp.cfg.joint
+    sec = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available, j.solver,
+                          j.milp_time_limit_s)
     sec['measured'] = _measured_like(st, fin, inp, sec['decision']['gammas'])
     return sec
 

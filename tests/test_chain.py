@@ -257,6 +257,42 @@ def test_step3_chain_goal_program_against_brute_force():
     assert hits >= 18 and worst < 5.0, (hits, worst)
 
 
+def _brute_key(p, c):
+    n = p.num_blocks
+    ks, gs = np.nonzero(p.allowed & c.valid)
+    combos = np.array(list(itertools.product(*[gs[ks == k] for k in range(n)])))
+    vec = C.split_vectors(n, c.num_devices)
+    keys = goal.lex_keys(goal.goal_values(p, np.repeat(combos, len(vec), 0), np.tile(vec, (len(combos), 1)), c))
+    return keys[goal.lex_best(keys)]
+
+
+def test_step3_chain_milp_is_exact():
+    """solve_chain_milp (step 3's exact goal program over a chain) reaches the brute-force key on 20 tiny K = 3
+    instances, on K = 4 ones, with a memory budget and a throughput target, and for K = 2 the two-device MILP's."""
+    from dataclasses import replace
+    for seed in range(20):
+        t, p, c3 = _tiny_goal(seed)
+        if seed % 4 == 1:
+            p = replace(p, memory_budget_bytes=10.0)
+        if seed % 4 == 2:
+            p = replace(p, throughput_target_fps=2e3)
+        r = goal.solve_chain_milp(p, c3)
+        assert r['status'] == 'optimal' and len(r['lams']) == 2
+        key = goal.lex_keys(goal.goal_values(p, np.array([r['gammas']]), np.array([r['lams']]), c3))[0]
+        assert not goal.lex_better(_brute_key(p, c3), key, 1e-6), seed
+    for seed in range(3):
+        t, p, c3 = _tiny_goal(seed, n=2)
+        c4 = C.ChainTables(c3.device_ms[:2] + c3.device_ms[1:], c3.head_ms[:2] + c3.head_ms[1:], c3.link_bytes,
+                           (C.ChainLink(30.0, 0.0),) + c3.links)
+        r = goal.solve_chain_milp(p, c4)
+        key = goal.lex_keys(goal.goal_values(p, np.array([r['gammas']]), np.array([r['lams']]), c4))[0]
+        assert len(r['lams']) == 3 and not goal.lex_better(_brute_key(p, c4), key, 1e-6)
+        two = goal.solve_milp(p)
+        r2 = goal.solve_chain_milp(p, p.tables.chain)
+        k2 = goal.lex_keys(goal.goal_values(p, np.array([r2['gammas']]), np.array([r2['lams']]), p.tables.chain))[0]
+        assert np.allclose(k2, two.key(), atol=1e-6)
+
+
 def test_step3_two_device_chain_is_the_two_device_program(tmp_path):
     """A step-3 chain of two devices is the two-device program under the chain's link: the tables built from the
     chain equal timing.lut.cost_tables under that preset, array for array."""

@@ -157,17 +157,10 @@ def test_chain_relaxed_reaches_the_optimum_and_is_deterministic():
 
 
 def test_goal_values_chain_path_k2_matches_and_k3_runs():
-    rng = np.random.default_rng(0)
     n = 3
     have = [{'D', 'O', 'I'}, {'D', 'O'}, {'D', 'O', 'I'}]
     fits = np.array([[lay.branches <= h for lay in LAYOUTS] for h in have])
-    t = C.CostTables(np.where(fits, rng.uniform(0.1, 2.0, (n, 14)), np.nan),
-                     np.where(fits, rng.uniform(0.05, 1.0, (n, 14)), np.nan), 0.05, 0.02, rng.uniform(0, 2e3, n + 1),
-                     8.0, 0.1)
-    stats = {'flops': rng.uniform(10, 1000, (n, 14)), 'weight_bytes': np.full((n, 14), 4.0),
-             'act_bytes': np.full((n, 14), 6.0), 'knee_edge': 10.0, 'knee_server': 10.0}
-    p = goal.build_problem(t, rng.uniform(0, 1, (n, 3)), have, stats, a_ref=80.0, epsilon=1.0, period_scale_ms=2.0,
-                           roofline_weight=0.05)
+    t, p, _ = _tiny_goal(0, have=have)
     ks, gs = np.nonzero(p.allowed)
     configs = [(g, lam) for g in itertools.product(*[gs[ks == k] for k in range(n)]) for lam in range(n + 1)]
     g = np.array([c[0] for c in configs])
@@ -212,9 +205,12 @@ def test_predict_chain_is_the_cost_models_chain():
         predict_chain([1.0, 1.0], [10.0, 5.0], [{'bandwidth_mbps': 1}, {'bandwidth_mbps': 1}], 1)
 
 
-def _tiny_goal(seed, n=4):
+def _tiny_goal(seed, n=4, have=None):
+    """A seeded goal problem over n blocks (`have`: their branch sets) and a 3-device chain whose d_1 and d_3 are
+    its two-device tables' edge and server: (tables, problem, chain)."""
     rng = np.random.default_rng(seed)
-    have = [{'D', 'O', 'I'}, {'D', 'O'}] * (n // 2)
+    have = have or [{'D', 'O', 'I'}, {'D', 'O'}] * (n // 2)
+    n = len(have)
     fits = np.array([[lay.branches <= h for lay in LAYOUTS] for h in have])
     e, m, s = (np.where(fits, rng.uniform(lo, hi, (n, 14)), np.nan) for lo, hi in ((0.1, 2.0), (0.05, 1.0),
                                                                                   (0.05, 1.0)))
@@ -240,11 +236,7 @@ def test_step3_chain_goal_program_against_brute_force():
         res = goal.solve_chain_goal(p, c3, [(u.gammas, u.lams)])
         key = goal.lex_keys(goal.goal_values(p, np.array(res['gammas'])[None], np.array(res['lams'])[None], c3))[0]
         assert not goal.lex_better(np.array(res['starts'][0]['key']), key)
-        ks, gs = np.nonzero(p.allowed)
-        combos = np.array(list(itertools.product(*[gs[ks == k] for k in range(n)])))
-        vec = C.split_vectors(n, 3)
-        keys = goal.lex_keys(goal.goal_values(p, np.repeat(combos, len(vec), 0), np.tile(vec, (len(combos), 1)), c3))
-        best = keys[goal.lex_best(keys)]
+        best = _brute_key(p, c3)
         if goal.lex_better(best, key):
             assert key[0] == best[0] and key[1] <= best[1] + goal.TOL  # no accuracy given up for it
             worst = max(worst, 100.0 * (key[2] / best[2] - 1.0))

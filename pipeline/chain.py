@@ -216,8 +216,7 @@ def goal_section(p: Any, c: C.ChainTables, info: Dict[str, Any], gammas: List[in
                 gain_pct={k: 100.0 * (dec['throughput_fps'] / b['throughput_fps'] - 1.0) for k, b in base.items()},
                 how='predicted: the chain cost model (optim/cost.py) under the domain\'s final surrogate accuracy '
                     '(goal program levels as for two devices); the progressive pruning rounds and the closed loop '
-                    'ran on the two-device split, so this decision\'s accuracy is the surrogate\'s unless '
-                    '"measured" names a round that pruned the same branches')
+                    'ran on the two-device split; "measured" is the accuracy of this decision\'s pruning')
 
 
 def goal_text(d: int, section: Dict[str, Any]) -> str:
@@ -230,9 +229,12 @@ def goal_text(d: int, section: Dict[str, Any]) -> str:
     sv = section['solver']
     how = f'{sv["chosen"]}, {sv["solvers"][sv["chosen"]]["status"]}' + (
         f'; local search vs MILP gap {sv["gap"]["objective_gap_pct"]:.3g} %' if 'gap' in sv else '')
+    m = section.get('measured') or {}
+    acc = '' if not m else (f'; measured test accuracy {m["accuracy_pct"]:.2f} % ({"accepted" if m["accepted"] else "not accepted"}'
+                            f' at epsilon)')
     return (f'domain {d}: chain {section["description"]} (predicted, {how}): lambda '
-            f'{dec["lams"]}, blocks {dec["hop_blocks"]}, {dec["branches_pruned"]} branches pruned, surrogate accuracy '
-            f'{dec["accuracy_pct"]:.2f} %; {stages} ms; {dec["throughput_fps"]:.1f} fps ({gains})')
+            f'{dec["lams"]}, blocks {dec["hop_blocks"]}, {dec["branches_pruned"]} branches pruned; {stages} ms; '
+            f'{dec["throughput_fps"]:.1f} fps ({gains}){acc}')
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -525,6 +525,27 @@ def pareto_path(cfg: Config, d: int, k: int) -> Path:
     return rounds_dir(cfg, d) / f'pareto_{k:03d}.json'
 
 
+def point_problem(inp: Inputs, st: LoopState, ref: Reference, eps: float) -> Tuple[goal.GoalProblem, Dict[str, float]]:
+    """The goal program of a point solved after the rounds (a Pareto point, the chain's decision): the final
+    surrogate around the latest accepted round and its margin-reduced budget for `eps`; (problem, budget)."""
+    anchor = st.anchor()
+    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
+        _pruned_of(inp, st.rounds[anchor]['gammas'])
+    bud = _budget(inp, st, ref, eps)
+    return problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit, bud['budget_pct']), bud
+
+
+def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
+                  gammas: Sequence[int], d: int, keys: Tuple[int, int, int], desc: str) -> Tuple[Dict[str, Any], bool]:
+    """A point's pruning measured: the measurement of a round (or the final pick) that prunes exactly the same
+    branches, else deployed (pruned, fine-tuned; seeded by keys[0]) and measured (keys[1:]); (measured, held_out)."""
+    m = _measured_like(st, fin, inp, gammas)
+    if m is not None:
+        return m, False
+    model, _ = _deploy(inp, st, model0, data, gammas, d, keys[0], desc)
+    return measure(inp, model, data, ref, keys[1:]), True
+
+
 def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
                  ref: Reference, d: int, k: int, eps: float) -> Dict[str, Any]:
     """One point of the epsilon sweep: solved on the final surrogate (margin-reduced budget), deployed (pruned,
@@ -532,19 +553,12 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
     from accuracy.training import seeded_generator
     j = inp.cfg.joint
     t0 = time.perf_counter()
-    anchor = st.anchor()
-    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
-        _pruned_of(inp, st.rounds[anchor]['gammas'])
-    bud = _budget(inp, st, ref, eps)
-    sp = goal.solve(problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit,
-                                bud['budget_pct']), 'gd' if j.solver == 'gd' else 'milp',
+    p, bud = point_problem(inp, st, ref, eps)
+    sp = goal.solve(p, 'gd' if j.solver == 'gd' else 'milp',
                     seeded_generator(inp.cfg.seed, 4000 + d, k), _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)),
                     j.milp_time_limit_s)['best']
-    m = _measured_like(st, fin, inp, sp.gammas)
-    held_out = m is None
-    if m is None:
-        model, _ = _deploy(inp, st, model0, data, sp.gammas, d, 1000 + k, f'domain {d} pareto eps={eps:g}')
-        m = measure(inp, model, data, ref, (8000 + d, k))
+    m, held_out = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
+                                f'domain {d} pareto eps={eps:g}')
     predicted = float(sp.evaluation['surrogate_loss_pct'])
     return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
             'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
@@ -740,11 +754,10 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
     timing['pareto_s'] = float(sum(p['wall_s'] for p in pareto))
     measured = _measure_real(real_run, fin, data) if real_run is not None else None
     payload = payload_phase(inp, d, fp, ref, st, fin, pareto, data, measured, real_run is not None)
-    t0 = time.perf_counter()
-    chain = chain_phase(inp, st, fin, refs)
+    chain = chain_phase(inp, st, fin, model0, data, refs, d, fp, command)
     if chain is not None:
         payload['chain'] = chain
-        timing['chain_s'] = time.perf_counter() - t0
+        timing['chain_s'] = float(chain.get('wall_s', 0.0))
     payload['timing'] = dict(timing, wall_s=time.perf_counter() - t_start)
     return {'payload': payload, 'state': _state(inp, d, fp, fin), 'skipped': False}
 
@@ -808,10 +821,12 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
                   mean, std, base_fp, link.to_dict(), chain, chain_info)
 
 
-def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, ref: Reference) -> Optional[Dict[str, Any]]:
+def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
+                d: int, fp: str, command: str) -> Optional[Dict[str, Any]]:
     """The domain's "chain" field (None without optim.chain): for two devices the decision itself (the chain was
-    the two-device program), for K >= 3 the goal program over the chain (pipeline.chain.goal_section) at the
-    final surrogate and accuracy floor, with the measurement of a round that pruned the same branches, if any."""
+    the two-device program), for K >= 3 the goal program over the chain (pipeline.chain.goal_section) as a Pareto
+    point at joint.epsilon (the final surrogate, its margin-reduced budget), its pruning deployed, fine-tuned and
+    measured like one (or a round's measurement of the same pruning); checkpointed in domain_<d>_rounds/chain.json."""
     if inp.chain_info is None:
         return None
     if inp.chain is None:
@@ -820,11 +835,26 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, ref: Reference) -> O
                                                              'hop_blocks': [[0, fin.lam], [fin.lam, n]]},
                     how='two devices: the domain\'s decision itself, made on the chain\'s tables')
     from pipeline import chain as CH
-    p = problem_for(inp, st.sens, ref.a_fit, inp.cfg.joint.epsilon)
+    path = rounds_dir(inp.cfg, d) / 'chain.json'
+    done = _load_checkpoint(path, 'joint_chain', fp)
+    if done is not None:
+        return done['chain']
+    t0 = time.perf_counter()
     j = inp.cfg.joint
+    p, bud = point_problem(inp, st, ref, j.epsilon)
     sec = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available, j.solver,
                           j.milp_time_limit_s)
-    sec['measured'] = _measured_like(st, fin, inp, sec['decision']['gammas'])
+    m, held_out = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
+                                f'domain {d} chain')
+    sec['budget'] = bud
+    sec['measured'] = {'accuracy_pct': m['test_accuracy_pct'], 'accuracy_ci95_pct': _interval(ref.a_test, m['test']),
+                       'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
+                       'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, j.epsilon),
+                       'held_out': held_out, 'predicted_drop_pct': sec['decision']['surrogate_loss_pct'],
+                       'source': 'measured (test): the decision\'s pruning deployed and fine-tuned here'
+                       if held_out else 'measured (test): a round that pruned the same branches'}
+    sec['wall_s'] = time.perf_counter() - t0
+    write_artifact(path, 'joint_chain', {'fingerprint': fp, 'chain': sec}, inp.cfg, command)
     return sec
 
 

@@ -301,4 +301,8 @@ def test_chain_goal_program_and_the_two_device_chain(results, tmp_path, capsys):
         'local_optimum', 'move_limit')
     assert sv['gap']['objective_gap_pct'] >= -1e-6 and sv['chosen'] in ('milp', 'local_search')  # the MILP is exact
     assert 'predicted' in ch['how'] and k3['timing']['chain_s'] > 0
+    m = ch['measured']  # the decision's pruning deployed, fine-tuned and measured (or a round's of the same pruning)
+    lo, hi = m['accuracy_ci95_pct']
+    assert lo <= m['accuracy_pct'] <= hi and m['accepted'] == (m['val_lower_pct'] >= -k3['epsilon'] - 1e-9)
+    assert (joint.rounds_dir(_cfg(res), 0) / 'chain.json').is_file()
     assert 'domain 0: chain rpi4:wifi,jetson-orin-nano:ethernet,server (predicted' in capsys.readouterr().out

@@ -500,6 +500,8 @@ class Worker(object):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 P.tune_keepalive(sock, 10)
             sock.settimeout(self.handshake_timeout_s)
+            log.info('run %s: streaming to the next hop at %s%s', tag, addr,
+                     '' if self.next_tunnel is None else ' via ssh ' + self.next_tunnel.host)
             conn, _ = P.dial_handshake(sock, self.token, self.hello_info(), time.monotonic() + self.handshake_timeout_s,
                                        peer='the next hop at ' + addr)
             conn.settimeout(self.io_timeout_s)
@@ -534,42 +536,26 @@ def server_gone(conn, limits):
     return False
 
 
+def _upstream_item(f, ready, done):
+    """What a relay hop's FrameReader queues for a frame from its predecessor: None at its bye, a ProtocolError for
+    anything but a features frame with tensor x (both end the stream), else (frame, ready, done)."""
+    if f.kind == 'bye':
+        return None, True
+    if f.kind != 'features' or 'x' not in f.tensors:
+        return P.ProtocolError('a {} frame in its stream (expected features with tensor x)'.format(f.kind)), True
+    return (f, ready, done), False
+
+
 class Upstream(object):
-    """A relay hop's input: a thread reads the predecessor's features frames into a bounded queue (a slower stage
-    here back-pressures the link), each with the time this hop was ready for it and the time it had all of it."""
+    """A relay hop's input: comm.protocol.FrameReader reads the predecessor's features frames into a bounded queue
+    (a slower stage here back-pressures the link), each with the time this hop was ready for it and the time it had
+    all of it."""
 
     def __init__(self, conn, limits, io_timeout_s, size=2):
-        self.conn, self.limits, self.io_timeout_s = conn, limits, io_timeout_s
-        self.frames = queue.Queue(maxsize=size)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name='upstream', daemon=True)
+        self.conn, self.io_timeout_s = conn, io_timeout_s
+        self.reader = P.FrameReader(conn, limits, size, _upstream_item, name='upstream')
+        self.frames, self.stop, self.thread = self.reader.frames, self.reader.stop, self.reader.thread
         self.thread.start()
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.frames.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _loop(self):
-        while not self.stop.is_set():
-            ready = time.monotonic()
-            try:
-                f = P.recv_frame(self.conn, self.limits)
-            except P.ProtocolError as e:
-                self._put(e)
-                return
-            if f.kind == 'heartbeat':
-                continue
-            if f.kind == 'bye':
-                self._put(None)
-                return
-            if f.kind != 'features' or 'x' not in f.tensors:
-                self._put(P.ProtocolError('a {} frame in its stream (expected features with tensor x)'.format(f.kind)))
-                return
-            self._put((f, ready, time.monotonic()))
 
     def batches(self):
         """(index, batch, receive stamps) of each streamed batch, in order, until the predecessor's bye."""

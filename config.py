@@ -134,6 +134,8 @@ class RealConfig:
     allow_remote: bool = False  # allow real.host other than loopback (logs a warning; use a token then)
     probe_repeats: int = 3  # link-probe repetitions per payload size
     handshake_timeout_s: float = 10.0  # the whole handshake of one connection, before authentication (LoginGraceTime)
+    chain_port: int = 0  # real mode with optim.chain: worker hop k dials chain_port + k (0 = port + 1: beside the two-device worker's port)
+    chain_next: Tuple[str, ...] = ()  # real mode with optim.chain: HOST:PORT at which hop k reaches hop k + 1's --listen, one per hop but the last worker hop ('' or none = 127.0.0.1:<the port it listens on>: same machine, or a tunnel to it)
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'real.port': (0, 65535, False), 'real.connect_timeout_s': (0, None, True), 'real.io_timeout_s': (0, None, True),
     'real.max_frame_mb': (0, None, True), 'real.probe_sizes_kb': (0, None, False), 'real.run_samples': (0, None, False),
     'real.probe_repeats': (1, None, False), 'real.handshake_timeout_s': (0, None, True),
+    'real.chain_port': (0, 65535, False),
 }
 NON_EMPTY = ('lut.batch_sizes', 'real.probe_sizes_kb')
 

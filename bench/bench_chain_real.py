@@ -18,6 +18,7 @@ if __package__ in (None, ''):  # run as a script, from the repo root or from ins
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
@@ -73,6 +74,7 @@ def bench_chain(splits: Sequence[int], rates: Sequence[float], batch: int, sampl
                      rows[-1]['measured_steady_fps'], rows[-1]['predicted_fps'], pred['bottleneck'], load)
     ratio = [r['measured_steady_fps'] / r['predicted_fps'] for r in rows]
     return {'splits': list(splits), 'rates_mbps': list(rates), 'delay_ms': 2.0, 'batch': batch, 'samples': samples,
+            'cores': sorted(os.sched_getaffinity(0)),  # every process of the chain shares these (taskset)
             'passes': rows, 'measured_steady_fps': spread([r['measured_steady_fps'] for r in rows]),
             'predicted_fps': spread([r['predicted_fps'] for r in rows]), 'measured_over_predicted': spread(ratio)}
 
@@ -98,18 +100,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(1)
     q = args.quick
     res = bench_chain(splits, rates, args.batch, 16 if q else args.samples, 1 if q else args.passes)
-    cols = ['pass', 'load 1m', 'measured fps (steady)', 'predicted fps', 'bottleneck', 'stage ms (hop0/hop1/server)',
-            'link ms measured', 'link ms predicted']
+    cols = ['pass', 'load 1m', 'measured fps (steady)', 'predicted fps', 'predicted bottleneck',
+            'stage ms measured (hop0/hop1/server)', 'link ms measured', 'link ms predicted (occupancy)']
     rows = [[r['pass'], r['load_average_1m'], r['measured_steady_fps'], r['predicted_fps'], r['predicted_bottleneck'],
              '/'.join(common.fmt(v) for v in r['stage_ms']), '/'.join(common.fmt(v) for v in r['link_ms']),
              '/'.join(common.fmt(v) for v in r['link_occupancy_ms'])] for r in res['passes']]
     m, pr, ratio = res['measured_steady_fps'], res['predicted_fps'], res['measured_over_predicted']
-    headline = [['three hops: measured steady throughput (median over passes)', m['median'], 'samples/s'],
-                ['three hops: predicted throughput (median over passes)', pr['median'], 'samples/s'],
-                ['three hops: measured / predicted (median; min..max '
-                 f'{common.fmt(ratio["min"])}..{common.fmt(ratio["max"])})', ratio['median'], 'x']]
+    loads = [r['load_average_1m'] for r in res['passes'] if r['load_average_1m'] is not None]
+    load = f'load 1m {common.fmt(min(loads))}..{common.fmt(max(loads))}' if loads else 'load not available'
+    n = len(res['passes'])
+
+    def span(s: Dict[str, float]) -> str:
+        return f'median of {n} passes, min..max {common.fmt(s["min"])}..{common.fmt(s["max"])}; {load}'
+    headline = [[f'three hops: MEASURED steady throughput ({span(m)})', m['median'], 'samples/s'],
+                [f'three hops: PREDICTED throughput from the measured stage times and the emulated rates '
+                 f'({span(pr)})', pr['median'], 'samples/s'],
+                [f'three hops: measured / predicted ({span(ratio)})', ratio['median'], 'x']]
     tables = [common.table(f'Three hops over emulated links {res["rates_mbps"]} Mbit/s, splits {res["splits"]}, '
-                           f'batch {res["batch"]}, {res["samples"]} samples per pass', cols, rows)]
+                           f'batch {res["batch"]}, {res["samples"]} samples per pass; the three processes and two '
+                           f'emulators all on cores {res["cores"]}', cols, rows)]
     path = common.write_result(args.out_dir, NAME, res, machine, q, headline, tables, argv)
     common.print_tables(tables, path)
     return 0

@@ -40,9 +40,11 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import re
 import socket
 import struct
+import threading
 import time
 from collections import OrderedDict
 from typing import Dict, NamedTuple
@@ -439,6 +441,52 @@ def recv_frame(sock, limits=Limits(), deadline=None):
             except (OSError, AttributeError):
                 pass
     return Frame(kind, header, _tensors(payload, layout))
+
+
+def stream_item(frame, ready, done):
+    # type: (Frame, float, float) -> tuple
+    """FrameReader's default sorting: every frame as (frame, ready, done); the stream ends after the first frame
+    that is not features (the run's reply or an error)."""
+    return (frame, ready, done), frame.kind != 'features'
+
+
+class FrameReader(object):
+    """A thread that takes a stream's frames off a connection into a bounded queue (a slower consumer
+    back-pressures the link), each stamped with the time this side was ready for it (`ready`: from then on it takes
+    bytes as fast as they come) and the time it had all of it (`done`), time.monotonic() seconds.  Heartbeats are
+    skipped; a ProtocolError is queued and ends the stream.  `sort(frame, ready, done)` -> (item, last) says what
+    to queue for a frame and whether the stream ends with it (default stream_item).  The server's run receiver
+    (comm/session.py) and a relay hop's upstream (client_worker.py) both read through this one loop."""
+
+    def __init__(self, conn, limits, size=2, sort=stream_item, name='frame-reader'):
+        self.conn, self.limits, self.sort = conn, limits, sort
+        self.frames = queue.Queue(maxsize=size)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def put(self, item):
+        """Queue `item`, waiting while the queue is full, unless the reader was stopped."""
+        while not self.stop.is_set():
+            try:
+                self.frames.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _loop(self):
+        while not self.stop.is_set():
+            ready = time.monotonic()
+            try:
+                f = recv_frame(self.conn, self.limits)
+            except ProtocolError as e:
+                self.put(e)
+                return
+            if f.kind == 'heartbeat':
+                continue
+            item, last = self.sort(f, ready, time.monotonic())
+            self.put(item)
+            if last:
+                return
 
 
 class _BytesSocket(object):

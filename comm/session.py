@@ -405,7 +405,7 @@ class ServerSession:
         if server_part is not None:
             server_part.eval()
         self._ids += 1
-        rx = _Receiver(self._need_conn(), self.limits)
+        rx = P.FrameReader(self._need_conn(), self.limits, name='receiver')
         t_start = time.monotonic()
         self._send('request', {'cmd': 'run', 'id': self._ids, 'args': {'batch_size': bs, 'queue': 2}}, what='run')
         rx.thread.start()
@@ -449,7 +449,7 @@ class ServerSession:
             raise SessionError(f'run: batch_size must be >= 1, got {batch_size}')
         return dep, labels, int(batch_size)
 
-    def _collect(self, rx: '_Receiver', stage: Any, t_start: float) -> Tuple[List[torch.Tensor],
+    def _collect(self, rx: P.FrameReader, stage: Any, t_start: float) -> Tuple[List[torch.Tensor],
                                                                            List[Dict[str, Any]], Dict[str, Any]]:
         """The server stage over the streamed batches until the worker's reply: (predictions, per-batch records,
         the worker's result)."""
@@ -482,39 +482,6 @@ class ServerSession:
                                                t_start))
             except (KeyError, TypeError, ValueError) as e:
                 raise self._lost(P.ProtocolError(f'malformed features frame header ({e!r})'), 'run') from None
-
-
-class _Receiver:
-    """The thread that takes a run's frames off the connection into a bounded queue (a slow server stage
-    back-pressures the link), each with the time this side was ready for it and the time it had all of it."""
-
-    def __init__(self, conn: Any, limits: P.Limits) -> None:
-        self.conn, self.limits = conn, limits
-        self.frames: 'queue.Queue[Any]' = queue.Queue(maxsize=2)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name='receiver', daemon=True)
-
-    def _put(self, item: Any) -> None:
-        while not self.stop.is_set():
-            try:
-                self.frames.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            ready = time.monotonic()  # from here on this side takes bytes as fast as they come
-            try:
-                f = P.recv_frame(self.conn, self.limits)
-            except P.ProtocolError as e:
-                self._put(e)
-                return
-            if f.kind == 'heartbeat':
-                continue
-            self._put((f, ready, time.monotonic()))
-            if f.kind != 'features':
-                return
 
 
 def _server_stage(server_part: Optional[torch.nn.Module], dev: torch.device, dep: Dict[str, Any],
@@ -722,7 +689,7 @@ def run_chain(parts_: Sequence[bytes], hops: Sequence[Hop], images_uint8: torch.
     offsets = [h.session.sync_clock() for h in hops]
     tag = P.make_nonce()[:16]
     tail = hops[-1].session
-    rx = _Receiver(tail._need_conn(), tail.limits)
+    rx = P.FrameReader(tail._need_conn(), tail.limits, name='receiver')
     waiters: List[_ReplyWaiter] = []
     t_start = time.monotonic()
     try:
@@ -817,7 +784,7 @@ class _ReplyWaiter:
     """A thread that waits for one hop's reply to run; join() -> its result dict or a _HopFailed, which is also
     put on the last hop's receiver queue so that run_chain stops waiting for frames that will not come."""
 
-    def __init__(self, session: ServerSession, rid: int, hop: int, rx: '_Receiver') -> None:
+    def __init__(self, session: ServerSession, rid: int, hop: int, rx: P.FrameReader) -> None:
         self.session, self.rid, self.hop, self.rx = session, rid, hop, rx
         self.result: Any = None
         self.thread = threading.Thread(target=self._run, name=f'hop{hop}-reply', daemon=True)
@@ -828,7 +795,7 @@ class _ReplyWaiter:
             self.result = self.session._reply('run', self.rid)[0]
         except SessionError as e:
             self.result = _HopFailed(self.hop, e)
-            self.rx._put(self.result)
+            self.rx.put(self.result)
 
     def join(self, timeout_s: float) -> Any:
         self.thread.join(timeout_s)
@@ -884,22 +851,35 @@ def _chain_summary(rows: List[List[Dict[str, float]]], tail_rows: List[Dict[str,
 
 def predict_chain(stage_ms: Sequence[float], frame_bytes: Sequence[float], links: Sequence[Any],
                   batch_size: int) -> Dict[str, Any]:
-    """Predicted period of a pipelined chain: max(every stage's time, every link's occupancy = bytes / bandwidth),
-    per batch of `batch_size`; links are objects or dicts with bandwidth_mbps (a streamed link overlaps its
-    latency, so the latency adds to the latency, not to the period)."""
-    def mbps(link: Any) -> float:
-        v = link.get('bandwidth_mbps') if isinstance(link, dict) else getattr(link, 'bandwidth_mbps', None)
-        if not isinstance(v, (int, float)) or not v > 0:
-            raise SessionError(f'run_chain: a link model needs bandwidth_mbps > 0, got {link!r}')
-        return float(v)
-    occupancy = [b * 8 / (mbps(li) * 1e6) * 1e3 for b, li in zip(frame_bytes, links)]
-    candidates = [(t, f'stage {k}') for k, t in enumerate(stage_ms)] + \
-        [(t, f'link {k}->{k + 1}') for k, t in enumerate(occupancy)]
-    period, bottleneck = max(candidates)
-    return {'period_ms': period, 'throughput_fps': batch_size / period * 1e3 if period > 0 else None,
-            'bottleneck': bottleneck, 'stage_ms': list(stage_ms), 'link_occupancy_ms': occupancy,
-            'how': 'predicted: period = max(per-hop measured median stage time, per-link median frame bytes / '
-                   'modelled bandwidth)'}
+    """Predicted period of a pipelined chain by optim/cost.py's chain model (occupancy_ms, pipeline_times):
+    max(every stage's time, every link's occupancy = bytes / bandwidth), per batch of `batch_size`; links are objects
+    or dicts with bandwidth_mbps (and optionally latency_ms, one way: a streamed link overlaps it, so it adds to the
+    latency, not to the period)."""
+    from optim.cost import ChainLink, occupancy_ms, pipeline_times
+
+    def field(link: Any, name: str, default: Optional[float] = None) -> Optional[float]:
+        return link.get(name, default) if isinstance(link, dict) else getattr(link, name, default)
+
+    hops = []
+    for li in links:
+        bw, lat = field(li, 'bandwidth_mbps'), field(li, 'latency_ms', 0.0)
+        if not isinstance(bw, (int, float)) or not bw > 0 or not isinstance(lat, (int, float)) or not lat >= 0:
+            raise SessionError(f'run_chain: a link model needs bandwidth_mbps > 0 (and latency_ms >= 0), got {li!r}')
+        hops.append(ChainLink(float(bw), float(lat)))
+    if len(stage_ms) != len(hops) + 1 or len(frame_bytes) != len(hops):
+        raise SessionError(f'predict_chain: {len(stage_ms)} stages need {len(stage_ms) - 1} links and frame sizes, '
+                           f'got {len(hops)} and {len(frame_bytes)}')
+    occupancy = [float(occupancy_ms(b, ln)) for b, ln in zip(frame_bytes, hops)]
+    order = [x for k, t in enumerate(stage_ms) for x in ([float(t)] + ([occupancy[k]] if k < len(hops) else []))]
+    names = [x for k in range(len(stage_ms)) for x in ([f'stage {k}'] + ([f'link {k}->{k + 1}'] if k < len(hops)
+                                                                         else []))]
+    st = pipeline_times(np.asarray([order]), sum(ln.latency_ms for ln in hops), int(batch_size))
+    period = float(st.period_ms[0])
+    return {'period_ms': period, 'throughput_fps': float(st.throughput_fps[0]) if period > 0 else None,
+            'latency_ms': float(st.latency_ms[0]), 'bottleneck': names[int(st.bottleneck[0])],
+            'stage_ms': list(stage_ms), 'link_occupancy_ms': occupancy,
+            'how': 'predicted by optim/cost.py (pipeline_times): period = max(per-hop measured median stage time, '
+                   'per-link median frame bytes / modelled bandwidth)'}
 
 
 def session_from_config(cfg: Config) -> ServerSession:

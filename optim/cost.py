@@ -189,9 +189,24 @@ class ChainTables:
 
     def link_ms(self, j: int) -> np.ndarray:
         """(N + 1,) occupancy per batch of hop j (without its one-way latency) at each split point, ms."""
-        ln = self.links[j]
-        mb = self.link_bytes * self.batch / 1e6
-        return mb * 8.0 / ln.bandwidth_mbps * 1e3 + mb * ln.serialize_ms_per_mb
+        return occupancy_ms(self.link_bytes * self.batch, self.links[j])
+
+
+def occupancy_ms(bytes_per_batch: np.ndarray, link: ChainLink) -> np.ndarray:
+    """How long one hop is busy with `bytes_per_batch` bytes, ms: bytes * 8 / bandwidth (+ serialization per MB);
+    the one-way latency is not in it (a streamed link overlaps it: the module docstring)."""
+    mb = np.asarray(bytes_per_batch, dtype=np.float64) / 1e6
+    return mb * 8.0 / link.bandwidth_mbps * 1e3 + mb * link.serialize_ms_per_mb
+
+
+def two_device_tables(c: ChainTables) -> CostTables:
+    """A chain of two devices as the two-device CostTables (the inverse of CostTables.chain): d_1 is the edge,
+    d_2 the server, its one link the link.  CostError for K != 2."""
+    if c.num_devices != 2:
+        raise CostError(f'two_device_tables: a chain of {c.num_devices} devices is not a two-device split')
+    ln = c.links[0]
+    return CostTables(c.device_ms[0], c.device_ms[1], float(c.head_ms[0]), float(c.head_ms[1]), c.link_bytes,
+                      ln.bandwidth_mbps, ln.latency_ms, c.batch, ln.serialize_ms_per_mb)
 
 
 class StageTimes(NamedTuple):
@@ -267,9 +282,19 @@ def chain_stage_times(gammas: np.ndarray, lams: np.ndarray, c: ChainTables) -> C
         cols.append(x.sum(1) + np.where(head, c.head_ms[j], 0.0))
         if j < k - 1:
             cols.append(c.link_ms(j)[lams[:, j]])
-    stacked = np.stack(cols, 1)
+    return pipeline_times(np.stack(cols, 1), c.latency_ms, c.batch)
+
+
+def pipeline_times(stages_ms: np.ndarray, latency_ms: float, batch: int) -> ChainStageTimes:
+    """The pipeline over stage times (M, 2K - 1) in pipeline order (device 1, link 1, ..., device K; ms per batch of
+    `batch`): period = the slowest stage, throughput = batch / period, latency = the sum + the links' one-way
+    `latency_ms`.  chain_stage_times ends here, and so does the prediction of a real chain run from its measured
+    stage times (comm.session.predict_chain)."""
+    stacked = np.asarray(stages_ms, dtype=np.float64)
     worst = stacked.max(1)
-    return ChainStageTimes(stacked, stacked.sum(1) + c.latency_ms, c.batch * 1e3 / worst, stacked.argmax(1))
+    with np.errstate(divide='ignore'):
+        fps = batch * 1e3 / worst
+    return ChainStageTimes(stacked, stacked.sum(1) + latency_ms, fps, stacked.argmax(1))
 
 
 def stage_times(gammas: np.ndarray, lams: np.ndarray, t: CostTables) -> StageTimes:

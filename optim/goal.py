@@ -37,7 +37,7 @@ import torch
 
 from hyper_repvgg import BRANCHES, LAYOUTS, NUM_LAYOUTS
 from optim.cost import (STAGES, ChainTables, CostError, CostTables, chain_stage_times, check_splits, gap_pct,
-                        split_vectors, stage_times)
+                        hop_ranges, split_vectors, stage_times)
 from optim.relax import RelaxTables, expected_stage_times, relax_tables, smooth_max
 from optim import search
 from optim.search import Improve
@@ -383,8 +383,14 @@ def undominated(p: GoalProblem, side: str) -> np.ndarray:
         metrics = [p.tables.edge_ms, p.loss, tie, p.roof_edge, p.weight_bytes]
     else:
         metrics = [p.tables.server_ms, p.loss, tie, p.roof_server]
+    return undominated_by(p, metrics)
+
+
+def undominated_by(p: GoalProblem, metrics: List[np.ndarray]) -> np.ndarray:
+    """(N, 14) bool: the allowed layouts of each block that no other allowed layout dominates on `metrics` (each
+    (N, 14), smaller is better; p.new_prunes is added when set): undominated's rule, for any device."""
     if p.new_prunes is not None:
-        metrics.append(p.new_prunes)
+        metrics = metrics + [p.new_prunes]
     out = p.allowed.copy()
     for k in range(p.num_blocks):
         idx = np.flatnonzero(p.allowed[k])
@@ -532,17 +538,23 @@ def _milp_by_level(p: GoalProblem, v: MilpVars, deadline: float,
                    mip_rel_gap: float) -> Tuple[str, Optional[np.ndarray], List[Dict[str, Any]]]:
     """Solve the levels in priority order, each with the earlier levels' optima fixed (within TOL); stops at the
     deadline (perf_counter seconds).  Returns (status, the last level's solution or None, per-level records)."""
+    return _solve_levels(_milp_rows(p, v), _milp_bounds(p, v), _milp_levels(p, v), v.nv, deadline, mip_rel_gap)
+
+
+def _solve_levels(rows: Sequence[Row], bounds: Tuple[np.ndarray, np.ndarray, np.ndarray],
+                  levels: List[Tuple[str, np.ndarray]], nv: int, deadline: float,
+                  mip_rel_gap: float) -> Tuple[str, Optional[np.ndarray], List[Dict[str, Any]]]:
+    """_milp_by_level's loop over any MILP's rows, (lower, upper, integrality) and levels (the chain MILP's too)."""
     from scipy.optimize import Bounds, milp
-    rows = _milp_rows(p, v)
-    lower, upper, integrality = _milp_bounds(p, v)
+    lower, upper, integrality = bounds
     fixed: List[Tuple[np.ndarray, float]] = []
     status, x, per_level = 'optimal', None, []
-    for name, c in _milp_levels(p, v):
+    for name, c in levels:
         left = deadline - time.perf_counter()
         if left <= 0:
             status = 'time_limit'
             break
-        res = milp(c, constraints=_milp_matrix(rows, fixed, v.nv), integrality=integrality,
+        res = milp(c, constraints=_milp_matrix(rows, fixed, nv), integrality=integrality,
                    bounds=Bounds(lower, upper),
                    options={'time_limit': left, 'mip_rel_gap': mip_rel_gap, 'disp': False})
         per_level.append({'level': name, 'status': int(res.status), 'message': str(res.message),
@@ -825,15 +837,16 @@ def solve(p: GoalProblem, solver: str, generator: torch.Generator, gd_kwargs: Op
 # ----------------------------------------------------------------------------------------------------------
 
 def chain_local_search(p: GoalProblem, chain: ChainTables, gammas: Sequence[int], lams: Sequence[int],
-                       max_moves: int = 200) -> Tuple[np.ndarray, np.ndarray, int, str]:
+                       max_moves: int = 200, move_split: bool = True) -> Tuple[np.ndarray, np.ndarray, int, str]:
     """Step 3 over a chain: best-improvement moves on the goal program's lexicographic key (goal_values with
     `chain`) from (gammas, lams): every single-block change among p.allowed (split kept; pruning per branch as for
-    K = 2) and every split vector (layouts kept).  A local optimum, not an exact one: the exact MILP and the GD
-    of step 3 stay two-device.  Returns (gammas, lams, moves, 'converged' | 'move_limit')."""
+    K = 2) and every split vector (layouts kept).  A local optimum, not an exact one (solve_chain_milp is).
+    Returns (gammas, lams, moves, 'converged' | 'move_limit')."""
     g = np.asarray(gammas, dtype=np.int64).copy()
     lam = check_splits(np.asarray(lams, dtype=np.int64)[None], chain.num_blocks, chain.num_devices)[0].copy()
     check_config(p, g, int(lam[0]))
-    vectors = split_vectors(chain.num_blocks, chain.num_devices)
+    vectors = split_vectors(chain.num_blocks, chain.num_devices) if move_split else lam[None, :0].reshape(
+        0, chain.num_devices - 1)
     ks, gs = np.nonzero(p.allowed)
     for moves in range(max_moves):
         cand = np.repeat(g[None], ks.size + len(vectors), 0)
@@ -846,3 +859,176 @@ def chain_local_search(p: GoalProblem, chain: ChainTables, gammas: Sequence[int]
             return g, lam, moves, 'converged'
         g, lam = cand[i].copy(), cl[i].copy()
     return g, lam, max_moves, 'move_limit'
+
+
+def chain_problem(p: GoalProblem, chain: ChainTables) -> GoalProblem:
+    """`p` with its choices narrowed to the layouts measurable on every device of `chain` (GoalError when a block
+    keeps none); the chain's own times enter through goal_values(..., chain)."""
+    from dataclasses import replace
+    if chain.num_blocks != p.num_blocks:
+        raise GoalError(f'the chain has {chain.num_blocks} blocks, the goal problem {p.num_blocks}')
+    return replace(p, allowed=p.allowed & chain.valid)
+
+
+def chain_evaluate(p: GoalProblem, chain: ChainTables, gammas: Sequence[int], lams: Sequence[int]) -> Dict[str, Any]:
+    """JSON-able evaluation of one chain configuration under the goal program (as `evaluate`, with the chain's
+    cost): every stage by name (ChainTables.names), the blocks per device, period, latency, throughput, bottleneck,
+    surrogate accuracy, deviations and the lexicographic key (LEVELS)."""
+    g = np.asarray(gammas, dtype=np.int64)
+    lam = check_splits(np.asarray(lams, dtype=np.int64)[None], chain.num_blocks, chain.num_devices)[0]
+    check_config(p, g, int(lam[0]))
+    v = goal_values(p, g[None], lam[None], chain)
+    names = chain.names
+    out: Dict[str, Any] = {'gammas': [int(x) for x in g], 'lams': [int(x) for x in lam],
+                           'hop_blocks': [list(r) for r in hop_ranges(lam, chain.num_blocks)],
+                           'stages_ms': {nm: float(x) for nm, x in zip(names, v['stages_ms'][0])},
+                           'bottleneck': names[int(v['bottleneck'][0])]}
+    for k in ('period_ms', 'latency_ms', 'throughput_fps', 'accuracy_pct', 'surrogate_loss_pct', 'xi_accuracy_pct',
+              'edge_weight_bytes', 'xi_memory_bytes', 'roofline', 'new_prunes'):
+        out[k] = float(v[k][0])
+    out['key'] = {k: float(v[k][0]) for k in LEVELS}
+    out['branches_pruned'] = pruned_count(p, g)
+    out['kept'] = kept_sets(g)
+    return out
+
+
+def solve_chain_goal(p: GoalProblem, chain: ChainTables, starts: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                     max_moves: int = 200, polish_starts: int = 16, polish_vectors: int = 128) -> Dict[str, Any]:
+    """Step 3's goal program over a chain of K >= 3 devices.  Moving a split point often needs several blocks to
+    change at once, which single moves miss (as split_polish for two devices): so first, for every split vector
+    (the `polish_vectors` whose start is best when there are more), each block in its device's fastest layout
+    among those that prune nothing with a cost, improved by single-block moves with that split vector kept; the
+    `polish_starts` best of these join `starts` (gammas, lams), and from
+    each a full chain_local_search; the lexicographically best local optimum wins (ties: the first start).  Returns {'gammas', 'lams', 'status'
+    ('local_optimum' | 'move_limit'), 'start', 'starts': [{'moves', 'status', 'key'}], 'wall_s'}: a local
+    optimum of the goal program's key, not a proven optimum (solve_chain_milp is exact)."""
+    if not starts:
+        raise GoalError('solve_chain_goal: no start configuration')
+    t0 = time.perf_counter()
+    q = chain_problem(p, chain)
+    runs, keys = [], []
+    n = q.num_blocks
+    free = q.allowed & (q.loss <= 0)  # layouts that prune nothing with a cost
+    free[~free.any(1)] = q.allowed[~free.any(1)]
+    fastest = np.stack([np.argmin(np.where(free, a, np.inf), 1) for a in chain.device_ms])  # (K, N)
+    vectors = split_vectors(n, chain.num_devices)
+    first = fastest[(np.arange(n)[None, :, None] >= vectors[:, None, :]).sum(-1), np.arange(n)[None, :]]  # (S, N)
+    if len(vectors) > polish_vectors:  # the split vectors whose un-pruned start has the best keys
+        keep = np.lexsort(lex_keys(goal_values(q, first, vectors, chain)).T[::-1])[:polish_vectors]
+        vectors, first = vectors[np.sort(keep)], first[np.sort(keep)]
+    polish = []
+    for g0, v in zip(first, vectors):  # its un-pruned fastest layouts, then single-block moves (split kept)
+        g, lam, _, _ = chain_local_search(q, chain, g0, v, 3 * n, move_split=False)
+        polish.append((g, lam, lex_keys(goal_values(q, g[None], lam[None], chain))[0]))
+    order = np.lexsort(np.stack([k for _, _, k in polish]).T[::-1])  # lexicographic, the first level first
+    starts = list(starts) + [(polish[i][0], polish[i][1]) for i in order[:polish_starts]]
+    for g0, l0 in starts:
+        g0 = np.where(q.allowed[np.arange(q.num_blocks), np.asarray(g0, dtype=np.int64)], g0,
+                      np.argmax(q.allowed, 1))  # a start layout the chain cannot run: the block's first allowed one
+        g, lam, moves, status = chain_local_search(q, chain, g0, l0, max_moves)
+        keys.append(lex_keys(goal_values(q, g[None], lam[None], chain))[0])
+        runs.append((g, lam, moves, status))
+    b = lex_best(np.stack(keys))
+    g, lam, _, status = runs[b]
+    return {'gammas': [int(x) for x in g], 'lams': [int(x) for x in lam],
+            'status': 'local_optimum' if status == 'converged' else status, 'start': b,
+            'starts': [{'moves': r[2], 'status': r[3], 'key': k.tolist()} for r, k in zip(runs, keys)],
+            'wall_s': time.perf_counter() - t0}
+
+
+def solve_chain_milp(p: GoalProblem, chain: ChainTables, time_limit_s: float = 60.0,
+                     mip_rel_gap: float = 1e-6) -> Dict[str, Any]:
+    """Step 3's goal program over a chain of K devices, exact: the two-device MILP with a y per (device, block,
+    layout) (undominated on that device: its time, loss, tie-break loss, roofline distance under the edge knee for
+    d_1..d_{K-1} and the server knee for d_K, weight bytes on d_1) and a z per (split point j, lambda).  Block k runs
+    on d_1..d_j iff lam_j > k (sum_{d <= j} y_d[k] = sum_{lam > k} z_j[lam], which also orders the split vector);
+    P >= every device's time (its head when it runs block N - 1) and every hop's occupancy at its lambda; the
+    accuracy, new-prune, target and memory (d_1) rows and the priority levels as for two devices.  Returns
+    {'gammas', 'lams' (empty without a solution), 'status' (optimal | infeasible | time_limit | error: ..),
+    'levels', 'variables', 'binaries', 'wall_s'}."""
+    t0 = time.perf_counter()
+    q = chain_problem(p, chain)
+    n, kd = q.num_blocks, chain.num_devices
+    tie = q.tie_loss
+    ys = []  # per device (blocks, layouts) of its undominated choices
+    for d in range(kd):
+        roof = q.roof_server if d == kd - 1 else q.roof_edge
+        metrics = [np.where(q.allowed, chain.device_ms[d], 0.0), q.loss, tie, roof] + ([q.weight_bytes] if d == 0
+                                                                                      else [])
+        ys.append(np.nonzero(undominated_by(q, metrics)))
+    off = np.cumsum([0] + [y[0].size for y in ys])
+    zo = int(off[-1])
+    i_p = zo + (kd - 1) * (n + 1)
+    i_a, i_xp, i_xm, nv = i_p + 1, i_p + 2, i_p + 3, i_p + 4
+
+    def y_of(d: int, k: Optional[int] = None) -> List[int]:
+        ks = ys[d][0]
+        return [int(off[d]) + j for j in range(ks.size) if k is None or ks[j] == k]
+
+    def over_all(table: np.ndarray) -> Dict[int, float]:
+        return {int(off[d]) + j: float(table[ys[d][0][j], ys[d][1][j]]) for d in range(kd) for j in range(ys[d][0].size)}
+    rows: List[Row] = []
+    for k in range(n):
+        rows.append(({v: 1.0 for d in range(kd) for v in y_of(d, k)}, 1.0, 1.0))
+        for j in range(kd - 1):
+            row = {v: 1.0 for d in range(j + 1) for v in y_of(d, k)}
+            row.update({zo + j * (n + 1) + lam: -1.0 for lam in range(k + 1, n + 1)})
+            rows.append((row, 0.0, 0.0))
+    for j in range(kd - 1):
+        rows.append(({zo + j * (n + 1) + lam: 1.0 for lam in range(n + 1)}, 1.0, 1.0))
+        link = chain.link_ms(j)
+        rows.append(({**{zo + j * (n + 1) + lam: float(link[lam]) for lam in range(n + 1)}, i_p: -1.0}, -np.inf, 0.0))
+    for d in range(kd):
+        ks, gs = ys[d]
+        row = {int(off[d]) + j: float(chain.device_ms[d][ks[j], gs[j]]) + (float(chain.head_ms[d]) if ks[j] == n - 1
+                                                                          else 0.0) for j in range(ks.size)}
+        row[i_p] = -1.0
+        rows.append((row, -np.inf, 0.0))
+    rows.append(({**over_all(q.loss), i_a: -1.0}, -np.inf, q.loss_budget))
+    if q.new_prunes is not None and q.max_new_prunes > 0:
+        rows.append((over_all(q.new_prunes), -np.inf, float(q.max_new_prunes)))
+    tp, scale = q.target_period_ms, q.period_scale_ms
+    if tp is not None:
+        rows.append(({i_p: 1.0, i_xp: -1.0}, -np.inf, tp))
+    if q.memory_budget_bytes > 0:
+        rows.append(({**{v: float(q.weight_bytes[ys[0][0][j], ys[0][1][j]] / q.memory_budget_bytes)
+                         for j, v in enumerate(y_of(0))}, i_xm: -1.0}, -np.inf, 1.0))
+    lower, upper = np.zeros(nv), np.ones(nv)
+    upper[[i_p, i_a, i_xp, i_xm]] = np.inf
+    upper[i_xp] = upper[i_xp] if tp is not None else 0.0
+    upper[i_xm] = upper[i_xm] if q.memory_budget_bytes > 0 else 0.0
+    integrality = np.zeros(nv)
+    integrality[:i_p] = 1
+    c_acc = np.zeros(nv)
+    c_acc[i_a] = 1.0
+    c_thr = np.zeros(nv)
+    for d in range(kd):
+        roof = q.roof_server if d == kd - 1 else q.roof_edge
+        ks, gs = ys[d]
+        c_thr[int(off[d]):int(off[d + 1])] = q.roofline_weight * (roof[ks, gs] / n + tie[ks, gs])
+    c_thr[i_p if tp is None else i_xp] += 1.0 / scale
+    levels = [('xi_accuracy_pct', c_acc), ('throughput_objective', c_thr)]
+    if q.memory_budget_bytes > 0:
+        c_mem = np.zeros(nv)
+        c_mem[i_xm] = 1.0
+        levels.append(('xi_memory', c_mem))
+    if tp is not None:
+        c_p = np.zeros(nv)
+        c_p[i_p] = 1.0 / scale
+        levels.append(('period_rel', c_p))
+    status, x, per_level = _solve_levels(rows, (lower, upper, integrality), levels, nv,
+                                         t0 + time_limit_s, mip_rel_gap)
+    out: Dict[str, Any] = {'gammas': [], 'lams': [], 'status': status if x is not None or status != 'optimal'
+                           else 'time_limit', 'levels': per_level, 'variables': nv, 'binaries': i_p}
+    if x is not None:
+        gammas, best = np.zeros(n, dtype=np.int64), np.full(n, -1.0)
+        for d in range(kd):
+            for j, v in enumerate(y_of(d)):
+                if x[v] > best[ys[d][0][j]]:
+                    best[ys[d][0][j]], gammas[ys[d][0][j]] = x[v], ys[d][1][j]
+        lams = [int(np.argmax(x[zo + j * (n + 1):zo + (j + 1) * (n + 1)])) for j in range(kd - 1)]
+        out['gammas'], out['lams'] = [int(g) for g in gammas], lams
+        if status == 'optimal' and goal_values(q, gammas[None], np.array([lams]), chain)['xi_accuracy_pct'][0] > TOL:
+            out['status'] = 'infeasible'
+    out['wall_s'] = time.perf_counter() - t0
+    return out

@@ -159,3 +159,197 @@ def chain_text(section: Dict[str, Any]) -> str:
                  f'{section["gradient_descent"]["gap_pct"]:.3g} %); chain vs best two devices: '
                  f'{section["chain_gain_pct"]:+.1f} % throughput')
     return '\n'.join(lines)
+
+
+def two_device_link(hops: List[Hop], where: str = WHERE) -> L.LinkSpec:
+    """Step 3's chain of two devices: the LUT's own edge and server sides (the closed loop measures against them)
+    with the link preset of its hop, which then replaces the two-device link: the same tables and the same code
+    as without a chain (C.two_device_tables(chain_tables(..)) equals timing.lut.cost_tables under that preset)."""
+    if len(hops) != 2 or (hops[0].device, hops[1].device) != LUT_DEVICES:
+        raise ConfigError(f'{where}: a chain of two devices in step 3 must be edge:<link>,server (the LUT\'s own '
+                          f'sides, which the closed loop measures against), got {describe_hops(hops)}; for a '
+                          'modelled edge device re-run step 1 with --edge_profile')
+    return L.LINK_PRESETS[hops[0].link]
+
+
+def goal_section(p: Any, c: C.ChainTables, info: Dict[str, Any], gammas: List[int], lam: int,
+                 available: List[Any], solver: str = 'both', time_limit_s: float = 60.0) -> Dict[str, Any]:
+    """Step 3's chain field for a chain of K >= 3 devices (JSON-able, PREDICTED by the cost model and the
+    surrogate): the goal program `p` (the domain's final surrogate and accuracy floor) solved over the chain, by
+    optim.goal.solve_chain_goal (the local search; `solver` gd or both) from two starts, the unpruned chain optimum
+    and the domain's own pruning placed at its best split vector, and by optim.goal.solve_chain_milp (exact;
+    `solver` milp or both); the lexicographically best is the decision (pruning per branch, split vector, layout
+    per block on its device), with those two starts as baselines and the throughput gain over each."""
+    from optim import goal
+    full = C.valid_mask(available)
+    mine = C.valid_mask(goal.kept_sets(gammas))
+    unpruned = solve_chain_exact(c, full & c.valid)
+    placed = solve_chain_exact(c, mine & c.valid)
+    q = goal.chain_problem(p, c)
+    found = {}
+    if solver in ('gd', 'both'):
+        found['local_search'] = goal.solve_chain_goal(p, c, [(unpruned.gammas, unpruned.lams),
+                                                             (placed.gammas, placed.lams)])
+    if solver in ('milp', 'both'):
+        found['milp'] = goal.solve_chain_milp(p, c, time_limit_s)
+    keys = {k: goal.lex_keys(goal.goal_values(q, np.array([r['gammas']]), np.array([r['lams']]), c))[0]
+            for k, r in found.items() if r['gammas']}
+    if not keys:
+        raise goal.GoalError(f'chain goal program: no solver returned a configuration ({found})')
+    names = list(keys)
+    chosen = names[goal.lex_best(np.stack([keys[k] for k in names]))]
+    res = dict(found[chosen], chosen=chosen)
+    if len(keys) == 2:
+        res['gap'] = {'objective_gap_pct': C.gap_pct(float(keys['local_search'][2]), float(keys['milp'][2])),
+                      'same_configuration': (found['local_search']['gammas'], found['local_search']['lams']) ==
+                      (found['milp']['gammas'], found['milp']['lams'])}
+    res['solvers'] = {k: {x: v for x, v in r.items() if x not in ('gammas', 'lams')} for k, r in found.items()}
+    dec = goal.chain_evaluate(q, c, res['gammas'], res['lams'])
+    base = {'unpruned_chain_optimum': dict(goal.chain_evaluate(q, c, unpruned.gammas, unpruned.lams),
+                                           description='nothing pruned; layouts and split vector exact'),
+            'domain_pruning_on_chain': dict(goal.chain_evaluate(q, c, placed.gammas, placed.lams),
+                                            description=f'the domain\'s two-device decision\'s pruning (lambda {lam}) '
+                                                        'with layouts and split vector exact on the chain')}
+    return dict(info, num_devices=c.num_devices, decision=dec, solver={k: v for k, v in res.items()
+                                                                        if k in ('chosen', 'gap', 'solvers')},
+                baselines=base,
+                gain_pct={k: 100.0 * (dec['throughput_fps'] / b['throughput_fps'] - 1.0) for k, b in base.items()},
+                how='predicted: the chain cost model (optim/cost.py) under the domain\'s final surrogate accuracy '
+                    '(goal program levels as for two devices); the progressive pruning rounds and the closed loop '
+                    'ran on the two-device split; "measured" is the accuracy of this decision\'s pruning')
+
+
+def goal_text(d: int, section: Dict[str, Any]) -> str:
+    """Step 3's printed line for a domain's chain field."""
+    dec = section['decision']
+    if section['num_devices'] == 2:
+        return f'domain {d}: chain {section["description"]}: the two-device decision itself (lambda {dec["lams"]})'
+    stages = ', '.join(f'{k} {v:.2f}' for k, v in dec['stages_ms'].items())
+    gains = ', '.join(f'{v:+.1f} % vs {k}' for k, v in section['gain_pct'].items())
+    sv = section['solver']
+    how = f'{sv["chosen"]}, {sv["solvers"][sv["chosen"]]["status"]}' + (
+        f'; local search vs MILP gap {sv["gap"]["objective_gap_pct"]:.3g} %' if 'gap' in sv else '')
+    m = section.get('measured') or {}
+    acc = '' if not m else (f'; measured test accuracy {m["accuracy_pct"]:.2f} % ({"accepted" if m["accepted"] else "not accepted"}'
+                            f' at epsilon)')
+    return (f'domain {d}: chain {section["description"]} (predicted, {how}): lambda '
+            f'{dec["lams"]}, blocks {dec["hop_blocks"]}, {dec["branches_pruned"]} branches pruned; {stages} ms; '
+            f'{dec["throughput_fps"]:.1f} fps ({gains}){acc}')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real mode: the chain's chosen configuration over a chain of workers (comm.session.run_chain)
+# ----------------------------------------------------------------------------------------------------------
+
+def open_chain(cfg: Any, stack: Any, workers: int) -> tuple:
+    """Real mode over a chain: one server session per worker hop (hop k listens on real.chain_port + k, default
+    real.port + 1 + k; closed by `stack`), each worker accepted in order, and where each hop reaches its successor
+    (real.chain_next[k], default 127.0.0.1:<the successor's --listen port>: the same machine, or a tunnel whose
+    local end has the same port, as --next_ssh opens).  -> (comm.session.Hop list, the workers' hellos)."""
+    import dataclasses
+    import logging
+
+    from comm.session import Hop, SessionError, session_from_config
+    r = cfg.real
+    first = r.chain_port or r.port + 1
+    if first + workers - 1 > 65535:
+        raise ConfigError(f'real.chain_port: {workers} hops need ports {first}..{first + workers - 1}')
+    nxt = list(r.chain_next)
+    if len(nxt) > workers - 1:
+        raise ConfigError(f'real.chain_next: {len(nxt)} addresses for a chain of {workers} worker hops; one per hop '
+                          f'but the last ({workers - 1})')
+    sessions = [stack.enter_context(session_from_config(dataclasses.replace(cfg, real=dataclasses.replace(
+        r, port=first + k)))) for k in range(workers)]
+    hellos = []
+    for k, s in enumerate(sessions):
+        logging.getLogger('chain').info('waiting up to %g s for worker hop %d on %s:%d%s', r.connect_timeout_s, k,
+                                        r.host, s.port, ' (started with --listen)' if k else '')
+        hellos.append(s.accept())
+        if k and not hellos[-1].get('listen_port'):
+            raise SessionError(f'chain hop {k} (port {s.port}) does not listen for hop {k - 1}: start its '
+                               'client_worker.py with --listen HOST:PORT')
+    addrs = [(nxt[k] if k < len(nxt) and nxt[k] else f'127.0.0.1:{hellos[k + 1]["listen_port"]}')
+             for k in range(workers - 1)]
+    return [Hop(s, a) for s, a in zip(sessions, addrs + [None])], hellos
+
+
+def real_chain_run(cfg: Any, lut: Dict[str, Any], section: Dict[str, Any], hops: list,
+                   hellos: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The chain section's chosen configuration (gammas, lams) deployed over `hops` (random weights, the layouts'
+    kept sets), loop.real_samples random uint8 images streamed through it at optim.batch_size, MEASURED per stage
+    and link, next to the cost model's prediction from the LUT (the section's 'predicted') and its prediction from
+    the measured stage times and the links' presets (comm.session.run_chain); the outputs against the unsplit
+    model's."""
+    import torch
+
+    from comm import parts as PF
+    from comm.session import run_chain
+    from data.normalize import normalize_batch
+    from pipeline.closed_loop import apply_gammas, load_average
+    from timing import measure as M
+    model = apply_gammas(M.random_model(lut['model'], cfg.seed), section['gammas']).eval()
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    dt = section['feature_dtype']
+    parts = PF.chain_bytes(model, section['lams'], lut['input_size'], mean, std, feature_dtype=dt)
+    gen = torch.Generator()
+    gen.manual_seed(int(cfg.seed) + 7)
+    bs = int(cfg.optim.batch_size)
+    size = lut['input_size']
+    images = torch.randint(0, 256, (max(3 * bs, int(cfg.loop.real_samples)), 3, size, size), dtype=torch.uint8,
+                           generator=gen)
+    load_before = load_average()
+    res = run_chain(parts, hops, images, torch.zeros(len(images), dtype=torch.long), bs, links=section['links'],
+                    device=cfg.device)
+    with torch.no_grad():
+        ref = model(normalize_batch(images, mean, std))
+    pred = section['predicted']
+    return {'mode': 'real', 'gammas': section['gammas'], 'lams': section['lams'], 'samples': res['samples'],
+            'batch_size': bs, 'feature_dtype': dt, 'stages': res['stages'], 'links': res['links'],
+            'measured_period_ms': res['measured_period_ms'], 'throughput_fps': res['throughput_fps'],
+            'steady_throughput_fps': res['steady_throughput_fps'], 'latency_ms': res['latency_ms'],
+            'wall_s': res['wall_s'],
+            'predicted_lut': {'device_ms': pred['device_ms'], 'link_ms': pred['link_ms'],
+                              'period_ms': pred['period_ms'], 'throughput_fps': pred['throughput_fps'],
+                              'bottleneck': pred['bottleneck'],
+                              'how': 'the cost model on the LUT / device profiles and link presets (step 2\'s '
+                                     'prediction of this configuration)'},
+            'predicted_measured_stages': res['predicted'],
+            'max_abs_diff_vs_unsplit': float((res['outputs'] - ref).abs().max()),
+            'predictions_equal_unsplit': res['predictions'] == ref.argmax(1).tolist(),
+            'load_average': {'before': load_before, 'after': load_average()},
+            'workers': [{k: h.get(k) for k in ('device', 'device_name', 'host', 'threads', 'python_version',
+                                               'torch_version', 'listen_port')} for h in hellos],
+            'next_addrs': [h.next_addr for h in hops[:-1]]}
+
+
+def real_text(real: Dict[str, Any], section: Dict[str, Any]) -> str:
+    """Step 2's printed lines for a measured chain run: each stage and link measured (median [p10, p90]) next to
+    the LUT's prediction, then throughput measured vs predicted, with the load average."""
+    names = [d['name'] for d in section['devices']]
+    lp = real['predicted_lut']
+    lines = [f'chain measured (real mode, {real["samples"]} samples, batch {real["batch_size"]}, outputs vs unsplit '
+             f'model max |diff| {real["max_abs_diff_vs_unsplit"]:.2g}):']
+    for k, s in enumerate(real['stages']):
+        blocks = f'blocks {s["lo"]}..{s["hi"] - 1}' if s['hi'] > s['lo'] else 'no blocks: forwards'
+        lines.append(f'  stage {k} ({names[k]}, {blocks}, {s["device"]}): measured '
+                     f'{s["compute_ms"]:.2f} ms [{s["compute_ms_p10"]:.2f}, {s["compute_ms_p90"]:.2f}], predicted '
+                     f'{lp["device_ms"][k]:.2f} ms (LUT)')
+    for k, li in enumerate(real['links']):
+        lines.append(f'  link {k}->{k + 1} ({section["links"][k]["name"]}): measured {li["link_ms"]:.2f} ms '
+                     f'[{li["link_ms_p10"]:.2f}, {li["link_ms_p90"]:.2f}] for {li["frame_bytes"]:.0f} B, predicted '
+                     f'{lp["link_ms"][k]:.2f} ms (LUT bytes / preset bandwidth)')
+    pm = real['predicted_measured_stages']
+    load = (real['load_average'] or {}).get('after')
+    lines.append(f'  throughput: measured {real["steady_throughput_fps"]:.2f} samples/s (steady; whole run '
+                 f'{real["throughput_fps"]:.2f}), predicted {lp["throughput_fps"]:.2f} (LUT, bottleneck '
+                 f'{lp["bottleneck"]}) and {pm["throughput_fps"]:.2f} (measured stages + preset links, bottleneck '
+                 f'{pm["bottleneck"]}); load average {load}')
+    return '\n'.join(lines)
+
+
+def measure_chain(cfg: Any, lut: Dict[str, Any], section: Dict[str, Any]) -> Dict[str, Any]:
+    """Step 2 --mode real with a chain: open_chain for its K - 1 worker hops, real_chain_run, sessions closed."""
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        hops, hellos = open_chain(cfg, stack, int(section['num_devices']) - 1)
+        return real_chain_run(cfg, lut, section, hops, hellos)

@@ -333,6 +333,15 @@ def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]
     return combine
 
 
+def apply_gammas(model: Any, gammas: Sequence[int]) -> Any:
+    """Set every block of `model` to its layout gamma_k and the branch set that layout keeps (returns the model)."""
+    from hyper_repvgg import LAYOUTS
+    for k, g in enumerate(gammas):
+        model.set_kept(k, LAYOUTS[int(g)].branches)
+        model.set_layout(k, int(g))
+    return model
+
+
 def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch: int, samples: int,
                 feature_dtype: str, device: str, seed: int,
                 threads: Optional[int] = None) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
@@ -341,7 +350,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     torch threads (the LUT's edge side's; None: the worker's own)."""
     import torch
 
-    from hyper_repvgg import LAYOUTS, deploy_part
+    from hyper_repvgg import deploy_part
     from timing import measure as M
     model = M.random_model(model_spec, seed)
     gen = torch.Generator()
@@ -352,9 +361,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
     def run(row: Dict[str, Any]) -> Dict[str, Any]:
-        for k, g in enumerate(row['gammas']):
-            model.set_kept(k, LAYOUTS[int(g)].branches)
-            model.set_layout(k, int(g))
+        apply_gammas(model, row['gammas'])
         lam = int(row['lam'])
         extra = {} if threads is None else {'threads': int(threads)}
         dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)

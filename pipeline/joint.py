@@ -81,6 +81,8 @@ class Inputs:
     std: Sequence[float]
     base_fingerprint: str
     link: Dict[str, Any]  # the link the cost tables use (timing.lut.LinkSpec.to_dict())
+    chain: Optional[cost.ChainTables] = None  # optim.chain of K >= 3 devices (its goal program: payload "chain")
+    chain_info: Optional[Dict[str, Any]] = None  # pipeline.chain.chain_tables' info of optim.chain (any K)
 
 
 def problem_for(inp: Inputs, sens: np.ndarray, a_ref: float, epsilon: float,
@@ -523,6 +525,27 @@ def pareto_path(cfg: Config, d: int, k: int) -> Path:
     return rounds_dir(cfg, d) / f'pareto_{k:03d}.json'
 
 
+def point_problem(inp: Inputs, st: LoopState, ref: Reference, eps: float) -> Tuple[goal.GoalProblem, Dict[str, float]]:
+    """The goal program of a point solved after the rounds (a Pareto point, the chain's decision): the final
+    surrogate around the latest accepted round and its margin-reduced budget for `eps`; (problem, budget)."""
+    anchor = st.anchor()
+    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
+        _pruned_of(inp, st.rounds[anchor]['gammas'])
+    bud = _budget(inp, st, ref, eps)
+    return problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit, bud['budget_pct']), bud
+
+
+def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
+                  gammas: Sequence[int], d: int, keys: Tuple[int, int, int], desc: str) -> Tuple[Dict[str, Any], bool]:
+    """A point's pruning measured: the measurement of a round (or the final pick) that prunes exactly the same
+    branches, else deployed (pruned, fine-tuned; seeded by keys[0]) and measured (keys[1:]); (measured, held_out)."""
+    m = _measured_like(st, fin, inp, gammas)
+    if m is not None:
+        return m, False
+    model, _ = _deploy(inp, st, model0, data, gammas, d, keys[0], desc)
+    return measure(inp, model, data, ref, keys[1:]), True
+
+
 def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
                  ref: Reference, d: int, k: int, eps: float) -> Dict[str, Any]:
     """One point of the epsilon sweep: solved on the final surrogate (margin-reduced budget), deployed (pruned,
@@ -530,19 +553,12 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
     from accuracy.training import seeded_generator
     j = inp.cfg.joint
     t0 = time.perf_counter()
-    anchor = st.anchor()
-    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
-        _pruned_of(inp, st.rounds[anchor]['gammas'])
-    bud = _budget(inp, st, ref, eps)
-    sp = goal.solve(problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit,
-                                bud['budget_pct']), 'gd' if j.solver == 'gd' else 'milp',
+    p, bud = point_problem(inp, st, ref, eps)
+    sp = goal.solve(p, 'gd' if j.solver == 'gd' else 'milp',
                     seeded_generator(inp.cfg.seed, 4000 + d, k), _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)),
                     j.milp_time_limit_s)['best']
-    m = _measured_like(st, fin, inp, sp.gammas)
-    held_out = m is None
-    if m is None:
-        model, _ = _deploy(inp, st, model0, data, sp.gammas, d, 1000 + k, f'domain {d} pareto eps={eps:g}')
-        m = measure(inp, model, data, ref, (8000 + d, k))
+    m, held_out = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
+                                f'domain {d} pareto eps={eps:g}')
     predicted = float(sp.evaluation['surrogate_loss_pct'])
     return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
             'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
@@ -738,6 +754,10 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
     timing['pareto_s'] = float(sum(p['wall_s'] for p in pareto))
     measured = _measure_real(real_run, fin, data) if real_run is not None else None
     payload = payload_phase(inp, d, fp, ref, st, fin, pareto, data, measured, real_run is not None)
+    chain = chain_phase(inp, st, fin, model0, data, refs, d, fp, command)
+    if chain is not None:
+        payload['chain'] = chain
+        timing['chain_s'] = float(chain.get('wall_s', 0.0))
     payload['timing'] = dict(timing, wall_s=time.perf_counter() - t_start)
     return {'payload': payload, 'state': _state(inp, d, fp, fin), 'skipped': False}
 
@@ -775,6 +795,16 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
     from pipeline.throughput import check_edge_profile, link_for, requested_profile
     check_edge_profile(lut, requested_profile(edge_profile_explicit, cfg), str(lut_file))
     link, _ = link_for(lut, cfg.lut, link_flag_given)  # the same link as step 2: the LUT's own unless --link
+    chain, chain_info = None, None
+    if cfg.optim.chain:  # docs/design.md#device-chains: K = 2 is the two-device program under the chain's link
+        from pipeline import chain as CH
+        hops = CH.parse_chain(cfg.optim.chain)
+        chain, chain_info = CH.chain_tables(lut, hops, cfg.optim.batch_size, cfg.lut.feature_dtype)
+        if chain.num_devices == 2:
+            if link_flag_given and cfg.lut.link != hops[0].link:
+                raise ConfigError(f'--link {cfg.lut.link} and --chain {cfg.optim.chain}: a chain of two devices '
+                                  'sets the link itself; give one of them')
+            link, chain = CH.two_device_link(hops), None
     t = L.cost_tables(lut, cfg.optim.batch_size, link, cfg.lut.feature_dtype)
     available = cost.measured_kept(t)
     valid = cost.valid_mask(available)
@@ -788,7 +818,44 @@ def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = Fa
                            c['model'], c['data'], c['lut']['feature_dtype'], cfg.seed, warm, cost.COST_MODEL_VERSION,
                            JOINT_VERSION])
     return Inputs(cfg, lut, Path(lut_file), t, L.block_stats(lut), available, unpruned, warm, why, partition,
-                  mean, std, base_fp, link.to_dict())
+                  mean, std, base_fp, link.to_dict(), chain, chain_info)
+
+
+def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
+                d: int, fp: str, command: str) -> Optional[Dict[str, Any]]:
+    """The domain's "chain" field (None without optim.chain): for two devices the decision itself (the chain was
+    the two-device program), for K >= 3 the goal program over the chain (pipeline.chain.goal_section) as a Pareto
+    point at joint.epsilon (the final surrogate, its margin-reduced budget), its pruning deployed, fine-tuned and
+    measured like one (or a round's measurement of the same pruning); checkpointed in domain_<d>_rounds/chain.json."""
+    if inp.chain_info is None:
+        return None
+    if inp.chain is None:
+        n = inp.tables.num_blocks
+        return dict(inp.chain_info, num_devices=2, decision={'gammas': fin.gammas, 'lams': [fin.lam],
+                                                             'hop_blocks': [[0, fin.lam], [fin.lam, n]]},
+                    how='two devices: the domain\'s decision itself, made on the chain\'s tables')
+    from pipeline import chain as CH
+    path = rounds_dir(inp.cfg, d) / 'chain.json'
+    done = _load_checkpoint(path, 'joint_chain', fp)
+    if done is not None:
+        return done['chain']
+    t0 = time.perf_counter()
+    j = inp.cfg.joint
+    p, bud = point_problem(inp, st, ref, j.epsilon)
+    sec = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available, j.solver,
+                          j.milp_time_limit_s)
+    m, held_out = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
+                                f'domain {d} chain')
+    sec['budget'] = bud
+    sec['measured'] = {'accuracy_pct': m['test_accuracy_pct'], 'accuracy_ci95_pct': _interval(ref.a_test, m['test']),
+                       'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
+                       'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, j.epsilon),
+                       'held_out': held_out, 'predicted_drop_pct': sec['decision']['surrogate_loss_pct'],
+                       'source': 'measured (test): the decision\'s pruning deployed and fine-tuned here'
+                       if held_out else 'measured (test): a round that pruned the same branches'}
+    sec['wall_s'] = time.perf_counter() - t0
+    write_artifact(path, 'joint_chain', {'fingerprint': fp, 'chain': sec}, inp.cfg, command)
+    return sec
 
 
 def real_runner(session: Any, cfg: Config, mean: Sequence[float], std: Sequence[float], threads: int = 0) -> Any:

@@ -46,7 +46,9 @@ def parse(argv):
     p.add_argument('--chain', help='also optimize a chain of devices, e.g. rpi4:wifi,jetson-orin-nano:ethernet,server '
                    '(each device but the last with the link preset of its hop; device = edge | server: that side of '
                    'the LUT, or a device profile: modelled), or a JSON file {"chain": [{"device": .., "link": ..}, '
-                   '..]}; predicted only, written to the "chain" field (default: none, the two-device split only)')
+                   '..]}; predicted, in the "chain" field; --mode real also runs its chosen configuration over K - 1 '
+                   'workers (hop k dials real.chain_port + k, default --port + 1 + k; every hop after the first '
+                   'started with --listen) and measures every stage and link (default: none, the two-device split only)')
     p.add_argument('--mode', choices=('pseudo', 'real'), default='pseudo', help='closed loop: pseudo measures the '
                    'server part of the chosen configuration, its baselines and the loop.top_k best-predicted here '
                    '(edge part from the LUT); real measures them end to end through client_worker.py and the link '
@@ -85,6 +87,8 @@ def main(argv=None):
     payload['closed_loop'] = CL.step2_closed_loop(cfg, lut, lut_file, tables, T.unpruned_valid(lut), payload,
                                                   args.mode)
     payload['wall_s']['closed_loop'] = time.perf_counter() - t_loop
+    if 'chain' in payload and args.mode == 'real':  # each hop a worker: real.chain_port + k
+        payload['chain']['real'] = CH.measure_chain(cfg, lut, payload['chain'])
     payload['wall_s']['script'] = time.perf_counter() - t_start
     out = cfg.path('initial_throughput_config.json')
     write_artifact(out, 'initial_throughput_config', payload, cfg, command_line(argv))
@@ -96,6 +100,8 @@ def main(argv=None):
         print(line)
     if 'chain' in payload:
         print(CH.chain_text(payload['chain']))
+        if 'real' in payload['chain']:
+            print(CH.real_text(payload['chain']['real'], payload['chain']))
     w = payload['wall_s']
     print(f'gap to the exact optimum: {payload["gap_pct"]:.3g} % (gradient descent alone, before the local search: '
           f'{payload["gradient_descent"]["gap_pct"]:.3g} %); solvers: relaxed {w["relaxed"]:.2f} s, exact '

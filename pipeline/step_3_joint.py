@@ -6,6 +6,7 @@ over eps on the corrected surrogate.
     python pipeline/step_3_joint.py --domain_id 3 --mode pseudo
     python pipeline/step_3_joint.py --all_domains [--epsilon 1] [--solver both] [--link wifi]
     python pipeline/step_3_joint.py --all_domains --executor ray [--ray_address HEAD:6379]
+    python pipeline/step_3_joint.py --all_domains --chain rpi4:wifi,jetson-orin-nano:ethernet,server
 
 Writes <results_dir>/joint_optimization/domain_<d>_joint.json and domain_<d>_state.json (alpha, masks, gamma,
 lambda: HyperRepVGG.load_hyper_weights reads it); rounds are checkpointed in domain_<d>_rounds/ and resumed.
@@ -34,6 +35,7 @@ from config import (EXECUTOR_FLAGS, LINK_FLAGS, Config, ConfigError, add_common_
 FLAGS = {'epsilon': 'joint.epsilon', 'epsilon_sweep': 'joint.epsilon_sweep', 'solver': 'joint.solver',
          'sensitivity': 'joint.sensitivity', 'max_rounds': 'joint.max_rounds',
          'epochs_per_round': 'joint.epochs_per_round', 'edge_profile': 'lut.edge_profile', 'port': 'real.port',
+         'chain': 'optim.chain',
          **LINK_FLAGS, **EXECUTOR_FLAGS}
 
 
@@ -62,6 +64,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--edge_profile', help='edge device profile the LUT must have been modelled with; an error if '
                    "it was not (re-run step 1 then) (default: none asked, the LUT's own edge side is used; step 1 "
                    f'default {lu.edge_profile})')
+    p.add_argument('--chain', help='also solve each domain\'s goal program over a chain of devices, e.g. '
+                   'rpi4:wifi,jetson-orin-nano:ethernet,server (the syntax of step 2 --chain; a JSON file too): '
+                   'pruning per branch, split vector and layout per block on its device, predicted, in the '
+                   'artifact\'s "chain" field; a chain of two devices (edge:<link>,server) is the two-device '
+                   'program under that link (default: none)')
     p.add_argument('--lut_file', help='hardware LUT (default: <results_dir>/hardware_lut_complete.json)')
     p.add_argument('--port', help=f'real mode: port the session listens on, on {c.real.host} (default: {c.real.port})')
     p.add_argument('--force', action='store_true', help='redo finished domains and rounds (default: off)')
@@ -163,6 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if payload is not None:
                 write_artifact(joint.joint_path(cfg.path(), d), 'joint_domain', payload, cfg, cmd)
             print(summary_line(out['payload']), flush=True)
+            if 'chain' in out['payload']:
+                from pipeline.chain import goal_text
+                print(goal_text(d, out['payload']['chain']), flush=True)
             for line in CL.closed_loop_lines(out['payload']['closed_loop'], table=False):
                 print(f'domain {d}: {line}', flush=True)
     print(f'step 3 done for {len(domains)} domain(s) in {time.time() - t0:.1f} s -> {cfg.path(joint.JOINT_DIR)}')

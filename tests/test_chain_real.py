@@ -13,30 +13,22 @@ import test_real_mode as R
 from comm import parts as PF
 from comm import protocol as P
 from comm.localdevice import LocalChain
+from conftest import pruned_a0
 from comm.session import Hop, ServerSession, SessionError, predict_chain, run_chain
 from data.normalize import normalize_batch
 from test_hostile_peers import frame, wait_closed
-from test_real_mode import model  # noqa: F401 - the fixture behind net
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.usefixtures('one_torch_thread')]
 TOKEN = 'chain-token'
 SPLITS = (3, 10)  # hop 0: blocks 0..2, hop 1: blocks 3..9, this server: blocks 10..21 and the classifier
 RATES_MBPS = (20.0, 10.0)  # link 0 (hop 0 -> hop 1) and link 1 (hop 1 -> server), each with 2 ms one way
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope='module')
-def net(request):
+def net():
     """test_real_mode's pruned, re-laid-out HyperRepVGG-A0 (width 0.25, 32 px, 10 classes)."""
-    return request.getfixturevalue('model')
+    return pruned_a0((0.25, 0.25, 0.25, 0.25), small_input=True)
 
 
 @pytest.fixture(scope='module')
@@ -210,3 +202,118 @@ def test_python36_torch110_relay_hop(py36_python, net, images, tmp_path):
         assert res['stages'][1]['python_version'].startswith('3.6')
         assert torch.allclose(res['outputs'], reference(net, images[:8]), rtol=2e-2, atol=2e-2)  # fp16 features
     assert 'Traceback' not in c.logs[1].read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 2 --mode real --chain: each hop a worker, measured next to the prediction
+# ----------------------------------------------------------------------------------------------------------
+
+def _consecutive_free_ports(n):
+    """n consecutive ports free on loopback now (the chain's sessions listen on chain_port + k)."""
+    for _ in range(50):
+        p = R.free_port()
+        if p + n > 65535:
+            continue
+        try:
+            socks = []
+            for k in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(('127.0.0.1', p + k))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    pytest.fail('no consecutive free ports')
+
+
+def _step2_real_chain(tmp_path, chain, chain_port, *sets):
+    from pipeline import step2_initial_throughput_opt as step2
+    from test_step2 import OUT, _write_lut
+    _write_lut(tmp_path)
+    argv = ['--results_dir', str(tmp_path), '--steps', '60', '--restarts', '2', '--mode', 'real', '--chain', chain,
+            '--port', str(R.free_port()), '--set', 'loop.measure=false', '--set', 'loop.real_samples=24',
+            '--set', f'real.chain_port={chain_port}', '--set', f'real.token={TOKEN}',
+            '--set', 'real.connect_timeout_s=60', '--set', f'real.io_timeout_s={R.IO_TIMEOUT}']
+    for s in sets:
+        argv += ['--set', s]
+    assert step2.main(argv) == 0
+    import json
+    return json.loads((tmp_path / OUT).read_text())
+
+
+def _check_measured(real, section, n_blocks):
+    assert real['predictions_equal_unsplit'] and real['max_abs_diff_vs_unsplit'] < 1e-3
+    assert [(s['lo'], s['hi']) for s in real['stages']] == [tuple(r) for r in section['hop_blocks']]
+    assert len(real['links']) == 2 and all(li['frame_bytes'] > 0 and li['link_ms'] > 0 for li in real['links'])
+    assert real['steady_throughput_fps'] > 0 and real['predicted_lut']['throughput_fps'] > 0
+    pm = real['predicted_measured_stages']
+    assert pm['stage_ms'] == [s['compute_ms'] for s in real['stages']]
+    assert pm['period_ms'] == pytest.approx(max(pm['stage_ms'] + pm['link_occupancy_ms']))
+    assert len(real['load_average']['after']) == 3 and real['samples'] == 24
+
+
+def test_step2_real_chain_over_emulated_links(tmp_path, capsys):
+    """Step 2 --mode real --chain edge:wifi,jetson-orin-nano:wifi,server: two client_worker.py hops (the second
+    with --listen), link emulators at the wifi preset's rate on both data links, the chosen configuration deployed
+    and streamed; the outputs equal the unsplit model's, every stage and link is measured, the prediction next to
+    it, and the console shows both."""
+    from comm.linkemu import LinkEmulator
+    from timing.lut import LINK_PRESETS
+    rate = LINK_PRESETS['wifi'].bandwidth_mbps
+    cp = _consecutive_free_ports(2)
+    listen = R.free_port()
+    procs, emus = [], []
+    try:
+        emus.append(LinkEmulator(('127.0.0.1', 0), ('127.0.0.1', listen), rate, 1.0).start())  # hop 0 -> hop 1
+        emus.append(LinkEmulator(('127.0.0.1', 0), ('127.0.0.1', cp + 1), rate, 1.0).start())  # hop 1 -> server
+        procs.append(R.start_worker(cp, token=TOKEN, log_path=tmp_path / 'hop0.log'))
+        procs.append(R.start_worker(emus[1].port, '--listen', f'127.0.0.1:{listen}', token=TOKEN,
+                                    log_path=tmp_path / 'hop1.log'))
+        obj = _step2_real_chain(tmp_path, 'edge:wifi,jetson-orin-nano:wifi,server', cp,
+                                f'real.chain_next=127.0.0.1:{emus[0].port}')
+    finally:
+        for p in procs:
+            R.stop(p)
+        for e in emus:
+            e.close()
+    ch = obj['chain']
+    real = ch['real']
+    _check_measured(real, ch, obj['num_blocks'])
+    assert real['next_addrs'] == [f'127.0.0.1:{emus[0].port}'] and real['workers'][1]['listen_port'] == listen
+    for li, ms in zip(real['links'], real['predicted_lut']['link_ms']):  # what crosses each link is what the LUT
+        lut_bytes = ms / 1e3 * rate * 1e6 / 8  # predicts: the activation's bytes, plus the frame's header and MAC
+        assert lut_bytes - 1 < li['frame_bytes'] < lut_bytes + 1024, (li, lut_bytes)
+    out = capsys.readouterr().out
+    assert 'chain measured (real mode, 24 samples' in out and 'predicted' in out and 'load average' in out
+    print(f"\nstep 2 real chain: steady {real['steady_throughput_fps']:.1f} samples/s measured, "  # noqa: T201
+          f"{real['predicted_lut']['throughput_fps']:.1f} predicted (LUT), "
+          f"{real['predicted_measured_stages']['throughput_fps']:.1f} (measured stages), load {os.getloadavg()[0]:.2f}")
+
+
+def test_step2_real_chain_with_hops_through_ssh_tunnels(sshd, tmp_path):
+    """Tunnels as for one worker: hop 0 reaches hop 1's --listen through its --next_ssh paramiko tunnel to the
+    test's sshd (real.chain_next left at its default 127.0.0.1:<listen port>, as seen from the SSH host), and
+    hop 1 reaches this server through its --ssh tunnel; the chain run goes through both."""
+    ssh = ['--ssh_key', str(sshd['key']), '--ssh_known_hosts', str(sshd['known_hosts'])]
+    via = f'{sshd["user"]}@127.0.0.1:{sshd["port"]}'
+    cp = _consecutive_free_ports(2)
+    listen = R.free_port()
+    procs = []
+    try:
+        procs.append(R.start_worker(cp, '--next_ssh', via, *ssh, token=TOKEN, log_path=tmp_path / 'hop0.log'))
+        procs.append(R.start_worker(cp + 1, '--listen', f'127.0.0.1:{listen}', '--ssh', via, *ssh, token=TOKEN,
+                                    log_path=tmp_path / 'hop1.log'))
+        obj = _step2_real_chain(tmp_path, 'edge:ethernet,edge:ethernet,server', cp)
+    finally:
+        for p in procs:
+            R.stop(p)
+    ch = obj['chain']
+    _check_measured(ch['real'], ch, obj['num_blocks'])
+    assert ch['real']['next_addrs'] == [f'127.0.0.1:{listen}']
+    assert 'via ssh' in (tmp_path / 'hop1.log').read_text()
+    log0 = (tmp_path / 'hop0.log').read_text()
+    assert f'to the next hop at 127.0.0.1:{listen} via ssh 127.0.0.1' in log0, log0[-2000:]
+    assert 'Traceback' not in log0 and 'Traceback' not in (tmp_path / 'hop1.log').read_text()

@@ -13,27 +13,14 @@ import torch
 
 import hyper_repvgg as H
 from comm import parts
-from conftest import REPO
-from timing.measure import randomize_bn_
+from conftest import REPO, pruned_a0
 
 WIDTH = (0.25, 0.25, 0.25, 0.5)
 
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    m = H.build_hyper_repvgg('A0', num_classes=10, width_multiplier=WIDTH)
-    g = torch.Generator()
-    g.manual_seed(1)
-    randomize_bn_(m, g)
-    with torch.no_grad():
-        for a in m.alpha_parameters():
-            a.uniform_(0.5, 1.5, generator=g)
-    m.prune(3, 'O')
-    m.set_layout(2, 13)
-    m.set_layout(4, 10)
-    m.set_layout(6, 9)
-    return m.eval()
+    return pruned_a0(WIDTH, layouts=((2, 13), (4, 10), (6, 9)))
 
 
 def test_edge_and_server_parts_chain_to_the_full_model(model):

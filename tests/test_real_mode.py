@@ -1,12 +1,10 @@
 """Real mode on loopback: comm.session with client_worker.py as a separate process (directly, through an sshd of
 the test's own with the worker's paramiko tunnel or `ssh -L`, under Python 3.6 + torch 1.10, over the link
 emulator), authentication, a worker killed or stalled, and step 1 --mode real."""
-import getpass
 import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,39 +20,18 @@ from comm import protocol as P
 from comm.bundle import bundle_bytes
 from comm.linkemu import LinkEmulator
 from comm.session import ServerSession, SessionError
-from conftest import REPO
+from conftest import REPO, free_port, pruned_a0  # noqa: F401 - free_port: R.free_port of other modules
 from data.normalize import normalize_batch
-from timing.measure import randomize_bn_
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.usefixtures('one_torch_thread')]
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 IO_TIMEOUT = 20.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Server and worker share 2 cores: one torch thread each keeps them from stalling each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    m = H.build_hyper_repvgg('A0', num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.25), small_input=True)
-    g = torch.Generator()
-    g.manual_seed(1)
-    randomize_bn_(m, g)
-    with torch.no_grad():
-        for a in m.alpha_parameters():
-            a.uniform_(0.5, 1.5, generator=g)
-    m.prune(3, 'O')
-    m.set_layout(2, 13)
-    m.set_layout(4, 10)
-    return m.eval()
+    return pruned_a0((0.25, 0.25, 0.25, 0.25), small_input=True)
 
 
 @pytest.fixture(scope='module')
@@ -72,12 +49,6 @@ def local_predictions(model, images):
 
 def server_part(model, lam):
     return None if lam == model.num_blocks else H.deploy_part(model.split(lam)[1])
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def start_worker(port, *extra, python=sys.executable, token=None, log_path=None):
@@ -265,50 +236,6 @@ def test_probe_over_the_emulated_link_measures_the_configured_rate(model, data):
 # ----------------------------------------------------------------------------------------------------------
 # Through a real sshd of the test's own
 # ----------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def sshd(tmp_path_factory):
-    exe = Path('/usr/sbin/sshd')
-    if not exe.is_file() or not shutil.which('ssh-keygen'):
-        pytest.skip('needs openssh-server (/usr/sbin/sshd) and ssh-keygen')
-    d = tmp_path_factory.mktemp('sshd')
-    for name in ('host_key', 'user_key'):
-        subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(d / name)], check=True, timeout=60)
-    (d / 'authorized_keys').write_text((d / 'user_key.pub').read_text())
-    os.chmod(d / 'authorized_keys', 0o600)
-    port = free_port()
-    (d / 'sshd_config').write_text(
-        f'Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n'
-        f'AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin yes\nPubkeyAuthentication yes\n'
-        'PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n'
-        'AllowTcpForwarding yes\n')
-    if os.geteuid() == 0:
-        try:
-            os.makedirs('/run/sshd', exist_ok=True)  # sshd's privilege-separation directory
-        except OSError as e:
-            pytest.skip(f'sshd needs /run/sshd: {e}')
-    log = open(d / 'sshd.log', 'w')
-    proc = subprocess.Popen([str(exe), '-D', '-e', '-f', str(d / 'sshd_config')], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.skip(f'sshd did not start: {(d / "sshd.log").read_text()[-500:]}')
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.skip('sshd did not accept connections within 15 s')
-    host_pub = (d / 'host_key.pub').read_text().split()
-    (d / 'known_hosts').write_text(f'[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n')
-    yield {'port': port, 'key': d / 'user_key', 'known_hosts': d / 'known_hosts', 'user': getpass.getuser(),
-           'dir': d}
-    proc.terminate()
-    proc.wait(10)
-    log.close()
-
 
 def test_split_run_through_the_workers_paramiko_ssh_tunnel(sshd, model, data, tmp_path):
     pytest.importorskip('paramiko')

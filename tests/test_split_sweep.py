@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from artifacts import load_artifact, write_artifact
-from conftest import REPO
+from conftest import REPO, free_port
 from timing import lut as L
 from timing.profiles import get_profile
 
@@ -145,15 +144,9 @@ def test_stream_rates_use_windows_not_single_gaps():
     assert r['median'] == pytest.approx(40 / 0.9) and r['p90'] == pytest.approx(100) and r['p10'] < r['p90']
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.network
 def test_real_sweep_through_a_worker_measures_every_lambda(results, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != 'HYPERREPVGG_TOKEN'}
     log = open(tmp_path / 'worker.log', 'w')
     worker = subprocess.Popen([sys.executable, str(REPO / 'client_worker.py'), '--port', str(port), '--device', 'cpu',

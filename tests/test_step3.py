@@ -256,3 +256,53 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
     md = (res / 'visualization' / 'summary.md').read_text()
     assert '## Edge device memory' in md and 'peak RSS, full model (MB)' in md
     assert json.loads((res / 'visualization' / 'summary.json').read_text())['edge_memory'][0]['lam'] == obj['lam']
+
+
+def test_chain_goal_program_and_the_two_device_chain(results, tmp_path, capsys):
+    """--chain: K = 2 (edge:wifi,server) makes the same decision as --link wifi without a chain; K = 3 writes the
+    goal program over the chain in the artifact's chain field: pruning per branch, a split vector, a layout per
+    block valid on its device, the stages by name."""
+    import shutil
+    from optim import cost as C
+    res = tmp_path / 'res'
+    shutil.copytree(results, res, ignore=shutil.ignore_patterns('joint_optimization'))
+    base = SETS + FAST + ['--results_dir', str(res), '--domain_id', '0', '--max_rounds', '1', '--epsilon_sweep', '1']
+    path = joint.joint_path(_cfg(res).path(), 0)
+    assert _main(base + ['--link', 'wifi']) == 0
+    two = json.loads(path.read_text())
+    assert 'chain' not in two
+    assert _main(base + ['--chain', 'edge:wifi,server']) == 0
+    k2 = json.loads(path.read_text())
+    for key in ('gammas', 'lam', 'predicted', 'branches_pruned', 'blocks', 'goal_evaluation', 'link'):
+        assert k2[key] == two[key], key
+    assert k2['chain']['num_devices'] == 2 and k2['chain']['decision']['lams'] == [two['lam']]
+    with pytest.raises(ConfigError, match='a chain of two devices sets the link itself'):
+        _main(base + ['--chain', 'edge:wifi,server', '--link', '4g'])
+    capsys.readouterr()
+    assert _main(base + ['--chain', 'rpi4:wifi,jetson-orin-nano:ethernet,server', '--link', 'wifi']) == 0
+    k3 = json.loads(path.read_text())
+    assert k3['gammas'] == two['gammas'] and k3['lam'] == two['lam']  # the two-device decision is unchanged
+    ch = k3['chain']
+    assert ch['description'] == 'rpi4:wifi,jetson-orin-nano:ethernet,server' and ch['num_devices'] == 3
+    dec = ch['decision']
+    n = len(dec['gammas'])
+    assert len(dec['lams']) == 2 and dec['hop_blocks'] == [list(r) for r in C.hop_ranges(dec['lams'], n)]
+    assert set(dec['stages_ms']) == {'rpi4', 'link1:wifi', 'jetson-orin-nano', 'link2:ethernet', 'server'}
+    avail = [set(a) for a in (b['kept'] + b['pruned'] for b in k3['blocks'])]
+    for g, kept, a in zip(dec['gammas'], dec['kept'], avail):
+        assert set(kept) <= a and g in layouts_for(kept)
+    assert dec['branches_pruned'] == sum(len(a) - len(k) for a, k in zip(avail, dec['kept']))
+    assert dec['xi_accuracy_pct'] <= 1e-7 and dec['period_ms'] == pytest.approx(max(dec['stages_ms'].values()))
+    for b in ch['baselines'].values():  # the goal program's key is at least as good as each start's
+        assert (dec['key']['xi_accuracy_pct'], dec['key']['throughput_objective']) <= \
+            (b['key']['xi_accuracy_pct'], b['key']['throughput_objective'] + 1e-7)
+    sv = ch['solver']
+    assert sv['solvers']['milp']['status'] == 'optimal' and sv['solvers']['local_search']['status'] in (
+        'local_optimum', 'move_limit')
+    assert sv['gap']['objective_gap_pct'] >= -1e-6 and sv['chosen'] in ('milp', 'local_search')  # the MILP is exact
+    assert 'predicted' in ch['how'] and k3['timing']['chain_s'] > 0
+    m = ch['measured']  # the decision's pruning deployed, fine-tuned and measured (or a round's of the same pruning)
+    lo, hi = m['accuracy_ci95_pct']
+    assert lo <= m['accuracy_pct'] <= hi and m['accepted'] == (m['val_lower_pct'] >= -k3['epsilon'] - 1e-9)
+    assert (joint.rounds_dir(_cfg(res), 0) / 'chain.json').is_file()
+    assert 'domain 0: chain rpi4:wifi,jetson-orin-nano:ethernet,server (predicted' in capsys.readouterr().out

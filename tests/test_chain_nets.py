@@ -117,3 +117,38 @@ def test_steps_1_and_2_on_mobilenet_v2_in_pseudo_mode(tmp_path):
     out = json.loads((tmp_path / 'initial_throughput_config.json').read_text())
     assert out['gammas'] == [0] * 19 and 0 <= out['lam'] <= 19
     assert out['exact']['throughput_fps'] >= out['baselines']['edge_only']['throughput_fps'] - 1e-9
+
+
+@pytest.mark.parametrize('name,wm,size', CASES[:2])
+def test_part_files_of_a_plain_network_rebuild_its_parts_exactly(name, wm, size):
+    import io
+
+    import numpy as np
+
+    from comm import parts as PF
+    tv = _torchvision(name, wm)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = tv(x)
+        for lam in (0, 3, tv.num_blocks):
+            edge, meta = PF.load_part(PF.part_bytes(tv, lam, 'edge', size))
+            server, smeta = PF.load_part(PF.part_bytes(tv, lam, 'server', size))
+            assert [b['kinds'] for b in meta['blocks']] == [[s.kind] for s in tv.plan[:lam]]
+            h = edge(x)  # the classifier too at lambda N
+            want = tv.split(lam)[0](x) if lam < tv.num_blocks else ref
+            assert torch.allclose(h, want, rtol=1e-4, atol=1e-5), lam
+            out = server(h) if lam < tv.num_blocks else h
+            assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), lam
+            assert smeta['head'] == (lam < tv.num_blocks) and bool(meta['head']) == (lam == tv.num_blocks)
+    arrays = dict(np.load(io.BytesIO(PF.part_bytes(tv, 2, 'edge', size))))
+    key = next(k for k in arrays if k.startswith('block1.') and k.endswith('weight'))
+    bad = dict(arrays, **{key: arrays[key][:1]})
+    buf = io.BytesIO()
+    np.savez(buf, **bad)
+    with pytest.raises(PF.PartFileError, match=key.replace('.', r'\.')):
+        PF.load_part(buf.getvalue())
+    del bad[key]
+    buf = io.BytesIO()
+    np.savez(buf, **bad)
+    with pytest.raises(PF.PartFileError, match='missing array ' + key.replace('.', r'\.')):
+        PF.load_part(buf.getvalue())

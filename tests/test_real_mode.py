@@ -385,3 +385,62 @@ def test_the_device_side_files_alone_run_the_worker(tmp_path):
     proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
     assert proc.returncode == 0, proc.stderr[-2000:]  # (vermin -t=3.6- on these files: test_device_compat.py)
+
+
+class _Recorder(torch.nn.Module):
+    """A server part that keeps what the worker streamed to it (the edge part's output) before running `part`."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part, self.seen = part, []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.part(x)
+
+
+def test_python36_torch110_worker_runs_a_mobilenet_v2_edge_part_equal_to_torchvision(py36_python, data, tmp_path):
+    """Issue 18: a plain network's edge part, sent as raw tensors (load_edge) and as a part file (load_part), runs on
+    the TX2 stack (chain_nets' torch-only blocks, no torchvision) and streams what torchvision's blocks compute."""
+    from comm import parts as PF
+    from comm.session import deploy_part_file
+    from data._torchvision import torchvision_chain_net
+    images, labels = data
+    torch.manual_seed(3)
+    tv = torchvision_chain_net({'name': 'mobilenet_v2', 'num_classes': 10, 'width_multiplier': [0.25] * 4,
+                                'small_input': False})
+    g = torch.Generator()
+    g.manual_seed(4)
+    tv = randomize_bn_(tv, g).eval()
+    x = normalize_batch(images, MEAN, STD)
+    ref = local_predictions(tv, images)
+    with ServerSession(port=0, token='mb36', connect_timeout_s=90, io_timeout_s=60) as sess:
+        worker = start_worker(sess.port, python=py36_python, token='mb36', log_path=tmp_path / 'mbv2.log')
+        try:
+            try:
+                hello = sess.accept()
+            except SessionError:
+                pytest.fail('py36 worker did not connect:\n' + (tmp_path / 'mbv2.log').read_text()[-2000:])
+            assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+            for lam, how in ((0, 'tensors'), (7, 'tensors'), (7, 'part file'), (tv.num_blocks, 'tensors')):
+                if how == 'tensors':
+                    dep = sess.deploy(tv, tv.layouts(), lam, MEAN, STD)
+                    assert dep['blocks'] == lam and dep['edge_weight_bytes'] == sum(
+                        v.numel() * v.element_size() for v in tv.edge_state_dict(lam).values()) + \
+                        (sum(p.numel() * 4 for p in tv.linear.parameters()) if lam == tv.num_blocks else 0)
+                else:
+                    deploy_part_file(sess, PF.part_bytes(tv, lam, 'edge', 32, MEAN, STD))
+                server = None if lam == tv.num_blocks else _Recorder(tv.split(lam)[1])
+                res = sess.run(server, images, labels, batch_size=6)
+                assert res['predictions'] == ref, (lam, how)
+                if 0 < lam < tv.num_blocks:
+                    with torch.no_grad():
+                        want = tv.split(lam)[0](x)
+                    assert torch.allclose(torch.cat(server.seen), want, rtol=1e-4, atol=1e-5), (lam, how)
+            with pytest.raises(SessionError, match='plain network'):
+                sess.request('load_edge', {'arch': tv.spec_dict(), 'lam': 1, 'layouts': [13], 'kept': [['D']],
+                                           'mean': list(MEAN), 'std': list(STD)},
+                             list(tv.edge_state_dict(1).items()))
+        finally:
+            sess.close()
+            stop(worker)

@@ -200,3 +200,27 @@ def test_step0_of_a_plain_network_takes_a_torchvision_checkpoint_strictly(tmp_pa
     random_checkpoint.main(['--model', 'resnet18', '--out', str(wrong)])
     with pytest.raises(CheckpointError, match='r18.pt'):
         step0.main([*flags, '--checkpoint', str(wrong)])
+
+
+@pytest.mark.slow  # ~25 s
+def test_resnet50_steps_1_2_and_the_split_sweep_with_a_random_weight_checkpoint(tmp_path):
+    """Issue 18's ResNet-50 flow (README: at 224 px) at 64 px: a torchvision-keyed checkpoint of random weights
+    (scripts/random_checkpoint.py), steps 1-2 in pseudo mode and the split sweep of step 2's configuration."""
+    import csv
+
+    from pipeline import split_sweep
+    from pipeline import step1_measure_lut as step1
+    from pipeline import step2_initial_throughput_opt as step2
+    from scripts import random_checkpoint
+    ckpt = tmp_path / 'r50.pt'
+    assert random_checkpoint.main(['--model', 'resnet50', '--out', str(ckpt)]) == 0
+    flags = ['--results_dir', str(tmp_path / 'r'), '--model', 'resnet50', '--dataset', 'synthetic',
+             '--set', 'model.width_multiplier=none', '--set', 'model.input_size=64', '--set', f'model.checkpoint={ckpt}']
+    assert step1.main(['--mode', 'pseudo', '--repeats', '2', '--warmup', '0', '--no_validate',
+                       '--set', 'lut.fit_configurations=4', '--set', 'lut.fit_rounds=2', *flags]) == 0
+    assert step2.main(['--steps', '50', '--restarts', '1', *flags]) == 0
+    assert split_sweep.main(['--no_figure', *flags]) == 0
+    out = json.loads((tmp_path / 'r' / 'initial_throughput_config.json').read_text())
+    with open(tmp_path / 'r' / 'split_latency_results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert out['num_blocks'] == 17 and len(rows) == 18 and 0 <= out['lam'] <= 17

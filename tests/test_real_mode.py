@@ -329,6 +329,16 @@ def test_split_run_through_the_workers_paramiko_ssh_tunnel(sshd, model, data, tm
             stop(worker)
 
 
+def accept_py36(sess, log_path):
+    """Accept the Python 3.6 + torch 1.10 worker (its log in the failure) and check that it is that stack."""
+    try:
+        hello = sess.accept()
+    except SessionError:
+        pytest.fail('py36 worker did not connect:\n' + Path(log_path).read_text()[-2000:])
+    assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+    return hello
+
+
 def test_python36_torch110_worker_through_an_ssh_L_tunnel(py36_python, sshd, model, data, tmp_path):
     """The README flow: `ssh -N -L PORT:127.0.0.1:PORT user@server` on the device, then client_worker.py."""
     if not shutil.which('ssh'):
@@ -343,11 +353,7 @@ def test_python36_torch110_worker_through_an_ssh_L_tunnel(py36_python, sshd, mod
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         worker = start_worker(local, python=py36_python, token='tok36', log_path=tmp_path / 'worker36.log')
         try:
-            try:
-                hello = sess.accept()
-            except SessionError:
-                pytest.fail('py36 worker did not connect:\n' + (tmp_path / 'worker36.log').read_text()[-2000:])
-            assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+            accept_py36(sess, tmp_path / 'worker36.log')
             check_split_runs(sess, model, images, labels, (0, 6, model.num_blocks))
         finally:
             sess.close()
@@ -417,11 +423,7 @@ def test_python36_torch110_worker_runs_a_mobilenet_v2_edge_part_equal_to_torchvi
     with ServerSession(port=0, token='mb36', connect_timeout_s=90, io_timeout_s=60) as sess:
         worker = start_worker(sess.port, python=py36_python, token='mb36', log_path=tmp_path / 'mbv2.log')
         try:
-            try:
-                hello = sess.accept()
-            except SessionError:
-                pytest.fail('py36 worker did not connect:\n' + (tmp_path / 'mbv2.log').read_text()[-2000:])
-            assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+            accept_py36(sess, tmp_path / 'mbv2.log')
             for lam, how in ((0, 'tensors'), (7, 'tensors'), (7, 'part file'), (tv.num_blocks, 'tensors')):
                 if how == 'tensors':
                     dep = sess.deploy(tv, tv.layouts(), lam, MEAN, STD)

@@ -17,8 +17,10 @@ Models: default = the embedded default (config.py: RepVGG-A0 at width (0.25, 0.2
 10 validation configurations in 4 rounds, so that the whole bench stays within about 10 minutes on an idle
 2-core machine); mbv2_224 / r50_224 = torchvision's MobileNetV2 / ResNet-50 (random weights), 224 px, 1000 classes:
 a plain network has one layout per block, so its configurations differ by the split alone and run the same blocks
-(Spearman's rho is reported but not a target for them; a few more minutes).  Every whole-configuration timing is the measurement protocol of docs/design.md: fine-grained
-interleaved rounds, the two passes = even and odd rounds.  Batch 1 throughout.  Writes bench/results/lut_fidelity.json.
+(Spearman's rho is reported but not a target for them; under a minute together).  Every whole-configuration timing
+is the measurement protocol of docs/design.md: fine-grained interleaved rounds, the two passes = even and odd rounds.
+Batch 1 throughout.  Writes bench/results/lut_fidelity.json (--name: another file and README section;
+bench/README.md's plain-network rows are `--models mbv2_224,r50_224 --name lut_fidelity_plain`).
 """
 import sys
 from pathlib import Path
@@ -84,10 +86,11 @@ def cases(quick: bool) -> Dict[str, Case]:
             'b3_224': Case('b3_224', 'RepVGG-B3 224 px', imagenet_arch('RepVGG-B3'), 224, 0, 3, 0.0, 10, 60, 2, 1,
                            4),
             # plain networks (issue 18): one layout per block, so a configuration is its split alone (N + 1 of
-            # them) and the validation leaves out the splits the fit timed; MobileNetV2 is ~25 ms a pass here,
-            # ResNet-50 ~0.15 s: 6 fit configurations, 20 / 14 drawn for the validation
-            'mbv2_224': Case('mbv2_224', 'MobileNetV2 224 px', imagenet_arch('mobilenet_v2'), 224, 1, 5, 0.0, 20, 6,
-                             6, 1, 8),
+            # them) and the validation leaves out the splits the fit timed; MobileNetV2 is ~25 ms a pass here (10
+            # fit configurations in 10 rounds, so that the LUT spans as many of the machine's speed episodes as the
+            # validation), ResNet-50 ~0.15 s (6 in 3 rounds); 20 / 14 drawn for the validation
+            'mbv2_224': Case('mbv2_224', 'MobileNetV2 224 px', imagenet_arch('mobilenet_v2'), 224, 2, 10, 0.0, 20,
+                             10, 10, 1, 12),
             'r50_224': Case('r50_224', 'ResNet-50 224 px', imagenet_arch('resnet50'), 224, 1, 3, 0.0, 14, 6, 3, 1, 4)}
 
 
@@ -237,7 +240,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--threads', type=int, default=Config().lut.threads,
                    help=f'torch threads while timing, as lut.threads (default: {Config().lut.threads})')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and configurations (default: 0)')
+    p.add_argument('--name', default=NAME, help='result name: <out_dir>/<name>.json and its bench/README.md section; '
+                   'another name (lut_fidelity_plain for --models mbv2_224,r50_224) leaves the default result\'s '
+                   f'section as it is (default: {NAME})')
     args = p.parse_args(argv)
+    if not args.name.replace('_', '').isalnum():
+        raise ConfigError(f'--name {args.name!r}: letters, digits and _ only')
     available = cases(args.quick)
     keys = list(available) if not args.models else [k.strip() for k in args.models.split(',') if k.strip()]
     bad = [k for k in keys if k not in available]
@@ -261,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tables = [common.table('Server-side LUT on this CPU: LUT sum vs end-to-end time of whole configurations the '
                            'fit never saw, batch 1, two interleaved passes (targets are not claimed on a loaded '
                            'machine)', COLUMNS, rows)]
-    path = common.write_result(args.out_dir, NAME, {'models': results}, machine, args.quick, headline, tables, argv)
+    path = common.write_result(args.out_dir, args.name, {'models': results}, machine, args.quick, headline, tables, argv)
     print(common.render(COLUMNS, rows, markdown=False))
     print(f'-> {path}')
     return 0

@@ -767,12 +767,16 @@ def plain_split_only(cfg: Config) -> Optional[str]:
         return None
     path = cfg.path('initial_throughput_config.json')
     s2 = load_artifact(path, 'initial_throughput_config', {'lam': int, 'num_blocks': int, 'exact': dict,
-                                                           'baselines': dict})
+                                                           'baselines': dict, 'model': dict})
+    name = nets.canonical_name(cfg.model.name)
+    if s2['model'].get('name') != name:
+        raise ArtifactError(f'{path}: field "model" is {s2["model"].get("name")!r}, this run is {name}; re-run step 2 '
+                            'with the same model flags')
     lam, n, b = s2['lam'], s2['num_blocks'], s2['baselines']
     names = [spec.name for spec in nets.plan_of({'name': cfg.model.name,
                                                  'width_multiplier': cfg.model.width_multiplier})]
     edge = f'blocks {names[0]}..{names[lam - 1]} on the edge' if lam else 'nothing on the edge'
-    return (f'step 3: branch pruning is RepVGG-only; {nets.canonical_name(cfg.model.name)} is a plain network, so its '
+    return (f'step 3: branch pruning is RepVGG-only; {name} is a plain network, so its '
             f'result is the split of step 2 ({path.name}): lambda {lam} of {n} ({edge}), '
             f'{s2["exact"]["throughput_fps"]:.1f} fps predicted ({s2["exact"]["bottleneck"]}-bound) vs edge-only '
             f'{b["edge_only"]["throughput_fps"]:.1f} fps and server-only {b["server_only"]["throughput_fps"]:.1f} fps')

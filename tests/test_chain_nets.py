@@ -127,6 +127,10 @@ def test_steps_1_to_4_on_mobilenet_v2_in_pseudo_mode(tmp_path, capsys):
     assert not (tmp_path / 'joint_optimization').exists()
     assert step4.main(['--formats', 'png', *flags]) == 0
     assert (tmp_path / 'visualization' / 'summary.md').is_file()
+    from artifacts import ArtifactError
+    with pytest.raises(ArtifactError, match="'mobilenet_v2', this run is resnet18"):  # step 2 ran another model
+        step3.main(['--all_domains', '--results_dir', str(tmp_path), '--model', 'resnet18', '--dataset', 'synthetic',
+                    '--set', 'model.width_multiplier=none'])
 
 
 @pytest.mark.parametrize('name,wm,size', CASES[:2])

@@ -341,7 +341,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     torch threads (the LUT's edge side's; None: the worker's own)."""
     import torch
 
-    from hyper_repvgg import LAYOUTS, deploy_part
+    from hyper_repvgg import apply_config, deploy_part
     from timing import measure as M
     model = M.random_model(model_spec, seed)
     gen = torch.Generator()
@@ -352,9 +352,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
     def run(row: Dict[str, Any]) -> Dict[str, Any]:
-        for k, g in enumerate(row['gammas']):
-            model.set_kept(k, LAYOUTS[int(g)].branches)
-            model.set_layout(k, int(g))
+        apply_config(model, [int(g) for g in row['gammas']])  # kept sets from the layouts; a plain net: checked
         lam = int(row['lam'])
         extra = {} if threads is None else {'threads': int(threads)}
         dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)

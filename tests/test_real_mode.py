@@ -446,3 +446,35 @@ def test_python36_torch110_worker_runs_a_mobilenet_v2_edge_part_equal_to_torchvi
         finally:
             sess.close()
             stop(worker)
+
+
+def test_mobilenet_v2_steps_1_2_and_the_sweep_in_real_mode_on_the_python36_worker(py36_python, tmp_path):
+    """A plain network through real mode end to end: the TX2-stack worker measures its edge LUT, step 2 measures its
+    closed loop through the worker, and the sweep deploys and streams every split point."""
+    import csv
+
+    from artifacts import load_artifact
+    from pipeline import split_sweep
+    from pipeline import step1_measure_lut as step1
+    from pipeline import step2_initial_throughput_opt as step2
+    from scripts import random_checkpoint
+    ckpt = tmp_path / 'mbv2.pt'
+    random_checkpoint.main(['--model', 'mobilenet_v2', '--width', '0.25', '--out', str(ckpt)])
+    port = free_port()
+    flags = ['--port', str(port), '--results_dir', str(tmp_path / 'r'), '--dataset', 'synthetic', '--model',
+             'mobilenet_v2', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'model.input_size=16',
+             '--set', f'model.checkpoint={ckpt}', '--set', 'real.connect_timeout_s=90', '--set', 'real.probe_repeats=2',
+             '--set', 'real.probe_sizes_kb=4,1024', '--set', 'loop.top_k=2']
+    worker = start_worker(port, python=py36_python, log_path=tmp_path / 'worker.log')
+    try:
+        assert step1.main(['--mode', 'real', '--repeats', '2', '--warmup', '1', '--no_validate', *flags]) == 0
+        assert step2.main(['--mode', 'real', '--steps', '50', '--restarts', '1', *flags]) == 0
+        assert split_sweep.main(['--mode', 'real', '--samples', '8', '--round_trips', '2', '--no_figure', *flags]) == 0
+    finally:
+        stop(worker)
+    edge = load_artifact(tmp_path / 'r' / 'lut_edge.json', 'lut_edge')
+    assert edge['source'] == 'measured' and edge['metadata']['python_version'].startswith('3.6')
+    with open(tmp_path / 'r' / 'split_latency_results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and all(r['edge_source'].startswith('measured on the worker') and
+                                   r['transfer_source'].startswith('measured') for r in rows)

@@ -13,8 +13,8 @@ when a peer sends anything malformed or fails to prove the token, it logs one li
 exponential backoff (0.5 s doubling up to --backoff_max_s).  Between commands it expects the server's heartbeat:
 silence for comm.protocol.idle_timeout_s (4 heartbeats + 2 s) means the link or the server is gone, and it redials.  Commands: measure_lut (timing.measure, the
 same code as step 1), probe (link probe payloads), clock (clock offset), load_edge (rebuild the edge part with
-hyper_repvgg.build_edge from raw tensors), load_part (this hop's part from a part file, comm/parts.py), upload
-(uint8 images), run (pipelined: the part runs batch after batch while a sender thread streams its output),
+nets.build_edge from raw tensors: a RepVGG's, or a plain network's blocks from chain_nets), load_part (this hop's
+part from a part file, comm/parts.py), upload (uint8 images), run (pipelined: the part runs batch after batch while a sender thread streams its output),
 round_trips (single requests with the result sent back), memory (peak RSS with the edge part against the full
 model).  A failing command answers an error frame; the worker stays usable.
 
@@ -25,8 +25,8 @@ token first, as the server does; a connection that fails is logged in one line a
 name the run.  The last worker hop streams to the server on its own connection, any other dials the next hop's
 --listen address the server gives it (as seen from this hop: the next hop's address, the local end of an
 `ssh -N -L` tunnel, or through --next_ssh's paramiko tunnel).  Device-side: imports only
-hyper_repvgg, errors, comm.protocol, comm.parts, data.normalize, timing.measure, timing.flops, numpy and torch (the files:
-comm/bundle.py DEVICE_FILES).
+hyper_repvgg, nets, chain_nets, errors, comm.protocol, comm.parts, data.normalize, timing.measure, timing.flops, numpy
+and torch (the files: comm/bundle.py DEVICE_FILES).
 """
 import argparse
 import ipaddress
@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import hyper_repvgg as H  # noqa: E402
+import nets  # noqa: E402
 from comm import parts as PF  # noqa: E402
 from comm import protocol as P  # noqa: E402
 from data.normalize import normalize_batch  # noqa: E402
@@ -220,22 +221,19 @@ class Worker(object):
         if int(a.get('threads') or 0) > 0 and not self.threads:  # run with the LUT's thread count
             torch.set_num_threads(int(a['threads']))
         arch, lam = a['arch'], int(a['lam'])
-        num_blocks = len(H.block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input'))))
+        try:
+            num_blocks = len(nets.plan_of(arch))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CommandError('load_edge: args.arch does not describe a network this worker builds: {}'.format(
+                _line(e)))
         state = {k: torch.from_numpy(v) for k, v in frame.tensors.items()}
         head = {k[len('linear.'):]: state.pop(k) for k in ('linear.weight', 'linear.bias') if k in state}
         if (lam == num_blocks) != bool(head):
             raise CommandError('load_edge: the classifier tensors linear.weight/bias are sent exactly when '
                                'lambda == N ({}), got lambda={} with {}'.format(num_blocks, lam, sorted(head)))
-        edge = H.build_edge(arch, lam, state, [int(g) for g in a['layouts']])
-        for k, block in enumerate(edge.blocks):  # the header's kept sets must agree with the sent buffers
-            kept = sorted(b for b, m in zip(H.BRANCHES, state[block.spec.name + '.kept'].tolist()) if m)
-            if kept != sorted(a['kept'][k]):
-                raise CommandError('load_edge: block {} kept {} in the header but {} in the tensors'.format(
-                    k, a['kept'][k], kept))
-            alpha = state[block.spec.name + '.alpha'].tolist()
-            if 'alpha' in a and any(abs(x - y) > 1e-6 for x, y in zip(alpha, a['alpha'][k])):
-                raise CommandError('load_edge: block {} alpha {} in the header but {} in the tensors'.format(
-                    k, a['alpha'][k], alpha))
+        edge = nets.build_edge(arch, lam, state, [int(g) for g in a['layouts']])
+        if not nets.is_plain(str(arch['name'])):
+            self.check_hyper_state(edge, state, a)
         if head:
             linear = nn.Linear(head['weight'].shape[1], head['weight'].shape[0])
             linear.load_state_dict(head, strict=True)
@@ -251,6 +249,19 @@ class Worker(object):
         weight_bytes = sum(int(v.nbytes) for v in frame.tensors.values())
         return {'load_ms': (time.monotonic() - t0) * 1e3, 'edge_weight_bytes': weight_bytes, 'lam': lam,
                 'device': self.device, 'blocks': len(edge.blocks), 'threads': torch.get_num_threads()}, None
+
+    @staticmethod
+    def check_hyper_state(edge, state, a):
+        """A RepVGG edge part: the header's kept sets and alpha must agree with the sent buffers."""
+        for k, block in enumerate(edge.blocks):
+            kept = sorted(b for b, m in zip(H.BRANCHES, state[block.spec.name + '.kept'].tolist()) if m)
+            if kept != sorted(a['kept'][k]):
+                raise CommandError('load_edge: block {} kept {} in the header but {} in the tensors'.format(
+                    k, a['kept'][k], kept))
+            alpha = state[block.spec.name + '.alpha'].tolist()
+            if 'alpha' in a and any(abs(x - y) > 1e-6 for x, y in zip(alpha, a['alpha'][k])):
+                raise CommandError('load_edge: block {} alpha {} in the header but {} in the tensors'.format(
+                    k, a['alpha'][k], alpha))
 
     def cmd_load_part(self, sock, frame):
         """Load a part file (comm/parts.py: plain arrays, never unpickled) as this hop's part: its bytes in the tensor

@@ -1,7 +1,8 @@
 """Optimizer quality and speed: the relaxed LUT gradient descent against the exact optimum, per pipeline step.
 
 Section `step2` (docs/design.md#step-2-solvers; pipeline/throughput.solve_step2, the code step 2 runs):
-* LUT cases: RepVGG-A0 and RepVGG-B3 at 224 px, 1000 classes, batch 1, both sides MODELLED from device profiles
+* LUT cases: RepVGG-A0, RepVGG-B3 and the plain MobileNetV2 and ResNet-50 (torchvision's, issue 18) at 224 px, 1000
+  classes, batch 1, both sides MODELLED from device profiles
   (timing/lut.modelled_side: edge = jetson-tx2; 'server' = jetson-orin-nano as a stand-in, since timing/profiles.py
   has no server-GPU profile), under each link preset.  Per case: gap of the chosen configuration and of the
   gradient descent alone (before the local search) to the exact optimum, wall time of both solvers, and the
@@ -59,8 +60,9 @@ def _lut_cases(quick: bool) -> Dict[str, Tuple[Dict[str, Any], int]]:
     if quick:
         return {'A0 tiny (32 px)': ({'name': 'RepVGG-A0', 'num_classes': 10, 'width_multiplier': [0.25] * 4,
                                      'small_input': False}, 32)}
-    return {f'{a} (224 px)': ({'name': f'RepVGG-{a}', 'num_classes': 1000, 'width_multiplier': None,
-                               'small_input': False}, 224) for a in ('A0', 'B3')}
+    names = {'A0': 'RepVGG-A0', 'B3': 'RepVGG-B3', 'MobileNetV2': 'mobilenet_v2', 'ResNet-50': 'resnet50'}
+    return {f'{a} (224 px)': ({'name': n, 'num_classes': 1000, 'width_multiplier': None, 'small_input': False}, 224)
+            for a, n in names.items()}
 
 
 def _run_case(t, valid, opt: OptimConfig, seed: int) -> Dict[str, Any]:

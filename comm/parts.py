@@ -5,17 +5,20 @@ JSON line).  A part file is a NumPy `.npz` archive of plain numeric arrays, read
 loading one never unpickles anything (a copied file, or bytes that came over the link, are equally safe):
 
     __meta__            uint8: UTF-8 JSON {format, version, part ('edge' | 'server' | 'stage'), arch
-                        (RepVGG.spec_dict()), lam, lo, hi, num_blocks, blocks: [{index, name, layout, kinds}], head,
+                        (RepVGG.spec_dict() / ChainNet.spec_dict()), lam, lo, hi, num_blocks, blocks: [{index, name, layout, kinds}], head,
                         input_size, mean, std, feature_dtype}; the part holds blocks lo..hi-1 (edge: 0..lam-1,
                         server: lam..N-1, stage: one hop's range of a chain, lam = hi; files without lo/hi are read
                         by their part and lam)
     block<k>.w<i>       float32: kernel (conv: (out, in / groups, k, k)) or scale (affine: (C,)) of part i of block k
     block<k>.b<i>       float32: bias of part i of block k, (out,)
+    block<k>.<key>      a plain network's block (chain_nets: MobileNetV2, ResNet; kinds [its kind], layout 0): each
+                        tensor of the block module under its key inside the block (`conv.0.0.weight`, `bn1.running_var`;
+                        float32, num_batches_tracked int64), loaded strictly into chain_nets.make_block
     linear.weight/bias  float32: the classifier (in the server part; in the edge part when lam == N, and then the
                         server part is empty)
 
 `part_bytes(model, lam, 'edge' | 'server', ...)` makes the bytes of one part from a HyperRepVGG in its current
-configuration (kept sets and layouts), `stage_bytes(model, lo, hi, ...)` those of one hop's blocks lo..hi-1 in a
+configuration (or a plain chain_nets.ChainNet) (kept sets and layouts), `stage_bytes(model, lo, hi, ...)` those of one hop's blocks lo..hi-1 in a
 chain of devices (the classifier with the stage that ends at N), `chain_bytes(model, splits, ...)` all K parts of a
 split vector; `load_part(path_or_bytes)` rebuilds a `hyper_repvgg.SplitPart` of
 `DeployedBlock`s straight from the arrays and the block plan, allocating only that part's blocks (never the full
@@ -36,7 +39,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import chain_nets as CN
 import hyper_repvgg as H
+import nets
 
 FORMAT = 'hyperrepvgg-part'
 VERSION = 1
@@ -86,10 +91,17 @@ def _range_arrays(model, lo, hi, part, lam, input_size, mean, std, feature_dtype
     with torch.no_grad():
         for block in _deployed_blocks(model, lo, hi):
             k = block.spec.index
-            for i in range(len(block.kinds)):
-                arrays['block{}.w{}'.format(k, i)] = getattr(block, 'w{}'.format(i)).detach().cpu().float().numpy()
-                arrays['block{}.b{}'.format(k, i)] = getattr(block, 'b{}'.format(i)).detach().cpu().float().numpy()
-            blocks.append({'index': k, 'name': block.spec.name, 'layout': int(block.layout), 'kinds': block.kinds})
+            if getattr(block.spec, 'plain', False):  # a plain network's block: its own tensors under their keys
+                for key, t in block.state_dict().items():
+                    t = t.detach().cpu()
+                    arrays['block{}.{}'.format(k, key)] = (t.float() if t.is_floating_point() else t).numpy()
+                kinds = [block.spec.kind]
+            else:
+                for i in range(len(block.kinds)):
+                    arrays['block{}.w{}'.format(k, i)] = getattr(block, 'w{}'.format(i)).detach().cpu().float().numpy()
+                    arrays['block{}.b{}'.format(k, i)] = getattr(block, 'b{}'.format(i)).detach().cpu().float().numpy()
+                kinds = block.kinds
+            blocks.append({'index': k, 'name': block.spec.name, 'layout': int(block.layout), 'kinds': kinds})
         if head:
             arrays['linear.weight'] = model.linear.weight.detach().cpu().float().numpy()
             arrays['linear.bias'] = model.linear.bias.detach().cpu().float().numpy()
@@ -208,9 +220,9 @@ def load_part(source):
     meta = read_meta(arrays, where)
     arch = meta['arch']
     try:
-        plan = H.block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input', False)))
+        plan = nets.plan_of(arch)
     except (KeyError, ValueError, TypeError) as e:
-        raise PartFileError('{}: {}.arch does not describe a RepVGG: {}'.format(where, META, e))
+        raise PartFileError('{}: {}.arch does not describe a network this code builds: {}'.format(where, META, e))
     used = {META}
     blocks = []
     for entry in meta['blocks']:
@@ -218,6 +230,13 @@ def load_part(source):
         if not 0 <= k < len(plan):
             raise PartFileError('{}: block index {} outside 0..{}'.format(where, k, len(plan) - 1))
         spec, layout = plan[k], int(entry['layout'])
+        if getattr(spec, 'plain', False):
+            if layout != CN.PLAIN_LAYOUT or list(entry['kinds']) != [spec.kind]:
+                raise PartFileError('{}: block {} ({}) of a plain network is layout {} of kind {}, the file says '
+                                    'layout {} kinds {}'.format(where, k, spec.name, CN.PLAIN_LAYOUT, spec.kind,
+                                                                layout, entry['kinds']))
+            blocks.append(_plain_block(spec, arrays, where, used))
+            continue
         kinds = [H.part_kind(p) for p in H.LAYOUTS[layout].parts]
         if kinds != list(entry['kinds']):
             raise PartFileError('{}: block {} layout {} has parts {}, the file says {}'.format(
@@ -257,11 +276,32 @@ def load_part(source):
     return H.SplitPart(blocks, head).eval(), meta
 
 
+def _plain_block(spec, arrays, where, used):
+    # type: (CN.ChainBlockSpec, Dict[str, np.ndarray], str, set) -> nn.Module
+    """Block `spec` of a plain network from its arrays block<k>.<key>: every key of chain_nets.make_block's module,
+    with its dtype and shape, loaded strictly; the keys read are added to `used`."""
+    block = CN.make_block(spec)
+    state = {}
+    for key, t in block.state_dict().items():
+        name = 'block{}.{}'.format(spec.index, key)
+        if name not in arrays:
+            raise PartFileError('{}: missing array {}'.format(where, name))
+        a, want = arrays[name], t.numpy()
+        if a.dtype != want.dtype or a.shape != want.shape:
+            raise PartFileError('{}: array {} is {} {}, block {} ({}) needs {} {}'.format(
+                where, name, a.dtype, tuple(a.shape), spec.index, spec.name, want.dtype, tuple(want.shape)))
+        state[key] = torch.from_numpy(np.ascontiguousarray(a))
+        used.add(name)
+    block.load_state_dict(state, strict=True)
+    block.spec, block.layout = spec, CN.PLAIN_LAYOUT
+    return block.eval()
+
+
 def part_input(meta, batch=1):
     # type: (Dict[str, object], int) -> torch.Tensor
     """A random input of the shape the part takes: normalized images (first block 0) or block lo-1's features."""
     arch = meta['arch']
-    plan = H.block_plan(arch['name'], arch.get('width_multiplier'), bool(arch.get('small_input', False)))
+    plan = nets.plan_of(arch)
     size = int(meta['input_size'])
     lo = part_range(meta)[0]
     if lo == 0:

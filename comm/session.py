@@ -18,9 +18,9 @@ Public API (step 1 and step 3 real mode are written against it; docs/design.md#r
         def probe_link(self, sizes_bytes, repeats=3) -> dict
             # {'latency_ms', 'bandwidth_mbps', 'rtt_ms', 'fit': {...}, 'samples': [{'bytes', 'time_ms', 'residual_ms'}]}
         def deploy(self, model, gammas, lam, mean, std, feature_dtype='fp32', threads=0) -> dict
-            # sends the arch spec, kept sets, gammas[:lam], alpha and model.edge_state_dict(lam) (+ the classifier
-            # when lam == N) as raw tensors; the worker rebuilds with hyper_repvgg.build_edge; threads > 0: the
-            # worker's torch threads (unless its --threads was given)
+            # sends the arch spec, kept sets, gammas[:lam], alpha (RepVGG) and model.edge_state_dict(lam) (+ the
+            # classifier when lam == N) as raw tensors; the worker rebuilds with nets.build_edge (a RepVGG's or a
+            # plain network's blocks); threads > 0: the worker's torch threads (unless its --threads was given)
             # -> {'edge_weight_bytes', 'load_ms', 'round_trip_ms', 'lam', 'device', 'blocks', 'threads'}
         def run(self, server_part, images_uint8, labels, batch_size) -> dict
             # uploads the images (untimed), then the pipelined run: the worker computes the edge part batch after
@@ -373,9 +373,10 @@ class ServerSession:
             tensors.update({f'linear.{k}': v.detach().cpu() for k, v in model.linear.state_dict().items()})
         args = {'arch': model.spec_dict(), 'lam': lam, 'layouts': [int(g) for g in gammas[:lam]],
                 'kept': [sorted(model.kept(k), key=BRANCHES.index) for k in range(lam)],
-                'alpha': [[float(v) for v in b.alpha.detach().cpu().tolist()] for b in model.blocks[:lam]],
                 'mean': [float(v) for v in mean], 'std': [float(v) for v in std], 'feature_dtype': feature_dtype,
                 'threads': int(threads)}  # > 0: the worker runs with it (the LUT's edge thread count)
+        if not getattr(model, 'plain', False):  # a plain network (chain_nets) has no hyper-weights
+            args['alpha'] = [[float(v) for v in b.alpha.detach().cpu().tolist()] for b in model.blocks[:lam]]
         t0 = time.perf_counter()
         res, _ = self.request('load_edge', args, list(tensors.items()))
         res['round_trip_ms'] = (time.perf_counter() - t0) * 1e3

@@ -334,11 +334,10 @@ def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]
 
 
 def apply_gammas(model: Any, gammas: Sequence[int]) -> Any:
-    """Set every block of `model` to its layout gamma_k and the branch set that layout keeps (returns the model)."""
-    from hyper_repvgg import LAYOUTS
-    for k, g in enumerate(gammas):
-        model.set_kept(k, LAYOUTS[int(g)].branches)
-        model.set_layout(k, int(g))
+    """Set every block of `model` to its layout gamma_k and the branch set that layout keeps (hyper_repvgg.
+    apply_config; a plain network's one layout per block is only checked); returns the model."""
+    from hyper_repvgg import apply_config
+    apply_config(model, [int(g) for g in gammas])
     return model
 
 
@@ -361,7 +360,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
     def run(row: Dict[str, Any]) -> Dict[str, Any]:
-        apply_gammas(model, row['gammas'])
+        apply_gammas(model, row['gammas'])  # kept sets from the layouts; a plain net: checked
         lam = int(row['lam'])
         extra = {} if threads is None else {'threads': int(threads)}
         dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)

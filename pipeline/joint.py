@@ -779,6 +779,29 @@ def step2_warm_start(path: Path, n: int, valid: np.ndarray) -> Tuple[Optional[Tu
     return (g, int(obj['lam'])), f'{path.name} (lambda {obj["lam"]})'
 
 
+def plain_split_only(cfg: Config) -> Optional[str]:
+    """None for a RepVGG; for a plain network (nets.is_plain), the one line step 3 prints instead of pruning: branch
+    pruning is RepVGG-only, and the result is step 2's split (initial_throughput_config.json, predicted figures)."""
+    import nets
+    if not nets.is_plain(cfg.model.name):
+        return None
+    path = cfg.path('initial_throughput_config.json')
+    s2 = load_artifact(path, 'initial_throughput_config', {'lam': int, 'num_blocks': int, 'exact': dict,
+                                                           'baselines': dict, 'model': dict})
+    name = nets.canonical_name(cfg.model.name)
+    if s2['model'].get('name') != name:
+        raise ArtifactError(f'{path}: field "model" is {s2["model"].get("name")!r}, this run is {name}; re-run step 2 '
+                            'with the same model flags')
+    lam, n, b = s2['lam'], s2['num_blocks'], s2['baselines']
+    names = [spec.name for spec in nets.plan_of({'name': cfg.model.name,
+                                                 'width_multiplier': cfg.model.width_multiplier})]
+    edge = f'blocks {names[0]}..{names[lam - 1]} on the edge' if lam else 'nothing on the edge'
+    return (f'step 3: branch pruning is RepVGG-only; {name} is a plain network, so its '
+            f'result is the split of step 2 ({path.name}): lambda {lam} of {n} ({edge}), '
+            f'{s2["exact"]["throughput_fps"]:.1f} fps predicted ({s2["exact"]["bottleneck"]}-bound) vs edge-only '
+            f'{b["edge_only"]["throughput_fps"]:.1f} fps and server-only {b["server_only"]["throughput_fps"]:.1f} fps')
+
+
 def prepare_inputs(cfg: Config, lut_file: Path, edge_profile_explicit: bool = False,
                    link_flag_given: bool = False) -> Inputs:
     """Load and check the LUT, the step-2 warm start, the partition and the dataset statistics."""

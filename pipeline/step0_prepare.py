@@ -3,8 +3,8 @@
     python pipeline/step0_prepare.py [--num_domains 10] [--partition class-slices|dirichlet] [--checkpoint FILE]
                                      [--epochs 3] [--domains 0,3] [--force] [--retrain_base] [--executor ray]
 
-Writes under <results_dir>: partition_info.json, base_model/<name>.pt (+ .json; only when no --checkpoint),
-trained_hyper_weights.json, training_results.json, branch_flops.json, importance_scores.json,
+Writes under <results_dir>: partition_info.json, base_model/<name>.pt (+ .json; only when no --checkpoint); for a
+RepVGG also trained_hyper_weights.json, training_results.json, branch_flops.json, importance_scores.json,
 importance_rankings.json, hyper_weights_heatmap.png and importance_heatmap.png.  Resumable: a domain
 already trained with the same partition, base model and training settings is skipped unless --force.  Each
 domain's alpha training is one task of pipeline/executor.py (in this process, or on a Ray cluster with --executor
@@ -41,7 +41,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--partition', help=f'class-slices | dirichlet (default: {d["partition"]})')
     p.add_argument('--dirichlet_alpha', help='Dirichlet concentration for --partition dirichlet, > 0 (default: '
                    f'{d["dirichlet_alpha"]})')
-    p.add_argument('--checkpoint', metavar='FILE', help='base RepVGG checkpoint in the official train-time layout; '
+    p.add_argument('--checkpoint', metavar='FILE', help='base checkpoint: a RepVGG in the official train-time layout, '
+                   'a plain network (mobilenet_v2, resnet18, resnet50) as a torchvision state dict; '
                    f'given, no base model is trained (default: {d["checkpoint"] or "none, train or reuse our own"})')
     p.add_argument('--epochs', help=f'epochs of per-domain alpha training (default: {d["epochs"]})')
     p.add_argument('--lr', help=f'Adam learning rate of alpha training (default: {d["lr"]})')
@@ -184,6 +185,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     partition = make_partition(cfg)
     _write_partition(cfg, partition, cmd)
     model, base_info = _prepare_base(cfg, args.retrain_base)
+    if getattr(model, 'plain', False):
+        log.info('no alpha training for %s: a plain network has no branches to weight or prune (steps 1-2 choose '
+                 'its split; step 3 reports that split)', model.arch)
+        log.info('artifacts in %s', cfg.path())
+        return 0
     done_hw = _train_domains(cfg, args, domains, partition, model, base_info, cmd)
     _write_importance(cfg, model, done_hw, cmd)
     log.info('artifacts in %s', cfg.path())

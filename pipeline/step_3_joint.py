@@ -1,7 +1,8 @@
 """Step 3: per-domain joint optimization of pruning (alpha), layouts (gamma) and split (lambda) as a goal program
 (accuracy floor A_ref - eps first, then throughput, optional edge memory; roofline tie-breaker), closed by
 progressive pruning rounds (prune, fine-tune alpha, measure, correct the surrogate, re-solve), plus a Pareto sweep
-over eps on the corrected surrogate.
+over eps on the corrected surrogate.  Branch pruning is RepVGG's: for a plain network (mobilenet_v2, resnet18/50) it
+prints one line saying so, with step 2's split as the result, and exits 0.
 
     python pipeline/step_3_joint.py --domain_id 3 --mode pseudo
     python pipeline/step_3_joint.py --all_domains [--epsilon 1] [--solver both] [--link wifi]
@@ -140,10 +141,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format='step3: %(message)s', stream=sys.stderr)
     args = parse_args(argv)
     cfg = resolve_config(args, FLAGS)
+    from pipeline import joint
+    plain = joint.plain_split_only(cfg)
+    if plain is not None:  # MobileNetV2 / ResNet: no branches to prune
+        print(plain, flush=True)
+        return 0
     import torch
 
     from pipeline import closed_loop as CL
-    from pipeline import executor, joint, tasks
+    from pipeline import executor, tasks
     executor.check_cluster_config(cfg)
     if args.mode == 'real' and cfg.cluster.executor != 'local':
         raise ConfigError('--mode real with --executor ray: the real-mode worker session is held by this process, '

@@ -205,3 +205,32 @@ def test_bench_repeat_quick_runs_steps_1_2_twice_and_checks_stability(tmp_path):
     lams = {r['report']['chosen']['lam'] for r in obj['runs']}
     spread = next(h[1] for h in obj['headline'] if h[0].startswith('measured throughput difference'))
     assert (spread == 0.0) == (len(lams) == 1)
+
+
+def test_bench_lut_runs_a_plain_network_case_without_a_spearman_target():
+    from bench import bench_lut
+    arch = {'name': 'mobilenet_v2', 'num_classes': 10, 'width_multiplier': [0.25] * 4, 'small_input': False}
+    case = bench_lut.Case('mbv2_224', 'MobileNetV2 w0.25 32 px (test)', arch, 32, 1, 2, 0.0, 4, 4, 2, 1, 4)
+    r = bench_lut.run_case(case, 1, 0)
+    assert r['num_blocks'] == 19 and r['lut_entries'] == 19
+    assert all(rec['gammas'] == [0] * 19 for rec in r['records'])
+    assert 'Spearman' not in r['methods']['fit']['targets']['rule']
+    assert set(bench_lut.PLAIN_CASES) <= set(bench_lut.cases(False))
+
+
+def test_bench_optimizer_step2_cases_include_the_plain_networks_at_224_px():
+    from bench import bench_optimizer
+    from config import OptimConfig
+    from pipeline.throughput import unpruned_valid
+    from timing import lut as L
+    from timing.profiles import get_profile
+    cases = bench_optimizer._lut_cases(False)
+    assert {'MobileNetV2 (224 px)', 'ResNet-50 (224 px)'} <= set(cases)
+    model, size = cases['ResNet-50 (224 px)']
+    edge = L.modelled_side(get_profile('jetson-tx2'), model, size, [1], side='edge')
+    server = L.modelled_side(get_profile('jetson-orin-nano'), model, size, [1], side='server')
+    lut = L.merge(server, edge, L.LINK_PRESETS['wifi'], 'fp32')
+    r = bench_optimizer._run_case(L.cost_tables(lut, 1, L.LINK_PRESETS['ethernet']), unpruned_valid(lut),
+                                  OptimConfig(steps=60, restarts=1), 0)
+    assert lut['num_blocks'] == 17 and 0 <= r['lam'] <= 17 and r['gap_pct'] == 0
+    assert r['chosen_fps'] >= max(r['edge_only_fps'], r['server_only_fps']) - 1e-9

@@ -22,6 +22,7 @@ from comm.linkemu import LinkEmulator
 from comm.session import ServerSession, SessionError
 from conftest import REPO, free_port, pruned_a0  # noqa: F401 - free_port: R.free_port of other modules
 from data.normalize import normalize_batch
+from timing.measure import randomize_bn_
 
 pytestmark = [pytest.mark.network, pytest.mark.usefixtures('one_torch_thread')]
 
@@ -256,6 +257,16 @@ def test_split_run_through_the_workers_paramiko_ssh_tunnel(sshd, model, data, tm
             stop(worker)
 
 
+def accept_py36(sess, log_path):
+    """Accept the Python 3.6 + torch 1.10 worker (its log in the failure) and check that it is that stack."""
+    try:
+        hello = sess.accept()
+    except SessionError:
+        pytest.fail('py36 worker did not connect:\n' + Path(log_path).read_text()[-2000:])
+    assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+    return hello
+
+
 def test_python36_torch110_worker_through_an_ssh_L_tunnel(py36_python, sshd, model, data, tmp_path):
     """The README flow: `ssh -N -L PORT:127.0.0.1:PORT user@server` on the device, then client_worker.py."""
     if not shutil.which('ssh'):
@@ -270,11 +281,7 @@ def test_python36_torch110_worker_through_an_ssh_L_tunnel(py36_python, sshd, mod
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         worker = start_worker(local, python=py36_python, token='tok36', log_path=tmp_path / 'worker36.log')
         try:
-            try:
-                hello = sess.accept()
-            except SessionError:
-                pytest.fail('py36 worker did not connect:\n' + (tmp_path / 'worker36.log').read_text()[-2000:])
-            assert hello['python_version'].startswith('3.6') and hello['torch_version'].startswith('1.10')
+            accept_py36(sess, tmp_path / 'worker36.log')
             check_split_runs(sess, model, images, labels, (0, 6, model.num_blocks))
         finally:
             sess.close()
@@ -312,3 +319,90 @@ def test_the_device_side_files_alone_run_the_worker(tmp_path):
     proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
     assert proc.returncode == 0, proc.stderr[-2000:]  # (vermin -t=3.6- on these files: test_device_compat.py)
+
+
+class _Recorder(torch.nn.Module):
+    """A server part that keeps what the worker streamed to it (the edge part's output) before running `part`."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part, self.seen = part, []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.part(x)
+
+
+def test_python36_torch110_worker_runs_a_mobilenet_v2_edge_part_equal_to_torchvision(py36_python, data, tmp_path):
+    """Issue 18: a plain network's edge part, sent as raw tensors (load_edge) and as a part file (load_part), runs on
+    the TX2 stack (chain_nets' torch-only blocks, no torchvision) and streams what torchvision's blocks compute."""
+    from comm import parts as PF
+    from comm.session import deploy_part_file
+    from data._torchvision import torchvision_chain_net
+    images, labels = data
+    torch.manual_seed(3)
+    tv = torchvision_chain_net({'name': 'mobilenet_v2', 'num_classes': 10, 'width_multiplier': [0.25] * 4,
+                                'small_input': False})
+    g = torch.Generator()
+    g.manual_seed(4)
+    tv = randomize_bn_(tv, g).eval()
+    x = normalize_batch(images, MEAN, STD)
+    ref = local_predictions(tv, images)
+    with ServerSession(port=0, token='mb36', connect_timeout_s=90, io_timeout_s=60) as sess:
+        worker = start_worker(sess.port, python=py36_python, token='mb36', log_path=tmp_path / 'mbv2.log')
+        try:
+            accept_py36(sess, tmp_path / 'mbv2.log')
+            for lam, how in ((0, 'tensors'), (7, 'tensors'), (7, 'part file'), (tv.num_blocks, 'tensors')):
+                if how == 'tensors':
+                    dep = sess.deploy(tv, tv.layouts(), lam, MEAN, STD)
+                    assert dep['blocks'] == lam and dep['edge_weight_bytes'] == sum(
+                        v.numel() * v.element_size() for v in tv.edge_state_dict(lam).values()) + \
+                        (sum(p.numel() * 4 for p in tv.linear.parameters()) if lam == tv.num_blocks else 0)
+                else:
+                    deploy_part_file(sess, PF.part_bytes(tv, lam, 'edge', 32, MEAN, STD))
+                server = None if lam == tv.num_blocks else _Recorder(tv.split(lam)[1])
+                res = sess.run(server, images, labels, batch_size=6)
+                assert res['predictions'] == ref, (lam, how)
+                if 0 < lam < tv.num_blocks:
+                    with torch.no_grad():
+                        want = tv.split(lam)[0](x)
+                    assert torch.allclose(torch.cat(server.seen), want, rtol=1e-4, atol=1e-5), (lam, how)
+            with pytest.raises(SessionError, match='plain network'):
+                sess.request('load_edge', {'arch': tv.spec_dict(), 'lam': 1, 'layouts': [13], 'kept': [['D']],
+                                           'mean': list(MEAN), 'std': list(STD)},
+                             list(tv.edge_state_dict(1).items()))
+        finally:
+            sess.close()
+            stop(worker)
+
+
+def test_mobilenet_v2_steps_1_2_and_the_sweep_in_real_mode_on_the_python36_worker(py36_python, tmp_path):
+    """A plain network through real mode end to end: the TX2-stack worker measures its edge LUT, step 2 measures its
+    closed loop through the worker, and the sweep deploys and streams every split point."""
+    import csv
+
+    from artifacts import load_artifact
+    from pipeline import split_sweep
+    from pipeline import step1_measure_lut as step1
+    from pipeline import step2_initial_throughput_opt as step2
+    from scripts import random_checkpoint
+    ckpt = tmp_path / 'mbv2.pt'
+    random_checkpoint.main(['--model', 'mobilenet_v2', '--width', '0.25', '--out', str(ckpt)])
+    port = free_port()
+    flags = ['--port', str(port), '--results_dir', str(tmp_path / 'r'), '--dataset', 'synthetic', '--model',
+             'mobilenet_v2', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'model.input_size=16',
+             '--set', f'model.checkpoint={ckpt}', '--set', 'real.connect_timeout_s=90', '--set', 'real.probe_repeats=2',
+             '--set', 'real.probe_sizes_kb=4,1024', '--set', 'loop.top_k=2']
+    worker = start_worker(port, python=py36_python, log_path=tmp_path / 'worker.log')
+    try:
+        assert step1.main(['--mode', 'real', '--repeats', '2', '--warmup', '1', '--no_validate', *flags]) == 0
+        assert step2.main(['--mode', 'real', '--steps', '50', '--restarts', '1', *flags]) == 0
+        assert split_sweep.main(['--mode', 'real', '--samples', '8', '--round_trips', '2', '--no_figure', *flags]) == 0
+    finally:
+        stop(worker)
+    edge = load_artifact(tmp_path / 'r' / 'lut_edge.json', 'lut_edge')
+    assert edge['source'] == 'measured' and edge['metadata']['python_version'].startswith('3.6')
+    with open(tmp_path / 'r' / 'split_latency_results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and all(r['edge_source'].startswith('measured on the worker') and
+                                   r['transfer_source'].startswith('measured') for r in rows)

@@ -133,6 +133,7 @@ class RealConfig:
     run_samples: int = 0  # test samples streamed in a real run (0 = whole test split)
     allow_remote: bool = False  # allow real.host other than loopback (logs a warning; use a token then)
     probe_repeats: int = 3  # link-probe repetitions per payload size
+    calibrate_runtime: bool = True  # step 1 --mode real: measure the runtime's per-frame cost (3 streamed splits)
     handshake_timeout_s: float = 10.0  # the whole handshake of one connection, before authentication (LoginGraceTime)
     chain_port: int = 0  # real mode with optim.chain: worker hop k dials chain_port + k (0 = port + 1: beside the two-device worker's port)
     chain_next: Tuple[str, ...] = ()  # real mode with optim.chain: HOST:PORT at which hop k reaches hop k + 1's --listen, one per hop but the last worker hop ('' or none = 127.0.0.1:<the port it listens on>: same machine, or a tunnel to it)

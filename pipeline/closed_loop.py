@@ -373,6 +373,58 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Real mode: the runtime's own per-frame cost, measured once (step 1)
+# ----------------------------------------------------------------------------------------------------------
+
+CALIBRATION_SPLITS = (0.25, 0.5, 0.75)  # where the calibration configurations split, as fractions of N
+
+
+def runtime_overhead(records: Sequence[Dict[str, Any]], batch: int) -> Dict[str, Any]:
+    """The split runtime's per-frame cost on each side beyond the LUT's part times, from configurations streamed
+    through the worker (records: {'lam', 'predicted': cost.describe(), 'measured': real_record()}): the median over
+    them of measured - predicted edge and server stage time, clamped at 0 (ms per batch of `batch`).  It is what
+    receiving, decoding, authenticating and answering a frame cost beside the part's forward pass."""
+    def over(side: str) -> float:
+        d = [r['measured'][f'{side}_ms'] - r['predicted'][f'{side}_ms'] for r in records
+             if isinstance(r['measured'].get(f'{side}_ms'), (int, float))]
+        return max(0.0, float(statistics.median(d))) if d else 0.0
+    return {'kind': 'measured', 'edge_ms': over('edge'), 'server_ms': over('server'), 'batch': int(batch),
+            'how': 'median over the calibration configurations of the stage time measured while streaming through '
+                   'client_worker.py minus the LUT\'s sum for that stage; added to every edge / server stage of '
+                   'the cost model at this batch size (timing.lut.cost_tables)',
+            'configurations': [{'lam': int(r['lam']), 'gammas': [int(g) for g in r['gammas']],
+                                'predicted': {k: r['predicted'][k] for k in ('edge_ms', 'server_ms', 'link_ms',
+                                                                             'throughput_fps')},
+                                'measured': {k: r['measured'].get(k) for k in ('edge_ms', 'server_ms', 'link_ms',
+                                                                               'throughput_fps')}}
+                               for r in records]}
+
+
+def calibrate_runtime(session: Any, lut: Dict[str, Any], cfg: Any, batch: int) -> Dict[str, Any]:
+    """Step 1 --mode real: stream the unpruned fused model split at CALIBRATION_SPLITS of its blocks through the
+    worker (cfg.loop.real_samples images each) and measure the runtime's per-frame overhead (runtime_overhead)."""
+    from timing import lut as L
+    t = L.cost_tables(lut, batch, runtime=False)
+    gammas = C.fused_gammas(C.measured_kept(t))
+    n = t.num_blocks
+    lams = sorted({min(n - 1, max(1, int(round(f * n)))) for f in CALIBRATION_SPLITS})
+    run = real_runner(session, lut['model'], lut['input_size'], batch, cfg.loop.real_samples, lut['feature_dtype'],
+                      cfg.device, cfg.seed, edge_threads(lut))
+    records = []
+    for lam in lams:
+        row = {'gammas': gammas, 'lam': lam}
+        records.append({'lam': lam, 'gammas': gammas, 'predicted': C.describe(gammas, lam, t),
+                        'measured': real_record({}, [run(row)])})
+    return runtime_overhead(records, batch)
+
+
+def runtime_line(ov: Dict[str, Any]) -> str:
+    return (f'runtime overhead per frame (measured: {len(ov["configurations"])} configurations streamed through the '
+            f'worker, batch {ov["batch"]}): edge +{ov["edge_ms"]:.3f} ms, server +{ov["server_ms"]:.3f} ms beyond '
+            'the LUT\'s part times; the cost model adds them to every edge / server stage')
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The closed-loop figures
 # ----------------------------------------------------------------------------------------------------------
 

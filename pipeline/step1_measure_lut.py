@@ -142,13 +142,23 @@ def mode_real(cfg, args, command):
         write_artifact(cfg.path('lut_edge.json'), 'lut_edge', edge, cfg, command)
         print(f'{L.side_line(edge)} -> {cfg.path("lut_edge.json")}')
         probe = sess.probe_link(S.probe_sizes_bytes(cfg), cfg.real.probe_repeats)
-    merge(cfg, server, edge, command, S.link_from_probe(probe), probe)
+        link = S.link_from_probe(probe)
+        overhead = None
+        if cfg.real.calibrate_runtime:
+            from pipeline import closed_loop as CL
+            overhead = CL.calibrate_runtime(sess, L.merge(server, edge, link, cfg.lut.feature_dtype), cfg,
+                                            min(cfg.lut.batch_sizes))
+            print(CL.runtime_line(overhead))
+    merge(cfg, server, edge, command, link, probe, overhead)
 
 
-def merge(cfg, server, edge, command, link=None, probe=None):
-    """hardware_lut_complete.json and link.json; `link` is the measured one (with its probe) in real mode."""
+def merge(cfg, server, edge, command, link=None, probe=None, overhead=None):
+    """hardware_lut_complete.json and link.json; `link` is the measured one (with its probe) in real mode, and
+    `overhead` the split runtime's measured per-frame cost (real mode, real.calibrate_runtime)."""
     link = link or L.resolve_link(cfg.lut)
     payload = L.merge(server, edge, link, cfg.lut.feature_dtype)
+    if overhead is not None:
+        payload['runtime_overhead'] = overhead
     write_artifact(cfg.path('link.json'), 'link', {'link': link.to_dict(), 'measured': probe is not None,
                                                    'source': 'measured' if probe else 'configured', 'probe': probe},
                    cfg, command)

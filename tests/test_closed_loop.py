@@ -222,3 +222,17 @@ def test_pseudo_mode_measures_only_against_a_server_side_measured_here_on_this_d
     assert 'modelled' in CL.pseudo_skip_reason({'server': {'source': 'modelled'}}, 'cpu')
     other = {'server': {'source': 'measured', 'metadata': {'host': 'elsewhere', 'device': 'cpu'}}}
     assert 'elsewhere' in CL.pseudo_skip_reason(other, 'cpu')
+
+
+def test_runtime_overhead_is_the_median_excess_of_measured_over_predicted_stages_clamped_at_zero():
+    def rec(lam, pe, me, ps, ms):
+        return {'lam': lam, 'gammas': [0], 'predicted': {'edge_ms': pe, 'server_ms': ps, 'link_ms': 0.1,
+                                                         'throughput_fps': 1.0},
+                'measured': {'edge_ms': me, 'server_ms': ms, 'link_ms': 0.2, 'throughput_fps': 0.5}}
+    recs = [rec(1, 1.0, 1.1, 2.0, 2.3), rec(2, 1.5, 1.55, 1.5, 1.6), rec(3, 2.0, 2.2, 1.0, 1.2)]
+    ov = CL.runtime_overhead(recs, 1)
+    assert ov['edge_ms'] == pytest.approx(0.1) and ov['server_ms'] == pytest.approx(0.2)
+    assert ov['kind'] == 'measured' and len(ov['configurations']) == 3 and ov['batch'] == 1
+    faster = [rec(1, 1.0, 0.9, 2.0, 1.8)]  # a stage measured faster than the LUT adds nothing
+    assert CL.runtime_overhead(faster, 1)['edge_ms'] == 0.0 == CL.runtime_overhead(faster, 1)['server_ms']
+    assert 'edge +0.100 ms, server +0.200 ms' in CL.runtime_line(ov)

@@ -155,6 +155,25 @@ def test_complete_lut_roundtrip_cost_tables_and_block_stats(measured, tmp_path):
         L.cost_tables(lut, 8)
 
 
+def test_runtime_overhead_is_added_to_every_edge_and_server_stage_and_nothing_else(measured, tmp_path):
+    from optim import cost as C
+    lut = _lut(measured)
+    lut['runtime_overhead'] = {'kind': 'measured', 'edge_ms': 0.25, 'server_ms': 0.5, 'batch': 1, 'configurations': []}
+    lut = L.load_lut(_write(tmp_path / 'lut.json', lut))
+    plain, cal = L.cost_tables(lut, 1, runtime=False), L.cost_tables(lut, 1)
+    n = plain.num_blocks
+    gammas = np.array([C.fused_gammas(C.measured_kept(plain))] * (n + 1))
+    lams = np.arange(n + 1)
+    a, b = C.stage_times(gammas, lams, plain), C.stage_times(gammas, lams, cal)
+    assert np.allclose(b.edge_ms - a.edge_ms, np.where(lams > 0, 0.25, 0.0))  # an edge stage exists iff lam > 0
+    assert np.allclose(b.server_ms - a.server_ms, np.where(lams < n, 0.5, 0.0))  # a server stage iff lam < N
+    assert np.array_equal(b.link_ms, a.link_ms)
+    other = dict(lut, runtime_overhead=dict(lut['runtime_overhead'], batch=4))  # measured at another batch size
+    assert L.cost_tables(other, 1).server_head_ms == plain.server_head_ms
+    with pytest.raises(L.LutError, match='runtime_overhead.edge_ms'):
+        L.cost_tables(dict(lut, runtime_overhead=dict(lut['runtime_overhead'], edge_ms=-1.0)), 1)
+
+
 def test_load_lut_errors_name_file_and_field(measured, tmp_path):
     with pytest.raises(ArtifactError, match='does not exist'):
         L.load_lut(tmp_path / 'missing.json')

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -424,15 +424,38 @@ def head_ms(lut: Dict[str, Any], side: str, batch: int) -> float:
     return float(e['median_ms'])
 
 
+def runtime_overhead_ms(lut: dict, batch: int) -> Tuple[float, float]:
+    """(edge, server) per-frame cost of the real split runtime beyond the part times, ms, as step 1 --mode real
+    measured it (`runtime_overhead`, pipeline.closed_loop.calibrate_runtime) at this batch size; (0, 0) without."""
+    ov = lut.get('runtime_overhead')
+    if not isinstance(ov, dict) or int(ov.get('batch', -1)) != int(batch):
+        return 0.0, 0.0
+    vals = []
+    for k in ('edge_ms', 'server_ms'):
+        v = ov.get(k)
+        if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise LutError(f'field runtime_overhead.{k}: expected a time >= 0 ms, got {v!r}')
+        vals.append(float(v))
+    return vals[0], vals[1]
+
+
 def cost_tables(lut: dict, batch: int = 1, link: Optional[LinkSpec] = None,
-                feature_dtype: Optional[str] = None) -> CostTables:
-    """CostTables of `lut` at `batch` (edge = edge side); link and feature dtype default to the LUT's own."""
+                feature_dtype: Optional[str] = None, runtime: bool = True) -> CostTables:
+    """CostTables of `lut` at `batch` (edge = edge side); link and feature dtype default to the LUT's own.
+    `runtime`: add the split runtime's measured per-frame overhead (runtime_overhead_ms) to the edge stage (on
+    block 0's entries: the edge stage exists iff block 0 runs there) and to the server stage (on its head entry:
+    the server stage exists iff it runs the head), so that every solver sees it without a term of its own."""
     link = link or link_from_dict(lut['link'])
     dt = feature_dtype or lut['feature_dtype']
     if dt not in lut['link_bytes']:
         raise LutError(f'feature dtype {dt!r} not in the LUT; choices: {sorted(lut["link_bytes"])}')
-    return CostTables(edge_ms=side_ms(lut, 'edge', batch), server_ms=side_ms(lut, 'server', batch),
-                      edge_head_ms=head_ms(lut, 'edge', batch), server_head_ms=head_ms(lut, 'server', batch),
+    edge, server_head = side_ms(lut, 'edge', batch), head_ms(lut, 'server', batch)
+    if runtime:
+        o_edge, o_server = runtime_overhead_ms(lut, batch)
+        edge[0] += o_edge
+        server_head += o_server
+    return CostTables(edge_ms=edge, server_ms=side_ms(lut, 'server', batch),
+                      edge_head_ms=head_ms(lut, 'edge', batch), server_head_ms=server_head,
                       link_bytes=np.asarray(lut['link_bytes'][dt], dtype=np.float64),
                       bandwidth_mbps=float(link.bandwidth_mbps), latency_ms=float(link.latency_ms), batch=int(batch))
 

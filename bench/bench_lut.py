@@ -123,10 +123,7 @@ def method_row(side: Dict[str, Any], rep: Dict[str, Any], anchored: bool = False
         if r['seen_by_fit'] or r.get('anchor'):
             continue
         pred = L.predict_parts(side, r['gammas'], r['lam'], rep['batch'])
-        recs.append(dict(r, predicted=pred, error_pct={
-            'total': L._err(pred['total_ms'], r['measured']['total_ms']),
-            'edge': L._err(pred['edge_ms'], r['measured']['edge_ms']) if r['lam'] > 0 else None,
-            'server': L._err(pred['server_ms'], r['measured']['server_ms'])}))
+        recs.append(dict(r, predicted=pred, error_pct=L.errors_pct(pred, r['measured'], r['lam'] > 0)))
     if anchored:
         recs = L.anchored_records(recs, rep['speed'])
     summ = L.validation_summary(recs, TOLERANCE_PCT)

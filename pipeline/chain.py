@@ -285,9 +285,12 @@ def real_chain_run(cfg: Any, lut: Dict[str, Any], section: Dict[str, Any], hops:
     from comm import parts as PF
     from comm.session import run_chain
     from data.normalize import normalize_batch
-    from pipeline.closed_loop import apply_gammas, load_average
+    from hyper_repvgg import apply_config
+    from pipeline.closed_loop import load_average
     from timing import measure as M
-    model = apply_gammas(M.random_model(lut['model'], cfg.seed), section['gammas']).eval()
+    model = M.random_model(lut['model'], cfg.seed)
+    apply_config(model, [int(g) for g in section['gammas']])
+    model.eval()
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     dt = section['feature_dtype']
     parts = PF.chain_bytes(model, section['lams'], lut['input_size'], mean, std, feature_dtype=dt)

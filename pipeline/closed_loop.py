@@ -333,14 +333,6 @@ def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]
     return combine
 
 
-def apply_gammas(model: Any, gammas: Sequence[int]) -> Any:
-    """Set every block of `model` to its layout gamma_k and the branch set that layout keeps (hyper_repvgg.
-    apply_config; a plain network's one layout per block is only checked); returns the model."""
-    from hyper_repvgg import apply_config
-    apply_config(model, [int(g) for g in gammas])
-    return model
-
-
 def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch: int, samples: int,
                 feature_dtype: str, device: str, seed: int,
                 threads: Optional[int] = None) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
@@ -349,7 +341,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     torch threads (the LUT's edge side's; None: the worker's own)."""
     import torch
 
-    from hyper_repvgg import deploy_part
+    from hyper_repvgg import apply_config, deploy_part
     from timing import measure as M
     model = M.random_model(model_spec, seed)
     gen = torch.Generator()
@@ -360,7 +352,7 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
     def run(row: Dict[str, Any]) -> Dict[str, Any]:
-        apply_gammas(model, row['gammas'])  # kept sets from the layouts; a plain net: checked
+        apply_config(model, [int(g) for g in row['gammas']])  # kept sets from the layouts; a plain net: checked
         lam = int(row['lam'])
         extra = {} if threads is None else {'threads': int(threads)}
         dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)

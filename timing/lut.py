@@ -603,6 +603,13 @@ def _err(p: float, q: float) -> float:
     return 100.0 * (p - q) / q
 
 
+def errors_pct(pred: Dict[str, float], meas: Dict[str, float], edge_ran: bool) -> Dict[str, Optional[float]]:
+    """% errors of predicted against measured parts (`total`, `edge` (None when no edge part ran), `server`)."""
+    return {'total': _err(pred['total_ms'], meas['total_ms']),
+            'edge': _err(pred['edge_ms'], meas['edge_ms']) if edge_ran else None,
+            'server': _err(pred['server_ms'], meas['server_ms'])}
+
+
 def fit_configuration_keys(side: Dict[str, Any], batch: int) -> set:
     """(gammas, lam) of the configurations a fitted side LUT was fitted on at `batch` (empty for chain LUTs)."""
     fit = (side.get('fit') or {}).get(str(int(batch))) or {}
@@ -643,10 +650,7 @@ def anchored_records(records: Sequence[Dict[str, Any]], factors: Dict[str, Any])
     out = []
     for r in records:
         pred = {k: v * f for k, v in r['predicted'].items()}
-        meas = r['measured']
-        err = {'total': _err(pred['total_ms'], meas['total_ms']),
-               'edge': _err(pred['edge_ms'], meas['edge_ms']) if r['error_pct']['edge'] is not None else None,
-               'server': _err(pred['server_ms'], meas['server_ms'])}
+        err = errors_pct(pred, r['measured'], r['error_pct']['edge'] is not None)
         extra = {}
         if r.get('passes') and factors.get('factor_pass1'):  # the comparison with pass 2 sees pass 1's factor only
             extra['predicted_for_pass2_ms'] = r['predicted']['total_ms'] * float(factors['factor_pass1'])
@@ -667,11 +671,12 @@ def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch
     seen = fit_configuration_keys(side, batch)
     anchor_confs = anchor_configurations(side, batch, anchors)
     before = measure.machine_state()
-    res = measure.measure_configurations(model, side['input_size'], list(configs) + anchor_confs, batch, device,
-                                         warmup, rounds, passes, seed + 17, progress=progress)
+    timed = list(configs) + anchor_confs
+    res = measure.measure_configurations(model, side['input_size'], timed, batch, device, warmup, rounds, passes,
+                                         seed + 17, progress=progress)
     after = measure.machine_state()
     records = []
-    for i, (c, m) in enumerate(zip(list(configs) + anchor_confs, res)):
+    for i, (c, m) in enumerate(zip(timed, res)):
         pred = predict_parts(side, c['gammas'], c['lam'], batch)
         meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms'],
                 'total_ms': m['total']['median_ms']}
@@ -681,9 +686,7 @@ def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch
             'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
             'passes': m['passes'], 'anchor': i >= len(configs),
             'seen_by_fit': (tuple(int(g) for g in c['gammas']), int(c['lam'])) in seen,
-            'error_pct': {'total': _err(pred['total_ms'], meas['total_ms']),
-                          'edge': _err(pred['edge_ms'], meas['edge_ms']) if m['edge'] else None,
-                          'server': _err(pred['server_ms'], meas['server_ms'])}})
+            'error_pct': errors_pct(pred, meas, bool(m['edge']))})
     unseen = [r for r in records if not r['seen_by_fit']]
     factors = speed_factors(records)
     timing = (side.get('settings') or {}).get('timing')

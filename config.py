@@ -155,6 +155,8 @@ class LoopConfig:
     top_k: int = 10  # best-predicted configurations measured beside the chosen one (one per split lambda)
     passes: int = 2  # interleaved measurement passes (the second in reverse order)
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
+    confirm: int = 2  # best-measured configurations re-measured beside the predicted choice when they beat it (0 = never adopt)
+    confirm_passes: int = 3  # fresh interleaved passes of that confirmation; the best median over all passes is adopted
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'real.max_frame_mb': (0, None, True), 'real.probe_sizes_kb': (0, None, False), 'real.run_samples': (0, None, False),
     'real.probe_repeats': (1, None, False), 'real.handshake_timeout_s': (0, None, True),
     'real.chain_port': (0, 65535, False),
+    'loop.top_k': (1, None, False), 'loop.passes': (1, None, False), 'loop.real_samples': (1, None, False),
+    'loop.confirm': (0, None, False), 'loop.confirm_passes': (1, None, False),
 }
 NON_EMPTY = ('lut.batch_sizes', 'real.probe_sizes_kb')
 

@@ -288,10 +288,11 @@ def pseudo_passes(model_spec: Dict[str, Any], input_size: int, batch: int, devic
 
 def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
             combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], passes: int = 2,
-            progress: Optional[str] = None) -> List[Dict[str, Any]]:
+            progress: Optional[str] = None, keep_runs: bool = False) -> List[Dict[str, Any]]:
     """Measure every planned configuration in `passes` passes (`time_passes`: sequential_passes or pseudo_passes)
     and attach `combine(predicted, [one result per pass])` as its 'measured' record, with the passes'
-    disagreement."""
+    disagreement; `keep_runs`: each record also keeps its raw per-pass results under '_runs' (for
+    confirm_choice; not JSON: drop it before writing)."""
     passes = max(1, int(passes))
     bar = None
     if progress:
@@ -312,15 +313,92 @@ def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
         m = combine(row['predicted'], res)
         per_pass = [combine(row['predicted'], [r])['throughput_fps'] for r in res]
         m['passes_fps'] = per_pass
-        m['pass_to_pass_pct'] = (100.0 * (max(per_pass) - min(per_pass)) / statistics.mean(per_pass)
-                                 if len(per_pass) > 1 else None)
-        out.append(dict(row, measured=m))
+        m['pass_to_pass_pct'] = _spread_pct(per_pass)
+        out.append(dict(row, measured=m, **({'_runs': list(res)} if keep_runs else {})))
     for r in out:
         r['measured']['load_average'] = {'before': load_before, 'after': load_average()}
     out_wall = time.perf_counter() - t0
     for r in out:
         r['measured']['wall_s_all'] = out_wall
     return out
+
+
+def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
+                   combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], confirm: int,
+                   passes: int, progress: Optional[str] = None,
+                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None
+                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Measured choice among the top-k: when up to `confirm` of the top-k measured faster than the predicted choice
+    in measure()'s passes, re-measure them and the predicted choice in `passes` fresh interleaved passes and adopt
+    the one with the best median over all its passes (the first ones and the confirmation's).  The confirmation is
+    what keeps the max of noisy measurements from deciding alone: a configuration that was only lucky in the first
+    passes meets the predicted choice again on fresh ones, under the same drift.
+    `eligible(record)`: whether a configuration may be adopted (step 3: within the edge memory budget).
+
+    Returns (the records, the shortlisted ones re-combined over all their passes and the role 'chosen' moved to
+    the adopted one, the model's pick keeping 'predicted_choice'; the adoption record: 'adopted', 'source'
+    ('measured' / 'predicted'), the shortlist with each one's first / confirmation / pooled throughput)."""
+    recs = [dict(r, roles=list(r['roles'])) for r in records]
+    pick = next(i for i, r in enumerate(recs) if 'chosen' in r['roles'])
+    fps = lambda r: float(r['measured']['throughput_fps'])  # noqa: E731
+    top = [i for i, r in enumerate(recs) if any(x.startswith('top') for x in r['roles'])]
+    faster = sorted((i for i in top if i != pick and fps(recs[i]) > fps(recs[pick])
+                     and (eligible is None or eligible(recs[i]))), key=lambda i: -fps(recs[i]))
+    faster = faster[:max(0, int(confirm))]
+    out: Dict[str, Any] = {'adopted': False, 'source': 'predicted', 'confirm': int(confirm), 'passes': int(passes)}
+    if not faster:
+        out['why'] = ('no configuration of the top-k measured faster than the predicted choice' if confirm > 0
+                      else 'loop.confirm is 0')
+        return recs, out
+    short = [pick] + faster
+    plan = [{k: recs[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in short]
+    raw = time_passes(plan, max(1, int(passes)), None) if progress is None else \
+        _timed_with_bar(time_passes, plan, passes, progress)
+    rows = []
+    for i, fresh in zip(short, raw):
+        first_runs = recs[i].get('_runs')
+        pooled = combine(recs[i]['predicted'], list(first_runs) + list(fresh)) if first_runs is not None else None
+        conf = combine(recs[i]['predicted'], list(fresh))
+        rows.append({'index': i, 'lam': int(recs[i]['lam']), 'roles': list(recs[i]['roles']),
+                     'first_fps': fps(recs[i]), 'confirmation_fps': float(conf['throughput_fps']),
+                     'confirmation_passes_fps': [float(combine(recs[i]['predicted'], [r])['throughput_fps'])
+                                                 for r in fresh],
+                     'pooled_fps': float(pooled['throughput_fps']) if pooled is not None else None,
+                     '_pooled': pooled, '_conf': conf})
+    key = (lambda r: r['pooled_fps']) if all(r['pooled_fps'] is not None for r in rows) else \
+        (lambda r: r['confirmation_fps'])
+    win = max(rows, key=key)
+    for r in rows:
+        m = r.pop('_pooled') or r['_conf']
+        r.pop('_conf')
+        old = recs[r['index']]['measured']
+        per_pass = list(old.get('passes_fps') or []) + r['confirmation_passes_fps']
+        recs[r['index']]['measured'] = dict(
+            m, passes_fps=per_pass, pass_to_pass_pct=_spread_pct(per_pass), load_average=old.get('load_average'),
+            wall_s_all=old.get('wall_s_all'), confirmed=True)
+    if win['index'] != pick:
+        recs[pick]['roles'] = ['predicted_choice' if x == 'chosen' else x for x in recs[pick]['roles']]
+        recs[win['index']]['roles'].append('chosen')
+        out.update(adopted=True, source='measured')
+    out['shortlist'] = [{k: v for k, v in r.items() if k != 'index'} for r in rows]
+    out['how'] = ('the predicted choice and the top-k configurations that measured faster were re-measured in '
+                  f'{int(passes)} fresh interleaved passes; the best median over all passes is the choice')
+    return recs, out
+
+
+def _timed_with_bar(time_passes: TimePasses, plan: Sequence[Dict[str, Any]], passes: int,
+                    desc: str) -> List[List[Dict[str, Any]]]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return time_passes(plan, passes, None)
+    with tqdm(total=passes * len(plan), desc=desc, leave=False) as bar:
+        return time_passes(plan, passes, bar)
+
+
+def _spread_pct(per_pass: Sequence[float]) -> Optional[float]:
+    """(max - min) / mean of the passes' throughputs, percent; None for one pass."""
+    return 100.0 * (max(per_pass) - min(per_pass)) / statistics.mean(per_pass) if len(per_pass) > 1 else None
 
 
 def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]]:
@@ -450,6 +528,10 @@ def loop_report(records: Sequence[Dict[str, Any]], mode: str, top_k: int) -> Dic
         out['gain_over_best_plain_split'] = {
             'measured_x': cm / pm, 'predicted_x': chosen['predicted']['throughput_fps'] / plain['predicted'][
                 'throughput_fps']}
+    pc = _with_role(records, 'predicted_choice')
+    if pc is not None:  # confirm_choice adopted a faster measured configuration
+        out['predicted_choice'] = {'lam': pc['lam'], 'predicted_fps': pc['predicted']['throughput_fps'],
+                                   'measured_fps': pc['measured']['throughput_fps']}
     if mode == 'pseudo':
         out['chosen']['bottleneck_source'] = chosen['measured']['bottleneck_source']
     return out
@@ -467,6 +549,10 @@ def report_line(rep: Dict[str, Any]) -> str:
             f'fps (p10-p90 {c["measured_p10_fps"]:.1f}-{c["measured_p90_fps"]:.1f}; predicted {c["predicted_fps"]:.1f})'
             f' = {rep["chosen_over_best_measured_pct"]:.1f} % of the best measured among the {rep["top_k"]} '
             f'best-predicted (lambda {b["lam"]}, {b["measured_fps"]:.1f} fps)')
+    pc = rep.get('predicted_choice')
+    if pc:
+        line += (f'; adopted on measurement over the predicted choice lambda {pc["lam"]} ({pc["measured_fps"]:.1f} '
+                 f'fps measured, {pc["predicted_fps"]:.1f} predicted), confirmed on fresh passes')
     g = rep.get('gain_over_best_plain_split')
     if g:
         line += f'; gain over the best plain split: x{g["measured_x"]:.2f} measured, x{g["predicted_x"]:.2f} predicted'
@@ -546,7 +632,8 @@ def pseudo_skip_reason(lut: Dict[str, Any], device: str) -> Optional[str]:
 
 def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],
                     baselines: Dict[str, Dict[str, Any]], mode: str, session: Any = None,
-                    validation_file: Any = None, label: str = 'closed loop') -> Dict[str, Any]:
+                    validation_file: Any = None, label: str = 'closed loop',
+                    eligible: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Any]:
     """Decision band, measurements and report of one chosen configuration (step 2, or one step-3 domain).
 
     `chosen` and `baselines` are cost.describe() dicts under `t`; `valid` is the chosen kept sets' layout mask (the
@@ -568,23 +655,30 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
         time_passes = pseudo_passes(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.rounds, cfg.seed,
                                     int(threads))
         combine = pseudo_combine(t.batch)
-    records = measure(plan, time_passes, combine, lp.passes, progress=label)
-    return {'decision': dec, 'measurements': records, 'report': loop_report(records, mode, lp.top_k),
-            'server_device': server_device(cfg.device), 'settings': {'top_k': lp.top_k, 'passes': lp.passes,
-                                                                   'real_samples': lp.real_samples}}
+    records = measure(plan, time_passes, combine, lp.passes, progress=label, keep_runs=True)
+    records, adoption = confirm_choice(records, time_passes, combine, lp.confirm, lp.confirm_passes,
+                                       f'{label} confirmation', eligible)
+    for r in records:
+        r.pop('_runs', None)
+    report = dict(loop_report(records, mode, lp.top_k), decision_source=adoption['source'])
+    return {'decision': dec, 'measurements': records, 'adoption': adoption, 'report': report,
+            'server_device': server_device(cfg.device),
+            'settings': {'top_k': lp.top_k, 'passes': lp.passes, 'real_samples': lp.real_samples,
+                         'confirm': lp.confirm, 'confirm_passes': lp.confirm_passes}}
 
 
 def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],
                         baselines: Dict[str, Dict[str, Any]], mode: str, session: Any = None,
-                        validation_file: Any = None, label: str = 'closed loop') -> Dict[str, Any]:
+                        validation_file: Any = None, label: str = 'closed loop',
+                        eligible: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Any]:
     """run_closed_loop, or {'skipped': why, 'decision': ...} (the band needs no measurement) when cfg.loop.measure
     is off or pseudo mode has nothing to measure against."""
     why = None if cfg.loop.measure else 'loop.measure is off'
     if why is None and mode != 'real':
         why = pseudo_skip_reason(lut, cfg.device)
     if why is None:
-        return dict(run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label),
-                    mode=mode)
+        return dict(run_closed_loop(cfg, lut, t, valid, chosen, baselines, mode, session, validation_file, label,
+                                    eligible), mode=mode)
     fast, slow = spread_tables(lut, t)
     return {'mode': mode, 'skipped': why, 'decision': decision(chosen, split_candidates(t, valid), fast, slow,
                                                                validation_noise_floor(validation_file))}
@@ -611,8 +705,64 @@ def measure_domain(inp: Any, payload: Dict[str, Any], mode: str, session: Any = 
     gammas, lam = [int(g) for g in payload['gammas']], int(payload['lam'])
     valid = C.valid_mask(goal.kept_sets(gammas))
     chosen = C.describe(gammas, lam, inp.tables)
+    budget = float(inp.cfg.joint.edge_memory_budget_mb) * 1e6
+    eligible = None if budget <= 0 else (lambda r: edge_weight_bytes(inp, r['gammas'], r['lam']) <= budget)
     return closed_loop_or_skip(inp.cfg, inp.lut, inp.tables, valid, chosen, payload['baselines']['unpruned'], mode,
-                               session, inp.cfg.path('lut_validation.json'), f'domain {payload["domain"]} closed loop')
+                               session, inp.cfg.path('lut_validation.json'), f'domain {payload["domain"]} closed loop',
+                               eligible)
+
+
+def edge_weight_bytes(inp: Any, gammas: Sequence[int], lam: int) -> float:
+    """Bytes of the deployed kernels on the edge (blocks < lam) of one configuration (step 3's memory goal)."""
+    w = np.asarray(inp.stats['weight_bytes'], dtype=np.float64)
+    return float(sum(w[k, int(g)] for k, g in enumerate(gammas) if k < int(lam)))
+
+
+PREDICTED_KEYS = ('edge_ms', 'link_ms', 'server_ms', 'latency_ms', 'throughput_fps', 'bottleneck', 'period_ms')
+
+
+def adopted_row(loop: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The measurement record a closed loop adopted over the predicted choice (confirm_choice), else None."""
+    if not (loop.get('adoption') or {}).get('adopted'):
+        return None
+    return _with_role(loop['measurements'], 'chosen')
+
+
+def adopt_step2(payload: Dict[str, Any], loop: Dict[str, Any], t: C.CostTables) -> bool:
+    """Step 2's payload after its closed loop: when the loop adopted a measured-faster configuration, it becomes
+    the decision (gammas, lam, layouts, predicted) and the optimizer's pick moves to 'optimizer_choice'."""
+    from hyper_repvgg import LAYOUTS
+    row = adopted_row(loop)
+    if row is None:
+        return False
+    payload['optimizer_choice'] = {k: payload[k] for k in ('gammas', 'lam', 'layouts', 'predicted')}
+    payload['optimizer_choice']['note'] = 'the optimizer\'s pick on the LUT; the closed loop measured a faster one'
+    g, lam = [int(x) for x in row['gammas']], int(row['lam'])
+    payload.update(gammas=g, lam=lam, layouts=[LAYOUTS[x].description for x in g], predicted=C.describe(g, lam, t))
+    return True
+
+
+def adopt_domain(inp: Any, payload: Dict[str, Any], loop: Dict[str, Any]) -> bool:
+    """Step 3's domain payload after its closed loop: the adopted configuration (same pruning, other layouts and
+    split) becomes the decision (gammas, lam, predicted, roofline, edge_weight_bytes and goal_evaluation's stage
+    times); the optimizer's pick moves to 'optimizer_choice'.  The accuracy figures hold for both: the adopted
+    configuration keeps the same branches (the top-k keep the chosen pruning)."""
+    from pipeline.joint import side_roofline
+    row = adopted_row(loop)
+    if row is None:
+        return False
+    g, lam = [int(x) for x in row['gammas']], int(row['lam'])
+    payload['optimizer_choice'] = {k: payload[k] for k in ('gammas', 'lam', 'predicted', 'roofline',
+                                                            'edge_weight_bytes')}
+    payload['optimizer_choice']['note'] = 'the goal program\'s pick on the LUT; the closed loop measured a faster one'
+    d = C.describe(g, lam, inp.tables)
+    pred = {k: d[k] for k in PREDICTED_KEYS}
+    payload.update(gammas=g, lam=lam, predicted=pred, roofline=side_roofline(inp, g, lam),
+                   edge_weight_bytes=edge_weight_bytes(inp, g, lam))
+    ev = dict(payload.get('goal_evaluation') or {})
+    ev.update(pred, edge_weight_bytes=payload['edge_weight_bytes'], lam=lam, gammas=g)
+    payload['goal_evaluation'] = ev
+    return True
 
 
 def open_session(cfg: Any, stack: Any, lut: Dict[str, Any], lut_file: Any, step: str) -> Tuple[Any, Dict[str, Any]]:
@@ -646,6 +796,7 @@ def step2_closed_loop(cfg: Any, lut: Dict[str, Any], lut_file: Any, t: C.CostTab
                            else (None, None))
         loop = closed_loop_or_skip(cfg, lut, t, valid, chosen, payload['baselines'], mode, session,
                                    cfg.path('lut_validation.json'), 'step 2 closed loop')
+    adopt_step2(payload, loop, t)
     if worker is not None:
         loop['worker'] = worker
     return loop
@@ -664,4 +815,19 @@ def domain_closed_loop(inp: Any, out: Dict[str, Any], mode: str, session: Any = 
     if out['skipped'] and isinstance(loop, dict) and loop.get('mode') == mode:
         return None
     payload['closed_loop'] = dict(measure_domain(inp, payload, mode, session), **({'worker': worker} if worker else {}))
+    if adopt_domain(inp, payload, payload['closed_loop']):
+        _adopt_state(inp, payload)
     return {k: v for k, v in payload.items() if k not in ARTIFACT_FIELDS}
+
+
+def _adopt_state(inp: Any, payload: Dict[str, Any]) -> None:
+    """The domain's joint_state file (what export_parts deploys) with the adopted layouts and split."""
+    from artifacts import load_artifact, write_artifact
+    from pipeline import joint
+    path = joint.state_path(inp.cfg, int(payload['domain']))
+    obj = load_artifact(path, 'joint_state', {'gammas': list, 'lam': int})
+    state = {k: v for k, v in obj.items() if k not in ARTIFACT_FIELDS}
+    state.update(gammas=payload['gammas'], lam=payload['lam'],
+                 optimizer_choice={'gammas': payload['optimizer_choice']['gammas'],
+                                   'lam': payload['optimizer_choice']['lam']})
+    write_artifact(path, 'joint_state', state, inp.cfg, obj.get('command') or 'step 3 closed loop')

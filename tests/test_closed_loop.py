@@ -166,7 +166,7 @@ def test_step2_pseudo_measures_the_chosen_configuration_its_baselines_and_the_to
     assert {'edge_only', 'server_only', 'best_plain_split', 'top1', 'top4'} <= roles and 'top5' not in roles
     for r in loop['measurements']:
         m, p = r['measured'], r['predicted']
-        assert m['kind'] == 'measured' and 'modelled' in m['how'] and len(m['passes_fps']) == 2
+        assert m['kind'] == 'measured' and 'modelled' in m['how'] and len(m['passes_fps']) == (5 if m.get('confirmed') else 2)
         assert m['edge_ms'] == pytest.approx(p['edge_ms'])  # the edge stays the LUT's in pseudo mode
         if r['lam'] == obj['num_blocks']:  # edge only: nothing runs on the server, the figure is the model's
             assert m['bottleneck_source'] == 'modelled'
@@ -236,3 +236,93 @@ def test_runtime_overhead_is_the_median_excess_of_measured_over_predicted_stages
     faster = [rec(1, 1.0, 0.9, 2.0, 1.8)]  # a stage measured faster than the LUT adds nothing
     assert CL.runtime_overhead(faster, 1)['edge_ms'] == 0.0 == CL.runtime_overhead(faster, 1)['server_ms']
     assert 'edge +0.100 ms, server +0.200 ms' in CL.runtime_line(ov)
+
+
+def _fake_loop(values):
+    """A measure() setup whose runs return values[lam][call] in turn (the last value repeats)."""
+    calls = {}
+
+    def run(row):
+        lam = row['lam']
+        k = calls.get(lam, 0)
+        calls[lam] = k + 1
+        seq = values[lam]
+        return {'v': seq[min(k, len(seq) - 1)]}
+
+    def combine(pred, res):
+        return {'throughput_fps': float(np.median([r['v'] for r in res])), 'kind': 'measured', 'p10_fps': 0.0,
+                'p90_fps': 0.0, 'how': 'x', 'bottleneck_source': 'measured'}
+    plan = [{'gammas': [0], 'lam': lam, 'predicted': {'throughput_fps': 100.0 - lam}, 'roles': roles}
+            for lam, roles in ((1, ['chosen', 'top1']), (2, ['top2']), (3, ['top3']), (4, ['best_plain_split']))]
+    tp = CL.sequential_passes(run)
+    return CL.measure(plan, tp, combine, passes=2, keep_runs=True), tp, combine, calls
+
+
+def test_confirm_choice_adopts_a_top_k_configuration_that_stays_faster_on_fresh_passes():
+    recs, tp, combine, calls = _fake_loop({1: [90.0], 2: [95.0], 3: [99.0], 4: [50.0]})
+    out, ad = CL.confirm_choice(recs, tp, combine, confirm=2, passes=3)
+    assert ad['adopted'] and ad['source'] == 'measured'
+    assert [r['lam'] for r in ad['shortlist']] == [1, 3, 2]  # the predicted choice, then the faster, fastest first
+    assert calls == {1: 5, 2: 5, 3: 5, 4: 2}  # only the shortlist met the confirmation's 3 passes
+    chosen = next(r for r in out if 'chosen' in r['roles'])
+    assert chosen['lam'] == 3 and 'predicted_choice' in out[0]['roles'] and 'chosen' not in out[0]['roles']
+    assert len(chosen['measured']['passes_fps']) == 5 and chosen['measured']['confirmed']
+    rep = CL.loop_report([{k: v for k, v in r.items() if k != '_runs'} for r in out], 'real', 3)
+    assert rep['chosen']['lam'] == 3 and rep['predicted_choice']['lam'] == 1
+    assert rep['chosen_over_best_measured_pct'] == pytest.approx(100.0)
+    assert 'adopted on measurement' in CL.report_line(rep)
+
+
+def test_confirm_choice_keeps_the_predicted_choice_when_the_faster_one_was_only_lucky():
+    # lambda 2 measured 120 in the first two passes and 80 ever after: pooled over 5 passes its median is 80
+    recs, tp, combine, _ = _fake_loop({1: [90.0], 2: [120.0, 120.0, 80.0], 3: [70.0], 4: [50.0]})
+    out, ad = CL.confirm_choice(recs, tp, combine, confirm=2, passes=3)
+    assert not ad['adopted'] and ad['source'] == 'predicted' and [r['lam'] for r in ad['shortlist']] == [1, 2]
+    assert ad['shortlist'][1]['first_fps'] == 120.0 and ad['shortlist'][1]['pooled_fps'] == 80.0
+    assert next(r for r in out if 'chosen' in r['roles'])['lam'] == 1
+    out0, ad0 = CL.confirm_choice(recs, tp, combine, confirm=0, passes=3)
+    assert not ad0['adopted'] and 'loop.confirm is 0' in ad0['why']
+    # a configuration that may not be adopted (step 3: over the edge memory budget) is not even re-measured
+    _, ad1 = CL.confirm_choice(recs, tp, combine, confirm=2, passes=3, eligible=lambda r: r['lam'] != 2)
+    assert not ad1['adopted'] and 'shortlist' not in ad1
+
+
+def test_adopted_configuration_becomes_the_decision_of_step_2_and_of_a_step_3_domain(tmp_path):
+    from types import SimpleNamespace
+
+    from artifacts import load_artifact, write_artifact
+    from config import Config
+    from optim import cost as C
+    from pipeline import joint
+    from pipeline.throughput import random_tables
+    t, valid = random_tables(np.random.default_rng(0), 4, has_identity=[True] * 4)
+    g0, g1 = [13, 13, 13, 13], [13, 12, 13, 13]
+    loop = {'adoption': {'adopted': True},
+            'measurements': [{'gammas': g0, 'lam': 2, 'roles': ['predicted_choice', 'top1']},
+                             {'gammas': g1, 'lam': 3, 'roles': ['top2', 'chosen']}]}
+    s2 = {'gammas': g0, 'lam': 2, 'layouts': ['x'] * 4, 'predicted': C.describe(g0, 2, t)}
+    assert CL.adopt_step2(s2, loop, t)
+    assert (s2['gammas'], s2['lam']) == (g1, 3) and s2['optimizer_choice']['lam'] == 2
+    assert s2['predicted'] == C.describe(g1, 3, t) and len(s2['layouts']) == 4
+    assert not CL.adopt_step2(dict(s2), {'adoption': {'adopted': False}, 'measurements': []}, t)
+    # step 3: the same branches, other layouts / split; the memory and roofline figures follow the adopted split
+    rng = np.random.default_rng(1)
+    stats = {'flops': rng.uniform(1, 2, (4, 14)), 'weight_bytes': rng.uniform(1, 2, (4, 14)),
+             'act_bytes': rng.uniform(1, 2, (4, 14)), 'knee_edge': 2.0, 'knee_server': 3.0}
+    cfg = Config(results_dir=str(tmp_path))
+    inp = SimpleNamespace(tables=t, stats=stats, cfg=cfg)
+    pay = {'domain': 0, 'gammas': g0, 'lam': 2, 'predicted': {k: C.describe(g0, 2, t)[k] for k in CL.PREDICTED_KEYS},
+           'roofline': joint.side_roofline(inp, g0, 2), 'edge_weight_bytes': CL.edge_weight_bytes(inp, g0, 2),
+           'goal_evaluation': {'accuracy_pct': 90.0, 'lam': 2}}
+    assert CL.adopt_domain(inp, pay, loop)
+    assert (pay['gammas'], pay['lam']) == (g1, 3) and pay['optimizer_choice']['lam'] == 2
+    assert pay['edge_weight_bytes'] == pytest.approx(sum(stats['weight_bytes'][k, g1[k]] for k in range(3)))
+    assert pay['roofline']['edge']['blocks'] == 3 and pay['goal_evaluation']['accuracy_pct'] == 90.0
+    assert pay['goal_evaluation']['throughput_fps'] == pytest.approx(C.describe(g1, 3, t)['throughput_fps'])
+    # the state file export_parts deploys follows
+    path = joint.state_path(cfg, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_artifact(path, 'joint_state', {'gammas': g0, 'lam': 2, 'blocks': [], 'domain': 0}, cfg, 'step 3')
+    CL._adopt_state(inp, pay)
+    st = load_artifact(path, 'joint_state')
+    assert (st['gammas'], st['lam'], st['optimizer_choice']['lam'], st['blocks']) == (g1, 3, 2, [])

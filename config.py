@@ -156,7 +156,7 @@ class LoopConfig:
     passes: int = 2  # interleaved measurement passes (the second in reverse order)
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
     confirm: int = 2  # best-measured configurations re-measured beside the predicted choice when they beat it (0 = never adopt)
-    confirm_passes: int = 3  # fresh interleaved passes of that confirmation; the best median over all passes is adopted
+    confirm_passes: int = 3  # fresh interleaved passes of that confirmation; the best median on them is adopted
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ QUICK = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set',
          'model.width_multiplier=0.25,0.25,0.25,0.25', '--set', 'loop.top_k=3', '--set', 'loop.real_samples=32']
 COLUMNS = ['step', 'mode', 'coin toss (splits in band)', 'chosen lambda', 'predicted fps', 'measured fps (p10-p90)',
            'best measured of top-k (lambda)', 'chosen / best measured %', 'measured gain over best plain split',
-           'predicted gain', 'passes disagree %', 'load avg']
+           'predicted gain', 'passes disagree %', 'load avg', 'decision source',
+           "optimizer's pick: measured fps (lambda)", "optimizer's pick / best measured %"]
 
 
 class BenchLoopError(UserError):
@@ -83,12 +84,15 @@ def loop_row(label: str, loop: Optional[Dict[str, Any]], where: str) -> List[Any
         raise BenchLoopError(f'{where}: nothing measured ({why})')
     rep, dec = loop['report'], loop['decision']
     c, b = rep['chosen'], rep['best_measured_of_top_k']
+    pick = rep.get('predicted_choice') or c  # the optimizer's own pick (the chosen one unless the loop adopted another)
     g = rep.get('gain_over_best_plain_split') or {}
     toss = 'yes (' + ', '.join(str(r['lam']) for r in dec['runners_up']) + ')' if dec['coin_toss'] else 'no'
     return [label, rep['mode'], toss, c['lam'], c['predicted_fps'],
             f'{c["measured_fps"]:.1f} ({c["measured_p10_fps"]:.1f}-{c["measured_p90_fps"]:.1f})',
             f'{b["measured_fps"]:.1f} ({b["lam"]})', rep['chosen_over_best_measured_pct'], g.get('measured_x'),
-            g.get('predicted_x'), rep.get('pass_to_pass_median_pct'), _fmt_load(rep)]
+            g.get('predicted_x'), rep.get('pass_to_pass_median_pct'), _fmt_load(rep),
+            rep.get('decision_source', 'predicted'),
+            f'{pick["measured_fps"]:.1f} ({pick["lam"]})', 100.0 * pick['measured_fps'] / b['measured_fps']]
 
 
 def read_run(run: Path) -> List[List[Any]]:
@@ -112,7 +116,11 @@ def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
     share = [r[7] for r in rows]
     doms = [r for r in rows if r[0].startswith('step 3')]
     out = [['chosen / best measured of top-k, worst step', min(share), '%'],
-           ['steps reaching >= 95 % of the best measured', sum(s >= 95.0 for s in share), f'of {len(share)}']]
+           ['steps reaching >= 95 % of the best measured', sum(s >= 95.0 for s in share), f'of {len(share)}'],
+           ['steps decided on measurement (a faster top-k configuration confirmed on fresh passes)',
+            sum(r[12] == 'measured' for r in rows), f'of {len(rows)}'],
+           ["the optimizer's own pick >= 95 % of the best measured", sum(r[14] >= 95.0 for r in rows),
+            f'of {len(rows)}']]
     gains = [r[8] for r in doms if isinstance(r[8], (int, float)) and r[8] > 0]
     if gains:
         out.append(['step 3 measured gain over the measured best plain split, geometric mean',

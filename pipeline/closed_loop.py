@@ -330,9 +330,10 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Measured choice among the top-k: when up to `confirm` of the top-k measured faster than the predicted choice
     in measure()'s passes, re-measure them and the predicted choice in `passes` fresh interleaved passes and adopt
-    the one with the best median over all its passes (the first ones and the confirmation's).  The confirmation is
-    what keeps the max of noisy measurements from deciding alone: a configuration that was only lucky in the first
-    passes meets the predicted choice again on fresh ones, under the same drift.
+    the one with the best median on those fresh passes (ties keep the predicted choice); the records then carry
+    each one's figures pooled over all its passes.  The confirmation is what keeps the max of noisy measurements
+    from deciding alone: a configuration that was only lucky in the first passes meets the predicted choice again
+    on fresh ones, under the same drift.
     `eligible(record)`: whether a configuration may be adopted (step 3: within the edge memory budget).
 
     Returns (the records, the shortlisted ones re-combined over all their passes and the role 'chosen' moved to
@@ -365,9 +366,10 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
                                                  for r in fresh],
                      'pooled_fps': float(pooled['throughput_fps']) if pooled is not None else None,
                      '_pooled': pooled, '_conf': conf})
-    key = (lambda r: r['pooled_fps']) if all(r['pooled_fps'] is not None for r in rows) else \
-        (lambda r: r['confirmation_fps'])
-    win = max(rows, key=key)
+    # decided on the fresh passes alone: the first ones put the others on the shortlist for being high, so pooling
+    # them would favour the lucky (the first local closed loop: one adopted on its pooled median was the slower
+    # one on the confirmation's passes)
+    win = max(rows, key=lambda r: r['confirmation_fps'])
     for r in rows:
         m = r.pop('_pooled') or r['_conf']
         r.pop('_conf')
@@ -382,7 +384,7 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
         out.update(adopted=True, source='measured')
     out['shortlist'] = [{k: v for k, v in r.items() if k != 'index'} for r in rows]
     out['how'] = ('the predicted choice and the top-k configurations that measured faster were re-measured in '
-                  f'{int(passes)} fresh interleaved passes; the best median over all passes is the choice')
+                  f'{int(passes)} fresh interleaved passes; the best median on those passes is the choice')
     return recs, out
 
 

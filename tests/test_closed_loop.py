@@ -208,8 +208,19 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     row = B.loop_row('step 3 domain 0', loop, 'x.json')
     assert row[1] == 'real' and row[2] == 'yes (4)' and row[7] == pytest.approx(96.0)
     assert row[8] == pytest.approx(1.5) and row[11] == 3.5
-    head = {h[0]: h[1] for h in B.headline([row])}
-    assert head['steps reaching >= 95 % of the best measured'] == 1
+    assert row[12] == 'predicted' and row[14] == pytest.approx(96.0)  # no adoption: the pick is the optimizer's
+    # the loop adopted lambda 4 over the optimizer's lambda 3
+    adopted = [rec(3, ['predicted_choice', 'top1'], 100.0, 90.0), rec(4, ['top2', 'chosen'], 99.0, 100.0),
+               rec(1, ['best_plain_split'], 80.0, 64.0)]
+    loop2 = {'report': dict(CL.loop_report(adopted, 'real', 2), decision_source='measured'),
+             'decision': {'coin_toss': False, 'runners_up': []}}
+    row2 = B.loop_row('step 3 domain 1', loop2, 'x.json')
+    assert row2[3] == 4 and row2[7] == pytest.approx(100.0) and row2[12] == 'measured'
+    assert row2[13] == '90.0 (3)' and row2[14] == pytest.approx(90.0)
+    head = {h[0]: h[1] for h in B.headline([row, row2])}
+    assert head['steps reaching >= 95 % of the best measured'] == 2
+    assert head["the optimizer's own pick >= 95 % of the best measured"] == 1
+    assert head['steps decided on measurement (a faster top-k configuration confirmed on fresh passes)'] == 1
     with pytest.raises(B.BenchLoopError, match='y.json: nothing measured'):
         B.loop_row('step 2', {'skipped': 'off', 'decision': {}}, 'y.json')
 

@@ -744,29 +744,6 @@ def adopt_step2(payload: Dict[str, Any], loop: Dict[str, Any], t: C.CostTables) 
     return True
 
 
-def adopt_domain(inp: Any, payload: Dict[str, Any], loop: Dict[str, Any]) -> bool:
-    """Step 3's domain payload after its closed loop: the adopted configuration (same pruning, other layouts and
-    split) becomes the decision (gammas, lam, predicted, roofline, edge_weight_bytes and goal_evaluation's stage
-    times); the optimizer's pick moves to 'optimizer_choice'.  The accuracy figures hold for both: the adopted
-    configuration keeps the same branches (the top-k keep the chosen pruning)."""
-    from pipeline.joint import side_roofline
-    row = adopted_row(loop)
-    if row is None:
-        return False
-    g, lam = [int(x) for x in row['gammas']], int(row['lam'])
-    payload['optimizer_choice'] = {k: payload[k] for k in ('gammas', 'lam', 'predicted', 'roofline',
-                                                            'edge_weight_bytes')}
-    payload['optimizer_choice']['note'] = 'the goal program\'s pick on the LUT; the closed loop measured a faster one'
-    d = C.describe(g, lam, inp.tables)
-    pred = {k: d[k] for k in PREDICTED_KEYS}
-    payload.update(gammas=g, lam=lam, predicted=pred, roofline=side_roofline(inp, g, lam),
-                   edge_weight_bytes=edge_weight_bytes(inp, g, lam))
-    ev = dict(payload.get('goal_evaluation') or {})
-    ev.update(pred, edge_weight_bytes=payload['edge_weight_bytes'], lam=lam, gammas=g)
-    payload['goal_evaluation'] = ev
-    return True
-
-
 def open_session(cfg: Any, stack: Any, lut: Dict[str, Any], lut_file: Any, step: str) -> Tuple[Any, Dict[str, Any]]:
     """Real mode: check the LUT's edge side was measured, open the session (closed by `stack`), wait for the worker;
     (session, worker facts for the artifact: its hello next to what the LUT's edge side was measured on)."""
@@ -817,19 +794,4 @@ def domain_closed_loop(inp: Any, out: Dict[str, Any], mode: str, session: Any = 
     if out['skipped'] and isinstance(loop, dict) and loop.get('mode') == mode:
         return None
     payload['closed_loop'] = dict(measure_domain(inp, payload, mode, session), **({'worker': worker} if worker else {}))
-    if adopt_domain(inp, payload, payload['closed_loop']):
-        _adopt_state(inp, payload)
     return {k: v for k, v in payload.items() if k not in ARTIFACT_FIELDS}
-
-
-def _adopt_state(inp: Any, payload: Dict[str, Any]) -> None:
-    """The domain's joint_state file (what export_parts deploys) with the adopted layouts and split."""
-    from artifacts import load_artifact, write_artifact
-    from pipeline import joint
-    path = joint.state_path(inp.cfg, int(payload['domain']))
-    obj = load_artifact(path, 'joint_state', {'gammas': list, 'lam': int})
-    state = {k: v for k, v in obj.items() if k not in ARTIFACT_FIELDS}
-    state.update(gammas=payload['gammas'], lam=payload['lam'],
-                 optimizer_choice={'gammas': payload['optimizer_choice']['gammas'],
-                                   'lam': payload['optimizer_choice']['lam']})
-    write_artifact(path, 'joint_state', state, inp.cfg, obj.get('command') or 'step 3 closed loop')

@@ -686,6 +686,35 @@ def payload_phase(inp: Inputs, d: int, fp: str, ref: Dict[str, Any], st: LoopSta
     }
 
 
+def adopt_measured(inp: Inputs, payload: Dict[str, Any]) -> bool:
+    """The domain's payload and state file after its closed loop (`payload['closed_loop']`): when the loop adopted
+    a configuration that measured faster (closed_loop.confirm_choice: same pruning, other layouts / split), it
+    becomes the decision (gammas, lam, predicted, roofline, edge_weight_bytes and goal_evaluation's stage times)
+    and the goal program's pick moves to 'optimizer_choice'; the state file that export_parts deploys follows.
+    The accuracy figures hold for both: the top-k keep the chosen pruning.  Returns whether it adopted."""
+    from pipeline import closed_loop as CL
+    row = CL.adopted_row(payload.get('closed_loop') or {})
+    if row is None:
+        return False
+    g, lam = [int(x) for x in row['gammas']], int(row['lam'])
+    payload['optimizer_choice'] = {k: payload[k] for k in ('gammas', 'lam', 'predicted', 'roofline',
+                                                            'edge_weight_bytes')}
+    payload['optimizer_choice']['note'] = 'the goal program\'s pick on the LUT; the closed loop measured a faster one'
+    d = cost.describe(g, lam, inp.tables)
+    pred = {k: d[k] for k in CL.PREDICTED_KEYS}
+    payload.update(gammas=g, lam=lam, predicted=pred, roofline=side_roofline(inp, g, lam),
+                   edge_weight_bytes=CL.edge_weight_bytes(inp, g, lam))
+    payload['goal_evaluation'] = dict(payload.get('goal_evaluation') or {}, **pred,
+                                      edge_weight_bytes=payload['edge_weight_bytes'])
+    path = state_path(inp.cfg, int(payload['domain']))
+    obj = load_artifact(path, 'joint_state', {'gammas': list, 'lam': int})
+    state = {k: v for k, v in obj.items() if k not in CL.ARTIFACT_FIELDS}
+    state.update(gammas=g, lam=lam, optimizer_choice={'gammas': payload['optimizer_choice']['gammas'],
+                                                      'lam': payload['optimizer_choice']['lam']})
+    write_artifact(path, 'joint_state', state, inp.cfg, obj.get('command') or 'step 3 closed loop')
+    return True
+
+
 def _state(inp: Inputs, d: int, fp: str, fin: FinalPick) -> Dict[str, Any]:
     """The domain's joint_state artifact (writes the BN state file it names when the model adapts BN)."""
     from accuracy import training

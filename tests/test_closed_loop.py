@@ -316,24 +316,24 @@ def test_adopted_configuration_becomes_the_decision_of_step_2_and_of_a_step_3_do
     assert (s2['gammas'], s2['lam']) == (g1, 3) and s2['optimizer_choice']['lam'] == 2
     assert s2['predicted'] == C.describe(g1, 3, t) and len(s2['layouts']) == 4
     assert not CL.adopt_step2(dict(s2), {'adoption': {'adopted': False}, 'measurements': []}, t)
-    # step 3: the same branches, other layouts / split; the memory and roofline figures follow the adopted split
+    # step 3: the same branches, other layouts / split; the memory and roofline figures follow the adopted split,
+    # and so does the state file that export_parts deploys
     rng = np.random.default_rng(1)
     stats = {'flops': rng.uniform(1, 2, (4, 14)), 'weight_bytes': rng.uniform(1, 2, (4, 14)),
              'act_bytes': rng.uniform(1, 2, (4, 14)), 'knee_edge': 2.0, 'knee_server': 3.0}
     cfg = Config(results_dir=str(tmp_path))
     inp = SimpleNamespace(tables=t, stats=stats, cfg=cfg)
+    path = joint.state_path(cfg, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_artifact(path, 'joint_state', {'gammas': g0, 'lam': 2, 'blocks': [], 'domain': 0}, cfg, 'step 3')
     pay = {'domain': 0, 'gammas': g0, 'lam': 2, 'predicted': {k: C.describe(g0, 2, t)[k] for k in CL.PREDICTED_KEYS},
            'roofline': joint.side_roofline(inp, g0, 2), 'edge_weight_bytes': CL.edge_weight_bytes(inp, g0, 2),
-           'goal_evaluation': {'accuracy_pct': 90.0, 'lam': 2}}
-    assert CL.adopt_domain(inp, pay, loop)
+           'goal_evaluation': {'accuracy_pct': 90.0}, 'closed_loop': loop}
+    assert not joint.adopt_measured(inp, dict(pay, closed_loop={'adoption': {'adopted': False}}))
+    assert joint.adopt_measured(inp, pay)
     assert (pay['gammas'], pay['lam']) == (g1, 3) and pay['optimizer_choice']['lam'] == 2
     assert pay['edge_weight_bytes'] == pytest.approx(sum(stats['weight_bytes'][k, g1[k]] for k in range(3)))
     assert pay['roofline']['edge']['blocks'] == 3 and pay['goal_evaluation']['accuracy_pct'] == 90.0
     assert pay['goal_evaluation']['throughput_fps'] == pytest.approx(C.describe(g1, 3, t)['throughput_fps'])
-    # the state file export_parts deploys follows
-    path = joint.state_path(cfg, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_artifact(path, 'joint_state', {'gammas': g0, 'lam': 2, 'blocks': [], 'domain': 0}, cfg, 'step 3')
-    CL._adopt_state(inp, pay)
     st = load_artifact(path, 'joint_state')
     assert (st['gammas'], st['lam'], st['optimizer_choice']['lam'], st['blocks']) == (g1, 3, 2, [])

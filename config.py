@@ -109,6 +109,7 @@ class JointConfig:
     edge_memory_budget_mb: float = 0.0  # edge weight-memory goal in MB (0 = none)
     roofline_weight: float = 0.01  # weight w of the tie-breakers in the throughput goal: roofline distance (decades) + surrogate loss (points)
     solver: str = 'both'  # gd | milp | both
+    acceptance: str = 'bound'  # bound: the one-sided 95 % bound of the paired val drop <= epsilon (solver budget less a confidence margin) | point: the val drop itself <= epsilon, no margin (the rule before the bound; for ablations)
     sensitivity: str = 'measured'  # measured | importance
     max_rounds: int = 5  # progressive pruning rounds at most
     epochs_per_round: int = 1  # alpha fine-tuning epochs per round

@@ -48,6 +48,8 @@ def check_joint_config(cfg: Config) -> None:
     j = cfg.joint
     if j.solver not in ('gd', 'milp', 'both'):
         raise ConfigError(f'--solver / joint.solver: expected gd, milp or both, got {j.solver!r}')
+    if j.acceptance not in ACCEPTANCE_RULES:
+        raise ConfigError(f'joint.acceptance: expected one of {ACCEPTANCE_RULES}, got {j.acceptance!r}')
     if j.sensitivity not in pruning.SENSITIVITY_MODES:
         raise ConfigError(f'--sensitivity / joint.sensitivity: expected one of {pruning.SENSITIVITY_MODES}, '
                           f'got {j.sensitivity!r}')
@@ -350,9 +352,16 @@ def measure(inp: Inputs, model: HyperRepVGG, data: DomainData, ref: Reference, k
             'test': stats.paired_difference(ref.test_correct, test, rng)}
 
 
-def _accepts(m: Dict[str, Any], epsilon: float) -> bool:
-    """The acceptance rule: the one-sided 95 % lower bound of the paired val difference is >= -epsilon."""
+ACCEPTANCE_RULES = ('bound', 'point')
+
+
+def accepts(m: Dict[str, Any], epsilon: float, rule: str = 'bound') -> bool:
+    """The acceptance rule (joint.acceptance): 'bound', the one-sided 95 % lower bound of the paired val difference
+    is >= -epsilon; 'point', the val drop itself is <= epsilon (the rule before the bound, kept for ablations)."""
+    if rule == 'point':
+        return bool(m['val']['drop_pct'] <= float(epsilon) + 1e-9)
     return bool(m['val']['lower_pct'] >= -float(epsilon) - 1e-9)
+
 
 
 def _start_model(st: LoopState, want: np.ndarray, inp: Inputs, model0: HyperRepVGG) -> HyperRepVGG:
@@ -381,7 +390,8 @@ def _deploy(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, g
 def _budget(inp: Inputs, st: LoopState, ref: Reference, epsilon: float) -> Dict[str, float]:
     """The solver's loss budget: epsilon less the confidence margin, and the calibration factor rho."""
     from accuracy import stats
-    margin = surrogate.margin_pct(epsilon, int(ref.val_correct.size), st.se_last, stats.one_sided_z())
+    margin = surrogate.margin_pct(epsilon, int(ref.val_correct.size), st.se_last, stats.one_sided_z()) \
+        if inp.cfg.joint.acceptance == 'bound' else 0.0
     return {'epsilon': float(epsilon), 'margin_pct': margin, 'budget_pct': max(0.0, float(epsilon) - margin),
             'rho': surrogate.calibration_factor(st.pairs)}
 
@@ -431,7 +441,7 @@ def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainDat
         return None
     model, hist = _deploy(inp, st, model0, data, best.gammas, d, r, f'domain {d} round {r} fine-tune')
     m = measure(inp, model, data, ref, (7000 + d, r))
-    accepted = _accepts(m, j.epsilon)
+    accepted = accepts(m, j.epsilon, j.acceptance)
     sens_new, upd = _surrogate_update(inp, st, model, data, ref, m, before, bud['rho'], accepted, d, r)
     predicted = float(best.evaluation['surrogate_loss_pct'])
     rec = {'fingerprint': fp, 'round': r, 'gammas': best.gammas, 'lam': best.lam,
@@ -563,7 +573,7 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
     return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
             'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
             'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
-            'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, eps),
+            'val_lower_pct': m['val']['lower_pct'], 'accepted': accepts(m, eps, inp.cfg.joint.acceptance),
             'predicted_drop_pct': predicted, 'error_pct': predicted - m['val']['drop_pct'],
             'held_out': held_out, 'budget': bud,
             'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
@@ -657,7 +667,9 @@ def payload_phase(inp: Inputs, d: int, fp: str, ref: Dict[str, Any], st: LoopSta
         'final_accuracy_ci95_pct': _interval(a_test, m['test']), 'epsilon': j.epsilon,
         'accuracy_floor_pct': a_test - j.epsilon, 'accuracy_floor_val_pct': a_val - j.epsilon,
         'acceptance': {'rule': f'one-sided {stats.LEVEL:.0%} lower bound of the paired val difference to A_ref '
-                               '>= -epsilon', 'val': m['val'], 'test': m['test']},
+                               '>= -epsilon' if j.acceptance == 'bound' else
+                               'val drop <= epsilon (joint.acceptance = point: no confidence bound, for ablations)',
+                       'val': m['val'], 'test': m['test']},
         'data_roles': _data_roles(data),
         'lam': int(lam), 'gammas': [int(g) for g in gammas], 'blocks': blocks,
         'branches_pruned': int(sum(len(a) - len(k) for a, k in zip(available, kept_final))),
@@ -766,9 +778,10 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
         ref = done_ref[0]
     refs = _reference(inp, model0, data, ref)
     timing['reference_s'] = time.perf_counter() - t0
-    log.info('domain %d: A_ref %.2f %% (train) / %.2f %% (val, %d images) / %.2f %% (test); accepted: one-sided 95 %% '
-             'bound of the paired val drop <= %.2f points', d, refs.a_fit, refs.a_val, refs.val_correct.size,
-             refs.a_test, j.epsilon)
+    log.info('domain %d: A_ref %.2f %% (train) / %.2f %% (val, %d images) / %.2f %% (test); accepted: %s <= %.2f '
+             'points', d, refs.a_fit, refs.a_val, refs.val_correct.size, refs.a_test,
+             'one-sided 95 % bound of the paired val drop' if j.acceptance == 'bound' else 'the val drop (point rule)',
+             j.epsilon)
 
     st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm)
     _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
@@ -901,7 +914,7 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG,
     sec['budget'] = bud
     sec['measured'] = {'accuracy_pct': m['test_accuracy_pct'], 'accuracy_ci95_pct': _interval(ref.a_test, m['test']),
                        'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
-                       'val_lower_pct': m['val']['lower_pct'], 'accepted': _accepts(m, j.epsilon),
+                       'val_lower_pct': m['val']['lower_pct'], 'accepted': accepts(m, j.epsilon, j.acceptance),
                        'held_out': held_out, 'predicted_drop_pct': sec['decision']['surrogate_loss_pct'],
                        'source': 'measured (test): the decision\'s pruning deployed and fine-tuned here'
                        if held_out else 'measured (test): a round that pruned the same branches'}

@@ -182,6 +182,8 @@ def test_edge_profile_mismatch_and_missing_domain_are_named(results):
         _main(SETS + ['--results_dir', str(results), '--domain_id', '5'])
     with pytest.raises(ConfigError, match='joint.solver'):
         _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--solver', 'simplex'])
+    with pytest.raises(ConfigError, match='joint.acceptance'):
+        _main(SETS + ['--results_dir', str(results), '--domain_id', '0', '--set', 'joint.acceptance=maybe'])
 
 
 def test_apply_config_sets_masks_and_layouts():
@@ -306,3 +308,10 @@ def test_chain_goal_program_and_the_two_device_chain(results, tmp_path, capsys):
     assert lo <= m['accuracy_pct'] <= hi and m['accepted'] == (m['val_lower_pct'] >= -k3['epsilon'] - 1e-9)
     assert (joint.rounds_dir(_cfg(res), 0) / 'chain.json').is_file()
     assert 'domain 0: chain rpi4:wifi,jetson-orin-nano:ethernet,server (predicted' in capsys.readouterr().out
+
+
+def test_acceptance_rules_bound_and_point():
+    from pipeline.joint import accepts
+    m = {'val': {'drop_pct': 0.8, 'lower_pct': -1.3}}  # the drop is within 1 point, its 95 % bound is not
+    assert not accepts(m, 1.0) and not accepts(m, 1.0, 'bound') and accepts(m, 1.0, 'point')
+    assert accepts(m, 1.3, 'bound') and not accepts(m, 0.5, 'point')

@@ -64,14 +64,19 @@ def read_cases(rd: Path, seed: int, eps: float) -> List[Dict[str, Any]]:
         obj = load_artifact(p, 'joint_domain', {'domain': int, 'accuracy_drop_pct': float, 'surrogate': dict,
                                                 'accuracy_drop_ci95_pct': list, 'predicted': dict})
         plain = obj['baselines']['unpruned']['best_plain_split']['throughput_fps']
-        held = [q['error_pct'] for q in obj['surrogate']['points'] if q['held_out'] and q['error_pct'] is not None]
+        pts = [q for q in obj['surrogate']['points'] if q['held_out'] and q['error_pct'] is not None]
+        held = [q['error_pct'] for q in pts]
         lo, hi = obj['accuracy_drop_ci95_pct']
         out.append({'seed': seed, 'domain': obj['domain'], 'a_ref_test_pct': obj['a_ref_pct'],
                     'final_test_pct': obj['final_accuracy_pct'], 'drop_pct': obj['accuracy_drop_pct'],
                     'drop_ci95_pct': [lo, hi], 'holds': obj['accuracy_drop_pct'] <= eps + 1e-9,
                     'violation_within_interval': lo <= eps + 1e-9, 'branches_pruned': obj['branches_pruned'],
                     'gain_x': obj['predicted']['throughput_fps'] / plain, 'chosen_round': obj['chosen_round'],
-                    'held_out_errors_pct': held, 'val_images': obj['data_roles']['val']['images'],
+                    'held_out_errors_pct': held,
+                    'held_out_points': [{'where': q['where'], 'error_pct': q['error_pct'],
+                                         'val_drop_pct': q['measured_val_drop_pct'],
+                                         'test_drop_pct': q.get('measured_test_drop_pct')} for q in pts],
+                    'val_images': obj['data_roles']['val']['images'],
                     'test_images': obj['data_roles']['test']['images']})
     return out
 
@@ -84,7 +89,9 @@ def read_today(src: Path) -> List[Dict[str, Any]]:
         obj = json.loads(p.read_text())
         plain = obj['baselines']['unpruned']['best_plain_split']['throughput_fps']
         out.append({'domain': obj['domain'], 'drop_pct': obj['accuracy_drop_pct'],
-                    'gain_x': obj['predicted']['throughput_fps'] / plain, 'epsilon': obj.get('epsilon')})
+                    'gain_x': obj['predicted']['throughput_fps'] / plain, 'epsilon': obj.get('epsilon'),
+                    'a_ref_test_pct': obj.get('a_ref_pct'),
+                    'acceptance': ((obj.get('config') or {}).get('joint') or {}).get('acceptance', 'bound')})
     return out
 
 
@@ -111,6 +118,13 @@ def summarize(cases: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]], 
            'surrogate_p90_abs_error_pct': float(np.quantile(errs, 0.9)) if errs.size else None,
            'geomean_gain_x': float(np.exp(np.log(gains).mean())),
            'geomean_gain_seed0_x': float(np.exp(np.mean([np.log(c['gain_x']) for c in s0]))) if s0 else None}
+    pts = [q for c in cases for q in c.get('held_out_points') or []]
+    floor = [abs(q['val_drop_pct'] - q['test_drop_pct']) for q in pts if q['test_drop_pct'] is not None]
+    out['surrogate_noise_floor_pct'] = float(np.median(floor)) if floor else None
+    for part, keep in (('rounds', lambda w: w.startswith('round')), ('pareto', lambda w: w.startswith('pareto'))):
+        e = [abs(q['error_pct']) for q in pts if keep(q['where'])]
+        out[f'surrogate_median_abs_error_{part}_pct'] = float(np.median(e)) if e else None
+        out[f'surrogate_held_out_{part}_points'] = len(e)
     if today:
         td = np.array([t['drop_pct'] for t in today])
         out.update(today_domains=len(today), today_geomean_gain_x=float(np.exp(np.mean([np.log(t['gain_x'])
@@ -118,7 +132,25 @@ def summarize(cases: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]], 
                    today_share_within_epsilon=float(np.mean(td <= eps + 1e-9)), today_worst_drop_pct=float(td.max()))
         if out['geomean_gain_seed0_x'] is not None and out['today_geomean_gain_x'] > 1 + 1e-9:
             out['gain_kept_share'] = (out['geomean_gain_seed0_x'] - 1) / (out['today_geomean_gain_x'] - 1)
+        out.update(paired_comparison(s0, today))
     return out
+
+
+def paired_comparison(s0: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """This method's seed-0 cases against today's result domain by domain, where both have the same reference
+    accuracy on test (the same base model, domain model and test images): the geometric mean of the per-domain gain
+    ratios and both methods' test drops.  {'today_paired': False} when no domain pairs."""
+    by = {t['domain']: t for t in today}
+    pairs = [(c, by[c['domain']]) for c in s0 if c['domain'] in by and by[c['domain']].get('a_ref_test_pct') is not None
+             and abs(by[c['domain']]['a_ref_test_pct'] - c['a_ref_test_pct']) < 1e-9]
+    if not pairs:
+        return {'today_paired': False}
+    ratio = [c['gain_x'] / t['gain_x'] for c, t in pairs]
+    return {'today_paired': True, 'paired_domains': len(pairs),
+            'today_acceptance': sorted({t.get('acceptance', 'bound') for _, t in pairs}),
+            'paired_gain_ratio_geomean': float(np.exp(np.mean(np.log(ratio)))),
+            'paired_gain_ratio_min': float(min(ratio)), 'paired_gain_ratio_max': float(max(ratio)),
+            'paired_drops_pct': [[int(c['domain']), float(c['drop_pct']), float(t['drop_pct'])] for c, t in pairs]}
 
 
 @dataclass(frozen=True)
@@ -176,10 +208,11 @@ def tables_for(runs: Sequence[Dict[str, Any]], s: Dict[str, Any], where: str) ->
                 f'{f(s["mean_drop_pct"])} [{f(s["mean_drop_ci95_pct"][0])}, {f(s["mean_drop_ci95_pct"][1])}]',
                 f'{f(s["worst_drop_pct"])} [{f(s["worst_drop_ci95_pct"][0])}, {f(s["worst_drop_ci95_pct"][1])}] '
                 f'({s["worst_case"]})', s['violations_outside_interval'], s['surrogate_median_abs_error_pct'],
-                s['surrogate_held_out_points'], s['geomean_gain_x'], s['geomean_gain_seed0_x'],
+                s.get('surrogate_noise_floor_pct'), s['surrogate_held_out_points'], s['geomean_gain_x'], s['geomean_gain_seed0_x'],
                 s.get('today_geomean_gain_x'), s.get('today_share_within_epsilon')]]
     cols = ['cases', 'seeds', 'test drop <= eps (%)', 'mean drop [95 %] (points)', 'worst drop [its 95 %]',
-            'violations outside their interval', 'surrogate median |err| held-out (points)', 'held-out points',
+            'violations outside their interval', 'surrogate median |err| held-out (points)',
+            'noise floor: median |val - test drop| (points)', 'held-out points',
             'gain (geomean x)', 'gain seed 0 (x)', "today's gain seed 0 (x)", "today's share <= eps"]
     return [common.table(f'Step 3 at epsilon {s["epsilon"]} points, one-sided 95 % paired acceptance ({where})',
                          cols, summary),
@@ -199,8 +232,18 @@ def headline_for(s: Dict[str, Any]) -> List[List[Any]]:
             [f'eps={eps:g}: violations outside their own 95 % interval', s['violations_outside_interval'], 'cases'],
             [f'surrogate median |error|, {s["surrogate_held_out_points"]} held-out configurations',
              s['surrogate_median_abs_error_pct'], 'points'],
+            ['surrogate median |error|: rounds / Pareto points',
+             f'{f(s.get("surrogate_median_abs_error_rounds_pct"))} / {f(s.get("surrogate_median_abs_error_pareto_pct"))}',
+             'points'],
+            ['measurement noise floor: median |val drop - test drop| of the same held-out configurations',
+             s.get('surrogate_noise_floor_pct'), 'points'],
             ['gain over best plain split, seed 0: this method / today\'s',
              f'{f(s["geomean_gain_seed0_x"])} / {f(s.get("today_geomean_gain_x"))}', 'x']]
+    if s.get('today_paired'):
+        rows.append([f'paired, {s["paired_domains"]} domains (same test images): gain this method / today\'s '
+                     f'({"/".join(s["today_acceptance"])} acceptance), geometric mean [min, max]',
+                     f'{f(s["paired_gain_ratio_geomean"])} [{f(s["paired_gain_ratio_min"])}, '
+                     f'{f(s["paired_gain_ratio_max"])}]', 'x'])
     return rows
 
 

@@ -84,6 +84,8 @@ class LutConfig:
     timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
     fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
     fit_rounds: int = 10  # timing=fit: interleaved rounds over the fit's parts (each visits every part once: 1 untimed + 2 timed calls, shuffled order)
+    holdout_visits: int = 2  # timing=fit: visits per fit round of each validation configuration's parts, timed in the fit's own rounds (alternate visits are its two passes)
+    later_check: bool = True  # step 1: also re-time the validation configurations and 4 fit configurations in a window of their own after the LUT (the machine's speed drift since, `later` in lut_validation.json)
     rounds: int = 20  # whole-configuration timing (LUT validation, closed loop in pseudo mode): interleaved rounds over all parts (each visit 1 untimed + 2 timed calls); even and odd rounds are the two passes
 
 
@@ -156,8 +158,10 @@ class LoopConfig:
     top_k: int = 10  # best-predicted configurations measured beside the chosen one (one per split lambda)
     passes: int = 2  # interleaved measurement passes (the second in reverse order)
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
-    confirm: int = 2  # best-measured configurations re-measured beside the predicted choice when they beat it (0 = never adopt)
+    confirm: int = 4  # at most this many top-k configurations measured within the race's band of the best race the predicted choice on fresh passes (0 = never adopt)
+    confirm_band_pct: float = 5.0  # the race's band: configurations measured within max(this, the passes' own median disagreement) % of the best race
     confirm_passes: int = 3  # fresh interleaved passes of that confirmation; the best median on them is adopted
+    evaluate_passes: int = 0  # > 0: the decision, the optimizer's pick and the top-k measured again in this many fresh passes no decision saw (report.evaluation; bench_closed_loop)
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'lut.batch_sizes': (1, None, False), 'lut.warmup': (0, None, False), 'lut.repeats': (1, None, False),
     'lut.threads': (0, None, False), 'lut.bandwidth_mbps': (0, None, True), 'lut.rtt_ms': (0, None, False),
     'lut.validation_samples': (0, None, False), 'lut.max_entry_s': (0, None, False),
-    'lut.fit_rounds': (2, None, False), 'lut.rounds': (2, None, False),
+    'lut.fit_rounds': (2, None, False), 'lut.rounds': (2, None, False), 'lut.holdout_visits': (1, None, False),
     'optim.batch_size': (1, None, False), 'optim.omega': (0, 1, False), 'optim.steps': (1, None, False),
     'optim.restarts': (1, None, False), 'optim.lr': (0, None, True), 'optim.tau_start': (0, None, True),
     'optim.tau_end': (0, None, True), 'optim.step2_tau_end': (0, None, True),
@@ -279,6 +283,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'real.chain_port': (0, 65535, False),
     'loop.top_k': (1, None, False), 'loop.passes': (1, None, False), 'loop.real_samples': (1, None, False),
     'loop.confirm': (0, None, False), 'loop.confirm_passes': (1, None, False),
+    'loop.confirm_band_pct': (0, 100, False), 'loop.evaluate_passes': (0, None, False),
 }
 NON_EMPTY = ('lut.batch_sizes', 'real.probe_sizes_kb')
 

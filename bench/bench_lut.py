@@ -3,19 +3,25 @@
 For each model: measure the server side's LUT here as step 1 does (timing.measure.measure_side, timing 'fit':
 entries fitted to timed deployed parts of random configurations, with chain timings as prior), draw other
 random configurations (a valid layout per block and a split, timing.lut.random_configurations; any the fit
-saw are left out), run each one end to end in two interleaved passes (timing.lut.validate_side) and compare
-the LUT's sum with the measurement: share of configurations within +/-10 %, median |error| and signed
+saw are left out) BEFORE the LUT is measured and time their deployed parts in the fit's own interleaved rounds,
+two visits per round, left out of the fit (measure_side(holdout=...), timing.lut.holdout_validation: the same time
+window, so the machine's speed drift between windows cannot pass for an error of the LUT), and compare the LUT's
+sum with the measurement: share of configurations within +/-10 %, median |error| and signed
 error (timing.lut.validation_summary), Spearman's rho between predicted and measured totals (does the LUT
 rank configurations right; it says little when the measured range is not much wider than the noise, so that
 range is reported too) and the noise floor (median |pass 1 - pass 2| / pass 2).  The same measurements also
-score the chain LUT (the fit's prior, step 1's method before it) for comparison.  The load average at the
-start and end of each model is recorded and a loaded machine flagged: no target is claimed on it.
+score the chain LUT (the fit's prior, step 1's method before it) for comparison.  With --later_check (default on)
+the same configurations are timed again in a window of their own after the LUT, beside 4 of the fit's own
+configurations (timing.lut.validate_side): the rows "fit, a later window" (as measured) and "..., re-anchored"
+(the LUT times the speed factor those 4 give) show how far the machine's speed moved, which step 1 reports beside
+its validation the same way.  The load average at the start and end of each model is recorded and a loaded
+machine flagged: no target is claimed on it.
 
 Models: default = the embedded default (config.py: RepVGG-A0 at width (0.25, 0.25, 0.25, 0.5), 64 px,
 10 classes); a0_224 = RepVGG-A0 at its own width, 224 px, 1000 classes; b3_224 = RepVGG-B3, 224 px, 1000 classes
-(~0.75 s a pass here: 3 chain passes per layout, 180 fit configurations in 2 rounds of one timed call per part,
-20 validation configurations in 4 rounds, so that the whole bench stays within about 15 minutes on an idle
-2-core machine); mbv2_224 / r50_224 = torchvision's MobileNetV2 / ResNet-50 (random weights), 224 px, 1000 classes:
+(~0.3 s a pass here: 3 chain passes per layout, 180 fit configurations in 2 rounds of one timed call per part,
+20 validation configurations visited twice per round, so that the whole bench stays within about 15 minutes on an
+idle 2-core machine); mbv2_224 / r50_224 = torchvision's MobileNetV2 / ResNet-50 (random weights), 224 px, 1000 classes:
 a plain network has one layout per block, so its configurations differ by the split alone and run the same blocks
 (Spearman's rho is reported but not a target for them; under a minute together).  Every whole-configuration timing
 is the measurement protocol of docs/design.md: fine-grained interleaved rounds, the two passes = even and odd rounds.
@@ -53,7 +59,8 @@ class Case(NamedTuple):
     fit_configurations: int = 0  # random configurations timed for the fit (0 = as many as entries)
     fit_rounds: int = 10  # interleaved rounds over their parts (lut.fit_rounds)
     fit_burst: int = 2  # timed calls per part and round (after one untimed)
-    rounds: int = 20  # interleaved rounds of the validation, 1 untimed + 2 timed calls per part (lut.rounds)
+    rounds: int = 20  # interleaved rounds of the later window's validation, 1 untimed + 2 timed calls per part (lut.rounds)
+    holdout_visits: int = 2  # visits per fit round of each validation configuration's parts (lut.holdout_visits)
 
 
 def default_case(warmup: int, repeats: int, configs: int) -> Case:
@@ -76,7 +83,8 @@ def cases(quick: bool) -> Dict[str, Case]:
                 'small_input': False}
         return {'tiny': Case('tiny', 'RepVGG-A0 w0.25 32 px (quick)', tiny, 32, 1, 2, 0.0, 4, 20, 2, 1, 4)}
     # A0 at 224 px is ~35 ms a pass on this CPU: as many fit configurations as entries (258) in 6 rounds of one
-    # timed call, 20 validation configurations in 12 rounds.  B3 at 224 px is ~0.75 s a pass: 180 fit
+    # timed call, 20 validation configurations visited twice in each of them (12 visits, as the 12 rounds of the
+    # later window).  B3 at 224 px is ~0.75 s a pass: 180 fit
     # configurations in 2 rounds (~270 parts for 342 entries: the chain prior carries what they do not
     # determine; with 60 the fit's residual was 0.1 % and held-out configurations came out +6.5 %, Spearman 0.77,
     # 2026-12-02), 20 validation configurations in 4 rounds (2 per pass); a call spans several of the machine's
@@ -114,9 +122,9 @@ def chain_side(side: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def method_row(side: Dict[str, Any], rep: Dict[str, Any], anchored: bool = False) -> Dict[str, Any]:
-    """The figures of one LUT (fit or its chain prior) against the validation's measurements; `anchored`: the
-    LUT re-anchored to the validation window's speed by the fit configurations it re-timed (timing.lut.
-    speed_factors; the comparison with pass 2 uses pass 1's factor only)."""
+    """The figures of one LUT (fit or its chain prior) against a validation's measurements (in the fit's rounds or
+    in a later window); `anchored`: the LUT re-anchored to a later window's speed by the fit configurations it
+    re-timed (timing.lut.speed_factors; the comparison with pass 2 uses pass 1's factor only)."""
     from timing import lut as L
     recs = []
     for r in rep['records']:
@@ -157,32 +165,38 @@ def targets_met(m: Dict[str, Any], key: str) -> Dict[str, Any]:
                                      f'{"" if plain else "Spearman >= 0.9, "}noise floor <= 5 %'}
 
 
-def run_case(case: Case, threads: int, seed: int, after_own: bool = False) -> Dict[str, Any]:
-    """Measure the server LUT of one model here (timing 'fit', whose chain prior is reported too) and validate
-    both on configurations the fit never saw, in two interleaved passes; the numbers of two table rows."""
+def run_case(case: Case, threads: int, seed: int, after_own: bool = False, later_check: bool = True
+             ) -> Dict[str, Any]:
+    """Measure the server LUT of one model here (timing 'fit', whose chain prior is reported too) with the
+    validation configurations timed in the fit's own rounds, and score both LUTs on them; with `later_check`
+    also the fit LUT against the same configurations timed in a later window of their own (as measured and
+    re-anchored)."""
     import numpy as np
 
     from timing import lut as L
     from timing import measure as M
     load_start = common.load_average()
+    configs = L.random_configurations(case.arch, case.configs, np.random.default_rng(seed))
     t0 = time.perf_counter()
     res = M.measure_side(case.arch, case.input_size, (1,), 'cpu', case.warmup, case.repeats, threads,
                          case.max_entry_s, seed, progress=True, microbenchmark=False, timing='fit',
                          fit_configurations=case.fit_configurations, fit_rounds=case.fit_rounds,
-                         fit_burst=case.fit_burst)
+                         fit_burst=case.fit_burst, holdout=configs, holdout_visits=case.holdout_visits)
     side = L.side_payload('server', case.arch, case.input_size, res)
     t_lut = time.perf_counter() - t0
-    configs = L.random_configurations(case.arch, case.configs, np.random.default_rng(seed))
+    rep = L.holdout_validation(side, configs, res['holdout']['1'], 1, 'cpu', TOLERANCE_PCT)
     t0 = time.perf_counter()
-    rep = L.validate_side(side, configs, 1, 'cpu', 1, case.rounds, seed, progress=True)
+    later = L.validate_side(side, configs, 1, 'cpu', 1, case.rounds, seed, progress=True) if later_check else None
     t_val = time.perf_counter() - t0
     load_end = common.load_average()
     # after_own: this bench's previous case ran until now, and the 1-minute load average still holds its thread
     loaded = common.is_loaded(load_start, own=1.0 if after_own else 0.0) or common.is_loaded(load_end, own=1.0)
-    meas = [r['measured']['total_ms'] for r in rep['records'] if not r['seen_by_fit'] and not r.get('anchor')]
+    meas = [r['measured']['total_ms'] for r in rep['records'] if not r['seen_by_fit']]
     methods = {'fit': method_row(side, rep), 'chain': method_row(chain_side(side), rep)}
-    if rep.get('speed'):
-        methods['fit, re-anchored'] = method_row(side, rep, anchored=True)
+    if later is not None:
+        methods['fit, a later window'] = method_row(side, later)
+        if later.get('speed'):
+            methods['fit, a later window, re-anchored'] = method_row(side, later, anchored=True)
     for m in methods.values():
         m['targets'] = targets_met(m, case.key)
     fit = res['fit']['1']
@@ -192,14 +206,16 @@ def run_case(case: Case, threads: int, seed: int, after_own: bool = False) -> Di
                         'threads': res['metadata']['threads'], 'timing': 'fit', 'seed': seed,
                         'fit_configurations': fit['configurations'], 'fit_parts': fit['parts'],
                         'fit_rounds': fit['rounds'], 'fit_burst': case.fit_burst, 'validation_passes': 2,
-                        'validation_rounds': rep['settings']['rounds'], 'validation_burst': rep['settings']['burst']},
+                        'validation_visits': rep['settings']['rounds'], 'validation_burst': rep['settings']['burst'],
+                        'holdout_visits_per_round': case.holdout_visits,
+                        'later_rounds': later['settings']['rounds'] if later else None},
            'configurations': len(meas), 'tolerance_pct': TOLERANCE_PCT, 'methods': methods,
            'fit': {k: v for k, v in fit.items() if k != 'configurations_used'},
            'median_measured_total_ms': float(np.median(meas)),
            'measured_range_pct': float(100 * (max(meas) - min(meas)) / np.median(meas)), 'lut_measure_wall_s': t_lut,
-           'validation_wall_s': t_val, 'speed': rep.get('speed'), 'load_average_start': load_start,
-           'load_average_end': load_end,
-           'loaded': loaded, 'summary': rep['summary'], 'records': rep['records']}
+           'validation_wall_s': t_val, 'speed': (later or {}).get('speed'), 'load_average_start': load_start,
+           'load_average_end': load_end, 'loaded': loaded, 'summary': rep['summary'], 'records': rep['records'],
+           'later': {k: later[k] for k in ('summary', 'speed', 'anchored', 'records', 'settings')} if later else None}
     f = methods['fit']
     log.info('%s: %d configurations, fit LUT %.0f %% within +/-%.0f %%, median |error| %.1f %%, signed %+.1f %%, '
              'Spearman %s, noise floor %s %% (chain LUT: median |error| %.1f %%); load %s -> %s%s (LUT %.0f s, '
@@ -212,7 +228,7 @@ def run_case(case: Case, threads: int, seed: int, after_own: bool = False) -> Di
 
 COLUMNS = ['model', 'LUT', 'configs', 'within +/-10 % (%)', 'median |err| (%)', 'median signed err (%)',
            'Spearman rho', 'noise floor, pass to pass (%)', 'LUT vs pass 2 (%)', 'median measured (ms)',
-           'measured range (% of median)', 'fit configs x rounds', 'validation rounds', 'load avg start / end',
+           'measured range (% of median)', 'fit configs x rounds', 'validation visits', 'load avg start / end',
            'targets met', 'bench time (s)']
 
 
@@ -227,12 +243,22 @@ def table_rows(results: Dict[str, Dict[str, Any]]) -> List[List[Any]]:
                          n.get('pass_to_pass_pct'), n.get('lut_vs_pass2_median_abs_pct'),
                          r['median_measured_total_ms'], r['measured_range_pct'],
                          f'{r["settings"]["fit_configurations"]} x {r["settings"]["fit_rounds"]}' if name == 'fit'
-                         else '-', r['settings'].get('validation_rounds', '-'),
+                         else '-', _visits(r, name),
                          f'{common.fmt((r["load_average_start"] or [None])[0])} / '
                          f'{common.fmt((r["load_average_end"] or [None])[0])}',
                          ('not claimed (loaded)' if r['loaded'] else ('yes' if met else 'no')),
                          r['lut_measure_wall_s'] + r['validation_wall_s']])
     return rows
+
+
+def _visits(r: Dict[str, Any], method: str) -> str:
+    """Where and how often a row's validation timed each configuration part."""
+    st = r['settings']
+    if method.startswith('fit, a later window'):
+        return f'{st.get("later_rounds")} rounds, later window'
+    if 'validation_visits' not in st:  # a result from before the validation moved into the fit's rounds
+        return str(st.get('validation_rounds', '-'))
+    return f'{st["validation_visits"]} in the fit\'s rounds'
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -246,6 +272,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--threads', type=int, default=Config().lut.threads,
                    help=f'torch threads while timing, as lut.threads (default: {Config().lut.threads})')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and configurations (default: 0)')
+    p.add_argument('--later_check', dest='later_check', action='store_true', default=True,
+                   help='also time the validation configurations in a later window of their own, beside 4 fit '
+                   'configurations (default: on)')
+    p.add_argument('--no_later_check', dest='later_check', action='store_false',
+                   help='skip the later window (default: off)')
     p.add_argument('--name', default=NAME, help='result name: <out_dir>/<name>.json and its bench/README.md section; '
                    'another name (lut_fidelity_plain for --models mbv2_224,r50_224) leaves the default result\'s '
                    f'section as it is (default: {NAME})')
@@ -258,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad or not keys:
         raise ConfigError(f'--models {args.models!r}: valid choices are {", ".join(available)}')
     machine = common.machine_info()
-    results = {k: run_case(available[k], args.threads, args.seed, after_own=i > 0) for i, k in enumerate(keys)}
+    results = {k: run_case(available[k], args.threads, args.seed, after_own=i > 0, later_check=args.later_check)
+               for i, k in enumerate(keys)}
     rows = table_rows(results)
     headline = []
     for r in results.values():
@@ -272,19 +304,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       (f['noise'] or {}).get('pass_to_pass_pct'), '%'],
                      [f'{r["label"]}: chain LUT (before the fit), median signed error',
                       r['methods']['chain']['median_signed_error_pct'], '%']]
-        a = r['methods'].get('fit, re-anchored')
-        if a:
-            headline += [[f'{r["label"]}: fit LUT re-anchored to the window\'s speed (x{r["speed"]["factor"]:.3f}), '
-                          'configurations within +/-10 %', 100 * a['share_within_10pct'], '%'],
-                         [f'{r["label"]}: fit LUT re-anchored, median signed error / Spearman rho',
-                          f'{a["median_signed_error_pct"]:.2f} / {common.fmt(a["spearman_rho"])}', '% / '],
-                         [f'{r["label"]}: fit LUT re-anchored vs pass 2 / noise floor',
-                          f'{common.fmt((a["noise"] or {}).get("lut_vs_pass2_median_abs_pct"))} / '
-                          f'{common.fmt((a["noise"] or {}).get("pass_to_pass_pct"))}', '%'],
-                         [f'{r["label"]}: targets met by the re-anchored LUT',
-                          'not claimed (loaded)' if r['loaded'] else ('yes' if a['targets']['met'] else 'no'), '']]
+        headline += [[f'{r["label"]}: fit LUT vs pass 2 / noise floor',
+                      f'{common.fmt((f["noise"] or {}).get("lut_vs_pass2_median_abs_pct"))} / '
+                      f'{common.fmt((f["noise"] or {}).get("pass_to_pass_pct"))}', '%'],
+                     [f'{r["label"]}: targets met by the fit LUT',
+                      'not claimed (loaded)' if r['loaded'] else ('yes' if f['targets']['met'] else 'no'), '']]
+        w = r['methods'].get('fit, a later window')
+        if w and r.get('speed'):
+            headline += [[f'{r["label"]}: a later window: the machine ran x{r["speed"]["factor"]:.3f} the LUT\'s '
+                          'time; fit LUT median signed error there, as measured', w['median_signed_error_pct'],
+                          '%']]
     tables = [common.table('Server-side LUT on this CPU: LUT sum vs end-to-end time of whole configurations the '
-                           'fit never saw, batch 1, two interleaved passes (targets are not claimed on a loaded '
+                           'fit never saw, timed in the fit\'s own rounds (rows "a later window": timed again after '
+                           'the LUT), batch 1, two interleaved passes (targets are not claimed on a loaded '
                            'machine)', COLUMNS, rows)]
     path = common.write_result(args.out_dir, args.name, {'models': results}, machine, args.quick, headline, tables, argv)
     print(common.render(COLUMNS, rows, markdown=False))

@@ -5,13 +5,16 @@ Runs `pipeline/step1_measure_lut.py --mode pseudo` then `pipeline/step2_initial_
 step 1 measures a new LUT every time), on the embedded default of config.py.  From each run's artifacts:
 
 * step 1's validation (lut_validation.json): share of the unseen configurations within +/-10 %, median |error|,
-  median signed error, the pass-to-pass noise floor and the LUT's error against pass 2, as measured and
-  re-anchored to the window's speed (docs/design.md "Measurement protocol"), with the speed factor;
+  median signed error, the pass-to-pass noise floor and the LUT's error against pass 2, all of configurations
+  timed in the fit's own rounds; and from its later window (`later`: the same configurations timed again after
+  the LUT) the median signed error as measured and re-anchored to that window's speed (docs/design.md
+  "Measurement protocol"), with the speed factor: how far the machine moved;
 * step 2's decision (initial_throughput_config.json): the chosen split lambda, its predicted throughput, whether
   it was a coin toss on the LUT, and its closed loop (pseudo mode: server part measured here, edge part and link
   modelled): its measured throughput and its share of the best measured among the 10 best-predicted.
 
-Then issue 13's checks over the runs: the LUT's error against pass 2 <= the noise floor of the same run, the
+Then issue 13's checks over the runs: the LUT's median |error| <= the noise floor of the same run (the issue's
+wording) and the stricter LUT's error against pass 2 alone <= that floor (a pass against a pass), the
 median signed error <= 3 % in magnitude, the same lambda in every run or lambdas whose measured throughputs differ
 by < 3 % (read in one run's closed loop, where both were measured in the same interleaved rounds), and the chosen
 configuration >= 95 % of the best measured.  The load average before and after every run is recorded and a
@@ -38,8 +41,9 @@ QUICK = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set',
          '--set', 'lut.validation_samples=6', '--set', 'loop.top_k=3']
 SAME_LAMBDA_PCT = 3.0
 COLUMNS = ['run', 'within +/-10 % (%)', 'median |err| (%)', 'median signed (%)', 'noise floor (%)',
-           'LUT vs pass 2 (%)', 're-anchored: signed / vs pass 2 (%)', 'speed factor', 'lambda', 'predicted fps',
-           'coin toss', 'measured fps (p10-p90)', 'chosen / best measured (%)', 'load avg before / after']
+           'LUT vs pass 2 (%)', 'later window: signed as measured / re-anchored (%)', 'later window: speed factor',
+           'lambda', 'predicted fps', 'coin toss', 'measured fps (p10-p90)', 'chosen / best measured (%)',
+           'load avg before / after']
 
 
 class BenchRepeatError(UserError):
@@ -66,7 +70,10 @@ def run_once(work: Path, extra: Sequence[str]) -> Dict[str, Any]:
         raise BenchRepeatError(f'{work / "initial_throughput_config.json"}: no closed_loop report '
                                f'({loop.get("skipped", "field missing")})')
     measured = {int(m['lam']): m['measured'] for m in loop.get('measurements') or [] if m.get('measured')}
-    return {'validation': {'summary': val['summary'], 'anchored': val.get('anchored'), 'speed': val.get('speed')},
+    later = val.get('later') or {}
+    return {'validation': {'summary': val['summary'], 'window': val.get('window', 'later'),
+                           'later': later.get('summary'), 'anchored': later.get('anchored'),
+                           'speed': later.get('speed')},
             'decision': loop['decision'], 'report': loop['report'],
             'measured_fps_by_lambda': {lam: m.get('throughput_fps') for lam, m in measured.items()},
             'load_average_before': before, 'load_average_after': after}
@@ -80,12 +87,12 @@ def row(i: int, r: Dict[str, Any]) -> List[Any]:
     v = r['validation']
     t, n = v['summary']['total'], _noise(v['summary'])
     a = (v.get('anchored') or {}).get('total') or {}
-    an = _noise(v.get('anchored'))
+    w = (v.get('later') or {}).get('total') or {}
     c = r['report']['chosen']
     la = [common.fmt((x or [None])[0]) for x in (r['load_average_before'], r['load_average_after'])]
     return [i, 100 * t['share_within_tol'], t['median_abs_error_pct'], t['median_signed_error_pct'],
             n.get('pass_to_pass_pct'), n.get('lut_vs_pass2_median_abs_pct'),
-            f'{common.fmt(a.get("median_signed_error_pct"))} / {common.fmt(an.get("lut_vs_pass2_median_abs_pct"))}',
+            f'{common.fmt(w.get("median_signed_error_pct"))} / {common.fmt(a.get("median_signed_error_pct"))}',
             (v.get('speed') or {}).get('factor'), c['lam'], c['predicted_fps'],
             'yes' if r['decision']['coin_toss'] else 'no',
             f'{c["measured_fps"]:.1f} ({c["measured_p10_fps"]:.1f}-{c["measured_p90_fps"]:.1f})',
@@ -114,14 +121,19 @@ def lambda_spread(runs: Sequence[Dict[str, Any]]) -> Optional[float]:
 def checks(runs: Sequence[Dict[str, Any]]) -> List[List[Any]]:
     import numpy as np
     out = []
-    for name, key in (('as measured', 'summary'), ('re-anchored', 'anchored')):
+    for name, key in (('timed in the fit\'s rounds', 'summary'), ('a later window, as measured', 'later'),
+                      ('a later window, re-anchored', 'anchored')):
         vals = [r['validation'].get(key) for r in runs]
         if any(v is None for v in vals):
             continue
         ok = [(_noise(v).get('lut_vs_pass2_median_abs_pct') or 0) <= (_noise(v).get('pass_to_pass_pct') or 0)
               for v in vals]
+        # the issue's wording: the LUT's median |error| (against both passes) <= the noise floor of the same run
+        ok_abs = [(v['total']['median_abs_error_pct'] or 0) <= (_noise(v).get('pass_to_pass_pct') or 0) for v in vals]
         signed = [v['total']['median_signed_error_pct'] for v in vals]
-        out += [[f'LUT ({name}) vs pass 2 <= noise floor of the same run', f'{sum(ok)} of {len(ok)}', 'runs'],
+        out += [[f'LUT ({name}) median |error| <= noise floor of the same run', f'{sum(ok_abs)} of {len(ok_abs)}',
+                 'runs'],
+                [f'LUT ({name}) vs pass 2 <= noise floor of the same run', f'{sum(ok)} of {len(ok)}', 'runs'],
                 [f'LUT ({name}) median signed error per run', ' / '.join(f'{s:+.2f}' for s in signed), '%'],
                 [f'LUT ({name}) median signed error, median over runs', float(np.median(signed)), '%']]
     lams = [int(r['report']['chosen']['lam']) for r in runs]

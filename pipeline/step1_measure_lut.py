@@ -28,27 +28,42 @@ FLAGS = {**LINK_FLAGS, 'edge_profile': 'lut.edge_profile', 'batch_sizes': 'lut.b
          'max_entry_s': 'lut.max_entry_s', 'feature_dtype': 'lut.feature_dtype', 'port': 'real.port'}
 
 
-def measure(cfg, side, command):
-    """Measure one side on this machine (cfg.device), write lut_<side>.json, validate it if asked."""
+def validation_configurations(cfg, model):
+    """The unseen configurations of step 1's validation (seeded by cfg.seed)."""
+    return L.random_configurations(model, cfg.lut.validation_samples, np.random.default_rng(cfg.seed))
+
+
+def measure(cfg, side, command, holdout=()):
+    """Measure one side on this machine (cfg.device) and write lut_<side>.json; with timing 'fit', the `holdout`
+    configurations are timed in the fit's own rounds and left out of it.  Returns (the side LUT, measure_side's
+    holdout results per batch)."""
     from timing import measure as M
     model = L.model_spec(cfg)
     t0 = time.time()
     res = M.measure_side(model, cfg.model.input_size, cfg.lut.batch_sizes, cfg.device, cfg.lut.warmup,
                          cfg.lut.repeats, cfg.lut.threads, cfg.lut.max_entry_s, cfg.seed, progress=True,
                          timing=cfg.lut.timing, fit_configurations=cfg.lut.fit_configurations,
-                         fit_rounds=cfg.lut.fit_rounds)
+                         fit_rounds=cfg.lut.fit_rounds, holdout=holdout, holdout_visits=cfg.lut.holdout_visits)
     payload = L.side_payload(side, model, cfg.model.input_size, res)
     payload['settings']['measure_wall_s'] = time.time() - t0
     payload['roofline_fit'] = L.roofline_fit(payload, min(cfg.lut.batch_sizes))
     write_artifact(cfg.path(f'lut_{side}.json'), f'lut_{side}', payload, cfg, command)
     print(f'{L.side_line(payload)} -> {cfg.path(f"lut_{side}.json")}')
-    return payload
+    return payload, res.get('holdout') or {}
 
 
-def validate(cfg, side_lut, command):
-    configs = L.random_configurations(side_lut['model'], cfg.lut.validation_samples, np.random.default_rng(cfg.seed))
-    rep = L.validate_side(side_lut, configs, min(cfg.lut.batch_sizes), cfg.device, 1, cfg.lut.rounds, cfg.seed,
-                          progress=True)
+def validate(cfg, side_lut, command, configs, held):
+    """lut_validation.json: the LUT against the unseen `configs` timed in the fit's rounds (`held`, timing 'fit'),
+    else in a window of their own (validate_side); with lut.later_check the fit's LUT is also checked in a later
+    window of its own (how far the machine's speed moved since: `later`)."""
+    batch = min(cfg.lut.batch_sizes)
+    if held.get(str(batch)):
+        rep = L.holdout_validation(side_lut, configs, held[str(batch)], batch, cfg.device)
+        if cfg.lut.later_check:
+            rep['later'] = L.validate_side(side_lut, configs, batch, cfg.device, 1, cfg.lut.rounds, cfg.seed,
+                                           progress=True)
+    else:
+        rep = L.validate_side(side_lut, configs, batch, cfg.device, 1, cfg.lut.rounds, cfg.seed, progress=True)
     write_artifact(cfg.path('lut_validation.json'), 'lut_validation', rep, cfg, command)
     print(f'{L.validation_line(rep)} -> {cfg.path("lut_validation.json")}')
     warning = L.noise_warning(rep, cfg.lut.rounds, side_lut['metadata'].get('threads', cfg.lut.threads))
@@ -58,11 +73,14 @@ def validate(cfg, side_lut, command):
 
 
 def mode_measure(side):
-    """The server / client (= edge) mode: measure that side here, then validate it end to end unless --no_validate."""
+    """The server / client (= edge) mode: measure that side here and validate it end to end unless --no_validate
+    (timing 'fit': on unseen configurations timed in the fit's own rounds)."""
     def run(cfg, args, command):
-        payload = measure(cfg, side, command)
-        if args.validate and cfg.lut.validation_samples > 0:
-            validate(cfg, payload, command)
+        check = args.validate and cfg.lut.validation_samples > 0
+        configs = validation_configurations(cfg, L.model_spec(cfg)) if check else []
+        payload, held = measure(cfg, side, command, configs if cfg.lut.timing == 'fit' else ())
+        if check:
+            validate(cfg, payload, command, configs, held)
         return payload
     return run
 

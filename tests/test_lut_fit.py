@@ -168,19 +168,56 @@ def test_step1_fit_lut_and_validation_json_fields(tmp_path, capsys):
     server = L.load_side(tmp_path / 'lut_server.json', 'server')
     assert server['settings']['timing'] == 'fit' and server['fit']['1']['configurations'] == 30
     val = json.loads((tmp_path / 'lut_validation.json').read_text())
-    assert val['lut_timing'] == 'fit' and val['settings']['passes'] == 2
+    # the unseen configurations were timed in the fit's own rounds (window 'fit'), two visits per round
+    assert val['lut_timing'] == 'fit' and val['window'] == 'fit' and val['settings']['passes'] == 2
+    assert val['settings']['visits_per_round'] == 2 and val['speed'] is None and val['anchored'] is None
     assert set(val['summary']['noise']) == {'passes', 'pass_to_pass_pct', 'lut_vs_pass2_median_abs_pct',
                                            'tolerance_pct', 'above_tolerance', 'count'}
     assert len(val['machine_state_before']['load_average']) == 3 and 'machine_state_after' in val
-    anchors = [r for r in val['records'] if r['anchor']]
-    assert len(anchors) == val['settings']['anchors'] == L.ANCHORS and all(r['seen_by_fit'] for r in anchors)
+    fitted = L.fit_configuration_keys(server, 1)
     for r in val['records']:
-        assert len(r['passes']) == 2 and r['seen_by_fit'] is r['anchor'] and r['measured']['total_ms'] > 0
-    assert val['speed']['anchors'] == L.ANCHORS and val['speed']['factor'] > 0
-    assert val['anchored']['total']['count'] == val['summary']['total']['count']
-    assert 're-anchored to this window' in cap.out
+        assert len(r['passes']) == 2 and not r['seen_by_fit'] and not r['anchor'] and r['measured']['total_ms'] > 0
+        assert (tuple(r['gammas']), r['lam']) not in fitted
+    assert val['summary']['total']['count'] == len(val['records']) == 3
+    # lut.later_check: the same configurations and L.ANCHORS fit configurations re-timed in a window of their own
+    later = val['later']
+    assert later['window'] == 'later' and later['summary']['total']['count'] == 3
+    anchors = [r for r in later['records'] if r['anchor']]
+    assert len(anchors) == later['settings']['anchors'] == L.ANCHORS and all(r['seen_by_fit'] for r in anchors)
+    assert later['speed']['anchors'] == L.ANCHORS and later['speed']['factor'] > 0
+    assert later['anchored']['total']['count'] == later['summary']['total']['count']
+    assert "timed in the fit's own rounds" in cap.out and 'a later window of its own' in cap.out
     if val['summary']['noise']['above_tolerance']:
         assert 'warning: LUT validation noise floor' in cap.err
+    assert main(['--mode', 'server', *TINY_ARGS, '--results_dir', str(tmp_path), '--set',
+                 'lut.later_check=false']) == 0
+    assert 'later' not in json.loads((tmp_path / 'lut_validation.json').read_text())
+
+
+def test_holdout_configurations_are_timed_in_the_fit_rounds_and_left_out_of_the_fit():
+    plan = block_plan(TINY['name'], TINY['width_multiplier'])
+    held = L.random_configurations(TINY, 3, np.random.default_rng(9)) + [
+        {'gammas': [13 if s.has_identity else 4 for s in plan], 'lam': 0}]
+    res = M.measure_side(TINY, 32, (1,), 'cpu', warmup=1, repeats=2, threads=1, microbenchmark=False,
+                         fit_configurations=10, fit_rounds=3, fit_burst=1, holdout=held, holdout_visits=2)
+    fit, out = res['fit']['1'], res['holdout']['1']
+    assert fit['holdout_configurations'] == 4 and fit['holdout_visits_per_round'] == 2
+    assert fit['holdout_parts'] == sum(1 + (c['lam'] > 0) for c in held)
+    assert fit['parts'] == sum(1 + (c['lam'] > 0) for c in fit['configurations_used'])  # fitted on its own only
+    assert res['head'][0]['n'] == 10
+    for c, r in zip(held, out):
+        # 3 rounds x 2 visits, alternate visits the two passes, 1 timed call each
+        assert r['gammas'] == c['gammas'] and r['rounds'] == 6 and r['burst'] == 1 and len(r['passes']) == 2
+        assert r['server']['n'] == 6 and all(p['server']['n'] == 3 for p in r['passes'])
+        assert (r['edge'] is None) == (c['lam'] == 0)
+    side = L.side_payload('server', TINY, 32, dict(res, roofline={'peak_flops_per_s': 1e11,
+                                                                   'mem_bandwidth_bytes_per_s': 1e10,
+                                                                   'knee_flop_per_byte': 10.0}))
+    rep = L.holdout_validation(side, held, out, 1, 'cpu')
+    assert rep['window'] == 'fit' and rep['summary']['total']['count'] == 4 and rep['summary']['noise']['count'] == 4
+    assert rep['records'][0]['predicted'] == L.predict_parts(side, held[0]['gammas'], held[0]['lam'], 1)
+    json.dumps(rep)
+    assert "timed in the fit's own rounds" in L.validation_line(rep)
 
 
 def test_old_chain_lut_is_read_and_unknown_method_refused(tmp_path):

@@ -558,8 +558,9 @@ def validation_line(report: Dict[str, Any]) -> str:
 
     def pct(part: Dict[str, Any]) -> str:
         return 'n/a' if part['median_abs_error_pct'] is None else f'{part["median_abs_error_pct"]:.1f} %'
+    where = ('timed in the fit\'s own rounds' if report.get('window') == 'fit' else 'timed after the LUT')
     line = (f'LUT validation ({report["side"]} LUT, {report["device"]}, {s["total"]["count"]} unseen '
-            f'configurations): {100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, '
+            f'configurations {where}): {100 * s["total"]["share_within_tol"]:.0f} % within +/-{s["tolerance_pct"]:.0f} %, '
             f'median |error| {pct(s["total"])} (edge part {pct(s["edge"])}, server part {pct(s["server"])}; median '
             f'signed error {s["total"]["median_signed_error_pct"]:+.1f} %)')
     n = s.get('noise')
@@ -575,6 +576,12 @@ def validation_line(report: Dict[str, Any]) -> str:
                  f'{a["total"]["median_signed_error_pct"]:+.1f} %')
         if a.get('noise'):
             line += f', vs pass 2 {a["noise"]["lut_vs_pass2_median_abs_pct"]:.1f} %'
+    later = report.get('later')
+    if later:
+        ls, sp = later['summary']['total'], later.get('speed') or {}
+        line += (f'; a later window of its own: median signed error {ls["median_signed_error_pct"]:+.1f} % as '
+                 'measured' + (f', the machine ran x{sp["factor"]:.3f} the LUT\'s time there (drift, not an '
+                               'error of the LUT)' if sp.get('factor') else ''))
     return line
 
 
@@ -658,39 +665,72 @@ def anchored_records(records: Sequence[Dict[str, Any]], factors: Dict[str, Any])
     return out
 
 
+def _records(side: Dict[str, Any], timed: Sequence[Dict[str, Any]], res: Sequence[Dict[str, Any]], batch: int,
+             anchors_from: int) -> List[Dict[str, Any]]:
+    """Validation records of configurations `timed` against their measurements `res` (measure_configurations'
+    records); those from index `anchors_from` on are re-timed fit configurations (anchors)."""
+    seen = fit_configuration_keys(side, batch)
+    records = []
+    for i, (c, m) in enumerate(zip(timed, res)):
+        pred = predict_parts(side, c['gammas'], c['lam'], batch)
+        edge_ms = m['edge']['median_ms'] if m['edge'] else 0.0
+        # the sum of the parts' medians: what a LUT sum predicts (not the median of per-visit sums, ~1 % higher
+        # under right-skewed noise: timing.measure.configuration_results)
+        meas = {'edge_ms': edge_ms, 'server_ms': m['server']['median_ms'], 'total_ms': edge_ms + m['server']['median_ms']}
+        records.append({
+            'gammas': [int(g) for g in c['gammas']], 'lam': int(c['lam']), 'predicted': pred, 'measured': meas,
+            'measured_spread': {'total_p10_ms': m['total']['p10_ms'], 'total_p90_ms': m['total']['p90_ms']},
+            'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
+            'passes': m['passes'], 'anchor': i >= anchors_from,
+            'seen_by_fit': (tuple(int(g) for g in c['gammas']), int(c['lam'])) in seen,
+            'error_pct': errors_pct(pred, meas, bool(m['edge']))})
+    return records
+
+
+WINDOWS = ('fit', 'later')  # a validation timed in the fit's own rounds, or in a window of its own afterwards
+
+
+def holdout_validation(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], results: Sequence[Dict[str, Any]],
+                       batch: int, device: str, tolerance_pct: float = 10.0) -> Dict[str, Any]:
+    """The validation of a fitted side LUT on configurations the fit never saw but timed in its own rounds
+    (timing.measure.measure_side(holdout=...): `results`, one per configuration): same time window, so the
+    machine's drift between windows cannot pass for an error of the LUT.  Same report as validate_side's, with
+    window 'fit' (no anchors: the speed is the fit's own)."""
+    records = _records(side, configs, results, batch, len(configs))
+    unseen = [r for r in records if not r['seen_by_fit']]
+    st, meta = side.get('settings') or {}, side.get('metadata') or {}
+    return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': st.get('timing'),
+            'window': 'fit', 'summary': validation_summary(unseen, tolerance_pct), 'speed': None, 'anchored': None,
+            'records': records, 'machine_state_before': meta.get('machine_state_before'),
+            'machine_state_after': meta.get('machine_state_after'), 'cpu_count': os.cpu_count(),
+            'settings': {'rounds': results[0]['rounds'] if results else None,
+                         'burst': results[0]['burst'] if results else None, 'passes': len(results[0]['passes'])
+                         if results else None, 'seed': st.get('seed'), 'anchors': 0,
+                         'visits_per_round': st.get('holdout_visits')}}
+
+
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,
                   rounds: int, seed: int = 0, progress: bool = False, passes: int = 2,
                   tolerance_pct: float = 10.0, anchors: int = ANCHORS) -> Dict[str, Any]:
     """Measure each configuration end to end on this device (timing.measure.measure_configurations: `rounds`
     fine-grained interleaved rounds in a seeded random order, even and odd rounds the two passes) and compare it
-    with `side`'s LUT sums.  Configurations the fit was fitted on are measured but left out of the summary; the
-    first `anchors` of them are re-timed in the same rounds (speed_factors): `summary` is the LUT as measured,
-    `anchored` the LUT re-anchored to the machine's speed in this window (None for chain LUTs)."""
+    with `side`'s LUT sums, in a window of its own after the LUT's (window 'later').  Configurations the fit was
+    fitted on are measured but left out of the summary; the first `anchors` of them are re-timed in the same rounds
+    (speed_factors): `summary` is the LUT as measured, `anchored` the LUT re-anchored to the machine's speed in
+    this window (None for chain LUTs)."""
     from timing import measure
     model = measure.random_model(side['model'], seed)
-    seen = fit_configuration_keys(side, batch)
     anchor_confs = anchor_configurations(side, batch, anchors)
     before = measure.machine_state()
     timed = list(configs) + anchor_confs
     res = measure.measure_configurations(model, side['input_size'], timed, batch, device, warmup, rounds, passes,
                                          seed + 17, progress=progress)
     after = measure.machine_state()
-    records = []
-    for i, (c, m) in enumerate(zip(timed, res)):
-        pred = predict_parts(side, c['gammas'], c['lam'], batch)
-        meas = {'edge_ms': m['edge']['median_ms'] if m['edge'] else 0.0, 'server_ms': m['server']['median_ms'],
-                'total_ms': m['total']['median_ms']}
-        records.append({
-            'gammas': [int(g) for g in c['gammas']], 'lam': int(c['lam']), 'predicted': pred, 'measured': meas,
-            'measured_spread': {'total_p10_ms': m['total']['p10_ms'], 'total_p90_ms': m['total']['p90_ms']},
-            'measured_n': {'edge': m['edge']['n'] if m['edge'] else 0, 'server': m['server']['n']},
-            'passes': m['passes'], 'anchor': i >= len(configs),
-            'seen_by_fit': (tuple(int(g) for g in c['gammas']), int(c['lam'])) in seen,
-            'error_pct': errors_pct(pred, meas, bool(m['edge']))})
+    records = _records(side, timed, res, batch, len(configs))
     unseen = [r for r in records if not r['seen_by_fit']]
     factors = speed_factors(records)
     timing = (side.get('settings') or {}).get('timing')
-    return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': timing,
+    return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': timing, 'window': 'later',
             'summary': validation_summary(unseen, tolerance_pct), 'speed': factors,
             'anchored': validation_summary(anchored_records(unseen, factors), tolerance_pct) if factors else None,
             'records': records,

@@ -400,9 +400,11 @@ def _config_parts(plan, get, head, gammas, lam):
 
 
 def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, prior_head, configurations, rounds,
-               burst, seed, clock, budget_s, bar):
+               burst, seed, clock, budget_s, bar, holdout=(), holdout_visits=2, passes=2):
     # type: (...) -> tuple
-    """Time the parts of random configurations at one batch size and fit the entries (see measure_blocks)."""
+    """Time the parts of random configurations at one batch size and fit the entries (see measure_blocks).  The
+    parts of the `holdout` configurations are timed in the same rounds, `holdout_visits` times per round, and left
+    out of the fit; their results (configuration_results, `passes` passes) come last in the returned tuple."""
     cols = [(s.index, g) for s in plan for g in measurable_layouts(s)]
     col = {key: j for j, key in enumerate(cols)}
     head_col = len(cols)
@@ -419,7 +421,15 @@ def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, pr
             rows.append([col[(k, c['gammas'][k])] for k in range(c['lam'])])
         parts.append((server, inputs[c['lam']]))
         rows.append([col[(k, c['gammas'][k])] for k in range(c['lam'], len(plan))] + [head_col])
+    n_fit = len(parts)
+    held, owner = _configuration_parts(plan, get, head, holdout, lambda lam: inputs[lam])
+    visits = max(1, int(holdout_visits))
+    for part in held:
+        parts.extend([part] * visits)
     samples = _time_parts(parts, device, rounds, burst, 1, int(seed) + 13 + int(batch), clock, budget_s, bar)
+    held_samples = [_visits_in_order(samples[n_fit + i * visits:n_fit + (i + 1) * visits]) for i in range(len(held))]
+    held_results = configuration_results(holdout, owner, held_samples, passes) if holdout else []
+    samples = samples[:n_fit]
     times = [_median([v for r in s for v in r]) for s in samples]
     done = min(len(s) for s in samples)
     halves = [split_passes(s[:done], 2) for s in samples]
@@ -433,9 +443,12 @@ def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, pr
     for r in rows:
         for j in r:
             counts[j] += 1
-    info.update({'configurations': len(confs), 'parts': len(parts), 'rounds': done, 'burst': int(burst),
+    info.update({'configurations': len(confs), 'parts': n_fit, 'rounds': done, 'burst': int(burst),
                  'pass_to_pass_pct': noise, 'batch': int(batch)})
-    return dict(zip(cols, costs)), costs[-1], dict(zip(cols, counts)), counts[-1], info, confs
+    if holdout:
+        info.update({'holdout_configurations': len(holdout), 'holdout_parts': len(held),
+                     'holdout_visits_per_round': visits})
+    return dict(zip(cols, costs)), costs[-1], dict(zip(cols, counts)), counts[-1], info, confs, held_results
 
 
 def _chain_batch(plan, x, device, get, head_part, warmup, repeats, max_entry_s, clock, bar):
@@ -486,8 +499,8 @@ def _isolated_batch(model, in_hw, batch, gen, device, head_part, warmup, repeats
 
 def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, max_entry_s=0.0,
                    seed=0, progress=False, timing='fit', clock='wall', fit_configurations=0, fit_rounds=10,
-                   fit_burst=2):
-    # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool, str, str, int, int, int) -> Dict[str, object]
+                   fit_burst=2, holdout=(), holdout_visits=2):
+    # type: (Dict[str, object], int, Sequence[int], str, int, int, float, int, bool, str, str, int, int, int, Sequence[Dict[str, object]], int) -> Dict[str, object]
     """Time every block x measurable layout x batch size, and the head (pooling + classifier) per batch size.
 
     timing='fit' (default): each entry is its MARGINAL cost in a deployed part.  Random configurations (a
@@ -501,8 +514,13 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     with every block in gamma (blocks that cannot run gamma use their deploy form and are not recorded) and
     each block is timed inside the pass.  timing='isolated': each block runs alone in a loop on its input.
     `clock`: 'wall' or 'thread' (clock_fn).
+    `holdout` (fit only): whole configurations ({'gammas', 'lam'}) the fit never sees, their parts timed in the
+    fit's own rounds, `holdout_visits` times per round at shuffled positions (measure_configurations' records,
+    two passes = alternate visits): the LUT's validation in its own time window, so that the machine's drift
+    between windows cannot pass for an error of the LUT (docs/design.md "Measurement protocol").
     Returns {'entries': [{'block', 'layout', 'batch', 'median_ms', 'p10_ms', 'p90_ms', 'mean_ms', 'n', ...}],
-    'head': [{'batch', 'median_ms', ...}], 'fit': {batch: info} (fit only)}.
+    'head': [{'batch', 'median_ms', ...}], 'fit': {batch: info} (fit only), 'holdout': {batch: [record]} (fit
+    with holdout only)}.
     """
     if timing not in TIMING_METHODS:
         raise ValueError('timing must be one of {}, got {!r}'.format(', '.join(TIMING_METHODS), timing))
@@ -512,7 +530,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     plan = model.plan
     in_hw = block_input_hw(plan, input_size)
     entries, head = [], []
-    fits = {}
+    fits, held_out = {}, {}
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 2)
     n_entries = sum(len(measurable_layouts(s)) for s in plan)
@@ -542,10 +560,12 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
                 head.append(dict(head_chain, batch=int(batch)))
                 continue
             prior = {key: st['median_ms'] for key, st in chain.items()}
-            costs, head_cost, counts, head_count, info, confs = _fit_batch(
+            costs, head_cost, counts, head_count, info, confs, held = _fit_batch(
                 model, plan, input_size, batch, device, get, head_part, prior, head_chain['median_ms'],
                 int(fit_configurations) or n_entries, fit_rounds, fit_burst, seed, clock,
-                max_entry_s * n_entries, bar)
+                max_entry_s * n_entries, bar, holdout, holdout_visits)
+            if holdout:
+                held_out[str(int(batch))] = held
             for key, st in chain.items():
                 entries.append(_fitted_row(st, costs[key], counts[key], block=key[0], layout=key[1],
                                            batch=int(batch)))
@@ -559,6 +579,8 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     out = {'entries': entries, 'head': head}
     if timing == 'fit':
         out['fit'] = fits
+        if holdout:
+            out['holdout'] = held_out
     return out
 
 
@@ -613,9 +635,9 @@ def measure_configurations(model, input_size, configs, batch=1, device='cpu', wa
     disagreement (pass_to_pass_pct) is the measurement's own noise, not drift.  Nothing of `model` is changed.
 
     Returns one dict per configuration, in order: {'gammas', 'lam', 'edge': stats or None, 'server': stats
-    or None, 'total': stats of edge + server sample pairs, 'passes': [{'edge_ms', 'server_ms', 'total_ms'}
-    median per pass, 'edge' and 'server' stats per pass], 'rounds', 'burst'}, stats = summarize_ms (median_ms, p10_ms, p90_ms, mean_ms, min_ms, n) in ms (a part not
-    timed counts 0 in the total).
+    or None, 'total': stats of edge + server sample pairs, 'passes': [{'edge_ms', 'server_ms' (medians per pass),
+    'total_ms' (their sum), 'edge' and 'server' stats per pass}], 'rounds' (visits per part), 'burst'}, stats =
+    summarize_ms (median_ms, p10_ms, p90_ms, mean_ms, min_ms, n) in ms (a part not timed counts 0).
     """
     device = torch.device(device)
     plan = model.plan
@@ -623,7 +645,27 @@ def measure_configurations(model, input_size, configs, batch=1, device='cpu', wa
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 3)
     inputs = {}
-    head = (model.gap, model.linear)
+
+    def part_input(start):
+        if start not in inputs:
+            inputs[start] = _part_input(plan, input_size, start, batch, gen, device)
+        return inputs[start]
+    parts, owner = _configuration_parts(plan, get, (model.gap, model.linear), configs, part_input, sides)
+    rounds = interleaved_rounds(rounds, passes)
+    bar = _progress(rounds, progress, 'configurations ({} x {} parts)'.format(len(configs), len(parts)))
+    try:
+        samples = _time_parts([(p.to(device), x) for p, x in parts], device, rounds, burst, warmup, seed, clock,
+                              0.0, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return configuration_results(configs, owner, samples, passes)
+
+
+def _configuration_parts(plan, get, head, configs, part_input, sides=('edge', 'server')):
+    # type: (list, Callable[[int, int], nn.Module], tuple, Sequence[Dict[str, object]], Callable[[int], torch.Tensor], Sequence[str]) -> tuple
+    """The deployed parts to time for whole configurations (checked): ([(part, input)], [(configuration index,
+    'edge' | 'server')]); `part_input(start)` gives the input of a part that starts at block `start`."""
     parts, owner = [], []
     for ci, c in enumerate(configs):
         gammas, lam = [int(g) for g in c['gammas']], int(c['lam'])
@@ -637,36 +679,47 @@ def measure_configurations(model, input_size, configs, batch=1, device='cpu', wa
         for part, start, name in ((edge, 0, 'edge'), (server, lam, 'server')):
             if part is None or name not in sides:
                 continue
-            if start not in inputs:
-                inputs[start] = _part_input(plan, input_size, start, batch, gen, device)
-            parts.append((part.to(device), inputs[start]))
+            parts.append((part, part_input(start)))
             owner.append((ci, name))
-    rounds = interleaved_rounds(rounds, passes)
-    bar = _progress(rounds, progress, 'configurations ({} x {} parts)'.format(len(configs), len(parts)))
-    try:
-        samples = _time_parts(parts, device, rounds, burst, warmup, seed, clock, 0.0, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    return parts, owner
+
+
+def _visits_in_order(copies):
+    # type: (Sequence[List[List[float]]]) -> List[List[float]]
+    """One part timed as several copies per round (samples[copy][round]) as one list of visits, round by round."""
+    rounds = min(len(c) for c in copies) if copies else 0
+    return [c[r] for r in range(rounds) for c in copies]
+
+
+def configuration_results(configs, owner, samples, passes):
+    # type: (Sequence[Dict[str, object]], Sequence[tuple], Sequence[List[List[float]]], int) -> List[Dict[str, object]]
+    """measure_configurations' records from the visits of each configuration part (samples[i][visit] = a burst's
+    times in ms, owner[i] = (configuration index, 'edge' | 'server')): pass p = the visits v with v % passes == p.
+    A pass's total_ms is the sum of its parts' medians, the quantity a LUT sum predicts (each entry a part's typical
+    time); `total` is the distribution of per-visit sums (its spread; under right-skewed noise its median lies
+    about 1 % above the sum of the medians, development measurement on the embedded default)."""
     got = [{'edge': None, 'server': None} for _ in configs]
     for (ci, name), s in zip(owner, samples):
         got[ci][name] = split_passes(s, passes)
+    visits = min((len(s) for s in samples), default=0)
+    burst = len(samples[0][0]) if samples and samples[0] else 0
     out = []
     for c, g in zip(configs, got):
         timed = [g[k] for k in ('edge', 'server') if g[k] is not None]
         per_pass = [[sum(vals) for vals in zip(*[part[p] for part in timed])] for p in range(int(passes))]
         flat = {k: [v for p in g[k] for v in p] if g[k] is not None else None for k in ('edge', 'server')}
-        passes_out = [{'edge_ms': _median(g['edge'][p]) if g['edge'] is not None else 0.0,
-                       'server_ms': _median(g['server'][p]) if g['server'] is not None else 0.0,
-                       'total_ms': _median(per_pass[p]),
-                       'edge': summarize_ms(g['edge'][p]) if g['edge'] is not None else None,
-                       'server': summarize_ms(g['server'][p]) if g['server'] is not None else None}
-                      for p in range(int(passes))]
+        passes_out = []
+        for p in range(int(passes)):
+            parts = {k: _median(g[k][p]) if g[k] is not None else 0.0 for k in ('edge', 'server')}
+            passes_out.append({'edge_ms': parts['edge'], 'server_ms': parts['server'],
+                               'total_ms': parts['edge'] + parts['server'],
+                               'edge': summarize_ms(g['edge'][p]) if g['edge'] is not None else None,
+                               'server': summarize_ms(g['server'][p]) if g['server'] is not None else None})
         out.append({'gammas': [int(v) for v in c['gammas']], 'lam': int(c['lam']),
                     'edge': summarize_ms(flat['edge']) if flat['edge'] is not None else None,
                     'server': summarize_ms(flat['server']) if flat['server'] is not None else None,
                     'total': summarize_ms([v for p in per_pass for v in p]), 'passes': passes_out,
-                    'rounds': rounds, 'burst': int(burst)})
+                    'rounds': visits, 'burst': burst})
     return out
 
 
@@ -768,15 +821,16 @@ def set_threads(threads):
 
 def measure_side(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, repeats=20, threads=0,
                  max_entry_s=0.0, seed=0, progress=False, microbenchmark=True, timing='fit', clock='wall',
-                 fit_configurations=0, fit_rounds=10, fit_burst=2):
-    # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool, str, str, int, int, int) -> Dict[str, object]
+                 fit_configurations=0, fit_rounds=10, fit_burst=2, holdout=(), holdout_visits=2):
+    # type: (Dict[str, object], int, Sequence[int], str, int, int, int, float, int, bool, bool, str, str, int, int, int, Sequence[Dict[str, object]], int) -> Dict[str, object]
     """Everything one side contributes to the LUT, measured here: block entries, head, roofline, metadata (with
-    machine_state() before and after the measurement), settings; with timing='fit' also `fit` (per batch)."""
+    machine_state() before and after the measurement), settings; with timing='fit' also `fit` (per batch) and,
+    given `holdout` configurations, their timings in the fit's rounds (`holdout`, see measure_blocks)."""
     used = set_threads(threads)
     plan = nets.plan_of(arch)
     before = machine_state()
     result = measure_blocks(arch, input_size, batch_sizes, device, warmup, repeats, max_entry_s, seed, progress,
-                            timing, clock, fit_configurations, fit_rounds, fit_burst)
+                            timing, clock, fit_configurations, fit_rounds, fit_burst, holdout, holdout_visits)
     after = machine_state()
     result['roofline'] = roofline_microbenchmark(device) if microbenchmark else None
     meta = device_metadata(device)
@@ -789,4 +843,6 @@ def measure_side(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, rep
     if timing == 'fit':
         result['settings'].update({'fit_configurations': int(fit_configurations), 'fit_rounds': int(fit_rounds),
                                    'fit_burst': int(fit_burst)})
+        if holdout:
+            result['settings']['holdout_visits'] = int(holdout_visits)
     return result

@@ -273,12 +273,23 @@ def lut_validation_note(path: Path) -> Optional[str]:
     if not isinstance(share, (int, float)) or not isinstance(med, (int, float)):
         return None
     tol = obj['summary'].get('tolerance_pct', 10.0)
-    line = (f'LUT validation ({obj.get("side", "?")} side, {obj.get("device", "?")}, {tot.get("count")} whole '
-            f'configurations measured end to end): {100 * share:.0f} % within ±{tol:g} % of the LUT sum, median '
-            f'|error| {med:.1f} %')
+    where = 'timed in the fit\'s own rounds' if obj.get('window') == 'fit' else 'timed after the LUT'
+    line = (f'LUT validation ({obj.get("side", "?")} side, {obj.get("device", "?")}, {tot.get("count")} unseen whole '
+            f'configurations measured end to end, {where}): {100 * share:.0f} % within ±{tol:g} % of the LUT sum, '
+            f'median |error| {med:.1f} %, median signed error {tot.get("median_signed_error_pct", 0.0):+.1f} %')
     noise = obj['summary'].get('noise') or {}
     if isinstance(noise.get('pass_to_pass_pct'), (int, float)):
-        line += f', noise floor {noise["pass_to_pass_pct"]:.1f} % pass to pass'
+        line += (f', noise floor {noise["pass_to_pass_pct"]:.1f} % pass to pass (LUT vs pass 2: '
+                 f'{noise["lut_vs_pass2_median_abs_pct"]:.1f} %)')
+    later = obj.get('later') if isinstance(obj.get('later'), dict) else None
+    if later is not None:
+        lt = (later.get('summary') or {}).get('total') or {}
+        sp = later.get('speed') or {}
+        if isinstance(lt.get('median_signed_error_pct'), (int, float)):
+            line += f'; in a later window of its own the signed error was {lt["median_signed_error_pct"]:+.1f} %'
+            if isinstance(sp.get('factor'), (int, float)):
+                line += f' (the machine ran x{sp["factor"]:.3f} the LUT\'s time there: drift, measured)'
+        obj = later
     speed, anch = obj.get('speed'), (obj.get('anchored') or {}).get('total') or {}
     if isinstance(speed, dict) and isinstance(anch.get('median_abs_error_pct'), (int, float)):
         line += (f'; re-anchored to the validation window\'s speed (x{speed["factor"]:.3f}, from '

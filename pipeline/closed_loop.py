@@ -326,32 +326,41 @@ def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
 def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
                    combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], confirm: int,
                    passes: int, progress: Optional[str] = None,
-                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None
+                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None, band_pct: float = 5.0
                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Measured choice among the top-k: when up to `confirm` of the top-k measured faster than the predicted choice
-    in measure()'s passes, re-measure them and the predicted choice in `passes` fresh interleaved passes and adopt
-    the one with the best median on those fresh passes (ties keep the predicted choice); the records then carry
-    each one's figures pooled over all its passes.  The confirmation is what keeps the max of noisy measurements
-    from deciding alone: a configuration that was only lucky in the first passes meets the predicted choice again
-    on fresh ones, under the same drift.
+    """Measured choice among the top-k (a race): the predicted choice and the top-k configurations measured within
+    the race's band of the best one in measure()'s passes (at most `confirm` of them, fastest first) are re-measured
+    in `passes` fresh interleaved passes, and the one with the best median on those fresh passes is the decision
+    (ties keep the predicted choice); the records then carry each one's figures pooled over all its passes.
+
+    The band is max(`band_pct`, the median disagreement of the top-k's own passes): a configuration that measured
+    below the best by less than the measurement's own noise may be the faster one, so it races too, whether it
+    measured above or below the predicted choice.  Only the fresh passes decide: the first ones put the others on
+    the shortlist for being high, so the max of noisy measurements cannot decide alone; a configuration that was
+    only lucky in the first passes meets the others again on fresh ones, under the same drift.
     `eligible(record)`: whether a configuration may be adopted (step 3: within the edge memory budget).
 
     Returns (the records, the shortlisted ones re-combined over all their passes and the role 'chosen' moved to
     the adopted one, the model's pick keeping 'predicted_choice'; the adoption record: 'adopted', 'source'
-    ('measured' / 'predicted'), the shortlist with each one's first / confirmation / pooled throughput)."""
+    ('measured' / 'predicted'), 'band_pct', the shortlist with each one's first / confirmation / pooled
+    throughput)."""
     recs = [dict(r, roles=list(r['roles'])) for r in records]
     pick = next(i for i, r in enumerate(recs) if 'chosen' in r['roles'])
     fps = lambda r: float(r['measured']['throughput_fps'])  # noqa: E731
     top = [i for i, r in enumerate(recs) if any(x.startswith('top') for x in r['roles'])]
-    faster = sorted((i for i in top if i != pick and fps(recs[i]) > fps(recs[pick])
+    noise = _median_or_none(recs[i]['measured'].get('pass_to_pass_pct') for i in sorted(set(top) | {pick}))
+    band = max(float(band_pct), noise or 0.0)
+    best = max([fps(recs[i]) for i in top] + [fps(recs[pick])])
+    racing = sorted((i for i in top if i != pick and fps(recs[i]) >= best * (1.0 - band / 100.0)
                      and (eligible is None or eligible(recs[i]))), key=lambda i: -fps(recs[i]))
-    faster = faster[:max(0, int(confirm))]
-    out: Dict[str, Any] = {'adopted': False, 'source': 'predicted', 'confirm': int(confirm), 'passes': int(passes)}
-    if not faster:
-        out['why'] = ('no configuration of the top-k measured faster than the predicted choice' if confirm > 0
-                      else 'loop.confirm is 0')
+    racing = racing[:max(0, int(confirm))]
+    out: Dict[str, Any] = {'adopted': False, 'source': 'predicted', 'confirm': int(confirm), 'passes': int(passes),
+                           'band_pct': band}
+    if not racing:
+        out['why'] = (f'no other configuration of the top-k measured within {band:.1f} % of the best measured'
+                      if confirm > 0 else 'loop.confirm is 0')
         return recs, out
-    short = [pick] + faster
+    short = [pick] + racing
     plan = [{k: recs[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in short]
     raw = time_passes(plan, max(1, int(passes)), None) if progress is None else \
         _timed_with_bar(time_passes, plan, passes, progress)
@@ -383,9 +392,37 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
         recs[win['index']]['roles'].append('chosen')
         out.update(adopted=True, source='measured')
     out['shortlist'] = [{k: v for k, v in r.items() if k != 'index'} for r in rows]
-    out['how'] = ('the predicted choice and the top-k configurations that measured faster were re-measured in '
-                  f'{int(passes)} fresh interleaved passes; the best median on those passes is the choice')
+    out['how'] = (f'the predicted choice and the top-k configurations that measured within {band:.1f} % of the best '
+                  f'were re-measured in {int(passes)} fresh interleaved passes; the best median on those passes is '
+                  'the choice')
     return recs, out
+
+
+def evaluate_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
+                    combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], passes: int,
+                    progress: Optional[str] = None) -> Dict[str, Any]:
+    """The decision judged on measurements it never saw: the chosen configuration, the predicted choice and every
+    top-k configuration measured again together in `passes` fresh interleaved passes (loop.evaluate_passes); the
+    chosen one's and the optimizer's pick's throughput as a share of the best of them there.  Every configuration
+    meets the same passes, so no one of them is favoured by the passes that chose it."""
+    idx = [i for i, r in enumerate(records)
+           if any(x.startswith('top') or x in ('chosen', 'predicted_choice') for x in r['roles'])]
+    plan = [{k: records[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in idx]
+    raw = _timed_with_bar(time_passes, plan, passes, progress) if progress else time_passes(plan, passes, None)
+    rows = [{'lam': int(p['lam']), 'roles': list(p['roles']), 'fps': float(combine(p['predicted'], list(res))[
+        'throughput_fps']), 'passes_fps': [float(combine(p['predicted'], [r])['throughput_fps']) for r in res]}
+        for p, res in zip(plan, raw)]
+    best = max(rows, key=lambda r: r['fps'])
+    chosen = next(r for r in rows if 'chosen' in r['roles'])
+    pick = next((r for r in rows if 'predicted_choice' in r['roles']), chosen)
+    return {'kind': 'measured', 'passes': int(passes), 'configurations': rows,
+            'best': {'lam': best['lam'], 'fps': best['fps']},
+            'chosen_over_best_pct': 100.0 * chosen['fps'] / best['fps'],
+            'optimizer_pick_over_best_pct': 100.0 * pick['fps'] / best['fps'],
+            'pass_to_pass_median_pct': _median_or_none(_spread_pct(r['passes_fps']) for r in rows),
+            'load_average': load_average(),
+            'how': 'the chosen configuration, the optimizer\'s pick and the top-k measured again together in fresh '
+                   'interleaved passes that no decision saw'}
 
 
 def _timed_with_bar(time_passes: TimePasses, plan: Sequence[Dict[str, Any]], passes: int,
@@ -558,6 +595,10 @@ def report_line(rep: Dict[str, Any]) -> str:
     g = rep.get('gain_over_best_plain_split')
     if g:
         line += f'; gain over the best plain split: x{g["measured_x"]:.2f} measured, x{g["predicted_x"]:.2f} predicted'
+    ev = rep.get('evaluation')
+    if ev:
+        line += (f'; on {ev["passes"]} fresh evaluation passes no decision saw: chosen = '
+                 f'{ev["chosen_over_best_pct"]:.1f} % of the best (lambda {ev["best"]["lam"]})')
     if rep.get('pass_to_pass_median_pct') is not None:
         line += f'; passes disagree by a median {rep["pass_to_pass_median_pct"]:.1f} %'
     la = (rep.get('load_average') or {}).get('before')
@@ -659,14 +700,18 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
         combine = pseudo_combine(t.batch)
     records = measure(plan, time_passes, combine, lp.passes, progress=label, keep_runs=True)
     records, adoption = confirm_choice(records, time_passes, combine, lp.confirm, lp.confirm_passes,
-                                       f'{label} confirmation', eligible)
+                                       f'{label} confirmation', eligible, lp.confirm_band_pct)
     for r in records:
         r.pop('_runs', None)
     report = dict(loop_report(records, mode, lp.top_k), decision_source=adoption['source'])
+    if lp.evaluate_passes > 0:
+        report['evaluation'] = evaluate_choice(records, time_passes, combine, lp.evaluate_passes,
+                                               f'{label} evaluation')
     return {'decision': dec, 'measurements': records, 'adoption': adoption, 'report': report,
             'server_device': server_device(cfg.device),
             'settings': {'top_k': lp.top_k, 'passes': lp.passes, 'real_samples': lp.real_samples,
-                         'confirm': lp.confirm, 'confirm_passes': lp.confirm_passes}}
+                         'confirm': lp.confirm, 'confirm_passes': lp.confirm_passes,
+                         'confirm_band_pct': lp.confirm_band_pct, 'evaluate_passes': lp.evaluate_passes}}
 
 
 def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],

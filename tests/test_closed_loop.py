@@ -217,12 +217,25 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     row2 = B.loop_row('step 3 domain 1', loop2, 'x.json')
     assert row2[3] == 4 and row2[7] == pytest.approx(100.0) and row2[12] == 'measured'
     assert row2[13] == '90.0 (3)' and row2[14] == pytest.approx(90.0)
+    assert row2[15:] == ['-', None, None]  # no evaluation in this run
     head = {h[0]: h[1] for h in B.headline([row, row2])}
+    assert not any(k.startswith('evaluation') for k in head)
     assert head['steps reaching >= 95 % of the best measured'] == 2
     assert head["the optimizer's own pick >= 95 % of the best measured"] == 1
     assert head['steps decided on measurement (a faster top-k configuration confirmed on fresh passes)'] == 1
     with pytest.raises(B.BenchLoopError, match='y.json: nothing measured'):
         B.loop_row('step 2', {'skipped': 'off', 'decision': {}}, 'y.json')
+    # with the evaluation's fresh passes the target is judged there, the deciding passes' share beside it
+    ev = {'chosen_over_best_pct': 93.0, 'optimizer_pick_over_best_pct': 97.0, 'best': {'lam': 4},
+          'pass_to_pass_median_pct': 1.5}
+    loop['report'] = dict(loop['report'], evaluation=ev)
+    loop2['report'] = dict(loop2['report'], evaluation=dict(ev, chosen_over_best_pct=99.0))
+    r1, r2 = B.loop_row('step 2', loop, 'x.json'), B.loop_row('step 3 domain 1', loop2, 'x.json')
+    assert r1[15:] == ['93.0 (4)', 97.0, 1.5]
+    head = {h[0]: h[1] for h in B.headline([r1, r2])}
+    assert head['evaluation: steps whose choice reached >= 95 % of the best'] == 1
+    assert head['evaluation (fresh passes no decision saw): chosen / best of top-k, worst step'] == 93.0
+    assert head["evaluation: steps whose optimizer's own pick reached >= 95 % of the best"] == 2
 
 
 def test_pseudo_mode_measures_only_against_a_server_side_measured_here_on_this_device():
@@ -337,3 +350,35 @@ def test_adopted_configuration_becomes_the_decision_of_step_2_and_of_a_step_3_do
     assert pay['goal_evaluation']['throughput_fps'] == pytest.approx(C.describe(g1, 3, t)['throughput_fps'])
     st = load_artifact(path, 'joint_state')
     assert (st['gammas'], st['lam'], st['optimizer_choice']['lam'], st['blocks']) == (g1, 3, 2, [])
+
+
+def test_confirm_choice_races_every_top_k_configuration_within_the_band_of_the_best():
+    # lambda 2 measured below the predicted choice (88 < 90) but within 5 % of the best: it races, and stays the
+    # fastest on the fresh passes; lambda 3 (80) lies outside the band and is not re-measured
+    recs, tp, combine, calls = _fake_loop({1: [90.0], 2: [88.0, 88.0, 97.0], 3: [80.0], 4: [50.0]})
+    out, ad = CL.confirm_choice(recs, tp, combine, confirm=4, passes=3, band_pct=5.0)
+    assert ad['band_pct'] == 5.0 and [r['lam'] for r in ad['shortlist']] == [1, 2]
+    assert calls == {1: 5, 2: 5, 3: 2, 4: 2}
+    assert ad['adopted'] and next(r for r in out if 'chosen' in r['roles'])['lam'] == 2
+    # the band widens to the passes' own disagreement: with the passes of lambda 1 and 2 about 30 % apart (median
+    # over the top-k 27 %), lambda 3 at 80 (11 % below the best, 90) races too
+    recs, tp, combine, calls = _fake_loop({1: [105.0, 75.0], 2: [100.0, 76.0], 3: [80.0], 4: [50.0]})
+    _, ad = CL.confirm_choice(recs, tp, combine, confirm=4, passes=3, band_pct=5.0)
+    assert ad['band_pct'] == pytest.approx(100 * 24 / 88) and sorted(r['lam'] for r in ad['shortlist']) == [1, 2, 3]
+    # at most `confirm` race beside the predicted choice, the fastest first
+    recs, tp, combine, _ = _fake_loop({1: [90.0], 2: [95.0], 3: [99.0], 4: [50.0]})
+    _, ad = CL.confirm_choice(recs, tp, combine, confirm=1, passes=3)
+    assert [r['lam'] for r in ad['shortlist']] == [1, 3]
+
+
+def test_evaluate_choice_judges_the_decision_on_fresh_passes_it_never_saw():
+    # measure() sees lambda 1 at 90 and lambda 3 at 99; on the fresh passes lambda 1 keeps 90 and lambda 3 drops to 60
+    recs, tp, combine, calls = _fake_loop({1: [90.0], 2: [95.0], 3: [99.0, 99.0, 60.0], 4: [50.0]})
+    ev = CL.evaluate_choice(recs, tp, combine, passes=3)
+    assert calls == {1: 5, 2: 5, 3: 5, 4: 2}  # every top-k configuration and the chosen one, not the baseline
+    assert ev['kind'] == 'measured' and ev['passes'] == 3 and ev['best'] == {'lam': 2, 'fps': 95.0}
+    assert ev['chosen_over_best_pct'] == pytest.approx(100.0 * 90.0 / 95.0)
+    assert ev['optimizer_pick_over_best_pct'] == ev['chosen_over_best_pct']  # nothing adopted: the same pick
+    rep = CL.loop_report([{k: v for k, v in r.items() if k != '_runs'} for r in recs], 'real', 3)
+    rep['evaluation'] = ev
+    assert 'fresh evaluation passes no decision saw: chosen = 94.7 % of the best (lambda 2)' in CL.report_line(rep)

@@ -485,28 +485,54 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
 # Real mode: the runtime's own per-frame cost, measured once (step 1)
 # ----------------------------------------------------------------------------------------------------------
 
-CALIBRATION_SPLITS = (0.25, 0.5, 0.75)  # where the calibration configurations split, as fractions of N
+CALIBRATION_SPLITS = (0.125, 0.25, 0.5, 0.75, 0.875)  # where the calibration configurations split, fractions of N
+LINK_BOUND = 0.9  # a calibration stream whose link occupancy is this share of its period or more may be link-bound
 
 
 def runtime_overhead(records: Sequence[Dict[str, Any]], batch: int) -> Dict[str, Any]:
-    """The split runtime's per-frame cost on each side beyond the LUT's part times, from configurations streamed
-    through the worker (records: {'lam', 'predicted': cost.describe(), 'measured': real_record()}): the median over
-    them of measured - predicted edge and server stage time, clamped at 0 (ms per batch of `batch`).  It is what
-    receiving, decoding, authenticating and answering a frame cost beside the part's forward pass."""
-    def over(side: str) -> float:
-        d = [r['measured'][f'{side}_ms'] - r['predicted'][f'{side}_ms'] for r in records
+    """The split runtime's per-frame cost on each side beyond the LUT's part times, as the pipelined period shows it,
+    from configurations streamed through the worker (records: {'lam', 'gammas', 'predicted': cost.describe() on the
+    LUT without overhead, 'measured': real_record()}; ms per batch of `batch`).
+
+    A stream's period (batch / measured throughput) is set by its slowest side: the one whose measured stage is the
+    longer (unless the link's occupancy comes within LINK_BOUND of the period).  That side's cost per frame is the
+    period minus its LUT sum: its compute beyond the LUT plus what its other threads take from the same cores
+    (sending, receiving, decoding and authenticating frames), which the stage's own timer does not see.  Each side's
+    overhead is the median of that over the streams it bounds; a side that bounds none falls back to its stage
+    timer's excess (measured - predicted stage time, the rule before: development measurement on the local stand-in
+    device, 2026-12-07, docs/design.md "Closed loop").  Clamped at 0."""
+    rows = []
+    for r in records:
+        m, p = r['measured'], r['predicted']
+        fps = m.get('throughput_fps')
+        period = 1000.0 * int(batch) / float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+        stages = {k: m[f'{k}_ms'] for k in ('edge', 'server') if isinstance(m.get(f'{k}_ms'), (int, float))}
+        bound = max(stages, key=lambda k: stages[k]) if stages else None
+        if period is None or float(p.get('link_ms') or 0.0) >= LINK_BOUND * period:
+            bound = 'link' if period is not None else None
+        rows.append((r, period, bound))
+
+    def over(side: str) -> Tuple[float, str]:
+        d = [period - r['predicted'][f'{side}_ms'] for r, period, bound in rows if bound == side]
+        if d:
+            return max(0.0, float(statistics.median(d))), 'period'
+        d = [r['measured'][f'{side}_ms'] - r['predicted'][f'{side}_ms'] for r, _, _ in rows
              if isinstance(r['measured'].get(f'{side}_ms'), (int, float))]
-        return max(0.0, float(statistics.median(d))) if d else 0.0
-    return {'kind': 'measured', 'edge_ms': over('edge'), 'server_ms': over('server'), 'batch': int(batch),
-            'how': 'median over the calibration configurations of the stage time measured while streaming through '
-                   'client_worker.py minus the LUT\'s sum for that stage; added to every edge / server stage of '
-                   'the cost model at this batch size (timing.lut.cost_tables)',
+        return (max(0.0, float(statistics.median(d))) if d else 0.0), 'stage'
+    (edge, edge_from), (server, server_from) = over('edge'), over('server')
+    return {'kind': 'measured', 'edge_ms': edge, 'server_ms': server, 'batch': int(batch),
+            'from': {'edge': edge_from, 'server': server_from},
+            'how': 'per side, the median over the calibration streams that side bounds of the measured period minus '
+                   'the LUT\'s sum for its stage (from "period"; a side that bounds none: its stage timer\'s excess, '
+                   'from "stage"); added to every edge / server stage of the cost model at this batch size '
+                   '(timing.lut.cost_tables)',
             'configurations': [{'lam': int(r['lam']), 'gammas': [int(g) for g in r['gammas']],
+                                'bound': bound, 'period_ms': period,
                                 'predicted': {k: r['predicted'][k] for k in ('edge_ms', 'server_ms', 'link_ms',
                                                                              'throughput_fps')},
                                 'measured': {k: r['measured'].get(k) for k in ('edge_ms', 'server_ms', 'link_ms',
                                                                                'throughput_fps')}}
-                               for r in records]}
+                               for r, period, bound in rows]}
 
 
 def calibrate_runtime(session: Any, lut: Dict[str, Any], cfg: Any, batch: int) -> Dict[str, Any]:
@@ -530,7 +556,14 @@ def calibrate_runtime(session: Any, lut: Dict[str, Any], cfg: Any, batch: int) -
 def runtime_line(ov: Dict[str, Any]) -> str:
     return (f'runtime overhead per frame (measured: {len(ov["configurations"])} configurations streamed through the '
             f'worker, batch {ov["batch"]}): edge +{ov["edge_ms"]:.3f} ms, server +{ov["server_ms"]:.3f} ms beyond '
-            'the LUT\'s part times; the cost model adds them to every edge / server stage')
+            'the LUT\'s part times' + _overhead_sources(ov) + '; the cost model adds them to every edge / server stage')
+
+
+def _overhead_sources(ov: Dict[str, Any]) -> str:
+    src = ov.get('from') or {}
+    words = {'period': 'from the periods of the streams it bounds', 'stage': 'from its stage timer (it bounded none)'}
+    parts = [f'{side} {words[src[side]]}' for side in ('edge', 'server') if src.get(side) in words]
+    return f' ({"; ".join(parts)})' if parts else ''
 
 
 # ----------------------------------------------------------------------------------------------------------

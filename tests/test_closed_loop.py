@@ -248,18 +248,33 @@ def test_pseudo_mode_measures_only_against_a_server_side_measured_here_on_this_d
     assert 'elsewhere' in CL.pseudo_skip_reason(other, 'cpu')
 
 
-def test_runtime_overhead_is_the_median_excess_of_measured_over_predicted_stages_clamped_at_zero():
-    def rec(lam, pe, me, ps, ms):
-        return {'lam': lam, 'gammas': [0], 'predicted': {'edge_ms': pe, 'server_ms': ps, 'link_ms': 0.1,
+def test_runtime_overhead_is_the_period_minus_the_bounding_sides_lut_sum_with_the_stage_excess_as_fallback():
+    def rec(lam, pe, me, ps, ms, period_ms, link=0.1):
+        return {'lam': lam, 'gammas': [0], 'predicted': {'edge_ms': pe, 'server_ms': ps, 'link_ms': link,
                                                          'throughput_fps': 1.0},
-                'measured': {'edge_ms': me, 'server_ms': ms, 'link_ms': 0.2, 'throughput_fps': 0.5}}
-    recs = [rec(1, 1.0, 1.1, 2.0, 2.3), rec(2, 1.5, 1.55, 1.5, 1.6), rec(3, 2.0, 2.2, 1.0, 1.2)]
+                'measured': {'edge_ms': me, 'server_ms': ms, 'link_ms': 0.2, 'throughput_fps': 1000.0 / period_ms}}
+    # two server-bound streams (server stage the longer), one edge-bound: each side's cost is period - LUT sum,
+    # which includes what the stage timer does not see (the side's sender / receiver threads on the same cores)
+    recs = [rec(1, 1.0, 1.1, 2.0, 2.3, 2.5), rec(2, 1.5, 1.55, 1.5, 1.6, 1.7), rec(3, 2.0, 2.2, 1.0, 1.2, 2.45)]
     ov = CL.runtime_overhead(recs, 1)
-    assert ov['edge_ms'] == pytest.approx(0.1) and ov['server_ms'] == pytest.approx(0.2)
+    assert ov['edge_ms'] == pytest.approx(0.45) and ov['server_ms'] == pytest.approx(0.35)
+    assert ov['from'] == {'edge': 'period', 'server': 'period'}
+    assert [c['bound'] for c in ov['configurations']] == ['server', 'server', 'edge']
+    assert ov['configurations'][0]['period_ms'] == pytest.approx(2.5)
     assert ov['kind'] == 'measured' and len(ov['configurations']) == 3 and ov['batch'] == 1
-    faster = [rec(1, 1.0, 0.9, 2.0, 1.8)]  # a stage measured faster than the LUT adds nothing
+    # the period of a batch of 4 is 4 samples / throughput
+    assert CL.runtime_overhead([rec(3, 2.0, 2.2, 1.0, 1.2, 2.45 / 4)], 4)['edge_ms'] == pytest.approx(0.45)
+    # no edge-bound stream: the edge falls back to its stage timer's excess (median of 0.1, 0.05)
+    only = CL.runtime_overhead(recs[:2], 1)
+    assert only['edge_ms'] == pytest.approx(0.075) and only['from'] == {'edge': 'stage', 'server': 'period'}
+    # a stream that may be link-bound (occupancy >= 0.9 of the period) says nothing about either side's cost
+    linked = CL.runtime_overhead([rec(1, 1.0, 1.1, 2.0, 2.3, 2.5, link=2.4)], 1)
+    assert linked['configurations'][0]['bound'] == 'link' and linked['from'] == {'edge': 'stage', 'server': 'stage'}
+    assert linked['server_ms'] == pytest.approx(0.3)
+    faster = [rec(1, 1.0, 0.9, 2.0, 1.8, 1.9)]  # a side measured faster than the LUT adds nothing
     assert CL.runtime_overhead(faster, 1)['edge_ms'] == 0.0 == CL.runtime_overhead(faster, 1)['server_ms']
-    assert 'edge +0.100 ms, server +0.200 ms' in CL.runtime_line(ov)
+    line = CL.runtime_line(ov)
+    assert 'edge +0.450 ms, server +0.350 ms' in line and 'from the periods of the streams it bounds' in line
 
 
 def _fake_loop(values):

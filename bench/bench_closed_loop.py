@@ -145,7 +145,7 @@ def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
                  sum(r[16] >= 95.0 for r in rows), f'of {len(rows)}']]
     out += [['chosen / best measured of top-k (the deciding passes), worst step', min(share), '%'],
            ['steps reaching >= 95 % of the best measured', sum(s >= 95.0 for s in share), f'of {len(share)}'],
-           ['steps decided on measurement (a faster top-k configuration confirmed on fresh passes)',
+           ['steps decided on measurement (another top-k configuration won the race on fresh passes)',
             sum(r[12] == 'measured' for r in rows), f'of {len(rows)}'],
            ["the optimizer's own pick >= 95 % of the best measured", sum(r[14] >= 95.0 for r in rows),
             f'of {len(rows)}']]

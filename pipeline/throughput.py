@@ -126,7 +126,7 @@ def table_rows(payload: Dict[str, Any]) -> List[List[Any]]:
     rows = TABLE_ROWS
     if 'optimizer_choice' in payload:  # the closed loop adopted a configuration that measured faster
         src['optimizer'] = payload['optimizer_choice']['predicted']
-        rows = (('chosen', 'chosen (measured faster in the closed loop)'),
+        rows = (('chosen', 'chosen (won the closed loop\'s race on measurement)'),
                 ('optimizer', 'optimizer pick (gradient descent + local search)')) + TABLE_ROWS[1:]
     return [[label, src[k]['lam'], src[k]['edge_ms'], src[k]['link_ms'], src[k]['server_ms'], src[k]['latency_ms'],
              src[k]['throughput_fps'], src[k]['bottleneck']] for k, label in rows if k in src]

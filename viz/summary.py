@@ -574,7 +574,7 @@ def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
                 '(unpruned, fused) model on the same LUT and link; meas. gain = the same ratio of their measured '
                 'throughputs (closed loop: see below for what was measured); meas. % of best top-k = the chosen '
                 'configuration\'s measured throughput / the best measured among the top-k best-predicted (where the '
-                'closed loop measured a faster top-k configuration and confirmed it on fresh passes, that one is the '
+                'closed loop\'s race on fresh passes chose another top-k configuration, that one is the '
                 'decision: λ and throughputs are its own, the optimizer\'s pick is the artifact\'s optimizer_choice); '
                 'splits in '
                 'band = other splits whose predicted throughput lies within the LUT\'s uncertainty band (a coin toss '

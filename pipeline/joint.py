@@ -251,6 +251,7 @@ class MeasuredConfig:
     pruned: np.ndarray  # (N, 3) bool
     val_drop_pct: float
     measured: Optional[Dict[str, Any]] = None  # as measure() returns (None: the domain model)
+    fit_loss_pct: float = 0.0  # its train-split loss (A_ref on the surrogate's images - its accuracy there), points
 
 
 @dataclass
@@ -264,6 +265,7 @@ class LoopState:
     pairs: List[Tuple[float, float]] = field(default_factory=list)  # (predicted, measured) increments per round
     se_last: float = 0.0  # standard error of the latest round's paired val difference, points
     stop: str = 'max_rounds'
+    a_fit: float = 0.0  # the domain model's accuracy on the surrogate's train-split images, %
 
     def anchor(self) -> Optional[int]:
         """Index of the latest accepted round (None: the domain model is the anchor)."""
@@ -431,7 +433,9 @@ def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve:
     while True:
         centre = st.measured[idx]
         loss, const = surrogate.centred(st.sens, centre.pruned, centre.val_drop_pct, bud['rho'])
-        out, gammas = solve(problem_for(inp, loss, ref.a_fit, bud['budget_pct'], pruned_before))
+        # the solver spends no more than both splits leave: the centre's branches cost at least its train-split loss
+        spend, _ = surrogate.centred(st.sens, centre.pruned, max(centre.val_drop_pct, centre.fit_loss_pct), bud['rho'])
+        out, gammas = solve(problem_for(inp, spend, ref.a_fit, bud['budget_pct'], pruned_before))
         tried.append(idx)
         pruned = _pruned_of(inp, gammas)
         nxt = surrogate.nearest(pruned, masks)
@@ -513,11 +517,17 @@ def held_out(inp: Inputs, gammas: Sequence[int]) -> bool:
     return bool(_pruned_of(inp, gammas).any())
 
 
+def st_fit_loss(st: LoopState, m: Dict[str, Any]) -> float:
+    """A measured configuration's train-split loss, points (the domain model's fit accuracy is st.a_fit)."""
+    return st.a_fit - float(m['fit_accuracy_pct'])
+
+
 def _absorb(inp: Inputs, st: LoopState, rec: Dict[str, Any], model: HyperRepVGG, sens: np.ndarray) -> None:
     """The loop state after round `rec` (measured now or read from its checkpoint)."""
     st.rounds.append(rec)
     st.measured.append(MeasuredConfig(f'round {rec["round"]}', _pruned_of(inp, rec['gammas']),
-                                      float(rec['measured']['val']['drop_pct']), rec['measured']))
+                                      float(rec['measured']['val']['drop_pct']), rec['measured'],
+                                      st_fit_loss(st, rec['measured'])))
     st.models.append(model)
     st.sens = sens
     upd = rec['surrogate']['update']
@@ -656,7 +666,8 @@ def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
             point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
             write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
         st.measured.append(MeasuredConfig(f'pareto eps={eps:g}', _pruned_of(inp, point['gammas']),
-                                          float(point['val_drop_pct']), point['measured']))
+                                          float(point['val_drop_pct']), point['measured'],
+                                          ref.a_fit - float(point['measured']['fit_accuracy_pct'])))
         pareto[k] = point
     return [pareto[k] for k in range(len(sweep))]
 
@@ -847,7 +858,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
              'one-sided 95 % bound of the paired val drop' if j.acceptance == 'bound' else 'the val drop (point rule)',
              j.epsilon)
 
-    st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm,
+    st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm, a_fit=refs.a_fit,
                    measured=[MeasuredConfig('domain model', np.zeros((len(inp.available), 3), dtype=bool), 0.0)])
     _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
     timing['rounds_s'] = float(sum(rec['wall_s'] for rec in st.rounds))

@@ -1,13 +1,21 @@
-"""Step 3's accuracy surrogate, kept honest: additive branch losses re-centred on the latest accepted configuration,
-a calibration factor fitted on the measured rounds, a confidence margin in the solver's budget, and its error on
+"""Step 3's accuracy surrogate, kept honest: additive branch losses centred on a measured configuration, a
+calibration factor fitted on the measured rounds, a confidence margin in the solver's budget, and its error on
 configurations it was not fitted to.  Pure functions of arrays (points of accuracy); no prints, no files.
 
-The surrogate of a configuration u is  drop(u) = sum over the anchor's pruned branches of their share of the
-anchor's measured loss  +  rho * sum over u's other pruned branches of their sensitivity measured ON THE ANCHOR
-(one branch pruned at a time).  The anchor is the latest accepted configuration (the domain model before any);
-its measured loss is exact by construction, the marginal sensitivities include the interactions with what is
-already pruned, and rho (measured over predicted increments of the earlier rounds, fine-tuning included) corrects
-the part single-branch measurements miss.
+The sensitivities (train split) are re-measured around the latest accepted configuration: its pruned branches
+carry their share of its measured train-split loss, the others their marginal loss measured on it (one branch
+pruned at a time), and rho (measured over predicted increments of the earlier rounds, fine-tuning included)
+corrects the part single-branch measurements miss.
+
+The prediction of a configuration u is centred on a measured configuration m (the domain model, a round, an
+earlier point of the epsilon sweep: the one nearest u, `nearest`) with pruned set M and measured val drop v_m:
+
+    drop(u) = v_m  -  sum over M minus U of the shares of max(0, v_m)  +  rho * sum over U minus M of the sensitivities
+
+(`centred`: per-branch losses plus a constant, so the goal program stays additive).  Centring on the nearest
+measured configuration carries what a measurement knows and the sensitivities miss (interactions, fine-tuning,
+the val images' own draw, shared by configurations that differ in a few branches) into the prediction of its
+neighbours; docs/design.md#surrogate.
 """
 from __future__ import annotations
 
@@ -40,16 +48,44 @@ def calibration_factor(pairs: Sequence[Tuple[float, float]]) -> float:
     return float(np.clip(meas / pred, *RHO_RANGE))
 
 
-def for_solver(sens: np.ndarray, anchor_pruned: np.ndarray, rho: float) -> np.ndarray:
-    """The sensitivities the goal program sums: the anchor's shares as they are, the others times rho."""
-    sens = np.asarray(sens, dtype=np.float64)
-    return np.where(np.asarray(anchor_pruned, dtype=bool), sens, sens * float(rho))
-
-
 def increment(sens: np.ndarray, anchor_pruned: np.ndarray, want_pruned: np.ndarray) -> float:
     """Unscaled surrogate increment (points) of pruning `want_pruned` (N, 3) beyond the anchor."""
     new = np.asarray(want_pruned, dtype=bool) & ~np.asarray(anchor_pruned, dtype=bool)
     return float(np.nansum(np.where(new, np.clip(sens, 0.0, None), 0.0)))
+
+
+def distance(pruned: np.ndarray, other: np.ndarray) -> int:
+    """How far measured configuration `other` is from `pruned` ((N, 3) bool each): branches it prunes that `pruned`
+    restores count twice (their shares are the less certain part), branches `pruned` adds once."""
+    a, b = np.asarray(pruned, dtype=bool), np.asarray(other, dtype=bool)
+    return int(2 * (b & ~a).sum() + (a & ~b).sum())
+
+
+def nearest(pruned: np.ndarray, measured: Sequence[np.ndarray]) -> int:
+    """Index of the measured configuration (pruned masks, oldest first) nearest `pruned` (`distance`; ties: the
+    latest).  `measured` must not be empty (the domain model, nothing pruned, is always measured)."""
+    if not len(measured):
+        raise ValueError('surrogate.nearest: no measured configuration')
+    return min(range(len(measured)), key=lambda i: (distance(pruned, measured[i]), -i))
+
+
+def centred(sens: np.ndarray, anchor_pruned: np.ndarray, anchor_drop_pct: float, rho: float
+            ) -> Tuple[np.ndarray, float]:
+    """The surrogate centred on a measured configuration: (per-branch losses (N, 3), constant), with
+    drop(u) = constant + sum of the losses of u's pruned branches.  The anchor's pruned branches share max(0, its
+    measured drop) in proportion to their sensitivities (equally when those are all <= 0); every other branch
+    carries rho x its sensitivity (>= 0; NaN: not measured, kept NaN).  The constant is the measured drop less the
+    shares: 0 for a loss, the gain itself for a negative drop."""
+    sens = np.clip(np.asarray(sens, dtype=np.float64), 0.0, None)
+    pruned = np.asarray(anchor_pruned, dtype=bool)
+    shares, _ = correct_sensitivities(np.nan_to_num(sens), pruned, anchor_drop_pct)
+    loss = np.where(pruned, shares, sens * float(rho))
+    return loss, float(anchor_drop_pct) - float(np.where(pruned, shares, 0.0).sum())
+
+
+def predict(loss: np.ndarray, constant: float, pruned: np.ndarray) -> float:
+    """drop(u) of `centred`'s surrogate for the configuration pruning `pruned` (N, 3), points."""
+    return float(constant) + float(np.nansum(np.where(np.asarray(pruned, dtype=bool), loss, 0.0)))
 
 
 def margin_pct(epsilon: float, n_val: int, se_last_pct: float, z: float) -> float:

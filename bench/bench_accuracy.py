@@ -75,7 +75,8 @@ def read_cases(rd: Path, seed: int, eps: float) -> List[Dict[str, Any]]:
                     'held_out_errors_pct': held,
                     'held_out_points': [{'where': q['where'], 'error_pct': q['error_pct'],
                                          'val_drop_pct': q['measured_val_drop_pct'],
-                                         'test_drop_pct': q.get('measured_test_drop_pct')} for q in pts],
+                                         'test_drop_pct': q.get('measured_test_drop_pct'),
+                                         'centre_distance': q.get('centre_distance')} for q in pts],
                     'val_images': obj['data_roles']['val']['images'],
                     'test_images': obj['data_roles']['test']['images']})
     return out
@@ -121,8 +122,11 @@ def summarize(cases: Sequence[Dict[str, Any]], today: Sequence[Dict[str, Any]], 
     pts = [q for c in cases for q in c.get('held_out_points') or []]
     floor = [abs(q['val_drop_pct'] - q['test_drop_pct']) for q in pts if q['test_drop_pct'] is not None]
     out['surrogate_noise_floor_pct'] = float(np.median(floor)) if floor else None
-    for part, keep in (('rounds', lambda w: w.startswith('round')), ('pareto', lambda w: w.startswith('pareto'))):
-        e = [abs(q['error_pct']) for q in pts if keep(q['where'])]
+    for part, keep in (('rounds', lambda q: q['where'].startswith('round')),
+                       ('pareto', lambda q: q['where'].startswith('pareto')),
+                       # pruned sets no configuration measured before had (a round may re-deploy a rejected one)
+                       ('new_sets', lambda q: q.get('centre_distance') is not None and q['centre_distance'] > 0)):
+        e = [abs(q['error_pct']) for q in pts if keep(q)]
         out[f'surrogate_median_abs_error_{part}_pct'] = float(np.median(e)) if e else None
         out[f'surrogate_held_out_{part}_points'] = len(e)
     if today:
@@ -235,6 +239,8 @@ def headline_for(s: Dict[str, Any]) -> List[List[Any]]:
             ['surrogate median |error|: rounds / Pareto points',
              f'{f(s.get("surrogate_median_abs_error_rounds_pct"))} / {f(s.get("surrogate_median_abs_error_pareto_pct"))}',
              'points'],
+            [f'surrogate median |error|, the {s.get("surrogate_held_out_new_sets_points")} whose pruned set was '
+             'never measured before', s.get('surrogate_median_abs_error_new_sets_pct'), 'points'],
             ['measurement noise floor: median |val drop - test drop| of the same held-out configurations',
              s.get('surrogate_noise_floor_pct'), 'points'],
             ['gain over best plain split, seed 0: this method / today\'s',

@@ -30,10 +30,12 @@ from accuracy import pruning, surrogate
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
-JOINT_VERSION = 3  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
-SURROGATE_NOTE = ('surrogate: predicted accuracy drop (points, train split) = the anchor configuration\'s measured '
-                  'loss + rho x the marginal sensitivities measured on it; a prediction, compared here with the '
-                  'measured val drop of each configuration')
+JOINT_VERSION = 4  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
+SURROGATE_NOTE = ('surrogate: predicted val drop (points) = the measured val drop of the measured configuration '
+                  'nearest the candidate, less the shares of the branches it restores, + rho x the train-split '
+                  'sensitivities of the branches it adds; a prediction made before the candidate was measured, '
+                  'compared here with its measured val drop')
+RECENTRES = 2  # re-solves at most, each centred on the measured configuration nearest the previous solution
 
 
 def state_path(cfg: Config, d: int) -> Path:
@@ -243,15 +245,27 @@ class Reference:
 
 
 @dataclass
+class MeasuredConfig:
+    """A configuration whose val drop was measured: a centre of the surrogate for the configurations near it."""
+    where: str  # 'domain model', 'round r', 'pareto eps=e'
+    pruned: np.ndarray  # (N, 3) bool
+    val_drop_pct: float
+    measured: Optional[Dict[str, Any]] = None  # as measure() returns (None: the domain model)
+    fit_loss_pct: float = 0.0  # its train-split loss (A_ref on the surrogate's images - its accuracy there), points
+
+
+@dataclass
 class LoopState:
     """The progressive-pruning loop's state between rounds."""
     sens: np.ndarray  # surrogate sensitivities around the anchor (points, before the calibration factor)
     warm: Optional[Tuple[Sequence[int], int]]  # the solvers' warm start
+    measured: List[MeasuredConfig] = field(default_factory=list)  # the domain model first, then in measured order
     rounds: List[Dict[str, Any]] = field(default_factory=list)
     models: List[HyperRepVGG] = field(default_factory=list)
     pairs: List[Tuple[float, float]] = field(default_factory=list)  # (predicted, measured) increments per round
     se_last: float = 0.0  # standard error of the latest round's paired val difference, points
     stop: str = 'max_rounds'
+    a_fit: float = 0.0  # the domain model's accuracy on the surrogate's train-split images, %
 
     def anchor(self) -> Optional[int]:
         """Index of the latest accepted round (None: the domain model is the anchor)."""
@@ -396,6 +410,43 @@ def _budget(inp: Inputs, st: LoopState, ref: Reference, epsilon: float) -> Dict[
             'rho': surrogate.calibration_factor(st.pairs)}
 
 
+def _anchor_pruned(inp: Inputs, st: LoopState) -> np.ndarray:
+    """(N, 3) bool: the branches the latest accepted round prunes (none before any)."""
+    anchor = st.anchor()
+    return np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
+        _pruned_of(inp, st.rounds[anchor]['gammas'])
+
+
+def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: Any,
+                  pruned_before: Optional[np.ndarray] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Solve the goal program under the surrogate centred on a measured configuration (accuracy/surrogate.py,
+    `centred`): first the one nearest the latest accepted round, then, while the solution is nearer another measured
+    configuration, re-centred on that one and solved again (RECENTRES at most; a centre is never revisited).
+    `solve(problem)` returns (its result, the solution's gammas); `pruned_before` given: a round (at most
+    joint.max_new_prunes beyond it).  The solver's budget is epsilon less the margin: a measured gain (negative
+    drop) of the centre is predicted but never spent.  Returns (solve's result, budget record with the centre and the
+    prediction made for the solution)."""
+    masks = [m.pruned for m in st.measured]
+    idx = surrogate.nearest(_anchor_pruned(inp, st), masks)
+    bud = _budget(inp, st, ref, eps)
+    tried: List[int] = []
+    while True:
+        centre = st.measured[idx]
+        loss, const = surrogate.centred(st.sens, centre.pruned, centre.val_drop_pct, bud['rho'])
+        # the solver spends no more than both splits leave: the centre's branches cost at least its train-split loss
+        spend, _ = surrogate.centred(st.sens, centre.pruned, max(centre.val_drop_pct, centre.fit_loss_pct), bud['rho'])
+        out, gammas = solve(problem_for(inp, spend, ref.a_fit, bud['budget_pct'], pruned_before))
+        tried.append(idx)
+        pruned = _pruned_of(inp, gammas)
+        nxt = surrogate.nearest(pruned, masks)
+        if nxt in tried or len(tried) > RECENTRES:
+            break
+        idx = nxt
+    return out, dict(bud, centre=centre.where, centre_val_drop_pct=centre.val_drop_pct, constant_pct=const,
+                     centre_distance=surrogate.distance(pruned, centre.pruned), recentred=len(tried) - 1,
+                     predicted_drop_pct=surrogate.predict(loss, const, pruned))
+
+
 def _surrogate_update(inp: Inputs, st: LoopState, model: HyperRepVGG, data: DomainData, ref: Reference,
                       m: Dict[str, Any], before: np.ndarray, rho: float, accepted: bool, d: int, r: int
                       ) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -428,13 +479,13 @@ def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainDat
     sensitivities), or None when it converged."""
     j = inp.cfg.joint
     tr = time.perf_counter()
-    anchor = st.anchor()
     # progressive steps from the latest accepted round (a rejected round is backtracked)
-    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
-        _pruned_of(inp, st.rounds[anchor]['gammas'])
-    bud = _budget(inp, st, ref, j.epsilon)
-    p = problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit, bud['budget_pct'], before)
-    sol = _solve(inp, p, j.solver, d, r, st.warm)
+    before = _anchor_pruned(inp, st)
+
+    def solve(p: goal.GoalProblem) -> Tuple[Dict[str, Any], List[int]]:
+        out = _solve(inp, p, j.solver, d, r, st.warm)
+        return out, out['best'].gammas
+    sol, bud = centred_solve(inp, st, ref, j.epsilon, solve, before)
     best = sol['best']
     last = st.rounds[-1] if st.rounds else None
     if last is not None and last['accepted'] and (best.gammas, best.lam) == (list(last['gammas']), last['lam']):
@@ -443,13 +494,14 @@ def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainDat
     m = measure(inp, model, data, ref, (7000 + d, r))
     accepted = accepts(m, j.epsilon, j.acceptance)
     sens_new, upd = _surrogate_update(inp, st, model, data, ref, m, before, bud['rho'], accepted, d, r)
-    predicted = float(best.evaluation['surrogate_loss_pct'])
+    predicted = bud.pop('predicted_drop_pct')
     rec = {'fingerprint': fp, 'round': r, 'gammas': best.gammas, 'lam': best.lam,
            'branches_pruned': int(pruning.pruned_mask(model).sum()), 'accepted': accepted,
            'val_accuracy_pct': m['val_accuracy_pct'], 'measured': m,
            'xi_accuracy_pct': max(0.0, -j.epsilon - m['val']['lower_pct']),
            'surrogate': dict(bud, predicted_drop_pct=predicted, measured_val_drop_pct=m['val']['drop_pct'],
-                             error_pct=predicted - m['val']['drop_pct'], held_out=True, update=upd),
+                             error_pct=predicted - m['val']['drop_pct'], held_out=held_out(inp, best.gammas),
+                             update=upd),
            'predicted': {k: best.evaluation[k] for k in ('edge_ms', 'link_ms', 'server_ms', 'latency_ms',
                                                          'throughput_fps', 'bottleneck', 'period_ms')},
            'solvers': _solutions(sol), 'fine_tune': hist, 'sensitivity_after_pct': _sens_json(sens_new),
@@ -459,9 +511,23 @@ def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainDat
     return rec, model, sens_new
 
 
-def _absorb(st: LoopState, rec: Dict[str, Any], model: HyperRepVGG, sens: np.ndarray) -> None:
+def held_out(inp: Inputs, gammas: Sequence[int]) -> bool:
+    """Whether a newly measured configuration checks the surrogate: it prunes something (pruning nothing is the
+    domain model itself, measured by the reference, drop 0 by definition)."""
+    return bool(_pruned_of(inp, gammas).any())
+
+
+def st_fit_loss(st: LoopState, m: Dict[str, Any]) -> float:
+    """A measured configuration's train-split loss, points (the domain model's fit accuracy is st.a_fit)."""
+    return st.a_fit - float(m['fit_accuracy_pct'])
+
+
+def _absorb(inp: Inputs, st: LoopState, rec: Dict[str, Any], model: HyperRepVGG, sens: np.ndarray) -> None:
     """The loop state after round `rec` (measured now or read from its checkpoint)."""
     st.rounds.append(rec)
+    st.measured.append(MeasuredConfig(f'round {rec["round"]}', _pruned_of(inp, rec['gammas']),
+                                      float(rec['measured']['val']['drop_pct']), rec['measured'],
+                                      st_fit_loss(st, rec['measured'])))
     st.models.append(model)
     st.sens = sens
     upd = rec['surrogate']['update']
@@ -479,7 +545,7 @@ def _run_rounds(inp: Inputs, st: LoopState, model0: HyperRepVGG, bn_file0: Optio
         path = rd / f'round_{r:03d}.json'
         done = _read_checkpoint(path, 'joint_round', fp, model0, cfg, bn_file0)
         if done is not None:
-            _absorb(st, done[0], done[1], _sens_array(done[0]['sensitivity_after_pct']))
+            _absorb(inp, st, done[0], done[1], _sens_array(done[0]['sensitivity_after_pct']))
             log.info('domain %d: round %d resumed from %s', d, r, path)
             continue
         out = round_phase(inp, st, model0, data, ref, d, r, fp)
@@ -494,7 +560,7 @@ def _run_rounds(inp: Inputs, st: LoopState, model0: HyperRepVGG, bn_file0: Optio
                  '(one-sided 95 %% bound %.2f, surrogate predicted %.2f): %s', d, r, rec['branches_pruned'],
                  rec['lam'], rec['predicted']['throughput_fps'], v['drop_pct'], 0.0 - v['lower_pct'],
                  rec['surrogate']['predicted_drop_pct'], 'accepted' if rec['accepted'] else 'rejected')
-        _absorb(st, rec, model, sens_new)
+        _absorb(inp, st, rec, model, sens_new)
 
 
 def final_pick(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, ref: Reference) -> FinalPick:
@@ -522,11 +588,12 @@ def _interval(ref_pct: float, paired: Dict[str, Any]) -> List[float]:
 
 
 def _measured_like(st: LoopState, fin: FinalPick, inp: Inputs, gammas: Sequence[int]) -> Optional[Dict[str, Any]]:
-    """The measurement of an earlier configuration that prunes exactly the same branches, if any."""
+    """The measurement of an earlier configuration (a round, an earlier point of the sweep, the final pick) that
+    prunes exactly the same branches, if any."""
     want = _pruned_of(inp, gammas)
-    for rec in st.rounds:
-        if (_pruned_of(inp, rec['gammas']) == want).all():
-            return rec['measured']
+    for mc in st.measured:
+        if mc.measured is not None and (mc.pruned == want).all():
+            return mc.measured
     return fin.measured if (_pruned_of(inp, fin.gammas) == want).all() else None
 
 
@@ -535,14 +602,12 @@ def pareto_path(cfg: Config, d: int, k: int) -> Path:
     return rounds_dir(cfg, d) / f'pareto_{k:03d}.json'
 
 
-def point_problem(inp: Inputs, st: LoopState, ref: Reference, eps: float) -> Tuple[goal.GoalProblem, Dict[str, float]]:
-    """The goal program of a point solved after the rounds (a Pareto point, the chain's decision): the final
-    surrogate around the latest accepted round and its margin-reduced budget for `eps`; (problem, budget)."""
-    anchor = st.anchor()
-    before = np.zeros((len(inp.available), 3), dtype=bool) if anchor is None else \
-        _pruned_of(inp, st.rounds[anchor]['gammas'])
-    bud = _budget(inp, st, ref, eps)
-    return problem_for(inp, surrogate.for_solver(st.sens, before, bud['rho']), ref.a_fit, bud['budget_pct']), bud
+def point_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: Any
+                ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A point solved after the rounds (a Pareto point, the chain's decision): centred_solve on the surrogate as it
+    stands (the rounds and the sweep's earlier points measured) with the margin-reduced budget for `eps`, no step
+    limit; (solve's dict, budget record)."""
+    return centred_solve(inp, st, ref, eps, solve)
 
 
 def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
@@ -558,47 +623,53 @@ def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVG
 
 def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
                  ref: Reference, d: int, k: int, eps: float) -> Dict[str, Any]:
-    """One point of the epsilon sweep: solved on the final surrogate (margin-reduced budget), deployed (pruned,
+    """One point of the epsilon sweep: solved on the surrogate as it stands (point_solve), deployed (pruned,
     fine-tuned) and measured, or the measurement of a round that prunes exactly the same branches."""
     from accuracy.training import seeded_generator
     j = inp.cfg.joint
     t0 = time.perf_counter()
-    p, bud = point_problem(inp, st, ref, eps)
-    sp = goal.solve(p, 'gd' if j.solver == 'gd' else 'milp',
-                    seeded_generator(inp.cfg.seed, 4000 + d, k), _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)),
-                    j.milp_time_limit_s)['best']
-    m, held_out = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
-                                f'domain {d} pareto eps={eps:g}')
-    predicted = float(sp.evaluation['surrogate_loss_pct'])
+
+    def solve(p: goal.GoalProblem) -> Tuple[Any, List[int]]:
+        best = goal.solve(p, 'gd' if j.solver == 'gd' else 'milp', seeded_generator(inp.cfg.seed, 4000 + d, k),
+                          _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)), j.milp_time_limit_s)['best']
+        return best, best.gammas
+    sp, bud = point_solve(inp, st, ref, eps, solve)
+    m, new = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
+                           f'domain {d} pareto eps={eps:g}')
+    predicted = bud.pop('predicted_drop_pct')
     return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
             'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
             'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
             'val_lower_pct': m['val']['lower_pct'], 'accepted': accepts(m, eps, inp.cfg.joint.acceptance),
             'predicted_drop_pct': predicted, 'error_pct': predicted - m['val']['drop_pct'],
-            'held_out': held_out, 'budget': bud,
+            'held_out': new and held_out(inp, sp.gammas), 'budget': bud, 'measured': m,
             'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
             'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
             'solver': sp.solver, 'status': sp.status, 'wall_s': time.perf_counter() - t0}
 
 
 def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
-                 ref: Reference, d: int, fp: str, command: str,
-                 only: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
-    """The epsilon sweep, point by point (pareto_point), each checkpointed in domain_<d>_rounds/pareto_<k>.json and
-    resumed from there; `only`: compute just those indices (one Ray task per (domain, epsilon)) and return them."""
-    pareto = []
-    for k, eps in enumerate(inp.cfg.joint.epsilon_sweep):
-        if only is not None and k not in only:
-            continue
+                 ref: Reference, d: int, fp: str, command: str) -> List[Dict[str, Any]]:
+    """The epsilon sweep in increasing epsilon, point by point (pareto_point), each checkpointed in
+    domain_<d>_rounds/pareto_<k>.json and resumed from there; each measured point joins the surrogate's measured
+    configurations before the next is solved (so every prediction is still made before its own measurement).
+    Returns the points in joint.epsilon_sweep's order."""
+    pareto: Dict[int, Dict[str, Any]] = {}
+    sweep = inp.cfg.joint.epsilon_sweep
+    for k in sorted(range(len(sweep)), key=lambda i: (sweep[i], i)):
+        eps = sweep[k]
         path = pareto_path(inp.cfg, d, k)
         done = _load_checkpoint(path, 'joint_pareto', fp)
         if done is not None and done['point']['epsilon'] == float(eps):
-            pareto.append(done['point'])
-            continue
-        point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
-        write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
-        pareto.append(point)
-    return pareto
+            point = done['point']
+        else:
+            point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
+            write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
+        st.measured.append(MeasuredConfig(f'pareto eps={eps:g}', _pruned_of(inp, point['gammas']),
+                                          float(point['val_drop_pct']), point['measured'],
+                                          ref.a_fit - float(point['measured']['fit_accuracy_pct'])))
+        pareto[k] = point
+    return [pareto[k] for k in range(len(sweep))]
 
 
 def pareto_todo(cfg: Config, d: int, fp: str) -> List[int]:
@@ -628,10 +699,13 @@ def _surrogate_report(st: LoopState, pareto: List[Dict[str, Any]]) -> Dict[str, 
     points = [{'where': f'round {rec["round"]}', 'predicted_drop_pct': rec['surrogate']['predicted_drop_pct'],
                'measured_val_drop_pct': rec['measured']['val']['drop_pct'],
                'measured_test_drop_pct': rec['measured']['test']['drop_pct'],
-               'error_pct': rec['surrogate']['error_pct'], 'held_out': True} for rec in st.rounds]
+               'error_pct': rec['surrogate']['error_pct'], 'held_out': rec['surrogate']['held_out'],
+               'centre': rec['surrogate'].get('centre'), 'centre_distance': rec['surrogate'].get('centre_distance')}
+              for rec in st.rounds]
     points += [{'where': f'pareto eps={p["epsilon"]:g}', 'predicted_drop_pct': p['predicted_drop_pct'],
                 'measured_val_drop_pct': p['val_drop_pct'], 'measured_test_drop_pct': p['test_drop_pct'],
-                'error_pct': p['error_pct'], 'held_out': p['held_out']} for p in pareto]
+                'error_pct': p['error_pct'], 'held_out': p['held_out'], 'centre': p['budget'].get('centre'),
+                'centre_distance': p['budget'].get('centre_distance')} for p in pareto]
     return {'note': SURROGATE_NOTE, 'points': points,
             'held_out': surrogate.error_summary([p for p in points if p['held_out']])}
 
@@ -740,12 +814,13 @@ def _state(inp: Inputs, d: int, fp: str, fin: FinalPick) -> Dict[str, Any]:
 
 
 def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run: Optional[Any] = None,
-               phase: str = 'all', points: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+               phase: str = 'all') -> Dict[str, Any]:
     """Step 3 for domain d; returns {'payload', 'state', 'skipped'}.  `real_run(model, gammas, lam, x, y)` (real
     mode) deploys the configuration and returns the measured dict.  Every phase resumes from its checkpoints, so
     the domain can also run in pieces (pipeline/tasks.py, one Ray task each): phase 'rounds' stops after the
-    rounds ('pareto_todo': the sweep indices still to do), phase 'pareto' computes only the sweep points `points`
-    ('points': them), and phase 'all' then assembles the result from the checkpoints."""
+    rounds ('pareto_todo': the sweep indices still to do), phase 'pareto' computes the sweep ('points': its points,
+    in increasing epsilon each solved after the earlier ones were measured), and phase 'all' then assembles the
+    result from the checkpoints."""
     from accuracy import training
     cfg, j = inp.cfg, inp.cfg.joint
     t_start = time.perf_counter()
@@ -783,14 +858,15 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
              'one-sided 95 % bound of the paired val drop' if j.acceptance == 'bound' else 'the val drop (point rule)',
              j.epsilon)
 
-    st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm)
+    st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm, a_fit=refs.a_fit,
+                   measured=[MeasuredConfig('domain model', np.zeros((len(inp.available), 3), dtype=bool), 0.0)])
     _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
     timing['rounds_s'] = float(sum(rec['wall_s'] for rec in st.rounds))
     if phase == 'rounds':
         return {'payload': None, 'state': None, 'skipped': False, 'pareto_todo': pareto_todo(cfg, d, fp)}
 
     fin = final_pick(inp, st, model0, data, refs)
-    pareto = pareto_phase(inp, st, fin, model0, data, refs, d, fp, command, only=points)
+    pareto = pareto_phase(inp, st, fin, model0, data, refs, d, fp, command)
     if phase == 'pareto':
         return {'payload': None, 'state': None, 'skipped': False, 'points': pareto}
     timing['pareto_s'] = float(sum(p['wall_s'] for p in pareto))
@@ -906,18 +982,22 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG,
         return done['chain']
     t0 = time.perf_counter()
     j = inp.cfg.joint
-    p, bud = point_problem(inp, st, ref, j.epsilon)
-    sec = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available, j.solver,
-                          j.milp_time_limit_s)
-    m, held_out = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
-                                f'domain {d} chain')
+
+    def solve(p: goal.GoalProblem) -> Tuple[Dict[str, Any], List[int]]:
+        out = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available, j.solver,
+                              j.milp_time_limit_s)
+        return out, out['decision']['gammas']
+    sec, bud = point_solve(inp, st, ref, j.epsilon, solve)
+    m, new = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
+                           f'domain {d} chain')
+    predicted = bud.pop('predicted_drop_pct')
     sec['budget'] = bud
     sec['measured'] = {'accuracy_pct': m['test_accuracy_pct'], 'accuracy_ci95_pct': _interval(ref.a_test, m['test']),
                        'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
                        'val_lower_pct': m['val']['lower_pct'], 'accepted': accepts(m, j.epsilon, j.acceptance),
-                       'held_out': held_out, 'predicted_drop_pct': sec['decision']['surrogate_loss_pct'],
+                       'held_out': new and held_out(inp, sec['decision']['gammas']), 'predicted_drop_pct': predicted,
                        'source': 'measured (test): the decision\'s pruning deployed and fine-tuned here'
-                       if held_out else 'measured (test): a round that pruned the same branches'}
+                       if new else 'measured (test): a round that pruned the same branches'}
     sec['wall_s'] = time.perf_counter() - t0
     write_artifact(path, 'joint_chain', {'fingerprint': fp, 'chain': sec}, inp.cfg, command)
     return sec

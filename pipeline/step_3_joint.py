@@ -100,9 +100,9 @@ def summary_line(p: dict) -> str:
 
 
 def fan_out(job: Any, domains: Sequence[int], cfg: Config, on_result: Any) -> None:
-    """Step 3's tasks.  Local executor: one task per domain.  Ray: the domains' rounds, then one task per (domain,
-    epsilon) of the sweep (each deploys and fine-tunes its point), then each domain's result assembled from the
-    checkpoints; a domain whose task failed is left out of the later stages and every failure is reported at the
+    """Step 3's tasks.  Local executor: one task per domain.  Ray: the domains' rounds, then one task per domain for
+    its epsilon sweep (the points in order: each is solved after the earlier ones were measured), then each domain's
+    result assembled from the checkpoints; a domain whose task failed is left out of the later stages and every failure is reported at the
     end (tasks.py; the results equal the local executor's, as every stage resumes the same checkpoints)."""
     import dataclasses
 
@@ -125,15 +125,14 @@ def fan_out(job: Any, domains: Sequence[int], cfg: Config, on_result: Any) -> No
     stage(tasks.joint_rounds_task, list(domains), names, 'step 3 rounds', job,
           lambda d, out: todo.__setitem__(d, out['pareto_todo']))
     again = dataclasses.replace(job, force=False)  # --force redid the rounds; the later stages resume them
-    sweep = cfg.joint.epsilon_sweep
-    points = [(d, k) for d in domains if d in todo for k in todo[d]]
+    sweeps = [d for d in domains if todo.get(d)]
     finished: set = set()
-    stage(tasks.joint_pareto_task, points, [f'domain {d} eps={sweep[k]:g}' for d, k in points], 'step 3 epsilon sweep',
-          again, lambda item, out: finished.add(item))
-    ready = [d for d in domains if d in todo and all((d, k) in finished for k in todo[d])]
+    stage(tasks.joint_pareto_task, sweeps, [f'domain {d} epsilon sweep' for d in sweeps], 'step 3 epsilon sweeps',
+          again, lambda d, out: finished.add(d))
+    ready = [d for d in domains if d in todo and (not todo[d] or d in finished)]
     stage(tasks.joint_domain_task, ready, [f'domain {d}' for d in ready], 'step 3 domains', again, on_result)
     if failed:
-        raise executor.TasksFailed('step3', failed, len(domains) + len(points))
+        raise executor.TasksFailed('step3', failed, len(domains) + len(sweeps))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from artifacts import ArtifactError, load_artifact, write_artifact
 from config import Config
@@ -107,14 +107,13 @@ def joint_rounds_task(job: JointJob, d: int) -> Dict[str, Any]:
     return {'skipped': out['skipped'], 'pareto_todo': out.get('pareto_todo', [])}
 
 
-def joint_pareto_task(job: JointJob, item: Tuple[int, int]) -> Dict[str, Any]:
-    """Point k of domain d's epsilon sweep (item (d, k)), on the rounds' checkpoints; writes its checkpoint and
-    returns {'points': [the point]}."""
+def joint_pareto_task(job: JointJob, d: int) -> Dict[str, Any]:
+    """Domain d's epsilon sweep on the rounds' checkpoints, one point after another (each is solved after the
+    earlier ones were measured: docs/design.md#pareto-sweep); writes their checkpoints and returns {'points'}."""
     import torch
 
     from pipeline import joint
     from pipeline.executor import task_threads
     torch.set_num_threads(task_threads(job.inp.cfg, job.inp.cfg.joint.threads))
-    d, k = item
-    out = joint.run_domain(job.inp, d, job.command, phase='pareto', points=[k])
+    out = joint.run_domain(job.inp, d, job.command, phase='pareto')
     return {'points': out.get('points', [])}

@@ -71,8 +71,43 @@ def test_recentre_puts_the_measured_loss_on_the_pruned_branches():
     want = pruned.copy()
     want[1, 2] = want[0, 1] = True
     assert surrogate.increment(out, pruned, want) == pytest.approx(0.45)
-    solver = surrogate.for_solver(out, pruned, 0.5)
-    assert solver[0, 0] == out[0, 0] and solver[1, 0] == pytest.approx(0.45)
+
+
+def test_centred_surrogate_predicts_from_the_measured_centre():
+    sens = np.array([[0.5, 0.1, np.nan], [0.2, 0.3, -0.4], [np.nan, np.nan, np.nan]])
+    centre = np.array([[True, False, False], [False, True, False], [False, False, False]])
+    loss, const = surrogate.centred(sens, centre, 1.6, 0.5)
+    assert const == 0.0 and loss[0, 0] == pytest.approx(1.0) and loss[1, 1] == pytest.approx(0.6)
+    assert loss[0, 1] == pytest.approx(0.05) and loss[1, 2] == 0.0 and np.isnan(loss[2]).all()  # rho x sens >= 0
+    assert surrogate.predict(loss, const, centre) == pytest.approx(1.6)  # the centre itself: its measured drop
+    more = centre.copy()
+    more[1, 0] = True
+    assert surrogate.predict(loss, const, more) == pytest.approx(1.7)  # + rho x 0.2
+    fewer = centre.copy()
+    fewer[0, 0] = False
+    assert surrogate.predict(loss, const, fewer) == pytest.approx(0.6)  # restores a branch: its share goes
+    # a measured gain (negative drop) is the constant; shares of nothing; sensitivities all <= 0 share equally
+    loss, const = surrogate.centred(sens, centre, -0.8, 1.0)
+    assert const == pytest.approx(-0.8) and loss[centre].sum() == 0.0
+    assert surrogate.predict(loss, const, more) == pytest.approx(-0.6)
+    zero = np.where(np.isnan(sens), np.nan, 0.0)
+    loss, _ = surrogate.centred(zero, centre, 1.0, 1.0)
+    assert loss[0, 0] == pytest.approx(0.5) and loss[1, 1] == pytest.approx(0.5)
+
+
+def test_nearest_measured_configuration_counts_restored_branches_twice():
+    none = np.zeros((2, 3), dtype=bool)
+    a = none.copy()
+    a[0, 0] = True
+    b = a.copy()
+    b[1, 0] = b[1, 1] = True
+    want = a.copy()
+    want[1, 0] = True  # one more than a; b prunes one branch `want` restores
+    assert surrogate.distance(want, a) == 1 and surrogate.distance(want, b) == 2
+    assert surrogate.nearest(want, [none, a, b]) == 1
+    assert surrogate.nearest(a, [none, a, b, a]) == 3  # ties: the latest
+    with pytest.raises(ValueError):
+        surrogate.nearest(a, [])
 
 
 def test_calibration_factor_needs_evidence_and_is_clipped():

@@ -178,21 +178,25 @@ def test_bench_accuracy_noise_floor_split_errors_and_paired_comparison():
     def case(d, a_ref, gain, pts):
         return {'seed': 0, 'domain': d, 'drop_pct': 0.5, 'drop_ci95_pct': [0.0, 1.0], 'a_ref_test_pct': a_ref,
                 'violation_within_interval': True, 'held_out_errors_pct': [p[1] for p in pts], 'gain_x': gain,
-                'held_out_points': [{'where': w, 'error_pct': e, 'val_drop_pct': v, 'test_drop_pct': t}
-                                    for w, e, v, t in pts]}
-    cases = [case(0, 90.0, 1.10, [('round 1', 0.2, 1.0, 1.5), ('pareto eps=4', -2.0, 5.0, 4.0)]),
-             case(1, 80.0, 1.20, [('round 1', -0.4, 0.0, None)])]
+                'held_out_points': [{'where': w, 'error_pct': e, 'val_drop_pct': v, 'test_drop_pct': t,
+                                     'centre_distance': c} for w, e, v, t, c in pts]}
+    cases = [case(0, 90.0, 1.10, [('round 1', 0.2, 1.0, 1.5, 0), ('pareto eps=4', -2.0, 5.0, 4.0, 3)]),
+             case(1, 80.0, 1.20, [('round 1', -0.4, 0.0, None, 1)])]
     today = [{'domain': 0, 'drop_pct': 1.2, 'gain_x': 1.21, 'a_ref_test_pct': 90.0, 'acceptance': 'point'},
              {'domain': 1, 'drop_pct': 0.1, 'gain_x': 1.0, 'a_ref_test_pct': 81.0}]  # other test images: unpaired
     s = ba.summarize(cases, today, 1.0)
     assert s['surrogate_noise_floor_pct'] == pytest.approx(0.75)  # median of |1.0 - 1.5| and |5.0 - 4.0|
     assert s['surrogate_median_abs_error_rounds_pct'] == pytest.approx(0.3)
     assert s['surrogate_median_abs_error_pareto_pct'] == pytest.approx(2.0) and s['surrogate_held_out_pareto_points'] == 1
+    # centre_distance 0: a round re-deploying a pruned set measured before; the split leaves it out
+    assert s['surrogate_held_out_new_sets_points'] == 2
+    assert s['surrogate_median_abs_error_new_sets_pct'] == pytest.approx(1.2)
     assert s['today_paired'] and s['paired_domains'] == 1 and s['today_acceptance'] == ['point']
     assert s['paired_gain_ratio_geomean'] == pytest.approx(1.10 / 1.21)
     assert s['paired_drops_pct'] == [[0, 0.5, 1.2]]
     heads = [h[0] for h in ba.headline_for(s)]
     assert any(h.startswith('paired, 1 domains') for h in heads) and any('noise floor' in h for h in heads)
+    assert any('the 2 whose pruned set was never measured before' in h for h in heads)
 
 
 def _result(name, value):

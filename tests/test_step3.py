@@ -81,8 +81,17 @@ def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
         pts = obj['surrogate']['points']
         assert len(pts) == len(obj['rounds']) + len(obj['pareto'])
         assert obj['surrogate']['held_out']['n'] == sum(p['held_out'] for p in pts)
-        fps = [p['throughput_fps'] for p in obj['pareto']]
-        assert fps[1] >= fps[0] * (1 - 1e-9)  # a looser floor never predicts less throughput
+        names = {'domain model', 'pareto eps=1'} | {f'round {rec["round"]}' for rec in obj['rounds']}
+        for p in obj['pareto']:  # solved in increasing epsilon, each centred on a configuration measured before it
+            assert p['budget']['centre'] in names and p['predicted_drop_pct'] <= p['budget']['budget_pct'] + 1e-9
+            assert p['measured']['val']['drop_pct'] == p['val_drop_pct']
+        assert obj['pareto'][0]['budget']['centre'] != 'pareto eps=1'
+        # (a looser floor may now predict less throughput than a tighter one did: the tighter point's measured drop
+        # is what the surrogate knows of that configuration when it solves the looser one)
+        for rec in obj['rounds']:
+            sur = rec['surrogate']
+            assert sur['held_out'] == (rec['branches_pruned'] > 0) and sur['recentred'] in (0, 1, 2)
+            assert sur['predicted_drop_pct'] <= sur['budget_pct'] + 1e-9
         assert obj['solvers']['gd'] and obj['solvers']['milp'] and 'objective_gap_pct' in obj['solvers']['gap']
         assert set(obj['roofline']) == {'edge', 'server'}
         assert obj['deviations']['xi_accuracy_pct'] >= 0 and 1 <= len(obj['rounds']) <= 2

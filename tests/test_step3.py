@@ -258,15 +258,18 @@ def test_real_mode_deploys_and_measures_through_a_loopback_worker(results, tmp_p
                for r in loop['measurements'])
     # the worker's memory with the edge part against the full model, in the JSON and in step 4's summary.md
     mem = m['memory']
-    assert 0 <= mem['edge_part']['weight_bytes'] < mem['full_model']['weight_bytes'] or obj['lam'] == 22
-    assert mem['full_model']['blocks'] == 22 and mem['edge_part']['blocks'] == obj['lam']
+    # `measured` is the run of the goal program's pick, streamed before the closed loop (docs/artifacts.md): when the
+    # loop's race adopted another split, the memory was measured at the pick's lambda
+    deployed_lam = (obj.get('optimizer_choice') or {}).get('lam', obj['lam'])
+    assert 0 <= mem['edge_part']['weight_bytes'] < mem['full_model']['weight_bytes'] or deployed_lam == 22
+    assert mem['full_model']['blocks'] == 22 and mem['edge_part']['blocks'] == deployed_lam
     for case in ('edge_part', 'full_model'):
         assert mem[case]['peak_rss_bytes'] > 0 and mem[case]['part_rss_bytes'] is not None
     from pipeline import step4_visualize_results as step4
     assert step4.main(['--results_dir', str(res), '--formats', 'png']) == 0
     md = (res / 'visualization' / 'summary.md').read_text()
     assert '## Edge device memory' in md and 'peak RSS, full model (MB)' in md
-    assert json.loads((res / 'visualization' / 'summary.json').read_text())['edge_memory'][0]['lam'] == obj['lam']
+    assert json.loads((res / 'visualization' / 'summary.json').read_text())['edge_memory'][0]['lam'] == deployed_lam
 
 
 def test_chain_goal_program_and_the_two_device_chain(results, tmp_path, capsys):

@@ -474,7 +474,9 @@ def memory_rows(results: Sequence[DomainResult]) -> List[Dict[str, Any]]:
         if not isinstance(mem, dict) or 'edge_part' not in mem or 'full_model' not in mem:
             continue
         e, f = mem['edge_part'], mem['full_model']
-        rows.append({'domain': r.domain, 'lam': r.lam, 'edge_weights_mb': mb(e.get('weight_bytes')),
+        # the split the memory was measured at: the goal program's pick, streamed before a closed loop that may have
+        # adopted another split (docs/artifacts.md, `measured`); its edge part holds blocks [0, lambda)
+        rows.append({'domain': r.domain, 'lam': int(e.get('blocks', r.lam)), 'edge_weights_mb': mb(e.get('weight_bytes')),
                      'full_weights_mb': mb(f.get('weight_bytes')), 'edge_rss_mb': mb(e.get('part_rss_bytes')),
                      'full_rss_mb': mb(f.get('part_rss_bytes')), 'edge_peak_rss_mb': mb(e.get('peak_rss_bytes')),
                      'full_peak_rss_mb': mb(f.get('peak_rss_bytes')),

@@ -184,9 +184,10 @@ def run_case(case: Case, threads: int, seed: int, after_own: bool = False, later
                          fit_burst=case.fit_burst, holdout=configs, holdout_visits=case.holdout_visits)
     side = L.side_payload('server', case.arch, case.input_size, res)
     t_lut = time.perf_counter() - t0
-    rep = L.holdout_validation(side, configs, res['holdout']['1'], 1, 'cpu', TOLERANCE_PCT)
     t0 = time.perf_counter()
-    later = L.validate_side(side, configs, 1, 'cpu', 1, case.rounds, seed, progress=True) if later_check else None
+    rep = L.holdout_validation(side, configs, res['holdout']['1'], 1, 'cpu', TOLERANCE_PCT,
+                               later_rounds=case.rounds if later_check else 0, seed=seed, progress=True)
+    later = rep.get('later')
     t_val = time.perf_counter() - t0
     load_end = common.load_average()
     # after_own: this bench's previous case ran until now, and the 1-minute load average still holds its thread

@@ -58,10 +58,9 @@ def validate(cfg, side_lut, command, configs, held):
     window of its own (how far the machine's speed moved since: `later`)."""
     batch = min(cfg.lut.batch_sizes)
     if held.get(str(batch)):
-        rep = L.holdout_validation(side_lut, configs, held[str(batch)], batch, cfg.device)
-        if cfg.lut.later_check:
-            rep['later'] = L.validate_side(side_lut, configs, batch, cfg.device, 1, cfg.lut.rounds, cfg.seed,
-                                           progress=True)
+        rep = L.holdout_validation(side_lut, configs, held[str(batch)], batch, cfg.device,
+                                   later_rounds=cfg.lut.rounds if cfg.lut.later_check else 0, seed=cfg.seed,
+                                   progress=True)
     else:
         rep = L.validate_side(side_lut, configs, batch, cfg.device, 1, cfg.lut.rounds, cfg.seed, progress=True)
     write_artifact(cfg.path('lut_validation.json'), 'lut_validation', rep, cfg, command)

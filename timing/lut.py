@@ -691,15 +691,17 @@ WINDOWS = ('fit', 'later')  # a validation timed in the fit's own rounds, or in 
 
 
 def holdout_validation(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], results: Sequence[Dict[str, Any]],
-                       batch: int, device: str, tolerance_pct: float = 10.0) -> Dict[str, Any]:
+                       batch: int, device: str, tolerance_pct: float = 10.0, later_rounds: int = 0, seed: int = 0,
+                       progress: bool = False) -> Dict[str, Any]:
     """The validation of a fitted side LUT on configurations the fit never saw but timed in its own rounds
     (timing.measure.measure_side(holdout=...): `results`, one per configuration): same time window, so the
     machine's drift between windows cannot pass for an error of the LUT.  Same report as validate_side's, with
-    window 'fit' (no anchors: the speed is the fit's own)."""
+    window 'fit' (no anchors: the speed is the fit's own).  `later_rounds` > 0: the same configurations are also
+    checked in a later window of their own (validate_side with that many rounds, seeded by `seed`) as 'later'."""
     records = _records(side, configs, results, batch, len(configs))
     unseen = [r for r in records if not r['seen_by_fit']]
     st, meta = side.get('settings') or {}, side.get('metadata') or {}
-    return {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': st.get('timing'),
+    rep = {'side': side['side'], 'device': device, 'batch': int(batch), 'lut_timing': st.get('timing'),
             'window': 'fit', 'summary': validation_summary(unseen, tolerance_pct), 'speed': None, 'anchored': None,
             'records': records, 'machine_state_before': meta.get('machine_state_before'),
             'machine_state_after': meta.get('machine_state_after'), 'cpu_count': os.cpu_count(),
@@ -707,6 +709,10 @@ def holdout_validation(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], 
                          'burst': results[0]['burst'] if results else None, 'passes': len(results[0]['passes'])
                          if results else None, 'seed': st.get('seed'), 'anchors': 0,
                          'visits_per_round': st.get('holdout_visits')}}
+    if later_rounds > 0:
+        rep['later'] = validate_side(side, configs, batch, device, 1, later_rounds, seed, progress=progress,
+                                     tolerance_pct=tolerance_pct)
+    return rep
 
 
 def validate_side(side: Dict[str, Any], configs: Sequence[Dict[str, Any]], batch: int, device: str, warmup: int,

@@ -38,6 +38,25 @@ def _write(path, lut):
     return path
 
 
+def test_edge_side_tables_add_the_edge_part_offsets_and_the_server_side_does_not(measured, tmp_path):
+    server = L.side_payload('server', TINY, 32, dict(measured, roofline={'peak_flops_per_s': 1e11,
+                                                                         'mem_bandwidth_bytes_per_s': 1e10,
+                                                                         'knee_flop_per_byte': 10.0}))
+    lut0 = L.merge(server, dict(server, side='edge'), L.LINK_PRESETS['wifi'], 'fp32')
+    n = lut0['num_blocks']
+    offsets = {'1': [0.01 * (k + 1) for k in range(n)]}
+    payload = L.merge(dict(server, edge_part_offset_ms=offsets), dict(server, side='edge', edge_part_offset_ms=offsets),
+                      L.LINK_PRESETS['wifi'], 'fp32')
+    lut = L.load_lut(_write(tmp_path / 'lut.json', payload))
+    assert lut['edge']['edge_part_offset_ms'] == offsets  # merge carries them
+    assert np.allclose(L.side_ms(lut, 'server', 1), L.side_ms(lut0, 'server', 1), equal_nan=True)
+    want = np.maximum(L.side_ms(lut0, 'edge', 1) + 0.01 * np.arange(1, n + 1)[:, None], 0)
+    assert np.allclose(L.side_ms(lut, 'edge', 1), want, equal_nan=True)
+    payload['edge']['edge_part_offset_ms'] = {'1': [0.0] * (n - 1)}
+    with pytest.raises(ArtifactError, match=r'field "edge"\.edge_part_offset_ms\[1\]: expected \d+ finite times'):
+        L.load_lut(_write(tmp_path / 'bad.json', payload))
+
+
 # --------------------------------------------------------------------------------------------- measurement
 
 def test_measured_entries_cover_exactly_the_measurable_layouts(measured):

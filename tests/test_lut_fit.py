@@ -81,6 +81,41 @@ def test_nnls_matches_scipy():
     assert np.allclose(z, nnls(a, b)[0], atol=1e-8)
 
 
+def test_part_fit_recovers_a_per_split_boundary_cost_as_edge_part_offsets():
+    """A part that ends at lam pays boundary[lam] (the cut's cost) on top of its blocks: additive entries alone
+    miss it, the edge-part offsets (telescoped per-split terms) carry it, and whole unseen configurations are
+    predicted to the timings' own precision."""
+    plan = block_plan(TINY['name'], TINY['width_multiplier'])
+    n, rnd = len(plan), random.Random(4)
+    truth = {(s.index, g): rnd.uniform(0.05, 0.5) for s in plan for g in F.measurable_layouts(s)}
+    boundary = [0.0] + [0.02 + 0.01 * (k % 3) for k in range(1, n + 1)]  # ms, per split lam >= 1
+    head = 0.08
+
+    def parts(c):
+        g, lam = c['gammas'], c['lam']
+        out = [sum(truth[(k, g[k])] for k in range(lam)) + boundary[lam]] if lam > 0 else []
+        return out + [sum(truth[(k, g[k])] for k in range(lam, n)) + head]
+    confs = M.random_fit_configurations(plan, 400, 1)
+    prior = {key: v * rnd.uniform(0.8, 1.25) for key, v in truth.items()}
+    exact = M.fit_part_costs(plan, confs, [t for c in confs for t in parts(c)], prior, head * 1.1, 0.005)[4]
+    # the offsets telescope the boundary: block k's offset = boundary[k + 1] - boundary[k]
+    assert np.abs(np.subtract(exact['edge_part_offset_ms'], np.diff(boundary))).max() < 0.003
+    times = [t * (1 + rnd.gauss(0, 0.002)) for c in confs for t in parts(c)]  # 0.2 % timing noise
+    costs, head_cost, _, _, info = M.fit_part_costs(plan, confs, times, prior, head * 1.1, 0.005)
+    off = info['edge_part_offset_ms']
+    assert len(off) == n and info['edge_part_offset_parts'][0] == sum(c['lam'] > 0 for c in confs)
+    assert abs(head_cost - head) < 0.004 and max(abs(costs[k] - v) for k, v in truth.items()) < 0.02
+    side = {'entries': {L.lut_key(k, g, 1): {'median_ms': v} for (k, g), v in costs.items()},
+            'head': {L.lut_key('head', None, 1): {'median_ms': head_cost}}, 'edge_part_offset_ms': {'1': off}}
+    unseen = M.random_fit_configurations(plan, 50, 2)
+    err = [abs(L.predict_parts(side, c['gammas'], c['lam'], 1)['total_ms'] / sum(parts(c)) - 1) for c in unseen]
+    assert np.median(err) < 0.003
+    no_offsets = dict(side, edge_part_offset_ms={})
+    err0 = [abs(L.predict_parts(no_offsets, c['gammas'], c['lam'], 1)['total_ms'] / sum(parts(c)) - 1)
+            for c in unseen if c['lam'] > 0]
+    assert np.median(err0) > 2 * np.median(err)  # without them the boundary is missed
+
+
 def test_fit_lut_entries_are_marginal_costs_with_meaningful_fields():
     res = M.measure_side(TINY, 32, (1,), 'cpu', warmup=1, repeats=2, threads=1, microbenchmark=False,
                          fit_configurations=20, fit_rounds=2, fit_burst=1)

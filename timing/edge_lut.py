@@ -60,6 +60,9 @@ def side_payload(side, model, input_size, measured):
            'metadata': measured['metadata'], 'settings': measured['settings']}
     if measured.get('fit') is not None:
         out['fit'] = measured['fit']
+        # per batch, block k's extra cost when it runs in an edge part (blocks [0, lam)) rather than a server part
+        out['edge_part_offset_ms'] = {b: list(info['edge_part_offset_ms']) for b, info in measured['fit'].items()
+                                      if info.get('edge_part_offset_ms') is not None}
     return out
 
 

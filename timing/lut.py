@@ -230,6 +230,17 @@ def _check_side(side: Dict[str, Any], where: str) -> None:
         _num(side['head'][k], 'median_ms', f'{where}.head[{k}]')
     _num(side['roofline'], 'knee_flop_per_byte', f'{where}.roofline')
     _num(side['roofline'], 'peak_flops_per_s', f'{where}.roofline')
+    offsets = side.get('edge_part_offset_ms')
+    if offsets is not None:
+        if not isinstance(offsets, dict):
+            raise ArtifactError(f'{where}.edge_part_offset_ms: expected an object batch -> list of ms')
+        n = side.get('num_blocks')
+        for b, vals in offsets.items():
+            if (not isinstance(vals, list) or len(vals) != n or
+                    not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in vals)):
+                raise ArtifactError(f'{where}.edge_part_offset_ms[{b}]: expected {n} finite times in ms (one per '
+                                    f'block), got {vals!r}')
     timing = (side.get('settings') or {}).get('timing')
     if side['source'] == 'measured' and timing not in TIMING_METHODS:
         raise ArtifactError(f'{where}.settings.timing: unknown timing method {timing!r}; this version reads '
@@ -327,6 +338,8 @@ def merge(server: Dict[str, Any], edge: Dict[str, Any], link: LinkSpec, feature_
     for name, side in (('server', server), ('edge', edge)):
         sides[name] = {k: side.get(k) for k in ('source', 'profile', 'entries', 'head', 'roofline', 'metadata',
                                                 'settings', 'batch_sizes')}
+        if side.get('edge_part_offset_ms') is not None:
+            sides[name]['edge_part_offset_ms'] = side['edge_part_offset_ms']
     head = F.head_cost(plan, size, model['num_classes'])._asdict()
     payload = {
         'model': model, 'input_size': size, 'num_blocks': len(plan), 'batch_sizes': batches,
@@ -402,8 +415,17 @@ def load_lut(path: Path) -> Dict[str, Any]:
 # Loaders for the solvers
 # ----------------------------------------------------------------------------------------------------------
 
+def edge_part_offsets(side: Dict[str, Any], batch: int, num_blocks: int) -> np.ndarray:
+    """(N,) block k's extra cost in an edge part (blocks [0, lam)) over its entries, ms, as the fit measured it
+    (timing.measure.measure_blocks; docs/design.md "Measurement protocol"); zeros for a side without (chain or
+    isolated timing, a modelled side)."""
+    vals = (side.get('edge_part_offset_ms') or {}).get(str(int(batch)))
+    return np.zeros(num_blocks) if vals is None else np.asarray(vals, dtype=np.float64)
+
+
 def side_ms(lut: Dict[str, Any], side: str, batch: int) -> np.ndarray:
-    """(N, 14) median times of one side at `batch`, ms; NaN where the layout is not measurable for the block."""
+    """(N, 14) median times of one side at `batch`, ms; NaN where the layout is not measurable for the block.
+    The edge side runs edge parts: its entries plus its edge-part offsets (edge_part_offsets), at least 0."""
     if batch not in lut['batch_sizes']:
         raise LutError(f'batch {batch} is not in the LUT; measured batch sizes: {lut["batch_sizes"]}')
     entries = lut[side]['entries']
@@ -414,6 +436,8 @@ def side_ms(lut: Dict[str, Any], side: str, batch: int) -> np.ndarray:
             if e is None:
                 raise LutError(f'{side} LUT has no entry for block {row["block"]}, gamma {g}, batch {batch}')
             out[row['block'], g] = e['median_ms']
+    if side == 'edge':
+        out = np.maximum(out + edge_part_offsets(lut[side], batch, lut['num_blocks'])[:, None], 0.0)
     return out
 
 
@@ -492,13 +516,15 @@ def random_configurations(model: Dict[str, Any], count: int, rng: np.random.Gene
 
 
 def predict_parts(side: Dict[str, Any], gammas: Sequence[int], lam: int, batch: int) -> Dict[str, float]:
-    """LUT sums of one side for the configuration run entirely on that side: blocks [0, lam) and [lam, N) + head."""
+    """LUT sums of one side for the configuration run entirely on that side: blocks [0, lam) (entries plus the
+    edge-part offsets) and [lam, N) + head."""
     def t(k: int) -> float:
         e = side['entries'].get(lut_key(k, gammas[k], batch))
         if e is None:
             raise LutError(f'LUT has no entry for block {k}, gamma {gammas[k]}, batch {batch}')
         return float(e['median_ms'])
-    edge = sum(t(k) for k in range(lam))
+    off = edge_part_offsets(side, batch, len(gammas))
+    edge = sum(max(0.0, t(k) + float(off[k])) for k in range(lam))
     server = sum(t(k) for k in range(lam, len(gammas))) + float(side['head'][lut_key('head', None, batch)]['median_ms'])
     return {'edge_ms': edge, 'server_ms': server, 'total_ms': edge + server}
 

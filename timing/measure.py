@@ -405,22 +405,17 @@ def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, pr
     """Time the parts of random configurations at one batch size and fit the entries (see measure_blocks).  The
     parts of the `holdout` configurations are timed in the same rounds, `holdout_visits` times per round, and left
     out of the fit; their results (configuration_results, `passes` passes) come last in the returned tuple."""
-    cols = [(s.index, g) for s in plan for g in measurable_layouts(s)]
-    col = {key: j for j, key in enumerate(cols)}
-    head_col = len(cols)
     gen = torch.Generator()
     gen.manual_seed(int(seed) + 5)
     inputs = [_part_input(plan, input_size, lam, batch, gen, device) for lam in range(len(plan) + 1)]
     head = (head_part.gap, head_part.linear)
     confs = random_fit_configurations(plan, configurations, int(seed) + 11 + int(batch))
-    parts, rows = [], []
+    parts = []
     for c in confs:
         edge, server = _config_parts(plan, get, head, c['gammas'], c['lam'])
         if edge is not None:
             parts.append((edge, inputs[0]))
-            rows.append([col[(k, c['gammas'][k])] for k in range(c['lam'])])
         parts.append((server, inputs[c['lam']]))
-        rows.append([col[(k, c['gammas'][k])] for k in range(c['lam'], len(plan))] + [head_col])
     n_fit = len(parts)
     held, owner = _configuration_parts(plan, get, head, holdout, lambda lam: inputs[lam])
     visits = max(1, int(holdout_visits))
@@ -435,20 +430,50 @@ def _fit_batch(model, plan, input_size, batch, device, get, head_part, prior, pr
     halves = [split_passes(s[:done], 2) for s in samples]
     noise = pass_to_pass_pct([_median(h[0]) for h in halves], [_median(h[1]) for h in halves]) \
         if done >= 2 else None
-    prior_vec = [prior[key] for key in cols] + [prior_head]
-    lower = [0.1 * v for v in prior_vec[:-1]] + [0.0]
-    costs, info = fit_entry_costs(rows, times, len(cols) + 1, prior_vec,
-                                  noise_rel=max(0.005, (noise or 2.0) / 100.0), lower_ms=lower)
-    counts = [0] * (len(cols) + 1)
-    for r in rows:
-        for j in r:
-            counts[j] += 1
+    costs, head_cost, counts, head_count, info = fit_part_costs(plan, confs, times, prior, prior_head,
+                                                                max(0.005, (noise or 2.0) / 100.0))
     info.update({'configurations': len(confs), 'parts': n_fit, 'rounds': done, 'burst': int(burst),
                  'pass_to_pass_pct': noise, 'batch': int(batch)})
     if holdout:
         info.update({'holdout_configurations': len(holdout), 'holdout_parts': len(held),
                      'holdout_visits_per_round': visits})
-    return dict(zip(cols, costs)), costs[-1], dict(zip(cols, counts)), counts[-1], info, confs, held_results
+    return costs, head_cost, counts, head_count, info, confs, held_results
+
+
+def fit_part_costs(plan, confs, times_ms, prior, prior_head, noise_rel, edge_offsets=True):
+    # type: (list, Sequence[Dict[str, object]], Sequence[float], Dict[tuple, float], float, float, bool) -> tuple
+    """The fit of measure_blocks from the parts of configurations `confs` (each cut into its edge part, when
+    lam > 0, then its server part: times_ms in that order, ms): the entries {(block, gamma): marginal cost in a
+    server part}, the head's cost (with the server part's per-call overhead), the parts that include each, and
+    info (fit_entry_costs' plus 'edge_part_offset_ms': block k's extra cost in an edge part, and
+    'edge_part_offset_parts': the edge parts that include block k).  `prior` {(block, gamma): ms} and `prior_head`
+    (chain timings) shape what the timings leave undetermined; the offsets' prior is 0, their floor minus half the
+    block's cheapest prior (an edge-part cost stays positive).  `edge_offsets` False: without them (step 1's fit
+    before bench/bench_lut_terms.py measured what they buy; info then has no offsets)."""
+    n = len(plan) if edge_offsets else 0
+    cols = [(s.index, g) for s in plan for g in measurable_layouts(s)]
+    col = {key: j for j, key in enumerate(cols)}
+    head_col = len(cols)
+    off_col = head_col + 1  # off_col + k: block k's edge-part offset
+    rows = []
+    for c in confs:
+        g, lam = c['gammas'], int(c['lam'])
+        if lam > 0:
+            rows.append([col[(k, g[k])] for k in range(lam)] + [off_col + k for k in range(lam) if k < n])
+        rows.append([col[(k, g[k])] for k in range(lam, len(plan))] + [head_col])
+    prior_vec = [prior[key] for key in cols] + [prior_head] + [0.0] * n
+    cheapest = [min(prior[(k, g)] for g in measurable_layouts(plan[k])) for k in range(n)]
+    lower = [0.1 * v for v in prior_vec[:len(cols)]] + [0.0] + [-0.5 * v for v in cheapest]
+    costs, info = fit_entry_costs(rows, times_ms, len(cols) + 1 + n, prior_vec, noise_rel=noise_rel,
+                                  lower_ms=lower)
+    counts = [0] * (len(cols) + 1 + n)
+    for r in rows:
+        for j in r:
+            counts[j] += 1
+    if edge_offsets:
+        info.update({'edge_part_offset_ms': [float(v) for v in costs[off_col:off_col + n]],
+                     'edge_part_offset_parts': counts[off_col:off_col + n]})
+    return dict(zip(cols, costs)), costs[head_col], dict(zip(cols, counts)), counts[head_col], info
 
 
 def _chain_batch(plan, x, device, get, head_part, warmup, repeats, max_entry_s, clock, bar):
@@ -508,8 +533,13 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     into their edge part (blocks [0, lam)) and server part (blocks [lam, N) + head), each part runs as deployed
     (hyper_repvgg.SplitPart of DeployedBlocks, no timer inside) in `fit_rounds` interleaved rounds of one
     untimed and `fit_burst` timed calls, and the entries are fitted to the parts' median times by robust
-    non-negative least squares (fit_entry_costs) with the chain timings as prior.  Per-part overhead lands
-    in block 0's entries (edge) and the head (server): a LUT sum predicts a part.  Budget: max_entry_s x
+    non-negative least squares (fit_entry_costs) with the chain timings as prior.  The entries are the
+    blocks' marginal costs in a server part (its per-call overhead lands in the head); each block also gets an
+    edge-part offset (fit info 'edge_part_offset_ms', one per block, >= -half its cheapest chain time), its extra
+    cost in an edge part: the edge part's own per-call overhead, and what cutting the network at lam costs the
+    part that ends there (a per-split term, telescoped into per-block offsets; docs/design.md "Measurement
+    protocol").  A LUT sum predicts a part: the entries for a server part, entries + offsets for an edge part.
+    Budget: max_entry_s x
     entries for the rounds (>= 1 round).  timing='chain': for each layout gamma, a whole forward pass runs
     with every block in gamma (blocks that cannot run gamma use their deploy form and are not recorded) and
     each block is timed inside the pass.  timing='isolated': each block runs alone in a loop on its input.

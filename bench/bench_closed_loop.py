@@ -40,8 +40,14 @@ COLUMNS = ['step', 'mode', 'coin toss (splits in band)', 'chosen lambda', 'predi
            'best measured of top-k (lambda)', 'chosen / best measured %', 'measured gain over best plain split',
            'predicted gain', 'passes disagree %', 'load avg', 'decision source',
            "optimizer's pick: measured fps (lambda)", "optimizer's pick / best measured %",
-           'evaluation: chosen / best % (best lambda)', "evaluation: optimizer's pick / best %",
-           'evaluation: passes disagree %']
+           'evaluation: chosen / best %', 'evaluation: best lambda', "evaluation: optimizer's pick / best %",
+           'evaluation: chosen / best picked on the other half %',
+           "evaluation: optimizer's pick / best picked on the other half %", 'evaluation: passes disagree %']
+
+
+def cell(row: Sequence[Any], column: str) -> Any:
+    """A row's cell by its column name."""
+    return row[COLUMNS.index(column)]
 
 
 class BenchLoopError(UserError):
@@ -105,14 +111,10 @@ def loop_row(label: str, loop: Optional[Dict[str, Any]], where: str) -> List[Any
 
 def _evaluation_cells(ev: Optional[Dict[str, Any]]) -> List[Any]:
     if not ev:
-        return ['-', None, None]
-    return [f'{ev["chosen_over_best_pct"]:.1f} ({ev["best"]["lam"]})', ev['optimizer_pick_over_best_pct'],
+        return [None] * 6
+    return [ev['chosen_over_best_pct'], ev['best']['lam'], ev['optimizer_pick_over_best_pct'],
+            ev.get('chosen_over_best_crossfit_pct'), ev.get('optimizer_pick_over_best_crossfit_pct'),
             ev.get('pass_to_pass_median_pct')]
-
-
-def _evaluated(r: Sequence[Any]) -> Optional[float]:
-    """The chosen / best share of a row's evaluation, or None when the run had none."""
-    return float(str(r[15]).split()[0]) if r[15] not in ('-', None) else None
 
 
 def read_run(run: Path) -> List[List[Any]]:
@@ -133,27 +135,38 @@ def read_run(run: Path) -> List[List[Any]]:
 
 
 def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
-    share = [r[7] for r in rows]
+    share = [cell(r, 'chosen / best measured %') for r in rows]
     doms = [r for r in rows if r[0].startswith('step 3')]
-    ev = [_evaluated(r) for r in rows]
+    ev = [cell(r, 'evaluation: chosen / best %') for r in rows]
+    cross = [cell(r, 'evaluation: chosen / best picked on the other half %') for r in rows]
     out = []
+    if all(v is not None for v in cross):
+        out += [['evaluation (fresh passes no decision saw), best picked on one half of them and valued on the '
+                 'other: chosen / best, worst step', min(cross), '%'],
+                ['evaluation, best picked on the other half: steps whose choice reached >= 95 %',
+                 sum(v >= 95.0 for v in cross), f'of {len(cross)}'],
+                ["evaluation, best picked on the other half: steps whose optimizer's own pick reached >= 95 %",
+                 sum(cell(r, "evaluation: optimizer's pick / best picked on the other half %") >= 95.0 for r in rows),
+                 f'of {len(rows)}']]
     if all(v is not None for v in ev):
-        out += [['evaluation (fresh passes no decision saw): chosen / best of top-k, worst step', min(ev), '%'],
-                ['evaluation: steps whose choice reached >= 95 % of the best', sum(v >= 95.0 for v in ev),
+        out += [['evaluation: chosen / the max over the same passes (biased up among near-ties), worst step',
+                 min(ev), '%'],
+                ['evaluation: steps whose choice reached >= 95 % of that max', sum(v >= 95.0 for v in ev),
                  f'of {len(ev)}'],
-                ["evaluation: steps whose optimizer's own pick reached >= 95 % of the best",
-                 sum(r[16] >= 95.0 for r in rows), f'of {len(rows)}']]
+                ["evaluation: steps whose optimizer's own pick reached >= 95 % of that max",
+                 sum(cell(r, "evaluation: optimizer's pick / best %") >= 95.0 for r in rows), f'of {len(rows)}']]
     out += [['chosen / best measured of top-k (the deciding passes), worst step', min(share), '%'],
            ['steps reaching >= 95 % of the best measured', sum(s >= 95.0 for s in share), f'of {len(share)}'],
            ['steps decided on measurement (another top-k configuration won the race on fresh passes)',
-            sum(r[12] == 'measured' for r in rows), f'of {len(rows)}'],
-           ["the optimizer's own pick >= 95 % of the best measured", sum(r[14] >= 95.0 for r in rows),
-            f'of {len(rows)}']]
-    gains = [r[8] for r in doms if isinstance(r[8], (int, float)) and r[8] > 0]
+            sum(cell(r, 'decision source') == 'measured' for r in rows), f'of {len(rows)}'],
+           ["the optimizer's own pick >= 95 % of the best measured",
+            sum(cell(r, "optimizer's pick / best measured %") >= 95.0 for r in rows), f'of {len(rows)}']]
+    gains = [g for g in (cell(r, 'measured gain over best plain split') for r in doms)
+             if isinstance(g, (int, float)) and g > 0]
     if gains:
         out.append(['step 3 measured gain over the measured best plain split, geometric mean',
                     math.exp(sum(math.log(x) for x in gains) / len(gains)), 'x'])
-    loads = [r[11] for r in rows if r[11] is not None]
+    loads = [cell(r, 'load avg') for r in rows if cell(r, 'load avg') is not None]
     if loads:
         out.append(['load average (1 min) during the measurements, max', max(loads), ''])
     return out

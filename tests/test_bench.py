@@ -268,3 +268,17 @@ def test_bench_optimizer_step2_cases_include_the_plain_networks_at_224_px():
                                   OptimConfig(steps=60, restarts=1), 0)
     assert lut['num_blocks'] == 17 and 0 <= r['lam'] <= 17 and r['gap_pct'] == 0
     assert r['chosen_fps'] >= max(r['edge_only_fps'], r['server_only_fps']) - 1e-9
+
+
+def test_bench_lut_terms_quick_cross_validates_the_shipped_fit_and_the_alternatives(tmp_path):
+    from bench import bench_lut_terms as B
+    assert B.main(['--quick', '--out_dir', str(tmp_path)]) == 0
+    obj = json.loads((tmp_path / 'lut_terms.json').read_text())
+    rows = {r[0]: r for r in obj['rows']}
+    assert list(rows) == [m[0] for m in B.MODELS]
+    assert all(r[-1] == 40 and r[4] > 0 for r in rows.values())  # every configuration left out once
+    # the ridge model without extra terms is the shipped additive fit (same priors; no bound active)
+    assert rows['ridge: additive'][1] == pytest.approx(rows['shipped fit, additive (step 1 before)'][1], rel=0.05)
+    from errors import UserError
+    with pytest.raises(UserError, match='--rounds 3 .*an even number of rounds'):
+        B.main(['--quick', '--rounds', '3', '--out_dir', str(tmp_path)])

@@ -217,7 +217,7 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     row2 = B.loop_row('step 3 domain 1', loop2, 'x.json')
     assert row2[3] == 4 and row2[7] == pytest.approx(100.0) and row2[12] == 'measured'
     assert row2[13] == '90.0 (3)' and row2[14] == pytest.approx(90.0)
-    assert row2[15:] == ['-', None, None]  # no evaluation in this run
+    assert [B.cell(row2, c) for c in B.COLUMNS[15:]] == [None] * 6  # no evaluation in this run
     head = {h[0]: h[1] for h in B.headline([row, row2])}
     assert not any(k.startswith('evaluation') for k in head)
     assert head['steps reaching >= 95 % of the best measured'] == 2
@@ -227,15 +227,21 @@ def test_bench_closed_loop_rows_and_headline_from_records():
         B.loop_row('step 2', {'skipped': 'off', 'decision': {}}, 'y.json')
     # with the evaluation's fresh passes the target is judged there, the deciding passes' share beside it
     ev = {'chosen_over_best_pct': 93.0, 'optimizer_pick_over_best_pct': 97.0, 'best': {'lam': 4},
-          'pass_to_pass_median_pct': 1.5}
+          'pass_to_pass_median_pct': 1.5, 'chosen_over_best_crossfit_pct': 96.0,
+          'optimizer_pick_over_best_crossfit_pct': 94.0}
     loop['report'] = dict(loop['report'], evaluation=ev)
-    loop2['report'] = dict(loop2['report'], evaluation=dict(ev, chosen_over_best_pct=99.0))
+    loop2['report'] = dict(loop2['report'], evaluation=dict(ev, chosen_over_best_pct=99.0,
+                                                            chosen_over_best_crossfit_pct=101.0))
     r1, r2 = B.loop_row('step 2', loop, 'x.json'), B.loop_row('step 3 domain 1', loop2, 'x.json')
-    assert r1[15:] == ['93.0 (4)', 97.0, 1.5]
+    assert [B.cell(r1, c) for c in B.COLUMNS[15:]] == [93.0, 4, 97.0, 96.0, 94.0, 1.5]
     head = {h[0]: h[1] for h in B.headline([r1, r2])}
-    assert head['evaluation: steps whose choice reached >= 95 % of the best'] == 1
-    assert head['evaluation (fresh passes no decision saw): chosen / best of top-k, worst step'] == 93.0
-    assert head["evaluation: steps whose optimizer's own pick reached >= 95 % of the best"] == 2
+    assert head['evaluation: steps whose choice reached >= 95 % of that max'] == 1
+    assert head['evaluation: chosen / the max over the same passes (biased up among near-ties), worst step'] == 93.0
+    assert head["evaluation: steps whose optimizer's own pick reached >= 95 % of that max"] == 2
+    assert head['evaluation, best picked on the other half: steps whose choice reached >= 95 %'] == 2
+    assert head["evaluation, best picked on the other half: steps whose optimizer's own pick reached >= 95 %"] == 0
+    assert head['evaluation (fresh passes no decision saw), best picked on one half of them and valued on the '
+                'other: chosen / best, worst step'] == 96.0
 
 
 def test_pseudo_mode_measures_only_against_a_server_side_measured_here_on_this_device():
@@ -386,6 +392,16 @@ def test_confirm_choice_races_every_top_k_configuration_within_the_band_of_the_b
     assert [r['lam'] for r in ad['shortlist']] == [1, 3]
 
 
+def test_crossfit_share_picks_the_best_on_one_half_and_values_it_on_the_other():
+    # three configurations tied within the noise: the max over all passes flatters whichever was lucky, while
+    # picking on one half and valuing on the other does not
+    halves = [[100.0, 103.0, 99.0], [103.0, 100.0, 101.0]]
+    # pick on half 0: config 1 (103), valued on half 1: 103 / 100; pick on half 1: config 0 itself: 100 %
+    assert CL.crossfit_share_pct(halves, 0) == pytest.approx((103.0 + 100.0) / 2)
+    # a configuration clearly slower on both halves stays clearly below
+    assert CL.crossfit_share_pct([[100.0, 80.0], [100.0, 82.0]], 1) == pytest.approx((82.0 + 80.0) / 2)
+
+
 def test_evaluate_choice_judges_the_decision_on_fresh_passes_it_never_saw():
     # measure() sees lambda 1 at 90 and lambda 3 at 99; on the fresh passes lambda 1 keeps 90 and lambda 3 drops to 60
     recs, tp, combine, calls = _fake_loop({1: [90.0], 2: [95.0], 3: [99.0, 99.0, 60.0], 4: [50.0]})
@@ -394,6 +410,8 @@ def test_evaluate_choice_judges_the_decision_on_fresh_passes_it_never_saw():
     assert ev['kind'] == 'measured' and ev['passes'] == 3 and ev['best'] == {'lam': 2, 'fps': 95.0}
     assert ev['chosen_over_best_pct'] == pytest.approx(100.0 * 90.0 / 95.0)
     assert ev['optimizer_pick_over_best_pct'] == ev['chosen_over_best_pct']  # nothing adopted: the same pick
+    assert ev['chosen_over_best_crossfit_pct'] == ev['optimizer_pick_over_best_crossfit_pct'] is not None
+    assert CL.evaluate_choice(recs, tp, combine, passes=1)['chosen_over_best_crossfit_pct'] is None
     rep = CL.loop_report([{k: v for k, v in r.items() if k != '_runs'} for r in recs], 'real', 3)
     rep['evaluation'] = ev
     assert 'fresh evaluation passes no decision saw: chosen = 94.7 % of the best (lambda 2)' in CL.report_line(rep)

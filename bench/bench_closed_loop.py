@@ -9,7 +9,9 @@ share the chosen one reaches of it, the measured gain over the measured best pla
 whether the choice was a coin toss on the LUT (runners-up inside its uncertainty band), and the load average at the
 time.  The target (>= 95 %) is judged on the evaluation (`loop.evaluate_passes`, --evaluate_passes): the chosen
 configuration, the optimizer's pick and the top-k measured again together in fresh passes that no decision saw, so
-that the passes which chose a configuration cannot also flatter it.  Every figure is of this machine under its
+that the passes which chose a configuration cannot also flatter it; the best of them is picked on one half of those
+passes and valued, with the chosen one, on the other half (both ways round; pipeline.closed_loop.crossfit_share_pct),
+because the max over the same passes is biased up among near-ties.  The share of that max is shown beside it.  Every figure is of this machine under its
 load: not a property of the method.
 
 --from_run DIR reads a finished local-device run instead of running one.  --quick runs steps 1-2 only on a tiny
@@ -178,8 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--results_dir', default='results', help='finished step 0 to copy (read only) (default: results)')
     p.add_argument('--work_dir', default='results/_bench_closed_loop', help='where the local-device run goes '
                    '(default: results/_bench_closed_loop)')
-    p.add_argument('--evaluate_passes', type=int, default=3, help='fresh passes of the evaluation that judges each '
-                   'decision (loop.evaluate_passes; default: 3)')
+    p.add_argument('--evaluate_passes', type=int, default=4, help='fresh passes of the evaluation that judges each '
+                   'decision (loop.evaluate_passes; even: the best is picked on one half and valued on the other; '
+                   'default: 4)')
     p.add_argument('--from_run', default=None, help='read this finished local-device run instead of running one '
                    '(default: run one)')
     args = p.parse_args(argv)

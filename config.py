@@ -83,8 +83,8 @@ class LutConfig:
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
     timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
     fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
-    fit_rounds: int = 10  # timing=fit: interleaved rounds over the fit's parts (each visits every part once: 1 untimed + 2 timed calls, shuffled order)
-    holdout_visits: int = 2  # timing=fit: visits per fit round of each validation configuration's parts, timed in the fit's own rounds (alternate visits are its two passes)
+    fit_rounds: int = 20  # timing=fit: interleaved rounds over the fit's parts (each visits every part once: 1 untimed + 2 timed calls, shuffled order)
+    holdout_visits: int = 1  # timing=fit: visits per fit round of each validation configuration's parts, timed in the fit's own rounds (alternate visits are its two passes)
     later_check: bool = True  # step 1: also re-time the validation configurations and 4 fit configurations in a window of their own after the LUT (the machine's speed drift since, `later` in lut_validation.json)
     rounds: int = 20  # whole-configuration timing (LUT validation, closed loop in pseudo mode): interleaved rounds over all parts (each visit 1 untimed + 2 timed calls); even and odd rounds are the two passes
 

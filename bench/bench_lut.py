@@ -70,7 +70,7 @@ def default_case(warmup: int, repeats: int, configs: int) -> Case:
     wm = cfg.model.width_multiplier
     return Case('default', f'{cfg.model.name} w{tuple(wm) if wm else "(arch)"} {cfg.model.input_size} px',
                 model_spec(cfg), cfg.model.input_size, warmup, repeats, 0.0, configs, cfg.lut.fit_configurations,
-                cfg.lut.fit_rounds, 2, cfg.lut.rounds)
+                cfg.lut.fit_rounds, 2, cfg.lut.rounds, cfg.lut.holdout_visits)
 
 
 def imagenet_arch(name: str) -> Dict[str, Any]:

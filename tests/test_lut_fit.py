@@ -203,9 +203,9 @@ def test_step1_fit_lut_and_validation_json_fields(tmp_path, capsys):
     server = L.load_side(tmp_path / 'lut_server.json', 'server')
     assert server['settings']['timing'] == 'fit' and server['fit']['1']['configurations'] == 30
     val = json.loads((tmp_path / 'lut_validation.json').read_text())
-    # the unseen configurations were timed in the fit's own rounds (window 'fit'), two visits per round
+    # the unseen configurations were timed in the fit's own rounds (window 'fit'), one visit per round
     assert val['lut_timing'] == 'fit' and val['window'] == 'fit' and val['settings']['passes'] == 2
-    assert val['settings']['visits_per_round'] == 2 and val['speed'] is None and val['anchored'] is None
+    assert val['settings']['visits_per_round'] == 1 and val['speed'] is None and val['anchored'] is None
     assert set(val['summary']['noise']) == {'passes', 'pass_to_pass_pct', 'lut_vs_pass2_median_abs_pct',
                                            'tolerance_pct', 'above_tolerance', 'count'}
     assert len(val['machine_state_before']['load_average']) == 3 and 'machine_state_after' in val

@@ -82,7 +82,7 @@ class LutConfig:
     validation_samples: int = 20  # whole configurations compared end to end in LUT validation
     max_entry_s: float = 0.0  # stop repeating one LUT entry after this many seconds (>= 3 timed runs kept; 0 = no limit)
     timing: str = 'fit'  # fit: each entry its marginal cost, fitted to timed deployed parts of random configurations (chain timings as prior) | chain: blocks timed inside whole forward passes | isolated: each block alone in a loop
-    fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = as many as there are entries)
+    fit_configurations: int = 0  # timing=fit: random configurations whose edge and server parts are timed (0 = twice as many as there are entries)
     fit_rounds: int = 20  # timing=fit: interleaved rounds over the fit's parts (each visits every part once: 1 untimed + 2 timed calls, shuffled order)
     holdout_visits: int = 1  # timing=fit: visits per fit round of each validation configuration's parts, timed in the fit's own rounds (alternate visits are its two passes)
     later_check: bool = True  # step 1: also re-time the validation configurations and 4 fit configurations in a window of their own after the LUT (the machine's speed drift since, `later` in lut_validation.json)

@@ -56,7 +56,7 @@ class Case(NamedTuple):
     repeats: int  # timed chain passes per layout
     max_entry_s: float  # time budget per LUT entry, s (0 = none)
     configs: int  # whole configurations validated (never seen by the fit)
-    fit_configurations: int = 0  # random configurations timed for the fit (0 = as many as entries)
+    fit_configurations: int = 0  # random configurations timed for the fit (0 = twice as many as entries)
     fit_rounds: int = 10  # interleaved rounds over their parts (lut.fit_rounds)
     fit_burst: int = 2  # timed calls per part and round (after one untimed)
     rounds: int = 20  # interleaved rounds of the later window's validation, 1 untimed + 2 timed calls per part (lut.rounds)
@@ -90,7 +90,7 @@ def cases(quick: bool) -> Dict[str, Case]:
     # 2026-12-02), 20 validation configurations in 4 rounds (2 per pass); a call spans several of the machine's
     # ~0.5 s speed episodes, so fewer rounds reach the same noise floor.  About 15 minutes in all, idle.
     return {'default': default_case(warmup=5, repeats=20, configs=20),
-            'a0_224': Case('a0_224', 'RepVGG-A0 224 px', imagenet_arch('RepVGG-A0'), 224, 3, 10, 0.0, 20, 0, 6, 1,
+            'a0_224': Case('a0_224', 'RepVGG-A0 224 px', imagenet_arch('RepVGG-A0'), 224, 3, 10, 0.0, 20, 258, 6, 1,
                            12),
             'b3_224': Case('b3_224', 'RepVGG-B3 224 px', imagenet_arch('RepVGG-B3'), 224, 0, 3, 0.0, 20, 180, 2, 1,
                            4),

@@ -74,9 +74,11 @@ def collect(configs: int, rounds: int, seed: int, progress: bool) -> Dict[str, A
     after = M.machine_state()
     done = min(len(s) for s in samples)
     med = [float(np.median([v for r in s[:done] for v in r])) for s in samples]
+    first_half = [float(np.median([v for r in s[:done // 2] for v in r])) for s in samples]
     passes = [[float(np.median([v for i, r in enumerate(s[:done]) if i % 2 == p for v in r])) for s in samples]
               for p in (0, 1)]
-    return {'plan': plan, 'confs': confs, 'owner': owner, 'median_ms': med, 'pass_ms': passes, 'rounds': done,
+    return {'plan': plan, 'confs': confs, 'owner': owner, 'median_ms': med, 'first_half_ms': first_half,
+            'pass_ms': passes, 'rounds': done,
             'prior': {k: v['median_ms'] for k, v in chain.items()}, 'prior_head': head_chain['median_ms'],
             'machine_state_before': before, 'machine_state_after': after}
 
@@ -147,9 +149,13 @@ def shipped_model(offsets: bool) -> Callable:
     return fit
 
 
-def cross_validate(data: Dict[str, Any], fit: Callable, folds: int, seed: int) -> Dict[str, float]:
-    """Totals of left-out configurations against the fit on the others: median |error|, signed error and |error|
-    against pass 2 (%), and the noise floor (median |pass 1 - pass 2| / pass 2, %)."""
+def cross_validate(data: Dict[str, Any], fit: Callable, folds: int, seed: int, train_configs: int = 0,
+                   half_rounds: bool = False) -> Dict[str, float]:
+    """Totals of left-out configurations (measured on all rounds) against the fit on the others: median |error|,
+    signed error and |error| against pass 2 (%), and the noise floor (median |pass 1 - pass 2| / pass 2, %).
+    `train_configs` > 0: the fit sees only that many of the others (the first in a seeded order); `half_rounds`:
+    its parts' times from the first half of the rounds only (what a fit with half the rounds would have seen)."""
+    train_data = dict(data, median_ms=data['first_half_ms']) if half_rounds else data
     feats = [_features(data['plan'], data['confs'][ci], side) for ci, side in data['owner']]
     by_conf: Dict[int, List[int]] = {}
     for i, (ci, _) in enumerate(data['owner']):
@@ -158,7 +164,9 @@ def cross_validate(data: Dict[str, Any], fit: Callable, folds: int, seed: int) -
     err, vs2, floor = [], [], []
     for f in range(folds):
         test = set(order[f::folds].tolist())
-        predict = fit(data, feats, [i for i, (ci, _) in enumerate(data['owner']) if ci not in test])
+        seen = [ci for ci in order.tolist() if ci not in test]
+        seen = set(seen[:train_configs] if train_configs > 0 else seen)
+        predict = fit(train_data, feats, [i for i, (ci, _) in enumerate(data['owner']) if ci in seen])
         for ci in sorted(test):
             idx = by_conf[ci]
             p = sum(predict(i) for i in idx)
@@ -208,6 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = cross_validate(data, make(args.extra_rel), args.folds, args.seed)
         rows.append([name, r['median_abs_error_pct'], r['median_signed_error_pct'], r['vs_pass2_pct'],
                      r['noise_floor_pct'], r['vs_pass2_pct'] <= r['noise_floor_pct'], r['configurations']])
+    sizes = []
+    n_entries = len(data['prior'])
+    for n_train in sorted({min(n_entries, n_conf - n_conf // args.folds), n_conf - n_conf // args.folds}):
+        for half in (True, False):
+            r = cross_validate(data, shipped_model(True), args.folds, args.seed, n_train, half)
+            sizes.append([n_train, data['rounds'] // 2 if half else data['rounds'], r['median_abs_error_pct'],
+                          r['vs_pass2_pct'], r['noise_floor_pct']])
     flag = ' (LOADED: not claimed)' if loaded else ''
     table = common.table(
         f'Timing models cross-validated ({args.folds} folds) on {n_conf} random configurations of the embedded '
@@ -215,6 +230,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f'{data["machine_state_before"]["load_average"]} -> {data["machine_state_after"]["load_average"]}{flag}',
         ['model', 'median |error| %', 'median signed error %', '|error| vs pass 2 %', 'noise floor %',
          'no worse than a second measurement', 'configurations'], rows)
+    size_table = common.table(
+        f'The shipped fit (with edge-part offsets) against how much it sees: fitted on n configurations\' parts timed '
+        f'in R rounds (the first R), the left-out configurations measured on all {data["rounds"]}{flag}',
+        ['fit configurations n', 'fit rounds R', 'median |error| %', '|error| vs pass 2 %', 'noise floor %'], sizes)
     best = {r[0]: r for r in rows}
     before, now = best[MODELS[0][0]], best[MODELS[1][0]]
     head = [[f'LUT fit median |error|, additive -> with edge-part offsets{flag}', f'{before[1]:.2f} -> {now[1]:.2f}',
@@ -222,10 +241,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ['noise floor (pass to pass)', now[4], '%'],
             ['with offsets no worse than a second measurement', now[5], '']]
     path = common.write_result(args.out_dir, NAME, {'loaded': loaded, 'rows': rows,
+                                                    'sizes': sizes,
                                                     'machine_state': [data['machine_state_before'],
                                                                       data['machine_state_after']]},
-                               machine, args.quick, head, [table], argv)
-    common.print_tables([table], path)
+                               machine, args.quick, head, [table, size_table], argv)
+    common.print_tables([table, size_table], path)
     return 0
 
 

@@ -529,7 +529,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
     """Time every block x measurable layout x batch size, and the head (pooling + classifier) per batch size.
 
     timing='fit' (default): each entry is its MARGINAL cost in a deployed part.  Random configurations (a
-    measurable layout per block and a split; `fit_configurations`, 0 = as many as there are entries) are cut
+    measurable layout per block and a split; `fit_configurations`, 0 = twice as many as there are entries) are cut
     into their edge part (blocks [0, lam)) and server part (blocks [lam, N) + head), each part runs as deployed
     (hyper_repvgg.SplitPart of DeployedBlocks, no timer inside) in `fit_rounds` interleaved rounds of one
     untimed and `fit_burst` timed calls, and the entries are fitted to the parts' median times by robust
@@ -592,7 +592,7 @@ def measure_blocks(arch, input_size, batch_sizes=(1,), device='cpu', warmup=5, r
             prior = {key: st['median_ms'] for key, st in chain.items()}
             costs, head_cost, counts, head_count, info, confs, held = _fit_batch(
                 model, plan, input_size, batch, device, get, head_part, prior, head_chain['median_ms'],
-                int(fit_configurations) or n_entries, fit_rounds, fit_burst, seed, clock,
+                int(fit_configurations) or 2 * n_entries, fit_rounds, fit_burst, seed, clock,
                 max_entry_s * n_entries, bar, holdout, holdout_visits)
             if holdout:
                 held_out[str(int(batch))] = held

@@ -474,8 +474,8 @@ def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve:
         if nxt not in tried and len(tried) <= RECENTRES:
             idx = nxt
             continue
-        if probes_left <= 0 or any((pruned == q).all() for q in probed):
-            break
+        if probes_left <= 0 or any((pruned == q).all() for q in probed + masks):
+            break  # no probes left, probed already, or measured (on val: the prediction is that measurement)
         inc, new = probe_increment(inp, st, model0, data, gammas, cache)
         probed.append(pruned)
         probes_left -= 1

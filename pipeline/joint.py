@@ -266,6 +266,16 @@ class LoopState:
     se_last: float = 0.0  # standard error of the latest round's paired val difference, points
     stop: str = 'max_rounds'
     a_fit: float = 0.0  # the domain model's accuracy on the surrogate's train-split images, %
+    probed: List[Tuple[np.ndarray, float]] = field(default_factory=list)  # probes since sens was last re-measured:
+    # (branches pruned together beyond the start model, their joint train-split loss), applied to sens in order
+
+    def remember(self, probes: Sequence[Dict[str, Any]]) -> None:
+        """Keeps a solve's probes (centred_solve's budget record 'probes') for the solves after it."""
+        for p in probes:
+            if p.get('pruned_beyond_start'):
+                mask = np.zeros_like(self.sens, dtype=bool)
+                mask[tuple(np.asarray(p['pruned_beyond_start'], dtype=np.int64).T)] = True
+                self.probed.append((mask, float(p['probe_pct'])))
 
     def anchor(self) -> Optional[int]:
         """Index of the latest accepted round (None: the domain model is the anchor)."""
@@ -454,6 +464,8 @@ def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve:
     idx = surrogate.nearest(_anchor_pruned(inp, st), masks)
     bud = _budget(inp, st, ref, eps)
     sens = st.sens
+    for new_, inc_ in st.probed:  # what earlier solves' probes found still holds for these sensitivities
+        sens = surrogate.probe_corrected(sens, new_, inc_)
     probes_left = inp.cfg.joint.probes if model0 is not None and data is not None else 0
     probes: List[Dict[str, Any]] = []
     probed: List[np.ndarray] = []
@@ -478,12 +490,13 @@ def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve:
             break  # no probes left, probed already, or measured (on val: the prediction is that measurement)
         inc, new = probe_increment(inp, st, model0, data, gammas, cache)
         probed.append(pruned)
-        probes_left -= 1
         additive = float(np.nansum(np.where(new, np.clip(sens, 0.0, None), 0.0)))
-        probes.append({'branches': int(new.sum()), 'additive_pct': additive, 'probe_pct': float(inc)})
+        probes.append({'branches': int(new.sum()), 'additive_pct': additive, 'probe_pct': float(inc),
+                       'pruned_beyond_start': np.argwhere(new).tolist()})
         if not new.any() or abs(inc - additive) <= surrogate.PROBE_TOLERANCE_PCT:
             break
         sens = surrogate.probe_corrected(sens, new, inc)
+        probes_left -= 1  # none left: solved once more with what the probes found, that solution not probed
     return out, dict(bud, centre=centre.where, centre_val_drop_pct=centre.val_drop_pct, constant_pct=const,
                      centre_distance=surrogate.distance(pruned, centre.pruned), recentred=len(tried) - 1,
                      probes=probes, predicted_drop_pct=surrogate.predict(loss, const, pruned), sens=sens)
@@ -576,6 +589,10 @@ def _absorb(inp: Inputs, st: LoopState, rec: Dict[str, Any], model: HyperRepVGG,
     st.models.append(model)
     st.sens = sens
     upd = rec['surrogate']['update']
+    if upd.get('resensitized'):  # re-measured on the new anchor: earlier probes were of other start models
+        st.probed.clear()
+    else:
+        st.remember(rec['surrogate'].get('probes') or [])
     st.pairs.append((upd['predicted_increment_pct'], upd['measured_increment_fit_pct']))
     st.se_last = float(rec['measured']['val']['se_pct'])
     st.warm = (rec['gammas'], rec['lam'])
@@ -713,6 +730,7 @@ def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
         else:
             point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
             write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
+        st.remember(point['budget'].get('probes') or [])
         st.measured.append(MeasuredConfig(f'pareto eps={eps:g}', _pruned_of(inp, point['gammas']),
                                           float(point['val_drop_pct']), point['measured'],
                                           ref.a_fit - float(point['measured']['fit_accuracy_pct'])))

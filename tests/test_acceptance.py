@@ -167,6 +167,10 @@ def _probe_setup(monkeypatch, probes, probe_pct):
                                                                              np.zeros((4, 3), dtype=bool), 0.0)])
     ref = SimpleNamespace(a_fit=95.0, val_correct=np.ones(1000, dtype=bool))
     out, bud = joint.centred_solve(inp, st, ref, 1.0, solve, None, object(), object())
+    if probes:  # the next solve starts from what this one's probes found: no probe needed, nothing pruned
+        st.remember(bud['probes'])
+        _, again = joint.centred_solve(inp, st, ref, 1.0, solve, None, object(), object())
+        bud['again'] = again
     return out, bud, calls
 
 
@@ -174,8 +178,13 @@ def test_a_probe_that_finds_an_interaction_changes_the_solution(monkeypatch):
     _, bud, calls = _probe_setup(monkeypatch, 0, 5.0)  # no probes: the additive sum, 4 x 0.1
     assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [] and bud['probes'] == []
     _, bud, calls = _probe_setup(monkeypatch, 3, 5.0)  # the 4 together cost 5 points: scaled to 1.25 each, none pruned
-    assert bud['probes'][0] == {'branches': 4, 'additive_pct': pytest.approx(0.4), 'probe_pct': 5.0}
+    p = bud['probes'][0]
+    assert (p['branches'], p['additive_pct'], p['probe_pct']) == (4, pytest.approx(0.4), 5.0)
+    assert p['pruned_beyond_start'] == [[0, 0], [1, 0], [2, 0], [3, 0]]
     assert bud['predicted_drop_pct'] == pytest.approx(0.0) and calls == [4]
     assert (bud['sens'][:, 0] == pytest.approx(1.25))
+    assert bud['again']['probes'] == [] and bud['again']['sens'][:, 0] == pytest.approx(1.25)
     _, bud, calls = _probe_setup(monkeypatch, 3, 0.5)  # the probe agrees within PROBE_TOLERANCE_PCT: kept as it was
-    assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [4] and len(bud['probes']) == 1
+    assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [4, 4] and len(bud['probes']) == 1
+    # (remembered, the agreeing probe leaves the 4 branches at 0.125 each: the same solution, probed once more)
+    assert bud['again']['predicted_drop_pct'] == pytest.approx(0.5)

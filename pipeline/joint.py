@@ -397,14 +397,6 @@ def _start_model(st: LoopState, want: np.ndarray, inp: Inputs, model0: HyperRepV
     return model0
 
 
-def _start_loss(st: LoopState, want: np.ndarray, inp: Inputs) -> Tuple[np.ndarray, float]:
-    """(pruned branches, train-split loss in points) of the model `_start_model` deploys `want` from."""
-    for old in reversed(st.rounds):
-        if old['accepted'] and not (_pruned_of(inp, old['gammas']) & ~want).any():
-            return _pruned_of(inp, old['gammas']), st_fit_loss(st, old['measured'])
-    return np.zeros_like(want, dtype=bool), 0.0
-
-
 def _deploy(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, gammas: Sequence[int], d: int,
             r: int, desc: str) -> Tuple[HyperRepVGG, Optional[Dict[str, Any]]]:
     """The configuration as a model: pruned from its start model, alpha fine-tuned when it prunes anything."""
@@ -677,8 +669,10 @@ def point_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: A
                 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """A point solved after the rounds (a Pareto point, the chain's decision): centred_solve on the surrogate as it
     stands (the rounds and the sweep's earlier points measured) with the margin-reduced budget for `eps`, no step
-    limit beyond the centre but joint.sweep_max_new_prunes; (solve's dict, budget record with 'sens')."""
-    return centred_solve(inp, st, ref, eps, solve, None, model0, data, inp.cfg.joint.sweep_max_new_prunes)
+    limit; (solve's dict, budget record)."""
+    out, bud = centred_solve(inp, st, ref, eps, solve, None, model0, data, inp.cfg.joint.sweep_max_new_prunes)
+    bud.pop('sens')
+    return out, bud
 
 
 def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
@@ -705,15 +699,9 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
                           _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)), j.milp_time_limit_s)['best']
         return best, best.gammas
     sp, bud = point_solve(inp, st, ref, eps, solve, model0, data)
-    used = bud.pop('sens')
     m, new = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
                            f'domain {d} pareto eps={eps:g}')
     predicted = bud.pop('predicted_drop_pct')
-    if new:  # a calibration pair for rho, as a round's: predicted and measured train-split increments
-        want = _pruned_of(inp, sp.gammas)
-        start, start_loss = _start_loss(st, want, inp)
-        bud['update'] = {'predicted_increment_pct': surrogate.increment(used, start, want),
-                         'measured_increment_fit_pct': st_fit_loss(st, m) - start_loss}
     return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
             'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
             'test_drop_pct': m['test']['drop_pct'], 'val_drop_pct': m['val']['drop_pct'],
@@ -743,9 +731,6 @@ def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
             point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
             write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
         st.remember(point['budget'].get('probes') or [])
-        upd = point['budget'].get('update')
-        if point['held_out'] and upd:  # rho for the next points learns from this one too
-            st.pairs.append((upd['predicted_increment_pct'], upd['measured_increment_fit_pct']))
         st.measured.append(MeasuredConfig(f'pareto eps={eps:g}', _pruned_of(inp, point['gammas']),
                                           float(point['val_drop_pct']), point['measured'],
                                           ref.a_fit - float(point['measured']['fit_accuracy_pct'])))
@@ -1069,7 +1054,6 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG,
                               j.milp_time_limit_s)
         return out, out['decision']['gammas']
     sec, bud = point_solve(inp, st, ref, j.epsilon, solve, model0, data)
-    bud.pop('sens')
     m, new = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
                            f'domain {d} chain')
     predicted = bud.pop('predicted_drop_pct')

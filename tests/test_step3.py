@@ -85,9 +85,6 @@ def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
         for p in obj['pareto']:  # solved in increasing epsilon, each centred on a configuration measured before it
             assert p['budget']['centre'] in names and p['predicted_drop_pct'] <= p['budget']['budget_pct'] + 1e-9
             assert p['measured']['val']['drop_pct'] == p['val_drop_pct']
-            # a newly deployed point is a calibration pair for rho; each probe records what it pruned together
-            assert 'update' in p['budget'] or not p['held_out']
-            assert all(len(q['pruned_beyond_start']) == q['branches'] for q in p['budget']['probes'])
         assert obj['pareto'][0]['budget']['centre'] != 'pareto eps=1'
         # (a looser floor may now predict less throughput than a tighter one did: the tighter point's measured drop
         # is what the surrogate knows of that configuration when it solves the looser one)

@@ -123,6 +123,7 @@ class JointConfig:
     min_saving_pct: float = 2.0  # sensitivities only for branches whose removal saves >= this % of a block's best time on a side (others stay kept)
     max_new_prunes: int = 3  # progressive step: at most this many branches newly pruned per round (0 = no limit)
     probes: int = 3  # train-split probes per solve: a solution's new prunes evaluated together, before fine-tuning, and their sensitivities scaled to it when it disagrees with their sum (0 = none; docs/design.md#surrogate)
+    reference_finetune: bool = True  # step 3: also measure the domain model fine-tuned as a round, nothing pruned, as a centre of the surrogate (docs/design.md#surrogate)
     sweep_max_new_prunes: int = 3  # epsilon sweep / chain decision: at most this many branches pruned beyond the measured configuration the surrogate is centred on (0 = no limit)
 
 

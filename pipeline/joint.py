@@ -388,6 +388,35 @@ def accepts(m: Dict[str, Any], epsilon: float, rule: str = 'bound') -> bool:
 
 
 
+FINETUNED_REFERENCE = 'domain model, fine-tuned'
+
+
+def finetuned_reference(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, ref: Reference, d: int,
+                        fp: str, command: str) -> MeasuredConfig:
+    """The domain model, nothing pruned, fine-tuned as a round fine-tunes (joint.epochs_per_round on the seeded
+    half of the train split, round index 0) and measured: a centre of the surrogate with what one fine-tuning does
+    to the val accuracy before any branch is pruned (docs/design.md#surrogate).  Never deployed: a configuration
+    that prunes nothing is the domain model itself (`measured` None, so no point takes its measurement).
+    Checkpointed in domain_<d>_rounds/reference_finetuned.json."""
+    from accuracy import training
+    cfg, j = inp.cfg, inp.cfg.joint
+    path = rounds_dir(cfg, d) / 'reference_finetuned.json'
+    done = _load_checkpoint(path, 'joint_reference_finetuned', fp)
+    if done is None:
+        model = pruning.copy_with(model0)
+        if j.epochs_per_round > 0:
+            tune, select = _split_train(data.train, j.finetune_samples, cfg, d, 0)
+            training.fine_tune_alpha(model, tune, select, j.epochs_per_round, cfg.train.alpha_lr, cfg.device, None,
+                                     inp.mean, inp.std, desc=f'domain {d} reference fine-tune')
+        done = {'fingerprint': fp, 'measured': measure(inp, model, data, ref, (7000 + d, 0))}
+        write_artifact(path, 'joint_reference_finetuned', done, cfg, command)
+    m = done['measured']
+    log.info('domain %d: the domain model fine-tuned as a round, nothing pruned: val drop %.2f points', d,
+             m['val']['drop_pct'])
+    return MeasuredConfig(FINETUNED_REFERENCE, np.zeros((len(inp.available), 3), dtype=bool),
+                          float(m['val']['drop_pct']), None, st_fit_loss(st, m))
+
+
 def _start_model(st: LoopState, want: np.ndarray, inp: Inputs, model0: HyperRepVGG) -> HyperRepVGG:
     """Progressive: continue from the latest accepted round whose pruned branches are all pruned again (else from
     the domain's model), so that restored branches never meet alphas tuned without them."""
@@ -926,6 +955,8 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
 
     st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm, a_fit=refs.a_fit,
                    measured=[MeasuredConfig('domain model', np.zeros((len(inp.available), 3), dtype=bool), 0.0)])
+    if j.reference_finetune:
+        st.measured.append(finetuned_reference(inp, st, model0, data, refs, d, fp, command))
     _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
     timing['rounds_s'] = float(sum(rec['wall_s'] for rec in st.rounds))
     if phase == 'rounds':

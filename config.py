@@ -124,7 +124,7 @@ class JointConfig:
     max_new_prunes: int = 3  # progressive step: at most this many branches newly pruned per round (0 = no limit)
     probes: int = 3  # train-split probes per solve: a solution's new prunes evaluated together, before fine-tuning, and their sensitivities scaled to it when it disagrees with their sum (0 = none; docs/design.md#surrogate)
     reference_finetune: bool = True  # step 3: also measure the domain model fine-tuned as a round, nothing pruned, as a centre of the surrogate (docs/design.md#surrogate)
-    sweep_max_new_prunes: int = 3  # epsilon sweep / chain decision: at most this many branches pruned beyond the measured configuration the surrogate is centred on (0 = no limit)
+    sweep_max_new_prunes: int = 2  # epsilon sweep / chain decision: at most this many branches pruned beyond the measured configuration the surrogate is centred on (0 = no limit)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from accuracy.pruning import correct_sensitivities
 
 RHO_RANGE = (0.25, 2.0)  # the calibration factor is clipped to this range
 RHO_MIN_EVIDENCE_PCT = 0.2  # predicted increments (points, summed) needed before rho moves from 1
+PROBE_TOLERANCE_PCT = 0.25  # a probe within this of the additive sum (points) leaves the sensitivities as they are
 
 
 def recentre(fresh: np.ndarray, previous: np.ndarray, anchor_pruned: np.ndarray, anchor_loss_pct: float) -> np.ndarray:
@@ -36,6 +37,16 @@ def recentre(fresh: np.ndarray, previous: np.ndarray, anchor_pruned: np.ndarray,
     pruned = np.asarray(anchor_pruned, dtype=bool)
     shares, _ = correct_sensitivities(previous, pruned, anchor_loss_pct)
     return np.where(pruned, shares, np.asarray(fresh, dtype=np.float64))
+
+
+def probe_corrected(sens: np.ndarray, new: np.ndarray, probe_pct: float) -> np.ndarray:
+    """Sensitivities after a probe: the branches `new` (N, 3) bool, pruned together beyond the probed
+    configuration's start model, cost `probe_pct` (points, >= 0) together, shared in proportion to their
+    sensitivities (equally when those are all <= 0); every other branch keeps its sensitivity.  What pruning them
+    together costs replaces the sum of what each costs alone, so the goal program stays additive."""
+    sens = np.clip(np.asarray(sens, dtype=np.float64), 0.0, None)
+    out, _ = correct_sensitivities(np.nan_to_num(sens), np.asarray(new, dtype=bool), probe_pct)
+    return np.where(np.asarray(new, dtype=bool), out, sens)
 
 
 def calibration_factor(pairs: Sequence[Tuple[float, float]]) -> float:

@@ -30,7 +30,7 @@ from accuracy import pruning, surrogate
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
-JOINT_VERSION = 4  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
+JOINT_VERSION = 5  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
 SURROGATE_NOTE = ('surrogate: predicted val drop (points) = the measured val drop of the measured configuration '
                   'nearest the candidate, less the shares of the branches it restores, + rho x the train-split '
                   'sensitivities of the branches it adds; a prediction made before the candidate was measured, '
@@ -61,7 +61,7 @@ def check_joint_config(cfg: Config) -> None:
     if not (j.epsilon >= 0 and all(e >= 0 for e in j.epsilon_sweep)):
         raise ConfigError('--epsilon / --epsilon_sweep: accuracy points must be >= 0')
     for name in ('throughput_target', 'edge_memory_budget_mb', 'roofline_weight', 'milp_time_limit_s',
-                 'importance_share', 'min_saving_pct', 'max_new_prunes'):
+                 'importance_share', 'min_saving_pct', 'max_new_prunes', 'probes', 'sweep_max_new_prunes'):
         if not getattr(j, name) >= 0:
             raise ConfigError(f'joint.{name}: expected a number >= 0, got {getattr(j, name)}')
     if not 0 < j.importance_share <= 1:
@@ -90,14 +90,14 @@ class Inputs:
 
 
 def problem_for(inp: Inputs, sens: np.ndarray, a_ref: float, epsilon: float,
-                pruned_before: Optional[np.ndarray] = None) -> goal.GoalProblem:
-    """The goal program of one round (`pruned_before` given: at most joint.max_new_prunes new prunes) or of a
-    Pareto point (no step limit)."""
+                pruned_before: Optional[np.ndarray] = None, max_new: Optional[int] = None) -> goal.GoalProblem:
+    """The goal program of one round (`pruned_before` given: at most `max_new`, default joint.max_new_prunes, new
+    prunes beyond it; 0: no limit) or of a point without a step limit (`pruned_before` None)."""
     j = inp.cfg.joint
     return goal.build_problem(inp.tables, np.clip(sens, 0.0, None), inp.available, inp.stats, a_ref,
                               epsilon, inp.unpruned.stages['period_ms'], j.roofline_weight, j.throughput_target,
                               j.edge_memory_budget_mb * 1e6, pruned_before=pruned_before,
-                              max_new_prunes=j.max_new_prunes if pruned_before is not None else 0)
+                              max_new_prunes=(j.max_new_prunes if max_new is None else max_new) if pruned_before is not None else 0)
 
 
 def _gd_kwargs(cfg: Config, warm: Optional[Tuple[Sequence[int], int]]) -> Dict[str, Any]:
@@ -266,6 +266,16 @@ class LoopState:
     se_last: float = 0.0  # standard error of the latest round's paired val difference, points
     stop: str = 'max_rounds'
     a_fit: float = 0.0  # the domain model's accuracy on the surrogate's train-split images, %
+    probed: List[Tuple[np.ndarray, float]] = field(default_factory=list)  # probes since sens was last re-measured:
+    # (branches pruned together beyond the start model, their joint train-split loss), applied to sens in order
+
+    def remember(self, probes: Sequence[Dict[str, Any]]) -> None:
+        """Keeps a solve's probes (centred_solve's budget record 'probes') for the solves after it."""
+        for p in probes:
+            if p.get('pruned_beyond_start'):
+                mask = np.zeros_like(self.sens, dtype=bool)
+                mask[tuple(np.asarray(p['pruned_beyond_start'], dtype=np.int64).T)] = True
+                self.probed.append((mask, float(p['probe_pct'])))
 
     def anchor(self) -> Optional[int]:
         """Index of the latest accepted round (None: the domain model is the anchor)."""
@@ -378,6 +388,35 @@ def accepts(m: Dict[str, Any], epsilon: float, rule: str = 'bound') -> bool:
 
 
 
+FINETUNED_REFERENCE = 'domain model, fine-tuned'
+
+
+def finetuned_reference(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, ref: Reference, d: int,
+                        fp: str, command: str) -> MeasuredConfig:
+    """The domain model, nothing pruned, fine-tuned as a round fine-tunes (joint.epochs_per_round on the seeded
+    half of the train split, round index 0) and measured: a centre of the surrogate with what one fine-tuning does
+    to the val accuracy before any branch is pruned (docs/design.md#surrogate).  Never deployed: a configuration
+    that prunes nothing is the domain model itself (`measured` None, so no point takes its measurement).
+    Checkpointed in domain_<d>_rounds/reference_finetuned.json."""
+    from accuracy import training
+    cfg, j = inp.cfg, inp.cfg.joint
+    path = rounds_dir(cfg, d) / 'reference_finetuned.json'
+    done = _load_checkpoint(path, 'joint_reference_finetuned', fp)
+    if done is None:
+        model = pruning.copy_with(model0)
+        if j.epochs_per_round > 0:
+            tune, select = _split_train(data.train, j.finetune_samples, cfg, d, 0)
+            training.fine_tune_alpha(model, tune, select, j.epochs_per_round, cfg.train.alpha_lr, cfg.device, None,
+                                     inp.mean, inp.std, desc=f'domain {d} reference fine-tune')
+        done = {'fingerprint': fp, 'measured': measure(inp, model, data, ref, (7000 + d, 0))}
+        write_artifact(path, 'joint_reference_finetuned', done, cfg, command)
+    m = done['measured']
+    log.info('domain %d: the domain model fine-tuned as a round, nothing pruned: val drop %.2f points', d,
+             m['val']['drop_pct'])
+    return MeasuredConfig(FINETUNED_REFERENCE, np.zeros((len(inp.available), 3), dtype=bool),
+                          float(m['val']['drop_pct']), None, st_fit_loss(st, m))
+
+
 def _start_model(st: LoopState, want: np.ndarray, inp: Inputs, model0: HyperRepVGG) -> HyperRepVGG:
     """Progressive: continue from the latest accepted round whose pruned branches are all pruned again (else from
     the domain's model), so that restored branches never meet alphas tuned without them."""
@@ -417,45 +456,92 @@ def _anchor_pruned(inp: Inputs, st: LoopState) -> np.ndarray:
         _pruned_of(inp, st.rounds[anchor]['gammas'])
 
 
+def probe_increment(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, gammas: Sequence[int],
+                    cache: Dict[int, float]) -> Tuple[float, np.ndarray]:
+    """A candidate's train-split probe: the loss (points) that pruning it from the model it would be deployed from
+    (`_start_model`) costs before any fine-tuning, measured on the surrogate's train-split images, against that
+    model's own loss there; (increment, the branches it prunes beyond that model).  Train split only: the val
+    measurement it is checked against comes later.  `cache`: the start models' accuracies by id."""
+    cfg = inp.cfg
+    ebs = cfg.train.eval_batch_size
+    want = _pruned_of(inp, gammas)
+    start = _start_model(st, want, inp, model0)
+    if id(start) not in cache:
+        cache[id(start)] = pruning.accuracy(start, data.x_fit, data.y_fit, inp.mean, inp.std, ebs, cfg.device)
+    acc = pruning.accuracy(pruning.copy_with(start, gammas), data.x_fit, data.y_fit, inp.mean, inp.std, ebs,
+                           cfg.device)
+    return cache[id(start)] - acc, want & ~pruning.pruned_mask(start)
+
+
 def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: Any,
-                  pruned_before: Optional[np.ndarray] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                  pruned_before: Optional[np.ndarray] = None, model0: Optional[HyperRepVGG] = None,
+                  data: Optional[DomainData] = None, step_limit: int = 0
+                  ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Solve the goal program under the surrogate centred on a measured configuration (accuracy/surrogate.py,
     `centred`): first the one nearest the latest accepted round, then, while the solution is nearer another measured
     configuration, re-centred on that one and solved again (RECENTRES at most; a centre is never revisited).
+    With `model0` and `data` (joint.probes > 0), a solution whose branches beyond its start model were never pruned
+    together is probed first (`probe_increment`, train split, no fine-tuning): when the probe's increment differs
+    from the sum of their sensitivities by more than PROBE_TOLERANCE_PCT, those sensitivities are scaled to it
+    (`surrogate.probe_corrected`) and the program solved again (joint.probes probes at most).
     `solve(problem)` returns (its result, the solution's gammas); `pruned_before` given: a round (at most
-    joint.max_new_prunes beyond it).  The solver's budget is epsilon less the margin: a measured gain (negative
-    drop) of the centre is predicted but never spent.  Returns (solve's result, budget record with the centre and the
-    prediction made for the solution)."""
+    joint.max_new_prunes beyond it); else `step_limit` > 0: at most that many branches beyond the centre (a trust
+    region for the points solved after the rounds).  The solver's budget is epsilon less the margin: a measured gain
+    (negative drop) of the centre is predicted but never spent.  Returns (solve's result, budget record with the
+    centre, the probes and the prediction made for the solution, and 'sens': the sensitivities it used)."""
     masks = [m.pruned for m in st.measured]
     idx = surrogate.nearest(_anchor_pruned(inp, st), masks)
     bud = _budget(inp, st, ref, eps)
+    sens = st.sens
+    for new_, inc_ in st.probed:  # what earlier solves' probes found still holds for these sensitivities
+        sens = surrogate.probe_corrected(sens, new_, inc_)
+    probes_left = inp.cfg.joint.probes if model0 is not None and data is not None else 0
+    probes: List[Dict[str, Any]] = []
+    probed: List[np.ndarray] = []
+    cache: Dict[int, float] = {}
     tried: List[int] = []
     while True:
         centre = st.measured[idx]
-        loss, const = surrogate.centred(st.sens, centre.pruned, centre.val_drop_pct, bud['rho'])
+        loss, const = surrogate.centred(sens, centre.pruned, centre.val_drop_pct, bud['rho'])
         # the solver spends no more than both splits leave: the centre's branches cost at least its train-split loss
-        spend, _ = surrogate.centred(st.sens, centre.pruned, max(centre.val_drop_pct, centre.fit_loss_pct), bud['rho'])
-        out, gammas = solve(problem_for(inp, spend, ref.a_fit, bud['budget_pct'], pruned_before))
-        tried.append(idx)
+        spend, _ = surrogate.centred(sens, centre.pruned, max(centre.val_drop_pct, centre.fit_loss_pct), bud['rho'])
+        before = pruned_before if pruned_before is not None else (centre.pruned if step_limit > 0 else None)
+        out, gammas = solve(problem_for(inp, spend, ref.a_fit, bud['budget_pct'], before,
+                                        inp.cfg.joint.max_new_prunes if pruned_before is not None else step_limit))
+        if idx not in tried:
+            tried.append(idx)
         pruned = _pruned_of(inp, gammas)
         nxt = surrogate.nearest(pruned, masks)
-        if nxt in tried or len(tried) > RECENTRES:
+        if nxt not in tried and len(tried) <= RECENTRES:
+            idx = nxt
+            continue
+        if probes_left <= 0 or any((pruned == q).all() for q in probed + masks):
+            break  # no probes left, probed already, or measured (on val: the prediction is that measurement)
+        inc, new = probe_increment(inp, st, model0, data, gammas, cache)
+        probed.append(pruned)
+        additive = float(np.nansum(np.where(new, np.clip(sens, 0.0, None), 0.0)))
+        probes.append({'branches': int(new.sum()), 'additive_pct': additive, 'probe_pct': float(inc),
+                       'pruned_beyond_start': np.argwhere(new).tolist()})
+        if not new.any() or abs(inc - additive) <= surrogate.PROBE_TOLERANCE_PCT:
             break
-        idx = nxt
+        sens = surrogate.probe_corrected(sens, new, inc)
+        probes_left -= 1  # none left: solved once more with what the probes found, that solution not probed
     return out, dict(bud, centre=centre.where, centre_val_drop_pct=centre.val_drop_pct, constant_pct=const,
                      centre_distance=surrogate.distance(pruned, centre.pruned), recentred=len(tried) - 1,
-                     predicted_drop_pct=surrogate.predict(loss, const, pruned))
+                     probes=probes, predicted_drop_pct=surrogate.predict(loss, const, pruned), sens=sens)
 
 
 def _surrogate_update(inp: Inputs, st: LoopState, model: HyperRepVGG, data: DomainData, ref: Reference,
-                      m: Dict[str, Any], before: np.ndarray, rho: float, accepted: bool, d: int, r: int
-                      ) -> Tuple[np.ndarray, Dict[str, Any]]:
+                      m: Dict[str, Any], before: np.ndarray, rho: float, accepted: bool, d: int, r: int,
+                      used: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The surrogate after a measured round: re-centred on it when accepted (marginal sensitivities re-measured on
-    it), else its new prunes carry their measured increment.  Returns (sensitivities, record)."""
+    it), else its new prunes carry their measured increment.  `used`: the sensitivities the round was predicted
+    with (its probes' corrections included; default the loop's), whose increment rho compares with the measured
+    one.  Returns (sensitivities, record)."""
     pruned = pruning.pruned_mask(model)
     anchor = st.anchor()
     anchor_loss = 0.0 if anchor is None else ref.a_fit - st.rounds[anchor]['measured']['fit_accuracy_pct']
-    pred_inc = surrogate.increment(st.sens, before, pruned)
+    pred_inc = surrogate.increment(st.sens if used is None else used, before, pruned)
     meas_inc = (ref.a_fit - m['fit_accuracy_pct']) - anchor_loss
     rec: Dict[str, Any] = {'predicted_increment_pct': pred_inc, 'measured_increment_fit_pct': meas_inc,
                            'rho': rho, 'resensitized': False, 'evaluations': 0}
@@ -485,7 +571,8 @@ def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainDat
     def solve(p: goal.GoalProblem) -> Tuple[Dict[str, Any], List[int]]:
         out = _solve(inp, p, j.solver, d, r, st.warm)
         return out, out['best'].gammas
-    sol, bud = centred_solve(inp, st, ref, j.epsilon, solve, before)
+    sol, bud = centred_solve(inp, st, ref, j.epsilon, solve, before, model0, data)
+    used = bud.pop('sens')  # the sensitivities the solution was predicted with (probes included)
     best = sol['best']
     last = st.rounds[-1] if st.rounds else None
     if last is not None and last['accepted'] and (best.gammas, best.lam) == (list(last['gammas']), last['lam']):
@@ -493,7 +580,7 @@ def round_phase(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainDat
     model, hist = _deploy(inp, st, model0, data, best.gammas, d, r, f'domain {d} round {r} fine-tune')
     m = measure(inp, model, data, ref, (7000 + d, r))
     accepted = accepts(m, j.epsilon, j.acceptance)
-    sens_new, upd = _surrogate_update(inp, st, model, data, ref, m, before, bud['rho'], accepted, d, r)
+    sens_new, upd = _surrogate_update(inp, st, model, data, ref, m, before, bud['rho'], accepted, d, r, used)
     predicted = bud.pop('predicted_drop_pct')
     rec = {'fingerprint': fp, 'round': r, 'gammas': best.gammas, 'lam': best.lam,
            'branches_pruned': int(pruning.pruned_mask(model).sum()), 'accepted': accepted,
@@ -531,6 +618,10 @@ def _absorb(inp: Inputs, st: LoopState, rec: Dict[str, Any], model: HyperRepVGG,
     st.models.append(model)
     st.sens = sens
     upd = rec['surrogate']['update']
+    if upd.get('resensitized'):  # re-measured on the new anchor: earlier probes were of other start models
+        st.probed.clear()
+    else:
+        st.remember(rec['surrogate'].get('probes') or [])
     st.pairs.append((upd['predicted_increment_pct'], upd['measured_increment_fit_pct']))
     st.se_last = float(rec['measured']['val']['se_pct'])
     st.warm = (rec['gammas'], rec['lam'])
@@ -602,12 +693,15 @@ def pareto_path(cfg: Config, d: int, k: int) -> Path:
     return rounds_dir(cfg, d) / f'pareto_{k:03d}.json'
 
 
-def point_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: Any
+def point_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: Any,
+                model0: Optional[HyperRepVGG] = None, data: Optional[DomainData] = None
                 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """A point solved after the rounds (a Pareto point, the chain's decision): centred_solve on the surrogate as it
     stands (the rounds and the sweep's earlier points measured) with the margin-reduced budget for `eps`, no step
     limit; (solve's dict, budget record)."""
-    return centred_solve(inp, st, ref, eps, solve)
+    out, bud = centred_solve(inp, st, ref, eps, solve, None, model0, data, inp.cfg.joint.sweep_max_new_prunes)
+    bud.pop('sens')
+    return out, bud
 
 
 def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
@@ -633,7 +727,7 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
         best = goal.solve(p, 'gd' if j.solver == 'gd' else 'milp', seeded_generator(inp.cfg.seed, 4000 + d, k),
                           _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)), j.milp_time_limit_s)['best']
         return best, best.gammas
-    sp, bud = point_solve(inp, st, ref, eps, solve)
+    sp, bud = point_solve(inp, st, ref, eps, solve, model0, data)
     m, new = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
                            f'domain {d} pareto eps={eps:g}')
     predicted = bud.pop('predicted_drop_pct')
@@ -665,6 +759,7 @@ def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
         else:
             point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
             write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
+        st.remember(point['budget'].get('probes') or [])
         st.measured.append(MeasuredConfig(f'pareto eps={eps:g}', _pruned_of(inp, point['gammas']),
                                           float(point['val_drop_pct']), point['measured'],
                                           ref.a_fit - float(point['measured']['fit_accuracy_pct'])))
@@ -860,6 +955,8 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
 
     st = LoopState(sens=_sens_array(ref['sensitivity_pct']), warm=inp.warm, a_fit=refs.a_fit,
                    measured=[MeasuredConfig('domain model', np.zeros((len(inp.available), 3), dtype=bool), 0.0)])
+    if j.reference_finetune:
+        st.measured.append(finetuned_reference(inp, st, model0, data, refs, d, fp, command))
     _run_rounds(inp, st, model0, bn_file0, data, refs, d, fp, command)
     timing['rounds_s'] = float(sum(rec['wall_s'] for rec in st.rounds))
     if phase == 'rounds':
@@ -987,7 +1084,7 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG,
         out = CH.goal_section(p, inp.chain, inp.chain_info, fin.gammas, fin.lam, inp.available, j.solver,
                               j.milp_time_limit_s)
         return out, out['decision']['gammas']
-    sec, bud = point_solve(inp, st, ref, j.epsilon, solve)
+    sec, bud = point_solve(inp, st, ref, j.epsilon, solve, model0, data)
     m, new = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
                            f'domain {d} chain')
     predicted = bud.pop('predicted_drop_pct')

@@ -119,3 +119,72 @@ def test_calibration_factor_needs_evidence_and_is_clipped():
     summary = surrogate.error_summary([{'error_pct': 0.2}, {'error_pct': -1.0}, {'error_pct': None}])
     assert summary['n'] == 2 and summary['median_abs_error_pct'] == pytest.approx(0.6)
     assert summary['max_abs_error_pct'] == 1.0 and surrogate.error_summary([])['n'] == 0
+
+
+def test_probe_corrected_replaces_the_sum_of_the_new_branches():
+    sens = np.array([[0.1, np.nan, 0.2], [0.3, 0.0, np.nan], [-0.2, 0.5, 0.0]])
+    new = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=bool)
+    out = surrogate.probe_corrected(sens, new, 2.0)
+    assert out[new].sum() == pytest.approx(2.0) and out[0, 0] == pytest.approx(0.5)  # in proportion: 0.1 : 0.3
+    assert out[2, 1] == pytest.approx(0.5) and out[2, 0] == 0.0 and np.isnan(out[0, 1])  # others: clipped, NaN kept
+    zero = surrogate.probe_corrected(np.zeros((2, 3)), np.array([[1, 0, 0], [1, 0, 0]], dtype=bool), 1.0)
+    assert zero[:, 0].tolist() == [0.5, 0.5]  # all <= 0: shared equally
+    assert surrogate.probe_corrected(sens, new, -1.0)[new].sum() == 0.0  # a probe gain prunes for free, no credit
+
+
+def _probe_setup(monkeypatch, probes, probe_pct):
+    """centred_solve on 4 blocks whose 3x3 branches cost 0.1 alone, with a stub solver that prunes every 3x3 branch
+    cheaper than 0.3 points (within the budget) and a stub probe that says pruning >= 2 of them together costs
+    `probe_pct`."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from config import Config
+    from pipeline import joint
+    cfg = Config()
+    cfg = replace(cfg, joint=replace(cfg.joint, acceptance='point', probes=probes))
+    inp = SimpleNamespace(cfg=cfg, available=[frozenset('DOI')] * 4)
+    monkeypatch.setattr(joint, '_pruned_of', lambda inp, g: np.asarray(g, dtype=bool))
+    monkeypatch.setattr(joint, 'problem_for', lambda inp, spend, a, budget, before=None, max_new=None:
+                        (np.asarray(spend), budget))
+    calls = []
+
+    def probe(inp, st, model0, data, gammas, cache):
+        calls.append(np.asarray(gammas).sum())
+        return (probe_pct if np.asarray(gammas).sum() >= 2 else 0.1), np.asarray(gammas, dtype=bool)
+    monkeypatch.setattr(joint, 'probe_increment', probe)
+
+    def solve(p):
+        spend, budget = p
+        g = np.zeros((4, 3), dtype=bool)
+        for k in range(4):
+            if spend[k, 0] < 0.3 and spend[g].sum() + spend[k, 0] <= budget:
+                g[k, 0] = True
+        return 'sol', g
+    sens = np.full((4, 3), np.nan)
+    sens[:, 0] = 0.1
+    st = joint.LoopState(sens=sens, warm=None, measured=[joint.MeasuredConfig('domain model',
+                                                                             np.zeros((4, 3), dtype=bool), 0.0)])
+    ref = SimpleNamespace(a_fit=95.0, val_correct=np.ones(1000, dtype=bool))
+    out, bud = joint.centred_solve(inp, st, ref, 1.0, solve, None, object(), object())
+    if probes:  # the next solve starts from what this one's probes found: no probe needed, nothing pruned
+        st.remember(bud['probes'])
+        _, again = joint.centred_solve(inp, st, ref, 1.0, solve, None, object(), object())
+        bud['again'] = again
+    return out, bud, calls
+
+
+def test_a_probe_that_finds_an_interaction_changes_the_solution(monkeypatch):
+    _, bud, calls = _probe_setup(monkeypatch, 0, 5.0)  # no probes: the additive sum, 4 x 0.1
+    assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [] and bud['probes'] == []
+    _, bud, calls = _probe_setup(monkeypatch, 3, 5.0)  # the 4 together cost 5 points: scaled to 1.25 each, none pruned
+    p = bud['probes'][0]
+    assert (p['branches'], p['additive_pct'], p['probe_pct']) == (4, pytest.approx(0.4), 5.0)
+    assert p['pruned_beyond_start'] == [[0, 0], [1, 0], [2, 0], [3, 0]]
+    assert bud['predicted_drop_pct'] == pytest.approx(0.0) and calls == [4]
+    assert (bud['sens'][:, 0] == pytest.approx(1.25))
+    assert bud['again']['probes'] == [] and bud['again']['sens'][:, 0] == pytest.approx(1.25)
+    _, bud, calls = _probe_setup(monkeypatch, 3, 0.5)  # the probe agrees within PROBE_TOLERANCE_PCT: kept as it was
+    assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [4, 4] and len(bud['probes']) == 1
+    # (remembered, the agreeing probe leaves the 4 branches at 0.125 each: the same solution, probed once more)
+    assert bud['again']['predicted_drop_pct'] == pytest.approx(0.5)

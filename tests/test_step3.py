@@ -81,7 +81,9 @@ def test_pseudo_end_to_end_artifacts_state_and_skip(results, capsys):
         pts = obj['surrogate']['points']
         assert len(pts) == len(obj['rounds']) + len(obj['pareto'])
         assert obj['surrogate']['held_out']['n'] == sum(p['held_out'] for p in pts)
-        names = {'domain model', 'pareto eps=1'} | {f'round {rec["round"]}' for rec in obj['rounds']}
+        names = {'domain model', joint.FINETUNED_REFERENCE, 'pareto eps=1'} | {f'round {rec["round"]}'
+                                                                              for rec in obj['rounds']}
+        assert (joint.rounds_dir(cfg, d) / 'reference_finetuned.json').is_file()  # a centre, measured first
         for p in obj['pareto']:  # solved in increasing epsilon, each centred on a configuration measured before it
             assert p['budget']['centre'] in names and p['predicted_drop_pct'] <= p['budget']['budget_pct'] + 1e-9
             assert p['measured']['val']['drop_pct'] == p['val_drop_pct']
@@ -114,13 +116,14 @@ def test_resume_after_interrupted_round(results, monkeypatch, tmp_path):
     import shutil
     res = tmp_path / 'res'
     shutil.copytree(results, res, ignore=shutil.ignore_patterns('joint_optimization'))
+    # (no probes: they would measure what the zeroed sensitivities below hide, and stop the pruning)
     args = SETS + FAST + ['--results_dir', str(res), '--domain_id', '0', '--max_rounds', '3', '--epsilon', '4',
-                          '--sensitivity', 'importance']
+                          '--sensitivity', 'importance', '--set', 'joint.probes=0']
     real_ft = training.fine_tune_alpha
     calls = {'n': 0}
 
-    def interrupted(*a, **k):
-        calls['n'] += 1
+    def interrupted(*a, **k):  # the second round's fine-tuning (the fine-tuned reference's is not a round's)
+        calls['n'] += ' round ' in str(k.get('desc', ''))
         if calls['n'] == 2:
             raise KeyboardInterrupt
         return real_ft(*a, **k)

@@ -161,8 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(args.out_dir) / '_repeat_quick' if args.quick else resolve_path(args.work_dir)
     extra = [*(QUICK if args.quick else []), *args.step_args]
     runs = [run_once(work / f'run_{i + 1}', extra) for i in range(runs_n)]
-    loaded = any(common.is_loaded(r['load_average_before']) or common.is_loaded(r['load_average_after'], own=1.0)
-                 for r in runs)
+    # before the first run the load is other work's; before a later one it includes this bench's previous run
+    loaded = any(common.is_loaded(r['load_average_before'], own=1.0 if i else 0.0) or
+                 common.is_loaded(r['load_average_after'], own=1.0) for i, r in enumerate(runs))
     head = [[f'{m}{" (LOADED: not claimed)" if loaded and i == 0 else ""}', v, u]
             for i, (m, v, u) in enumerate(checks(runs))]
     head.append(['load average (1 min) before the runs, max', max((r['load_average_before'] or [0])[0]

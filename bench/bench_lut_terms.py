@@ -129,22 +129,23 @@ def ridge_model(groups: Sequence[str], extra_rel: float) -> Callable:
 
 def shipped_model(offsets: bool) -> Callable:
     """fit(...) -> predict: timing.measure.fit_part_costs on the train configurations' parts (with or without the
-    edge-part offsets), predicted as timing.lut.predict_parts does."""
+    edge-part offsets), predicted by timing.lut.predict_parts."""
     def fit(data: Dict[str, Any], feats: List[Dict[Feature, float]], train: Sequence[int]) -> Callable:
+        from timing import lut as L
         from timing import measure as M
         plan, confs, owner = data['plan'], data['confs'], data['owner']
         keep = sorted({owner[i][0] for i in train})
         times = [data['median_ms'][i] for i in train]  # parts in configuration order, edge before server
         costs, head, _, _, info = M.fit_part_costs(plan, [confs[ci] for ci in keep], times, data['prior'],
                                                    data['prior_head'], 0.01, edge_offsets=offsets)
-        off = info.get('edge_part_offset_ms') or [0.0] * len(plan)
+        side = {'entries': {L.lut_key(k, g, 1): {'median_ms': v} for (k, g), v in costs.items()},
+                'head': {L.lut_key('head', None, 1): {'median_ms': head}}}
+        if offsets:
+            side['edge_part_offset_ms'] = {'1': info['edge_part_offset_ms']}
 
         def predict(i: int) -> float:
-            ci, side = owner[i]
-            g, lam = confs[ci]['gammas'], confs[ci]['lam']
-            if side == 'edge':
-                return sum(max(0.0, costs[(k, g[k])] + off[k]) for k in range(lam))
-            return sum(costs[(k, g[k])] for k in range(lam, len(plan))) + head
+            ci, part = owner[i]
+            return L.predict_parts(side, confs[ci]['gammas'], confs[ci]['lam'], 1)[f'{part}_ms']
         return predict
     return fit
 

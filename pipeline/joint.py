@@ -507,7 +507,7 @@ def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve:
         spend, _ = surrogate.centred(sens, centre.pruned, max(centre.val_drop_pct, centre.fit_loss_pct), bud['rho'])
         before = pruned_before if pruned_before is not None else (centre.pruned if step_limit > 0 else None)
         out, gammas = solve(problem_for(inp, spend, ref.a_fit, bud['budget_pct'], before,
-                                        inp.cfg.joint.max_new_prunes if pruned_before is not None else step_limit))
+                                        None if pruned_before is not None else step_limit))
         if idx not in tried:
             tried.append(idx)
         pruned = _pruned_of(inp, gammas)

@@ -163,7 +163,7 @@ class LoopConfig:
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
     confirm: int = 4  # at most this many top-k configurations measured within the race's band of the best race the predicted choice on fresh passes (0 = never adopt)
     confirm_band_pct: float = 5.0  # the race's band: configurations measured within max(this, the passes' own median disagreement) % of the best race
-    confirm_passes: int = 3  # fresh interleaved passes of that confirmation; the best median on them is adopted
+    confirm_passes: int = 6  # fresh interleaved passes of that confirmation; the best median on them is adopted (6: streams move 5-15 % pass to pass, docs/design.md "Closed loop")
     evaluate_passes: int = 0  # > 0: the decision, the optimizer's pick and the top-k measured again in this many fresh passes no decision saw (report.evaluation; bench_closed_loop)
 
 

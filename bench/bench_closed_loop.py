@@ -180,9 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--results_dir', default='results', help='finished step 0 to copy (read only) (default: results)')
     p.add_argument('--work_dir', default='results/_bench_closed_loop', help='where the local-device run goes '
                    '(default: results/_bench_closed_loop)')
-    p.add_argument('--evaluate_passes', type=int, default=6, help='fresh passes of the evaluation that judges each '
+    p.add_argument('--evaluate_passes', type=int, default=10, help='fresh passes of the evaluation that judges each '
                    'decision (loop.evaluate_passes; the best is picked on one half (even passes) and valued on the '
-                   'other (odd passes), and the other way round; default: 6)')
+                   'other (odd passes), and the other way round; default: 10)')
     p.add_argument('--from_run', default=None, help='read this finished local-device run instead of running one '
                    '(default: run one)')
     args = p.parse_args(argv)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import bench_pipeline, common
@@ -282,3 +283,35 @@ def test_bench_lut_terms_quick_cross_validates_the_shipped_fit_and_the_alternati
     from errors import UserError
     with pytest.raises(UserError, match='--rounds 3 .*an even number of rounds'):
         B.main(['--quick', '--rounds', '3', '--out_dir', str(tmp_path)])
+
+
+def test_stream_noise_components_separate_pass_shift_deployment_and_back_to_back_noise():
+    from bench import bench_stream_noise as B
+    rng = np.random.default_rng(0)
+    k, p, r = 4, 40, 3
+    shift = rng.normal(0, 0.05, p)  # a whole pass runs faster or slower: removed from 'between'
+    dep = rng.normal(0, 0.02, (k, p))  # each deployment its own offset
+    fast = rng.normal(0, 0.04, (k, p, r))  # back to back in one deployment
+    base = np.log([1000.0, 1200.0, 900.0, 1500.0])
+    x = np.exp(base[:, None, None] + shift[None, :, None] + dep[:, :, None] + fast)
+    c = B.noise_components(x, np.exp(base[:, None] + shift[None, :] + dep))
+    assert 3.0 < c['median']['within_pct'] < 5.0  # the back-to-back sd, 4 %
+    # the deployment means carry 2 % of their own and 4 %/sqrt(3) of the fast noise; the pass shift is not in them
+    assert 2.0 < c['median']['between_pct'] < 3.8
+    assert 5.5 < c['median']['stream_pct'] < 8.0  # one stream over the passes: shift + deployment + fast, ~6.7 %
+    assert 4.0 < c['median']['long_pct'] < 6.5  # the long stream here has no fast noise: shift + deployment, ~5.4 %
+    assert np.corrcoef(c['pass_effect_pct'], 100 * (shift - shift.mean()))[0, 1] > 0.9
+    with pytest.raises(ValueError, match='repeats >= 2'):
+        B.noise_components(x[:, :, :1])
+
+
+def test_bench_stream_noise_quick_streams_through_the_local_device(tmp_path):
+    import os
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip('the local stand-in device needs 2 cores')
+    from bench import bench_stream_noise as B
+    assert B.main(['--quick', '--out_dir', str(tmp_path)]) == 0
+    obj = json.loads((tmp_path / 'stream_noise.json').read_text())
+    assert obj['quick'] is True and len(obj['lams']) == 2
+    assert np.array(obj['short_fps']).shape == (2, 2, 2) and all(v > 0 for v in np.ravel(obj['short_fps']))
+    assert obj['headline'][0][0].startswith('24-image streams back to back')

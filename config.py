@@ -161,9 +161,9 @@ class LoopConfig:
     top_k: int = 10  # best-predicted configurations measured beside the chosen one (one per split lambda)
     passes: int = 2  # interleaved measurement passes (the second in reverse order)
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
-    confirm: int = 4  # at most this many top-k configurations measured within the race's band of the best race the predicted choice on fresh passes (0 = never adopt)
-    confirm_band_pct: float = 5.0  # the race's band: configurations measured within max(this, the passes' own median disagreement) % of the best race
-    confirm_passes: int = 6  # fresh interleaved passes of that confirmation; the best median on them is adopted (6: streams move 5-15 % pass to pass, docs/design.md "Closed loop")
+    confirm: int = 10  # at most this many top-k configurations race the predicted choice (fastest measured first; 10 = all of the default top-k; 0 = never adopt)
+    confirm_z: float = 2.0  # the race eliminates a configuration measured slower than the leader by more than this many robust standard deviations of the paired per-pass differences
+    confirm_passes: int = 8  # at most this many fresh interleaved passes of the race (one per round, over the configurations still in; docs/design.md "Closed loop")
     evaluate_passes: int = 0  # > 0: the decision, the optimizer's pick and the top-k measured again in this many fresh passes no decision saw (report.evaluation; bench_closed_loop)
 
 
@@ -287,7 +287,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'real.chain_port': (0, 65535, False),
     'loop.top_k': (1, None, False), 'loop.passes': (1, None, False), 'loop.real_samples': (1, None, False),
     'loop.confirm': (0, None, False), 'loop.confirm_passes': (1, None, False),
-    'loop.confirm_band_pct': (0, 100, False), 'loop.evaluate_passes': (0, None, False),
+    'loop.confirm_z': (0, None, True), 'loop.evaluate_passes': (0, None, False),
 }
 NON_EMPTY = ('lut.batch_sizes', 'real.probe_sizes_kb')
 

@@ -11,8 +11,10 @@ time.  The target (>= 95 %) is judged on the evaluation (`loop.evaluate_passes`,
 configuration, the optimizer's pick and the top-k measured again together in fresh passes that no decision saw, so
 that the passes which chose a configuration cannot also flatter it; the best of them is picked on one half of those
 passes and valued, with the chosen one, on the other half (both ways round; pipeline.closed_loop.crossfit_share_pct),
-because the max over the same passes is biased up among near-ties.  The share of that max is shown beside it.  Every figure is of this machine under its
-load: not a property of the method.
+because the max over the same passes is biased up among near-ties.  The share of that max is shown beside it, and
+the cross-fitted share's 95 % interval over the passes (pipeline.closed_loop.crossfit_interval_pct: the judge's own
+noise), so that a step below 95 % says whether its miss lies beyond that noise.  Every figure is of this machine
+under its load: not a property of the method.
 
 --from_run DIR reads a finished local-device run instead of running one.  --quick runs steps 1-2 only on a tiny
 synthetic model (about a minute; numbers not meant for reading).  Writes bench/results/closed_loop.json.
@@ -44,6 +46,7 @@ COLUMNS = ['step', 'mode', 'coin toss (splits in band)', 'chosen lambda', 'predi
            "optimizer's pick: measured fps (lambda)", "optimizer's pick / best measured %",
            'evaluation: chosen / best %', 'evaluation: best lambda', "evaluation: optimizer's pick / best %",
            'evaluation: chosen / best picked on the other half %',
+           'evaluation: chosen / best picked on the other half, 95 % interval over the passes',
            "evaluation: optimizer's pick / best picked on the other half %", 'evaluation: passes disagree %']
 
 
@@ -113,10 +116,12 @@ def loop_row(label: str, loop: Optional[Dict[str, Any]], where: str) -> List[Any
 
 def _evaluation_cells(ev: Optional[Dict[str, Any]]) -> List[Any]:
     if not ev:
-        return [None] * 6
+        return [None] * 7
+    from pipeline.closed_loop import evaluation_interval
+    ci = ev.get('chosen_over_best_crossfit_ci95_pct') or evaluation_interval(ev)  # older records: from their passes
     return [ev['chosen_over_best_pct'], ev['best']['lam'], ev['optimizer_pick_over_best_pct'],
-            ev.get('chosen_over_best_crossfit_pct'), ev.get('optimizer_pick_over_best_crossfit_pct'),
-            ev.get('pass_to_pass_median_pct')]
+            ev.get('chosen_over_best_crossfit_pct'), f'{ci[0]:.1f}-{ci[1]:.1f}' if ci else None,
+            ev.get('optimizer_pick_over_best_crossfit_pct'), ev.get('pass_to_pass_median_pct')]
 
 
 def read_run(run: Path) -> List[List[Any]]:
@@ -136,6 +141,11 @@ def read_run(run: Path) -> List[List[Any]]:
     return rows
 
 
+def _reaches(interval: Optional[str], level: float) -> bool:
+    """Whether a 'lo-hi' interval cell's upper end reaches `level` (no interval: False)."""
+    return bool(interval) and float(str(interval).split('-')[-1]) >= level
+
+
 def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
     share = [cell(r, 'chosen / best measured %') for r in rows]
     doms = [r for r in rows if r[0].startswith('step 3')]
@@ -147,6 +157,11 @@ def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
                  'other: chosen / best, worst step', min(cross), '%'],
                 ['evaluation, best picked on the other half: steps whose choice reached >= 95 %',
                  sum(v >= 95.0 for v in cross), f'of {len(cross)}'],
+                ['evaluation, best picked on the other half: steps below 95 % whose 95 % interval over the passes '
+                 'does not reach 95 % (a miss beyond the judge\'s own noise)',
+                 sum(v < 95.0 and not _reaches(cell(r, 'evaluation: chosen / best picked on the other half, 95 % '
+                                                      'interval over the passes'), 95.0)
+                     for v, r in zip(cross, rows)), f'of {len(cross)}'],
                 ["evaluation, best picked on the other half: steps whose optimizer's own pick reached >= 95 %",
                  sum(cell(r, "evaluation: optimizer's pick / best picked on the other half %") >= 95.0 for r in rows),
                  f'of {len(rows)}']]

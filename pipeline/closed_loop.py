@@ -323,79 +323,133 @@ def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
     return out
 
 
+RACE_MIN_PASSES = 3  # passes (first + fresh) a configuration has before it can be eliminated
+RACE_NOISE_FLOOR = 0.005  # smallest sd of paired log-throughput differences the race assumes (0.5 %)
+
+
+def eliminated(passes_fps: Dict[int, Sequence[float]], leader: int, z: float,
+               floor: float = RACE_NOISE_FLOOR) -> List[int]:
+    """The configurations measured slower than `leader` beyond the race's noise: for each other one j, the paired
+    differences d_p = log(fps_j,p / fps_leader,p) over the passes both were measured in (the same pass: its common
+    shift cancels); j is out when median(d) < -z * s / sqrt(n), s the standard deviation of its own d's (at least
+    `floor`; its own, not pooled: a link-bound configuration's steady figures would make a pooled one too small for
+    the noisy ones), n the passes.  `passes_fps`: configuration -> its throughput per pass (equal lengths, >= 2, the
+    same passes in the same order)."""
+    lead = np.log(np.asarray(passes_fps[leader], dtype=np.float64))
+    n = len(lead)
+    out = []
+    for j, v in passes_fps.items():
+        if j == leader:
+            continue
+        d = np.log(np.asarray(v, dtype=np.float64)) - lead
+        sd = max(float(floor), float(np.std(d, ddof=1)))
+        if float(np.median(d)) < -float(z) * sd / math.sqrt(n):
+            out.append(j)
+    return out
+
+
 def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
                    combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], confirm: int,
                    passes: int, progress: Optional[str] = None,
-                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None, band_pct: float = 5.0
+                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None, z: float = 2.0
                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Measured choice among the top-k (a race): the predicted choice and the top-k configurations measured within
-    the race's band of the best one in measure()'s passes (at most `confirm` of them, fastest first) are re-measured
-    in `passes` fresh interleaved passes, and the one with the best median on those fresh passes is the decision
-    (ties keep the predicted choice); the records then carry each one's figures pooled over all its passes.
+    """Measured choice among the top-k (a race by successive elimination): the predicted choice and the top-k
+    configurations (at most `confirm` of them, the fastest measured in measure()'s passes first; all of them by
+    default, so none is picked for being lucky and their first passes count) race.  Each round adds one fresh
+    interleaved pass of the configurations still in (alternating order); from RACE_MIN_PASSES passes on, the leader
+    is the best median over all its passes and any configuration measured slower than the leader beyond the race's
+    noise (`eliminated`: paired per pass, the median difference beyond `z` standard errors) is out.  The race ends when one
+    is left or after `passes` fresh passes; the leader then is the decision (ties keep the predicted choice).
 
-    The band is max(`band_pct`, the median disagreement of the top-k's own passes): a configuration that measured
-    below the best by less than the measurement's own noise may be the faster one, so it races too, whether it
-    measured above or below the predicted choice.  Only the fresh passes decide: the first ones put the others on
-    the shortlist for being high, so the max of noisy measurements cannot decide alone; a configuration that was
-    only lucky in the first passes meets the others again on fresh ones, under the same drift.
+    Why (docs/design.md "Closed loop"): a stream's throughput moves 5-15 % pass to pass on the local stand-in and
+    whole passes shift together; a shortlist cut on two passes left the truly fastest configuration out of the race
+    (bench_closed_loop 2026-12-07 18:16, domain 2), and a race of fixed length spends as much on clear losers as on
+    near-ties.  Pairing within a pass cancels the pass's shift; elimination spends the passes on the close ones.
     `eligible(record)`: whether a configuration may be adopted (step 3: within the edge memory budget).
 
-    Returns (the records, the shortlisted ones re-combined over all their passes and the role 'chosen' moved to
-    the adopted one, the model's pick keeping 'predicted_choice'; the adoption record: 'adopted', 'source'
-    ('measured' / 'predicted'), 'band_pct', the shortlist with each one's first / confirmation / pooled
-    throughput)."""
+    Returns (the records, the raced ones re-combined over all their passes and the role 'chosen' moved to the
+    adopted one, the model's pick keeping 'predicted_choice'; the adoption record: 'adopted', 'source'
+    ('measured' / 'predicted'), 'z', 'fresh_passes', the shortlist with each one's first / confirmation / pooled
+    throughput and the pass after which it was eliminated)."""
     recs = [dict(r, roles=list(r['roles'])) for r in records]
     pick = next(i for i, r in enumerate(recs) if 'chosen' in r['roles'])
     fps = lambda r: float(r['measured']['throughput_fps'])  # noqa: E731
     top = [i for i, r in enumerate(recs) if any(x.startswith('top') for x in r['roles'])]
-    noise = _median_or_none(recs[i]['measured'].get('pass_to_pass_pct') for i in sorted(set(top) | {pick}))
-    band = max(float(band_pct), noise or 0.0)
-    best = max([fps(recs[i]) for i in top] + [fps(recs[pick])])
-    racing = sorted((i for i in top if i != pick and fps(recs[i]) >= best * (1.0 - band / 100.0)
-                     and (eligible is None or eligible(recs[i]))), key=lambda i: -fps(recs[i]))
-    racing = racing[:max(0, int(confirm))]
+    racing = sorted((i for i in top if i != pick and (eligible is None or eligible(recs[i]))),
+                    key=lambda i: -fps(recs[i]))[:max(0, int(confirm))]
     out: Dict[str, Any] = {'adopted': False, 'source': 'predicted', 'confirm': int(confirm), 'passes': int(passes),
-                           'band_pct': band}
+                           'z': float(z)}
     if not racing:
-        out['why'] = (f'no other configuration of the top-k measured within {band:.1f} % of the best measured'
-                      if confirm > 0 else 'loop.confirm is 0')
+        out['why'] = 'no other top-k configuration may be adopted' if confirm > 0 else 'loop.confirm is 0'
         return recs, out
     short = [pick] + racing
-    plan = [{k: recs[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in short]
-    raw = time_passes(plan, max(1, int(passes)), None) if progress is None else \
-        _timed_with_bar(time_passes, plan, passes, progress)
+    if any(recs[i].get('_runs') is None for i in short):
+        raise ValueError('confirm_choice: measure() records need keep_runs=True')
+    first = {i: list(recs[i]['_runs']) for i in short}
+    fresh: Dict[int, List[Dict[str, Any]]] = {i: [] for i in short}
+    per_pass = {i: [float(combine(recs[i]['predicted'], [r])['throughput_fps']) for r in first[i]] for i in short}
+    out_after: Dict[int, int] = {}
+    alive = list(short)
+    bar = _bar(progress, max(1, int(passes)) * len(short))
+    try:
+        for rnd in range(max(0, int(passes)) + 1):
+            if len(per_pass[alive[0]]) >= RACE_MIN_PASSES:
+                leader = _race_leader(alive, per_pass, pick)
+                for j in eliminated({i: per_pass[i] for i in alive}, leader, z):
+                    alive.remove(j)
+                    out_after[j] = len(per_pass[j])
+            if len(alive) == 1 or rnd == int(passes):
+                break
+            order = alive if rnd % 2 == 0 else list(reversed(alive))
+            plan = [{k: recs[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in order]
+            for i, res in zip(order, time_passes(plan, 1, None)):
+                fresh[i].append(res[0])
+                per_pass[i].append(float(combine(recs[i]['predicted'], [res[0]])['throughput_fps']))
+            if bar is not None:
+                bar.update(len(order))
+    finally:
+        if bar is not None:
+            bar.close()
+    win = _race_leader(alive, per_pass, pick)
     rows = []
-    for i, fresh in zip(short, raw):
-        first_runs = recs[i].get('_runs')
-        pooled = combine(recs[i]['predicted'], list(first_runs) + list(fresh)) if first_runs is not None else None
-        conf = combine(recs[i]['predicted'], list(fresh))
-        rows.append({'index': i, 'lam': int(recs[i]['lam']), 'roles': list(recs[i]['roles']),
-                     'first_fps': fps(recs[i]), 'confirmation_fps': float(conf['throughput_fps']),
-                     'confirmation_passes_fps': [float(combine(recs[i]['predicted'], [r])['throughput_fps'])
-                                                 for r in fresh],
-                     'pooled_fps': float(pooled['throughput_fps']) if pooled is not None else None,
-                     '_pooled': pooled, '_conf': conf})
-    # decided on the fresh passes alone: the first ones put the others on the shortlist for being high, so pooling
-    # them would favour the lucky (the first local closed loop: one adopted on its pooled median was the slower
-    # one on the confirmation's passes)
-    win = max(rows, key=lambda r: r['confirmation_fps'])
-    for r in rows:
-        m = r.pop('_pooled') or r['_conf']
-        r.pop('_conf')
-        old = recs[r['index']]['measured']
-        per_pass = list(old.get('passes_fps') or []) + r['confirmation_passes_fps']
-        recs[r['index']]['measured'] = dict(
-            m, passes_fps=per_pass, pass_to_pass_pct=_spread_pct(per_pass), load_average=old.get('load_average'),
-            wall_s_all=old.get('wall_s_all'), confirmed=True)
-    if win['index'] != pick:
+    for i in short:
+        pooled = combine(recs[i]['predicted'], first[i] + fresh[i])
+        conf = combine(recs[i]['predicted'], fresh[i])['throughput_fps'] if fresh[i] else None
+        rows.append({'lam': int(recs[i]['lam']), 'roles': list(recs[i]['roles']), 'first_fps': fps(recs[i]),
+                     'confirmation_fps': None if conf is None else float(conf),
+                     'confirmation_passes_fps': per_pass[i][len(first[i]):], 'pooled_fps': float(pooled['throughput_fps']),
+                     'eliminated_after_passes': out_after.get(i)})
+        if fresh[i]:
+            old = recs[i]['measured']
+            recs[i]['measured'] = dict(pooled, passes_fps=per_pass[i], pass_to_pass_pct=_spread_pct(per_pass[i]),
+                                       load_average=old.get('load_average'), wall_s_all=old.get('wall_s_all'),
+                                       confirmed=True)
+    if win != pick:
         recs[pick]['roles'] = ['predicted_choice' if x == 'chosen' else x for x in recs[pick]['roles']]
-        recs[win['index']]['roles'].append('chosen')
+        recs[win]['roles'].append('chosen')
         out.update(adopted=True, source='measured')
-    out['shortlist'] = [{k: v for k, v in r.items() if k != 'index'} for r in rows]
-    out['how'] = (f'the predicted choice and the top-k configurations that measured within {band:.1f} % of the best '
-                  f'were re-measured in {int(passes)} fresh interleaved passes; the best median on those passes is '
-                  'the choice')
+    out['fresh_passes'] = max(len(v) for v in fresh.values())
+    out['shortlist'] = rows
+    out['how'] = (f'the predicted choice and {len(racing)} top-k configurations raced by successive elimination: one '
+                  f'fresh interleaved pass at a time (at most {int(passes)}), a configuration out once it measured '
+                  f'slower than the leader beyond {z:g} standard errors of the paired per-pass differences; the leader '
+                  '(best median over all its passes) is the choice')
     return recs, out
+
+
+def _race_leader(alive: Sequence[int], per_pass: Dict[int, List[float]], pick: int) -> int:
+    """The configuration still in the race with the best median over its passes (ties: the predicted choice)."""
+    return max(alive, key=lambda i: (float(statistics.median(per_pass[i])), i == pick))
+
+
+def _bar(desc: Optional[str], total: int) -> Any:
+    if not desc:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
 
 
 def evaluate_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
@@ -413,21 +467,34 @@ def evaluate_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
         'throughput_fps']), 'passes_fps': [float(combine(p['predicted'], [r])['throughput_fps']) for r in res]}
         for p, res in zip(plan, raw)]
     best = max(rows, key=lambda r: r['fps'])
-    ci = next(i for i, r in enumerate(rows) if 'chosen' in r['roles'])
-    pi = next((i for i, r in enumerate(rows) if 'predicted_choice' in r['roles']), ci)
-    chosen, pick = rows[ci], rows[pi]
+    chosen_i = next(i for i, r in enumerate(rows) if 'chosen' in r['roles'])
+    pi = next((i for i, r in enumerate(rows) if 'predicted_choice' in r['roles']), chosen_i)
+    chosen, pick = rows[chosen_i], rows[pi]
     halves = [[combine(p['predicted'], list(res)[h::2])['throughput_fps'] for p, res in zip(plan, raw)]
               for h in (0, 1)] if passes >= 2 else None
-    return {'kind': 'measured', 'passes': int(passes), 'configurations': rows,
+    ev = {'kind': 'measured', 'passes': int(passes), 'configurations': rows,
             'best': {'lam': best['lam'], 'fps': best['fps']},
             'chosen_over_best_pct': 100.0 * chosen['fps'] / best['fps'],
             'optimizer_pick_over_best_pct': 100.0 * pick['fps'] / best['fps'],
-            'chosen_over_best_crossfit_pct': crossfit_share_pct(halves, ci) if halves else None,
+            'chosen_over_best_crossfit_pct': crossfit_share_pct(halves, chosen_i) if halves else None,
             'optimizer_pick_over_best_crossfit_pct': crossfit_share_pct(halves, pi) if halves else None,
             'pass_to_pass_median_pct': _median_or_none(_spread_pct(r['passes_fps']) for r in rows),
             'load_average': load_average(),
             'how': 'the chosen configuration, the optimizer\'s pick and the top-k measured again together in fresh '
                    'interleaved passes that no decision saw'}
+    ev['chosen_over_best_crossfit_ci95_pct'] = evaluation_interval(ev)
+    return ev
+
+
+def evaluation_interval(ev: Dict[str, Any]) -> Optional[List[float]]:
+    """crossfit_interval_pct of an evaluation record's chosen configuration from its per-pass figures (seeded by the
+    number of passes, so a re-read gives the artifact's figure); None with fewer than 4 passes."""
+    rows = ev['configurations']
+    if int(ev['passes']) < 4:
+        return None
+    i = next(k for k, r in enumerate(rows) if 'chosen' in r['roles'])
+    return crossfit_interval_pct(np.array([r['passes_fps'] for r in rows], dtype=np.float64), i,
+                                 np.random.default_rng(int(ev['passes'])))
 
 
 def crossfit_share_pct(halves: Sequence[Sequence[float]], i: int) -> float:
@@ -441,6 +508,24 @@ def crossfit_share_pct(halves: Sequence[Sequence[float]], i: int) -> float:
         j = max(range(len(halves[pick_on])), key=lambda k: halves[pick_on][k])
         out.append(100.0 * halves[value_on][i] / halves[value_on][j])
     return float(statistics.mean(out))
+
+
+def crossfit_interval_pct(passes_fps: np.ndarray, i: int, rng: np.random.Generator, draws: int = 2000
+                          ) -> List[float]:
+    """The 95 % bootstrap interval of configuration i's cross-fitted share (crossfit_share_pct), percent: the judge's
+    own noise.  `passes_fps` (configurations, passes): each configuration's throughput in each evaluation pass; the
+    halves are the even and the odd passes, and each draw resamples whole passes (every configuration's figure of a
+    pass together, so the pass's common shift stays paired) with replacement within each half, takes each
+    configuration's median over the drawn passes and computes the share.  Needs >= 2 passes per half."""
+    x = np.asarray(passes_fps, dtype=np.float64)
+    halves = [x[:, 0::2], x[:, 1::2]]
+    if min(h.shape[1] for h in halves) < 2:
+        raise ValueError(f'crossfit_interval_pct: needs >= 2 passes per half, got {x.shape[1]} passes')
+    shares = []
+    for _ in range(int(draws)):
+        drawn = [np.median(h[:, rng.integers(0, h.shape[1], h.shape[1])], axis=1) for h in halves]
+        shares.append(crossfit_share_pct([d.tolist() for d in drawn], i))
+    return [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
 
 
 def _timed_with_bar(time_passes: TimePasses, plan: Sequence[Dict[str, Any]], passes: int,
@@ -656,6 +741,9 @@ def report_line(rep: Dict[str, Any]) -> str:
         if ev.get('chosen_over_best_crossfit_pct') is not None:
             line += (f', {ev["chosen_over_best_crossfit_pct"]:.1f} % of the one measured best on the other half of '
                      'them')
+            if ev.get('chosen_over_best_crossfit_ci95_pct'):
+                lo, hi = ev['chosen_over_best_crossfit_ci95_pct']
+                line += f' (95 % interval over the passes {lo:.1f}-{hi:.1f} %)'
     if rep.get('pass_to_pass_median_pct') is not None:
         line += f'; passes disagree by a median {rep["pass_to_pass_median_pct"]:.1f} %'
     la = (rep.get('load_average') or {}).get('before')
@@ -757,7 +845,7 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
         combine = pseudo_combine(t.batch)
     records = measure(plan, time_passes, combine, lp.passes, progress=label, keep_runs=True)
     records, adoption = confirm_choice(records, time_passes, combine, lp.confirm, lp.confirm_passes,
-                                       f'{label} confirmation', eligible, lp.confirm_band_pct)
+                                       f'{label} race', eligible, lp.confirm_z)
     for r in records:
         r.pop('_runs', None)
     report = dict(loop_report(records, mode, lp.top_k), decision_source=adoption['source'])
@@ -768,7 +856,7 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
             'server_device': server_device(cfg.device),
             'settings': {'top_k': lp.top_k, 'passes': lp.passes, 'real_samples': lp.real_samples,
                          'confirm': lp.confirm, 'confirm_passes': lp.confirm_passes,
-                         'confirm_band_pct': lp.confirm_band_pct, 'evaluate_passes': lp.evaluate_passes}}
+                         'confirm_z': lp.confirm_z, 'evaluate_passes': lp.evaluate_passes}}
 
 
 def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],

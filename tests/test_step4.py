@@ -292,3 +292,19 @@ def test_step4_skips_optional_and_names_missing_required(tmp_path, caplog):
     write_artifact(joint, 'joint_domain', {'domain': 0}, cfg, 'test')
     with pytest.raises(ArtifactError, match=r'domain_0_joint.json.*a_ref'):
         step4.main(['--results_dir', str(tmp_path)])
+
+
+def test_predicted_vs_measured_lays_out_one_panel_with_long_labels_without_collapsing():
+    # one quantity, eleven configurations on one spot: a long shared label used to squeeze the axes to nothing
+    import io
+    import warnings
+    pts = {'closed loop throughput (frames/s)': [(f'd{k} edge', 520.0, 520.0) for k in range(11)]
+           + [(f'd{k}', 1700.0 + k, 1750.0) for k in range(3)]}
+    fig = plots.predicted_vs_measured(pts)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fig.savefig(io.BytesIO(), format='png')
+    ax = fig.axes[0]
+    assert ax.get_position().width > 0.6  # the axes keep most of the figure's width
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ['d0 edge ... d10 edge (11 points)', 'd0, d1, d2']  # three or fewer: every name

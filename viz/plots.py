@@ -405,7 +405,7 @@ def chain_stage_bars(chain: Mapping[str, Any]) -> Figure:
 @_styled
 def predicted_vs_measured(points: Mapping[str, Sequence[Tuple[str, float, float]]]) -> Figure:
     """One scatter panel per quantity ('throughput (frames/s)', ...): measured vs predicted, y = x line."""
-    fig = new_figure(4.2 * len(points) + 0.5, 4.2)
+    fig = new_figure(max(6.5, 4.2 * len(points) + 0.5), 5.0)  # one panel: wide enough for the title and labels
     axes = fig.subplots(1, len(points), squeeze=False)[0]
     for ax, (quantity, pts) in zip(axes, points.items()):
         pred = np.array([p[1] for p in pts])
@@ -421,14 +421,17 @@ def predicted_vs_measured(points: Mapping[str, Sequence[Tuple[str, float, float]
         for name, p, m in pts:  # points within 1 % of the axis share one label
             groups.setdefault((round(p / tol), round(m / tol)), []).append((str(name), p, m))
         for members in groups.values():
-            ax.annotate(', '.join(n for n, _, _ in members), members[0][1:], textcoords='offset points',
-                        xytext=(5, 3), fontsize=7.5)
+            names = [n for n, _, _ in members]
+            label = ', '.join(names) if len(names) <= 3 else f'{names[0]} ... {names[-1]} ({len(names)} points)'
+            ann = ax.annotate(label, members[0][1:], textcoords='offset points', xytext=(5, 3), fontsize=7.5,
+                              clip_on=True)
+            ann.set_in_layout(False)  # a long label is clipped at the axes, never squeezes them
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_xlabel(f'predicted {quantity}')
         ax.set_ylabel(f'measured {quantity}')
         ax.legend(loc='upper left')
-    fig.suptitle('Measured vs predicted (LUT cost model); closed loop: s2 = step 2, d<k> = domain k')
+    fig.suptitle('Measured vs predicted (LUT cost model)\nclosed loop: s2 = step 2, d<k> = domain k')
     return fig
 
 

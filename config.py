@@ -125,7 +125,6 @@ class JointConfig:
     probes: int = 3  # train-split probes per solve: a solution's new prunes evaluated together, before fine-tuning, and their sensitivities scaled to it when it disagrees with their sum (0 = none; docs/design.md#surrogate)
     reference_finetune: bool = True  # step 3: also measure the domain model fine-tuned as a round, nothing pruned, as a centre of the surrogate (docs/design.md#surrogate)
     sweep_max_new_prunes: int = 2  # epsilon sweep / chain decision: at most this many branches pruned beyond the measured configuration the surrogate is centred on (0 = no limit)
-    sweep_continue: bool = True  # epsilon sweep / chain decision: a point continues (is pruned from and fine-tuned on) the sweep's measured point that prunes the most of its branches and no other, instead of the latest accepted round below it (docs/design.md#pareto-sweep; false: the sweep before h14c)
 
 
 @dataclass(frozen=True)

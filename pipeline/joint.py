@@ -30,7 +30,7 @@ from accuracy import pruning, surrogate
 from optim.cost import CostTables
 
 log = logging.getLogger('step3')
-JOINT_VERSION = 6  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
+JOINT_VERSION = 5  # bump when the goal program or the pruning loop changes what a domain's result is: cached ones are redone
 SURROGATE_NOTE = ('surrogate: predicted val drop (points) = the measured val drop of the measured configuration '
                   'nearest the candidate, less the shares of the branches it restores, + rho x the train-split '
                   'sensitivities of the branches it adds; a prediction made before the candidate was measured, '
@@ -64,9 +64,6 @@ def check_joint_config(cfg: Config) -> None:
                  'importance_share', 'min_saving_pct', 'max_new_prunes', 'probes', 'sweep_max_new_prunes'):
         if not getattr(j, name) >= 0:
             raise ConfigError(f'joint.{name}: expected a number >= 0, got {getattr(j, name)}')
-    for name in ('reference_finetune', 'sweep_continue'):
-        if not isinstance(getattr(j, name), bool):
-            raise ConfigError(f'joint.{name}: expected true or false, got {getattr(j, name)!r}')
     if not 0 < j.importance_share <= 1:
         raise ConfigError(f'joint.importance_share: expected a share in (0, 1], got {j.importance_share}')
 
@@ -271,8 +268,6 @@ class LoopState:
     a_fit: float = 0.0  # the domain model's accuracy on the surrogate's train-split images, %
     probed: List[Tuple[np.ndarray, float]] = field(default_factory=list)  # probes since sens was last re-measured:
     # (branches pruned together beyond the start model, their joint train-split loss), applied to sens in order
-    sweep_models: List[Tuple[np.ndarray, HyperRepVGG]] = field(default_factory=list)  # the sweep's newly deployed
-    # points (pruned branches, fine-tuned model), in measured order: start models of the points after them
 
     def remember(self, probes: Sequence[Dict[str, Any]]) -> None:
         """Keeps a solve's probes (centred_solve's budget record 'probes') for the solves after it."""
@@ -424,22 +419,11 @@ def finetuned_reference(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: D
 
 def _start_model(st: LoopState, want: np.ndarray, inp: Inputs, model0: HyperRepVGG) -> HyperRepVGG:
     """Progressive: continue from the latest accepted round whose pruned branches are all pruned again (else from
-    the domain's model), so that restored branches never meet alphas tuned without them.  After the rounds
-    (joint.sweep_continue), a point of the epsilon sweep measured since that prunes all of that model's branches
-    and none that `want` keeps continues it instead (the one pruning the most; ties: the latest): the measured
-    configuration the surrogate is centred on is then, as for the rounds, the model the point is deployed from, and
-    its fine-tuning's luck is carried instead of re-drawn (docs/design.md#pareto-sweep)."""
-    start, base = model0, np.zeros_like(want, dtype=bool)
+    the domain's model), so that restored branches never meet alphas tuned without them."""
     for old, old_model in reversed(list(zip(st.rounds, st.models))):
         if old['accepted'] and not (_pruned_of(inp, old['gammas']) & ~want).any():
-            start, base = old_model, _pruned_of(inp, old['gammas'])
-            break
-    if inp.cfg.joint.sweep_continue:
-        most = -1
-        for pruned, model in st.sweep_models:
-            if not (pruned & ~want).any() and not (base & ~pruned).any() and pruned.sum() >= most:
-                start, most = model, int(pruned.sum())
-    return start
+            return old_model
+    return model0
 
 
 def _deploy(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, gammas: Sequence[int], d: int,
@@ -721,23 +705,20 @@ def point_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: A
 
 
 def measure_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData, ref: Reference,
-                  gammas: Sequence[int], d: int, keys: Tuple[int, int, int], desc: str
-                  ) -> Tuple[Dict[str, Any], Optional[HyperRepVGG]]:
+                  gammas: Sequence[int], d: int, keys: Tuple[int, int, int], desc: str) -> Tuple[Dict[str, Any], bool]:
     """A point's pruning measured: the measurement of a round (or the final pick) that prunes exactly the same
-    branches, else deployed (pruned, fine-tuned; seeded by keys[0]) and measured (keys[1:]); (measured, the
-    deployed model, None when the measurement was an earlier one's: not held out)."""
+    branches, else deployed (pruned, fine-tuned; seeded by keys[0]) and measured (keys[1:]); (measured, held_out)."""
     m = _measured_like(st, fin, inp, gammas)
     if m is not None:
-        return m, None
+        return m, False
     model, _ = _deploy(inp, st, model0, data, gammas, d, keys[0], desc)
-    return measure(inp, model, data, ref, keys[1:]), model
+    return measure(inp, model, data, ref, keys[1:]), True
 
 
 def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
-                 ref: Reference, d: int, k: int, eps: float) -> Tuple[Dict[str, Any], Optional[HyperRepVGG]]:
+                 ref: Reference, d: int, k: int, eps: float) -> Dict[str, Any]:
     """One point of the epsilon sweep: solved on the surrogate as it stands (point_solve), deployed (pruned,
-    fine-tuned) and measured, or the measurement of a round that prunes exactly the same branches; (the point,
-    its deployed model or None)."""
+    fine-tuned) and measured, or the measurement of a round that prunes exactly the same branches."""
     from accuracy.training import seeded_generator
     j = inp.cfg.joint
     t0 = time.perf_counter()
@@ -747,9 +728,8 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
                           _gd_kwargs(inp.cfg, (fin.gammas, fin.lam)), j.milp_time_limit_s)['best']
         return best, best.gammas
     sp, bud = point_solve(inp, st, ref, eps, solve, model0, data)
-    m, model = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
-                             f'domain {d} pareto eps={eps:g}')
-    new = model is not None
+    m, new = measure_point(inp, st, fin, model0, data, ref, sp.gammas, d, (1000 + k, 8000 + d, k),
+                           f'domain {d} pareto eps={eps:g}')
     predicted = bud.pop('predicted_drop_pct')
     return {'epsilon': float(eps), 'accuracy_pct': m['test_accuracy_pct'],
             'accuracy_ci95_pct': _interval(ref.a_test, m['test']), 'accuracy_source': 'measured (test)',
@@ -759,16 +739,15 @@ def pareto_point(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
             'held_out': new and held_out(inp, sp.gammas), 'budget': bud, 'measured': m,
             'throughput_fps': sp.evaluation['throughput_fps'], 'lam': sp.lam,
             'branches_pruned': sp.evaluation['branches_pruned'], 'gammas': sp.gammas,
-            'solver': sp.solver, 'status': sp.status, 'wall_s': time.perf_counter() - t0}, model
+            'solver': sp.solver, 'status': sp.status, 'wall_s': time.perf_counter() - t0}
 
 
 def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG, data: DomainData,
-                 ref: Reference, d: int, fp: str, command: str, bn_file0: Optional[str] = None) -> List[Dict[str, Any]]:
+                 ref: Reference, d: int, fp: str, command: str) -> List[Dict[str, Any]]:
     """The epsilon sweep in increasing epsilon, point by point (pareto_point), each checkpointed in
-    domain_<d>_rounds/pareto_<k>.json (with its deployed model's state) and resumed from there; each measured point
-    joins the surrogate's measured configurations, and its model the start models (`_start_model`), before the next
-    is solved (so every prediction is still made before its own measurement).  Returns the points in
-    joint.epsilon_sweep's order."""
+    domain_<d>_rounds/pareto_<k>.json and resumed from there; each measured point joins the surrogate's measured
+    configurations before the next is solved (so every prediction is still made before its own measurement).
+    Returns the points in joint.epsilon_sweep's order."""
     pareto: Dict[int, Dict[str, Any]] = {}
     sweep = inp.cfg.joint.epsilon_sweep
     for k in sorted(range(len(sweep)), key=lambda i: (sweep[i], i)):
@@ -777,17 +756,9 @@ def pareto_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG
         done = _load_checkpoint(path, 'joint_pareto', fp)
         if done is not None and done['point']['epsilon'] == float(eps):
             point = done['point']
-            model = None if done.get('hyper_weights') is None else \
-                _model_from(model0, done['hyper_weights'], inp.cfg, done.get('bn_state_file') or bn_file0)
         else:
-            point, model = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
-            bn_rel = f'{JOINT_DIR}/domain_{d}_rounds/pareto_{k:03d}_bn.pt' if model is not None and model.adapt_bn \
-                else None
-            _write_checkpoint(path, 'joint_pareto', {
-                'fingerprint': fp, 'index': k, 'point': point, 'bn_state_file': bn_rel,
-                'hyper_weights': None if model is None else model.hyper_weights()}, inp.cfg, command, model, bn_rel)
-        if model is not None:
-            st.sweep_models.append((_pruned_of(inp, point['gammas']), model))
+            point = pareto_point(inp, st, fin, model0, data, ref, d, k, eps)
+            write_artifact(path, 'joint_pareto', {'fingerprint': fp, 'index': k, 'point': point}, inp.cfg, command)
         st.remember(point['budget'].get('probes') or [])
         st.measured.append(MeasuredConfig(f'pareto eps={eps:g}', _pruned_of(inp, point['gammas']),
                                           float(point['val_drop_pct']), point['measured'],
@@ -992,7 +963,7 @@ def run_domain(inp: Inputs, d: int, command: str, force: bool = False, real_run:
         return {'payload': None, 'state': None, 'skipped': False, 'pareto_todo': pareto_todo(cfg, d, fp)}
 
     fin = final_pick(inp, st, model0, data, refs)
-    pareto = pareto_phase(inp, st, fin, model0, data, refs, d, fp, command, bn_file0)
+    pareto = pareto_phase(inp, st, fin, model0, data, refs, d, fp, command)
     if phase == 'pareto':
         return {'payload': None, 'state': None, 'skipped': False, 'points': pareto}
     timing['pareto_s'] = float(sum(p['wall_s'] for p in pareto))
@@ -1114,9 +1085,8 @@ def chain_phase(inp: Inputs, st: LoopState, fin: FinalPick, model0: HyperRepVGG,
                               j.milp_time_limit_s)
         return out, out['decision']['gammas']
     sec, bud = point_solve(inp, st, ref, j.epsilon, solve, model0, data)
-    m, model = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
-                             f'domain {d} chain')
-    new = model is not None
+    m, new = measure_point(inp, st, fin, model0, data, ref, sec['decision']['gammas'], d, (3000, 9000 + d, 0),
+                           f'domain {d} chain')
     predicted = bud.pop('predicted_drop_pct')
     sec['budget'] = bud
     sec['measured'] = {'accuracy_pct': m['test_accuracy_pct'], 'accuracy_ci95_pct': _interval(ref.a_test, m['test']),

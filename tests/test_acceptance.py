@@ -188,36 +188,3 @@ def test_a_probe_that_finds_an_interaction_changes_the_solution(monkeypatch):
     assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [4, 4] and len(bud['probes']) == 1
     # (remembered, the agreeing probe leaves the 4 branches at 0.125 each: the same solution, probed once more)
     assert bud['again']['predicted_drop_pct'] == pytest.approx(0.5)
-
-
-def test_sweep_points_continue_the_measured_point_they_extend(monkeypatch):
-    """_start_model: a point of the sweep is pruned from (and fine-tuned on) the measured sweep point that prunes the
-    most of its branches and none it keeps, when that one extends the latest accepted round below it; the rounds'
-    rule is unchanged, and joint.sweep_continue false restores it for the sweep too."""
-    from dataclasses import replace
-    from types import SimpleNamespace
-
-    from config import Config
-    from pipeline import joint
-    monkeypatch.setattr(joint, '_pruned_of', lambda inp, g: np.asarray(g, dtype=bool))
-
-    def mask(*cells):
-        m = np.zeros((4, 3), dtype=bool)
-        for c in cells:
-            m[c, 0] = True
-        return m
-    model0, r1, r2, p1, p2, p3 = 'domain model', 'round 1', 'round 2', 'eps 0.5', 'eps 1', 'eps 2'
-    st = joint.LoopState(sens=np.zeros((4, 3)), warm=None)
-    st.rounds = [{'accepted': True, 'gammas': mask(0)}, {'accepted': False, 'gammas': mask(0, 1)}]
-    st.models = [r1, r2]
-    inp = SimpleNamespace(cfg=Config(), available=[frozenset('DOI')] * 4)
-    assert joint._start_model(st, mask(0, 1, 2), inp, model0) == r1  # the rounds: the latest accepted below it
-    assert joint._start_model(st, mask(1, 2), inp, model0) == model0
-    st.sweep_models = [(mask(0, 1), p1), (mask(0, 2), p2), (mask(1, 3), p3)]
-    assert joint._start_model(st, mask(0, 1, 2), inp, model0) == p2  # p1 and p2 prune as many: the latest
-    assert joint._start_model(st, mask(0, 1, 3), inp, model0) == p1  # p2 prunes a branch it keeps
-    assert joint._start_model(st, mask(0, 3), inp, model0) == r1  # no sweep point below it
-    assert joint._start_model(st, mask(1, 2, 3), inp, model0) == p3  # below it, it extends the domain model
-    off = SimpleNamespace(cfg=replace(Config(), joint=replace(Config().joint, sweep_continue=False)),
-                          available=inp.available)
-    assert joint._start_model(st, mask(0, 1, 3), off, model0) == r1

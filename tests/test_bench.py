@@ -315,3 +315,30 @@ def test_bench_stream_noise_quick_streams_through_the_local_device(tmp_path):
     assert obj['quick'] is True and len(obj['lams']) == 2
     assert np.array(obj['short_fps']).shape == (2, 2, 2) and all(v > 0 for v in np.ravel(obj['short_fps']))
     assert obj['headline'][0][0].startswith('24-image streams back to back')
+
+
+def test_bench_accuracy_gain_shows_the_goal_programs_pick_beside_the_adopted_one(tmp_path):
+    from artifacts import write_artifact
+    from bench import bench_accuracy as ba
+
+    def domain(d, fps, choice_fps):
+        obj = {'domain': d, 'accuracy_drop_pct': 0.1, 'accuracy_drop_ci95_pct': [-0.5, 0.7], 'a_ref_pct': 90.0,
+               'final_accuracy_pct': 89.9, 'branches_pruned': 2, 'chosen_round': 1,
+               'predicted': {'throughput_fps': fps}, 'surrogate': {'points': []},
+               'baselines': {'unpruned': {'best_plain_split': {'throughput_fps': 100.0}}},
+               'data_roles': {'val': {'images': 750}, 'test': {'images': 750}}}
+        if choice_fps is not None:  # the closed loop adopted a measured-faster layout / split (adopt_measured)
+            obj['optimizer_choice'] = {'predicted': {'throughput_fps': choice_fps}}
+        write_artifact(tmp_path / 'joint_optimization' / f'domain_{d}_joint.json', 'joint_domain', obj, None, 't')
+    domain(0, 121.0, 110.0)
+    domain(1, 105.0, None)
+    cases = ba.read_cases(tmp_path, 0, 1.0)
+    assert [(c['gain_goal_x'], c['gain_x'], c['adopted']) for c in cases] == [
+        (pytest.approx(1.10), pytest.approx(1.21), True), (pytest.approx(1.05), pytest.approx(1.05), False)]
+    s = ba.summarize(cases, [], 1.0)
+    assert s['geomean_gain_goal_x'] == pytest.approx((1.10 * 1.05) ** 0.5) and s['adopted_cases'] == 1
+    assert s['geomean_gain_x'] == pytest.approx((1.21 * 1.05) ** 0.5)
+    _, per_case = ba.tables_for([{'cases': cases}], s, 'test')
+    col = per_case['columns'].index('gain over best plain, goal program\'s pick (x, LUT-predicted)')
+    assert [r[col] for r in per_case['rows']] == [pytest.approx(1.10), pytest.approx(1.05)]
+    assert [r[col + 1] for r in per_case['rows']] == [pytest.approx(1.21), '']  # blank: the race kept the pick

@@ -95,8 +95,9 @@ def measure(splits: int, passes: int, repeats: int, samples: int, long_factor: i
         from tqdm import tqdm
         bar = tqdm(total=passes * len(lams), desc='stream noise', leave=False)
     load_before = common.load_average()
+    old_cores, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
     with LocalDevice(token=token, log_dir=Path(common.REPO_ROOT) / 'results' / 'local_device_bench') as dev:
-        os.sched_setaffinity(0, dev.server_cores)
+        os.sched_setaffinity(0, dev.server_cores)  # this process is the server; restored below
         torch.set_num_threads(1)
         sess = ServerSession('127.0.0.1', dev.port, token, 60.0, 120.0, 256 * 2 ** 20)
         try:
@@ -117,6 +118,8 @@ def measure(splits: int, passes: int, repeats: int, samples: int, long_factor: i
                         bar.update(1)
         finally:
             sess.close()
+            os.sched_setaffinity(0, old_cores)
+            torch.set_num_threads(old_threads)
             if bar is not None:
                 bar.close()
     return {'lams': lams, 'short_fps': short.tolist(), 'long_fps': None if long is None else long.tolist(),

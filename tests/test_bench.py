@@ -311,8 +311,12 @@ def test_bench_stream_noise_quick_streams_through_the_local_device(tmp_path):
     import os
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip('the local stand-in device needs 2 cores')
+    import torch
     from bench import bench_stream_noise as B
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     assert B.main(['--quick', '--out_dir', str(tmp_path)]) == 0
+    # the bench pins itself to the server cores while it streams, and gives this process its cores back
+    assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
     obj = json.loads((tmp_path / 'stream_noise.json').read_text())
     assert obj['quick'] is True and len(obj['lams']) == 2
     assert np.array(obj['short_fps']).shape == (2, 2, 2) and all(v > 0 for v in np.ravel(obj['short_fps']))

@@ -162,7 +162,7 @@ class LoopConfig:
     passes: int = 2  # interleaved measurement passes (the second in reverse order)
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
     confirm: int = 10  # at most this many top-k configurations race the predicted choice (fastest measured first; 10 = all of the default top-k; 0 = never adopt)
-    confirm_z: float = 2.0  # the race eliminates a configuration measured slower than the leader by more than this many robust standard deviations of the paired per-pass differences
+    confirm_z: float = 2.0  # the race eliminates a configuration whose median paired per-pass log-difference to the leader lies below -this many standard errors (its own sd / sqrt(passes))
     confirm_passes: int = 8  # at most this many fresh interleaved passes of the race (one per round, over the configurations still in; docs/design.md "Closed loop")
     evaluate_passes: int = 0  # > 0: the decision, the optimizer's pick and the top-k measured again in this many fresh passes no decision saw (report.evaluation; bench_closed_loop)
 

@@ -120,7 +120,7 @@ def _evaluation_cells(ev: Optional[Dict[str, Any]]) -> List[Any]:
     from pipeline.closed_loop import evaluation_interval
     ci = ev.get('chosen_over_best_crossfit_ci95_pct') or evaluation_interval(ev)  # older records: from their passes
     return [ev['chosen_over_best_pct'], ev['best']['lam'], ev['optimizer_pick_over_best_pct'],
-            ev.get('chosen_over_best_crossfit_pct'), f'{ci[0]:.1f}-{ci[1]:.1f}' if ci else None,
+            ev.get('chosen_over_best_crossfit_pct'), [round(ci[0], 1), round(ci[1], 1)] if ci else None,
             ev.get('optimizer_pick_over_best_crossfit_pct'), ev.get('pass_to_pass_median_pct')]
 
 
@@ -141,9 +141,9 @@ def read_run(run: Path) -> List[List[Any]]:
     return rows
 
 
-def _reaches(interval: Optional[str], level: float) -> bool:
-    """Whether a 'lo-hi' interval cell's upper end reaches `level` (no interval: False)."""
-    return bool(interval) and float(str(interval).split('-')[-1]) >= level
+def _reaches(interval: Optional[Sequence[float]], level: float) -> bool:
+    """Whether an interval cell's ([low, high]) upper end reaches `level` (no interval: False)."""
+    return interval is not None and float(interval[1]) >= level
 
 
 def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:

@@ -294,20 +294,9 @@ def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
     disagreement; `keep_runs`: each record also keeps its raw per-pass results under '_runs' (for
     confirm_choice; not JSON: drop it before writing)."""
     passes = max(1, int(passes))
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=passes * len(plan), desc=progress, leave=False)
-        except ImportError:
-            bar = None
     load_before = load_average()
     t0 = time.perf_counter()
-    try:
-        results = time_passes(plan, passes, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    results = _timed_with_bar(time_passes, plan, passes, progress)
     out = []
     for row, res in zip(plan, results):
         m = combine(row['predicted'], res)
@@ -443,6 +432,7 @@ def _race_leader(alive: Sequence[int], per_pass: Dict[int, List[float]], pick: i
 
 
 def _bar(desc: Optional[str], total: int) -> Any:
+    """A tqdm bar of `total` steps named `desc`; None without a name or without tqdm."""
     if not desc:
         return None
     try:
@@ -462,7 +452,7 @@ def evaluate_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
     idx = [i for i, r in enumerate(records)
            if any(x.startswith('top') or x in ('chosen', 'predicted_choice') for x in r['roles'])]
     plan = [{k: records[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in idx]
-    raw = _timed_with_bar(time_passes, plan, passes, progress) if progress else time_passes(plan, passes, None)
+    raw = _timed_with_bar(time_passes, plan, passes, progress)
     rows = [{'lam': int(p['lam']), 'roles': list(p['roles']), 'fps': float(combine(p['predicted'], list(res))[
         'throughput_fps']), 'passes_fps': [float(combine(p['predicted'], [r])['throughput_fps']) for r in res]}
         for p, res in zip(plan, raw)]
@@ -529,13 +519,14 @@ def crossfit_interval_pct(passes_fps: np.ndarray, i: int, rng: np.random.Generat
 
 
 def _timed_with_bar(time_passes: TimePasses, plan: Sequence[Dict[str, Any]], passes: int,
-                    desc: str) -> List[List[Dict[str, Any]]]:
+                    desc: Optional[str]) -> List[List[Dict[str, Any]]]:
+    """time_passes(plan, passes, bar) with a progress bar named `desc` (none when `desc` is None)."""
+    bar = _bar(desc, passes * len(plan))
     try:
-        from tqdm import tqdm
-    except ImportError:
-        return time_passes(plan, passes, None)
-    with tqdm(total=passes * len(plan), desc=desc, leave=False) as bar:
         return time_passes(plan, passes, bar)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _spread_pct(per_pass: Sequence[float]) -> Optional[float]:

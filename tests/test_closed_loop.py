@@ -236,7 +236,7 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     loop2['report'] = dict(loop2['report'], evaluation=dict(ev, chosen_over_best_pct=99.0,
                                                             chosen_over_best_crossfit_pct=101.0))
     r1, r2 = B.loop_row('step 2', loop, 'x.json'), B.loop_row('step 3 domain 1', loop2, 'x.json')
-    assert [B.cell(r1, c) for c in B.COLUMNS[15:]] == [93.0, 4, 97.0, 96.0, '91.0-100.0', 94.0, 1.5]
+    assert [B.cell(r1, c) for c in B.COLUMNS[15:]] == [93.0, 4, 97.0, 96.0, [91.0, 100.0], 94.0, 1.5]
     # two misses below 95 %: one whose interval reaches 95 % (within the judge's noise), one beyond it
     miss = {'report': dict(loop['report'], evaluation=dict(ev, chosen_over_best_crossfit_pct=92.0,
                                                            chosen_over_best_crossfit_ci95_pct=[86.0, 97.5])),

@@ -23,11 +23,13 @@ Public API (step 1 and step 3 real mode are written against it; docs/design.md#r
             # plain network's blocks); threads > 0: the worker's torch threads (unless its --threads was given)
             # -> {'edge_weight_bytes', 'load_ms', 'round_trip_ms', 'lam', 'device', 'blocks', 'threads'}
         def run(self, server_part, images_uint8, labels, batch_size) -> dict
-            # uploads the images (untimed), then the pipelined run: the worker computes the edge part batch after
+            # uploads the images (untimed; skipped when the worker holds the same ones), then the pipelined run: the worker computes the edge part batch after
             # batch and streams what crosses the link (uint8 images at lam 0, features, logits at lam N); a receiver
             # thread here takes the frames while this thread runs server_part (None when lam == N).
-            # -> {'accuracy_pct', 'throughput_fps', 'latency_ms', 'edge_ms', 'link_ms', 'server_ms' (medians per
-            #     batch), 'batches', 'samples', 'per_batch': [...], 'wall_s', 'predictions', 'upload_s', ...}
+            # -> {'accuracy_pct', 'throughput_fps' (whole run), 'steady_throughput_fps' (after the first batch),
+            #     'period_throughput_fps' (at the median period, period_fps), 'latency_ms', 'edge_ms', 'link_ms',
+            #     'server_ms' (medians per batch), 'batches', 'samples', 'per_batch': [...], 'wall_s', 'predictions',
+            #     'upload_s', ...}
         def close(self)  # sends bye, closes the connection and the listening socket
 
     session_from_config(cfg) -> ServerSession   # cfg.real; the token falls back to env HYPERREPVGG_TOKEN
@@ -49,6 +51,7 @@ redials).  A dropped or stalled worker raises SessionError naming what happened 
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import queue
@@ -130,6 +133,7 @@ class ServerSession:
         self._ids = 0
         self._offset_s = 0.0  # our monotonic clock minus the worker's
         self._deployed: Optional[Dict[str, Any]] = None
+        self._images_fp: Optional[str] = None  # fingerprint of the images the worker holds (upload()); None: unknown
         self.hello: Optional[Dict[str, Any]] = None
 
     # -- context manager -------------------------------------------------------------------------------------
@@ -153,6 +157,7 @@ class ServerSession:
                 pass
         self._conn = None
         self._deployed = None
+        self._images_fp = None
 
     def accept(self) -> Dict[str, Any]:
         self._drop()
@@ -384,22 +389,29 @@ class ServerSession:
                           'feature_dtype': feature_dtype, 'num_classes': model.num_classes}
         return res
 
-    def upload(self, images_uint8: torch.Tensor) -> Dict[str, Any]:
-        """Send the images to the worker in frames of at most half the frame limit (not timed as link)."""
+    def upload(self, images_uint8: torch.Tensor, reuse: bool = False) -> Dict[str, Any]:
+        """Send the images to the worker in frames of at most half the frame limit (not timed as link).  `reuse`:
+        skip the transfer when the worker already holds exactly these images from an earlier upload on this
+        connection (same shape and bytes: a SHA-256 of them; a dropped connection forgets it) -> 'reused' True."""
         x = images_uint8.detach().cpu().contiguous()
+        fp = f'{tuple(x.shape)}:{hashlib.sha256(x.numpy().tobytes()).hexdigest()}'
+        if reuse and fp == self._images_fp:
+            return {'samples': int(len(x)), 'upload_s': 0.0, 'bytes': int(x.numel()), 'reused': True}
         per = max(1, x[:1].numel())
         chunk = max(1, (self.limits.max_frame_bytes // 2) // per)
         t0 = time.perf_counter()
         res: Dict[str, Any] = {}
+        self._images_fp = None  # a failure half-way leaves the worker with part of them
         for i in range(0, len(x), chunk):
             res, _ = self.request('upload', {'reset': i == 0}, [('images', x[i:i + chunk])])
+        self._images_fp = fp
         return {'samples': int(res.get('samples', 0)), 'upload_s': time.perf_counter() - t0,
-                'bytes': int(x.numel())}
+                'bytes': int(x.numel()), 'reused': False}
 
     def run(self, server_part: Optional[torch.nn.Module], images_uint8: torch.Tensor, labels: torch.Tensor,
             batch_size: int) -> Dict[str, Any]:
         dep, labels, bs = self._check_run(server_part, images_uint8, labels, batch_size)
-        up = self.upload(images_uint8)
+        up = self.upload(images_uint8, reuse=True)  # a stream of the same images again: they are still there
         self.sync_clock()
         dev = next(server_part.parameters()).device if server_part is not None and \
             any(True for _ in server_part.parameters()) else torch.device('cpu')
@@ -428,7 +440,8 @@ class ServerSession:
         if len(pred) != len(labels):
             raise SessionError(f'run: received predictions for {len(pred)} of {len(labels)} samples')
         return dict(_run_summary(per_batch, pred, labels, wall), batch_size=bs, lam=dep['lam'],
-                    feature_dtype=dep['feature_dtype'], upload_s=up['upload_s'], clock_offset_s=self._offset_s,
+                    feature_dtype=dep['feature_dtype'], upload_s=up['upload_s'], images_reused=up['reused'],
+                    clock_offset_s=self._offset_s,
                     worker_device=(self.hello or {}).get('device'))
 
     def _check_run(self, server_part: Optional[torch.nn.Module], images_uint8: torch.Tensor, labels: Any,
@@ -523,18 +536,32 @@ def _batch_record(h: Dict[str, Any], x: np.ndarray, off: float, times: Tuple[flo
 
 def _run_summary(per_batch: List[Dict[str, Any]], pred: torch.Tensor, labels: torch.Tensor,
                  wall: float) -> Dict[str, Any]:
-    """Accuracy, whole-run and steady-state throughput, per-stage medians of a run."""
+    """Accuracy, whole-run, steady-state and median-period throughput, per-stage medians of a run."""
     steady = None
     if len(per_batch) >= 3:
         span = per_batch[-1]['done_s'] - per_batch[0]['done_s']
         steady = sum(r['samples'] for r in per_batch[1:]) / span if span > 0 else None
     return {'accuracy_pct': float((pred == labels).float().mean() * 100), 'throughput_fps': len(labels) / wall,
-            'steady_throughput_fps': steady, 'latency_ms': _median([r['latency_ms'] for r in per_batch]),
+            'steady_throughput_fps': steady, 'period_throughput_fps': period_fps(per_batch),
+            'latency_ms': _median([r['latency_ms'] for r in per_batch]),
             'edge_ms': _median([r['edge_ms'] for r in per_batch]),
             'link_ms': _median([r['link_ms'] for r in per_batch]),
             'server_ms': _median([r['server_ms'] for r in per_batch]),
             'batches': len(per_batch), 'samples': int(len(labels)), 'per_batch': per_batch, 'wall_s': wall,
             'predictions': pred.tolist()}
+
+
+def period_fps(per_batch: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """A stream's pace at its median period: the median over batches 2.. of samples / (done - previous done),
+    frames/s; None with fewer than 3 batches.  The steady throughput (samples / span) also counts every pause that
+    other processes cause on the shared cores, which comes and goes in seconds and moves it 5-9 % stream to stream
+    on the local stand-in; the median gap is the pipeline's own period, as the LUT's per-call medians are its
+    parts' (docs/design.md "Closed loop": measured 2026-12-07)."""
+    rows = list(per_batch)
+    if len(rows) < 3:
+        return None
+    rates = [b['samples'] / (b['done_s'] - a['done_s']) for a, b in zip(rows[1:], rows[2:]) if b['done_s'] > a['done_s']]
+    return float(statistics.median(rates)) if rates else None
 
 
 def deploy_part_file(session: ServerSession, data: bytes) -> Dict[str, Any]:

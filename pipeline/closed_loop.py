@@ -51,7 +51,8 @@ from optim.exact import split_gammas
 
 BASELINE_KEYS = ('edge_only', 'server_only', 'best_plain_split')
 PSEUDO_LABEL = 'server part measured here, edge part and link modelled (LUT / cost model)'
-REAL_LABEL = 'whole split pipeline measured through client_worker.py and the link'
+REAL_LABEL = ('whole split pipeline measured through client_worker.py and the link, at the stream\'s median '
+              'period')
 
 
 def load_average() -> Optional[List[float]]:
@@ -209,25 +210,30 @@ def pseudo_record(pred: Dict[str, Any], server: Dict[str, Any], batch: int) -> D
 
 
 def window_fps(per_batch: Sequence[Dict[str, Any]], windows: int = 5) -> List[float]:
-    """Throughput of `windows` consecutive stretches of a real run (after its first batch), frames/s."""
+    """Throughput of `windows` consecutive stretches of a real run (after its first batch) at each stretch's median
+    period (comm.session.period_fps), frames/s."""
+    from comm.session import period_fps
     rows = list(per_batch)
     if len(rows) < 3:
         return []
     bounds = np.linspace(0, len(rows) - 1, min(windows, len(rows) - 1) + 1).round().astype(int)
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        span = rows[b]['done_s'] - rows[a]['done_s']
-        if b > a and span > 0:
-            out.append(sum(r['samples'] for r in rows[a + 1:b + 1]) / span)
+        fps = period_fps(rows[a:b + 1]) if b - a >= 2 else None
+        if fps is not None:
+            out.append(fps)
     return out
 
 
 def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Measured throughput of one configuration in real mode from its runs (comm.session.ServerSession.run
-    results): the median steady-state throughput over the runs, p10 / p90 over windows of all runs."""
+    results): the median over the runs of each one's pace at its median period (period_throughput_fps; runs
+    without it: the steady throughput), p10 / p90 over windows of all runs; 'steady_fps' keeps the median
+    steady-state throughput (samples / span, every pause included) beside it."""
+    pace = [r.get('period_throughput_fps') or r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
     steady = [r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
     wins = sorted(w for r in runs for w in window_fps(r.get('per_batch') or []))
-    med = float(statistics.median(steady))
+    med = float(statistics.median(pace))
     q = (lambda p: float(np.percentile(wins, p))) if wins else (lambda p: med)
 
     def stage(k: str) -> Optional[float]:
@@ -236,7 +242,8 @@ def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[st
     stages = {k: stage(f'{k}_ms') for k in ('edge', 'link', 'server')}
     known = {k: v for k, v in stages.items() if v is not None}
     return {'kind': 'measured', 'how': REAL_LABEL, **{f'{k}_ms': v for k, v in stages.items()},
-            'latency_ms': stage('latency_ms'), 'throughput_fps': med, 'p10_fps': q(10), 'p90_fps': q(90),
+            'latency_ms': stage('latency_ms'), 'throughput_fps': med, 'steady_fps': float(statistics.median(steady)),
+            'p10_fps': q(10), 'p90_fps': q(90),
             'bottleneck': max(known, key=lambda k: known[k]) if known else None, 'bottleneck_source': 'measured',
             'runs_fps': steady, 'samples': int(runs[0].get('samples', 0)) if runs else 0,
             'worker_threads': runs[0].get('worker_threads') if runs else None}

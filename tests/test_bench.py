@@ -321,6 +321,11 @@ def test_bench_stream_noise_quick_streams_through_the_local_device(tmp_path):
     assert obj['quick'] is True and len(obj['lams']) == 2
     assert np.array(obj['short_fps']).shape == (2, 2, 2) and all(v > 0 for v in np.ravel(obj['short_fps']))
     assert obj['headline'][0][0].startswith('24-image streams back to back')
+    # both readings of the same streams: the median period is never below the steady throughput's whole-span pace
+    # by more than the noise of a 24-image stream, and both are kept
+    steady = np.array(obj['short_steady_fps'])
+    assert steady.shape == (2, 2, 2) and (steady > 0).all()
+    assert set(obj['components_steady']['median']) == set(obj['components']['median'])
 
 
 def test_bench_accuracy_gain_shows_the_goal_programs_pick_beside_the_adopted_one(tmp_path):

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from optim import cost as C
 from pipeline import closed_loop as CL
@@ -118,6 +119,25 @@ def test_real_record_takes_the_median_run_and_windows_for_the_spread():
     assert r['throughput_fps'] == 110.0 and r['bottleneck'] == 'link' and r['kind'] == 'measured'
     assert 100.0 - 1e-6 <= r['p10_fps'] <= r['p90_fps'] <= 120.0 + 1e-6
     assert CL.window_fps(run(50.0)['per_batch'], 5) == pytest.approx([50.0] * 5)
+
+
+def test_period_fps_is_the_streams_pace_without_the_pauses_that_steady_throughput_counts():
+    from comm.session import _run_summary, period_fps
+    done = [0.0] + [0.01 * i for i in range(1, 21)]  # 100 frames/s, batch 1 ...
+    done = done[:11] + [t + 0.05 for t in done[11:]]  # ... and one 50 ms pause (another process took the core)
+    rows = [{'samples': 1, 'done_s': t, 'latency_ms': 1.0, 'edge_ms': 1.0, 'link_ms': 1.0, 'server_ms': 1.0}
+            for t in done]
+    assert period_fps(rows) == pytest.approx(100.0)
+    summary = _run_summary(rows, torch.zeros(21, dtype=torch.long), torch.zeros(21, dtype=torch.long), 1.0)
+    assert summary['period_throughput_fps'] == pytest.approx(100.0)
+    assert summary['steady_throughput_fps'] == pytest.approx(20 / 0.25)  # the pause counted
+    assert period_fps(rows[:2]) is None
+    # the closed loop reads a run at its median period, and keeps the steady figure beside it
+    run = {'steady_throughput_fps': 80.0, 'period_throughput_fps': 100.0, 'throughput_fps': 70.0, 'samples': 21,
+           'per_batch': rows}
+    rec = CL.real_record({}, [run])
+    assert rec['throughput_fps'] == pytest.approx(100.0) and rec['steady_fps'] == pytest.approx(80.0)
+    assert 'median period' in rec['how']
 
 
 def test_loop_report_compares_the_chosen_with_the_best_measured_of_the_top_k():

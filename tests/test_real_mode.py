@@ -85,7 +85,7 @@ def check_split_runs(sess, model, images, labels, lams):
     """Deploy each lambda, run, and compare with the local model: identical predictions and accuracy."""
     ref = local_predictions(model, images)
     acc = 100.0 * sum(int(p == y) for p, y in zip(ref, labels.tolist())) / len(labels)
-    for lam in lams:
+    for n, lam in enumerate(lams):
         dep = sess.deploy(model, model.layouts(), lam, MEAN, STD)
         assert dep['lam'] == lam and dep['blocks'] == lam
         assert dep['edge_weight_bytes'] == sum(v.numel() * v.element_size()
@@ -95,7 +95,11 @@ def check_split_runs(sess, model, images, labels, lams):
         assert res['predictions'] == ref, f'lambda={lam}'
         assert res['accuracy_pct'] == pytest.approx(acc)
         assert res['batches'] == 5 and res['samples'] == len(images) and len(res['per_batch']) == 5
-        for key in ('throughput_fps', 'latency_ms', 'edge_ms', 'link_ms', 'server_ms', 'wall_s'):
+        # the same images again: the worker still holds them from the first run (a new deployment keeps them)
+        if n > 0:
+            assert res['images_reused'] is True and res['upload_s'] == 0.0
+        for key in ('throughput_fps', 'steady_throughput_fps', 'period_throughput_fps', 'latency_ms', 'edge_ms',
+                    'link_ms', 'server_ms', 'wall_s'):
             assert res[key] is not None and res[key] >= 0, key
         nbytes = [r['bytes'] for r in res['per_batch']]
         per_sample = {0: 3 * 32 * 32, model.num_blocks: 10 * 4}.get(lam)
@@ -112,6 +116,10 @@ def test_split_run_through_the_worker_equals_the_local_model(model, data, tmp_pa
             assert hello['pid'] == worker.pid and hello['device'] == 'cpu' and hello['torch_version']
             check_split_runs(sess, model, images, labels, (0, 6, model.num_blocks))
             # fp16 features: half the bytes of fp32 on the link
+            # other images of the same shape are uploaded, not mistaken for the held ones
+            flipped = sess.run(server_part(model, model.num_blocks), images.flip(0), labels.flip(0), batch_size=5)
+            assert flipped['images_reused'] is False
+            assert flipped['predictions'] == local_predictions(model, images.flip(0))
             sess.deploy(model, model.layouts(), 6, MEAN, STD, feature_dtype='fp16')
             half = sess.run(server_part(model, 6), images, labels, batch_size=5)
             with torch.no_grad():
@@ -182,6 +190,10 @@ def test_killed_worker_is_reported_within_the_timeout_and_a_restarted_one_reconn
             hello = sess.accept()  # the session resumes with the restarted worker
             assert hello['pid'] == worker.pid
             assert sess.request('ping')[0]['t'] > 0
+            # the new worker holds no images: the same ones as before the drop are uploaded again, not assumed
+            sess.deploy(model, model.layouts(), 8, MEAN, STD)
+            again = sess.run(server_part(model, 8), images, labels, batch_size=100)
+            assert again['images_reused'] is False and again['samples'] == len(images)
             # a stalled worker (SIGSTOP: no data, no heartbeat) is reported after io_timeout_s, naming it
             sess.io_timeout_s = 2.0
             sess._conn.settimeout(2.0)

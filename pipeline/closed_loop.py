@@ -6,7 +6,7 @@ Two questions a step-2 / step-3 answer must face (issue 13, docs/design.md "Clos
    predicted throughput lies within the LUT's uncertainty band of the chosen one's, and says when the choice among
    them is a coin toss.  The band (percent of the chosen configuration's predicted throughput) is
 
-       band_pct = max(spread_pct, noise_floor_pct)
+       band_pct = max(spread_pct, noise_floor_pct, estimation_error_pct)
 
    * spread_pct: half the relative width of the chosen configuration's predicted throughput between the LUT with
      every entry at its p90 (slow) and every entry at its p10 (fast).  The entries are taken as fully correlated
@@ -14,6 +14,9 @@ Two questions a step-2 / step-3 answer must face (issue 13, docs/design.md "Clos
      Modelled entries (a device profile) carry no spread: p10 = p90 = median.
    * noise_floor_pct: the pass-to-pass noise floor of step 1's validation (lut_validation.json), when it recorded
      one: how far a second measurement of the same whole configuration lands from the first.
+   * estimation_error_pct: the LUT's own error on whole configurations its fit never saw, in the same validation
+     (summary.total.median_abs_error_pct): how far the LUT's sum lands from a measurement, beyond the repeats'
+     spread.
 
    The candidates are the best configuration at every split lambda (the exact split scan's per-lambda optimum, the
    chosen kept sets fixed): configurations at the same lambda differ only by layouts of non-bottleneck blocks, so
@@ -90,20 +93,25 @@ def spread_tables(lut: Dict[str, Any], t: C.CostTables) -> Tuple[C.CostTables, C
     return out[0], out[1]
 
 
-def validation_noise_floor(path: Any) -> Optional[float]:
-    """The pass-to-pass noise floor (%) that step 1's validation recorded in `path` (lut_validation.json), or None
-    when the file or the figure is absent (older validations measured one pass)."""
+def validation_uncertainty(path: Any) -> Tuple[Optional[float], Optional[float]]:
+    """(pass-to-pass noise floor, the LUT's median |error| on unseen whole configurations), percent, that step 1's
+    validation recorded in `path` (lut_validation.json: summary.noise.pass_to_pass_pct, summary.total.
+    median_abs_error_pct; docs/artifacts.md); None for a figure or a file that is absent (older validations measured
+    one pass)."""
     from pathlib import Path
     from artifacts import ArtifactError, load_artifact
     if path is None or not Path(path).is_file():
-        return None
+        return None, None
     try:
         obj = load_artifact(Path(path), 'lut_validation', {'summary': dict})
     except ArtifactError:
-        return None
-    noise = obj['summary'].get('noise')  # summary.noise.pass_to_pass_pct (docs/artifacts.md)
-    v = noise.get('pass_to_pass_pct') if isinstance(noise, dict) else None
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+        return None, None
+
+    def pct(group: str, key: str) -> Optional[float]:
+        g = obj['summary'].get(group)
+        v = g.get(key) if isinstance(g, dict) else None
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return pct('noise', 'pass_to_pass_pct'), pct('total', 'median_abs_error_pct')
 
 
 def split_candidates(t: C.CostTables, valid: np.ndarray) -> List[Dict[str, Any]]:
@@ -120,14 +128,14 @@ def throughput_interval(gammas: Sequence[int], lam: int, fast: C.CostTables, slo
 
 
 def decision(chosen: Dict[str, Any], candidates: Sequence[Dict[str, Any]], fast: C.CostTables, slow: C.CostTables,
-             noise_floor_pct: Optional[float]) -> Dict[str, Any]:
+             noise_floor_pct: Optional[float], estimation_error_pct: Optional[float] = None) -> Dict[str, Any]:
     """The chosen configuration's uncertainty band and the runners-up inside it (see the module docstring).
 
     `chosen`: a describe() dict (gammas, lam, throughput_fps); `candidates`: split_candidates() rows."""
     lo, hi = throughput_interval(chosen['gammas'], chosen['lam'], fast, slow)
     fps = float(chosen['throughput_fps'])
     spread = 50.0 * (hi - lo) / fps if fps > 0 else 0.0
-    band = max(spread, noise_floor_pct or 0.0)
+    band = max(spread, noise_floor_pct or 0.0, estimation_error_pct or 0.0)
     runners = []
     for c in candidates:
         if c['lam'] == chosen['lam']:
@@ -140,10 +148,13 @@ def decision(chosen: Dict[str, Any], candidates: Sequence[Dict[str, Any]], fast:
                             'throughput_interval_fps': [clo, chi], 'bottleneck': c['bottleneck']})
     return {'kind': 'predicted', 'lam': int(chosen['lam']), 'throughput_fps': fps,
             'throughput_interval_fps': [lo, hi], 'spread_pct': spread, 'noise_floor_pct': noise_floor_pct,
+            'estimation_error_pct': estimation_error_pct,
             'band_pct': band, 'runners_up': runners, 'coin_toss': bool(runners),
             'definition': 'band_pct = max(spread_pct: half the relative width of the predicted throughput between '
                           'the LUT at every entry\'s p90 and at every entry\'s p10; noise_floor_pct: step 1\'s '
-                          'validation pass-to-pass noise floor, when recorded); runners-up: the best configuration '
+                          'validation pass-to-pass noise floor, when recorded; estimation_error_pct: the LUT\'s '
+                          'median |error| on whole configurations its fit never saw, same validation); runners-up: '
+                          'the best configuration '
                           'of another split whose predicted throughput is within band_pct of the chosen one\'s'}
 
 
@@ -152,6 +163,8 @@ def decision_line(d: Dict[str, Any]) -> str:
     how = f'spread of the LUT entries {d["spread_pct"]:.1f} %'
     if d['noise_floor_pct'] is not None:
         how += f', validation noise floor {d["noise_floor_pct"]:.1f} %'
+    if d.get('estimation_error_pct') is not None:
+        how += f', LUT error on unseen configurations {d["estimation_error_pct"]:.1f} %'
     head = f'decision: lambda {d["lam"]} at {d["throughput_fps"]:.1f} fps (predicted); uncertainty band ' \
            f'+/-{d["band_pct"]:.1f} % ({how})'
     if not d['runners_up']:
@@ -827,7 +840,7 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
     lp = cfg.loop
     cands = split_candidates(t, valid)
     fast, slow = spread_tables(lut, t)
-    dec = decision(chosen, cands, fast, slow, validation_noise_floor(validation_file))
+    dec = decision(chosen, cands, fast, slow, *validation_uncertainty(validation_file))
     plan = plan_measurements(chosen, baselines, cands, lp.top_k)
     if mode == 'real':
         if session is None:
@@ -871,7 +884,7 @@ def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: n
                                     eligible), mode=mode)
     fast, slow = spread_tables(lut, t)
     return {'mode': mode, 'skipped': why, 'decision': decision(chosen, split_candidates(t, valid), fast, slow,
-                                                               validation_noise_floor(validation_file))}
+                                                               *validation_uncertainty(validation_file))}
 
 
 def closed_loop_lines(loop: Dict[str, Any], table: bool = True) -> List[str]:

@@ -31,7 +31,7 @@ def test_split_candidates_hold_the_exact_optimum_first_and_one_row_per_split(ins
     assert all(a['throughput_fps'] >= b['throughput_fps'] for a, b in zip(rows, rows[1:]))
 
 
-def test_band_is_the_larger_of_the_lut_spread_and_the_noise_floor_and_lists_runners_up_inside_it(inst):
+def test_band_is_the_largest_of_the_lut_spread_noise_floor_and_lut_error_and_lists_runners_up_inside_it(inst):
     t, valid = inst
     rows = CL.split_candidates(t, valid)
     chosen = rows[0]
@@ -51,6 +51,10 @@ def test_band_is_the_larger_of_the_lut_spread_and_the_noise_floor_and_lists_runn
         assert r['diff_pct'] == pytest.approx(100 * (r['throughput_fps'] / chosen['throughput_fps'] - 1))
     line = CL.decision_line(d2)
     assert ('coin toss' in line) == bool(inside) and 'noise floor 30.0 %' in line
+    # the LUT's error on unseen configurations, when larger than both, sets the band
+    d3 = CL.decision(chosen, rows, t, t, 1.0, 30.0)
+    assert d3['band_pct'] == 30.0 and {r['lam'] for r in d3['runners_up']} == inside
+    assert 'LUT error on unseen configurations 30.0 %' in CL.decision_line(d3)
     # no band: no runner-up unless it predicts exactly the same
     d0 = CL.decision(chosen, rows, t, t, None)
     assert all(r['diff_pct'] == 0 for r in d0['runners_up'])
@@ -208,14 +212,15 @@ def test_real_mode_refuses_a_modelled_edge_and_names_the_command(measured_lut):
         step2.main(['--results_dir', str(measured_lut), '--mode', 'real', '--port', '1', *TINY])
 
 
-def test_noise_floor_is_read_from_the_validation_summary(tmp_path):
+def test_noise_floor_and_estimation_error_are_read_from_the_validation_summary(tmp_path):
     from artifacts import write_artifact
     path = tmp_path / 'lut_validation.json'
-    assert CL.validation_noise_floor(path) is None  # no validation: no floor
+    assert CL.validation_uncertainty(path) == (None, None)  # no validation
     write_artifact(path, 'lut_validation', {'summary': {'total': {}}}, None, 'test')
-    assert CL.validation_noise_floor(path) is None  # an older one-pass validation
-    write_artifact(path, 'lut_validation', {'summary': {'noise': {'pass_to_pass_pct': 7.5}}}, None, 'test')
-    assert CL.validation_noise_floor(path) == 7.5
+    assert CL.validation_uncertainty(path) == (None, None)  # an older one-pass validation without the figures
+    write_artifact(path, 'lut_validation', {'summary': {'noise': {'pass_to_pass_pct': 7.5},
+                                                        'total': {'median_abs_error_pct': 9.0}}}, None, 'test')
+    assert CL.validation_uncertainty(path) == (7.5, 9.0)
 
 
 def test_bench_closed_loop_rows_and_headline_from_records():

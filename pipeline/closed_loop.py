@@ -258,8 +258,9 @@ def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[st
             'latency_ms': stage('latency_ms'), 'throughput_fps': med, 'steady_fps': float(statistics.median(steady)),
             'p10_fps': q(10), 'p90_fps': q(90),
             'bottleneck': max(known, key=lambda k: known[k]) if known else None, 'bottleneck_source': 'measured',
-            'runs_fps': steady, 'samples': int(runs[0].get('samples', 0)) if runs else 0,
-            'worker_threads': runs[0].get('worker_threads') if runs else None}
+            'runs_fps': pace, 'samples': int(runs[0].get('samples', 0)) if runs else 0,
+            'worker_threads': runs[0].get('worker_threads') if runs else None,
+            'server_threads': runs[0].get('server_threads') if runs else None}
 
 
 TimePasses = Callable[[Sequence[Dict[str, Any]], int, Any], List[List[Dict[str, Any]]]]
@@ -565,11 +566,12 @@ def pseudo_combine(batch: int) -> Callable[[Dict[str, Any], List[Dict[str, Any]]
 
 
 def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch: int, samples: int,
-                feature_dtype: str, device: str, seed: int,
-                threads: Optional[int] = None) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+                feature_dtype: str, device: str, seed: int, threads: Optional[int] = None,
+                server_threads: Optional[int] = None) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     """run_one for measure() in real mode: deploy the configuration (random weights, kept sets from its layouts)
     to the worker and stream `samples` random uint8 images through the split pipeline; `threads`: the worker's
-    torch threads (the LUT's edge side's; None: the worker's own)."""
+    torch threads (the LUT's edge side's; None: the worker's own); `server_threads`: this side's torch threads
+    while it streams (the LUT's server side's, as pseudo mode times it; None: as they are)."""
     import torch
 
     from hyper_repvgg import apply_config, deploy_part
@@ -588,7 +590,14 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
         extra = {} if threads is None else {'threads': int(threads)}
         dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)
         server = None if lam == model.num_blocks else deploy_part(model.split(lam)[1]).to(device).eval()
-        res = session.run(server, images, labels, batch)
+        old = torch.get_num_threads()
+        if server_threads:
+            torch.set_num_threads(int(server_threads))
+        try:
+            res = session.run(server, images, labels, batch)
+            res['server_threads'] = torch.get_num_threads()
+        finally:
+            torch.set_num_threads(old)
         res = {k: v for k, v in res.items() if k not in ('predictions',)}
         res['worker_threads'] = dep.get('threads')
         return res
@@ -662,7 +671,7 @@ def calibrate_runtime(session: Any, lut: Dict[str, Any], cfg: Any, batch: int) -
     n = t.num_blocks
     lams = sorted({min(n - 1, max(1, int(round(f * n)))) for f in CALIBRATION_SPLITS})
     run = real_runner(session, lut['model'], lut['input_size'], batch, cfg.loop.real_samples, lut['feature_dtype'],
-                      cfg.device, cfg.seed, edge_threads(lut))
+                      cfg.device, cfg.seed, edge_threads(lut), lut_threads(lut, 'server'))
     plan = [{'gammas': gammas, 'lam': lam} for lam in lams]
     raw = sequential_passes(run)(plan, CALIBRATION_PASSES, None)
     records = [{'lam': row['lam'], 'gammas': gammas, 'predicted': C.describe(gammas, row['lam'], t),
@@ -809,7 +818,13 @@ def check_real_lut(lut: Dict[str, Any], lut_file: Any, step: str) -> None:
 
 def edge_threads(lut: Dict[str, Any]) -> Optional[int]:
     """The torch thread count the LUT's edge side was measured with (None when modelled / not recorded)."""
-    t = (lut['edge'].get('metadata') or {}).get('threads')
+    return lut_threads(lut, 'edge')
+
+
+def lut_threads(lut: Dict[str, Any], side: str) -> Optional[int]:
+    """The torch thread count the LUT's `side` ('edge' / 'server') was measured with (None when modelled / not
+    recorded)."""
+    t = (lut[side].get('metadata') or {}).get('threads')
     return int(t) if isinstance(t, int) and t > 0 else None
 
 
@@ -847,12 +862,11 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
             raise ValueError('real mode needs a session')
         time_passes = sequential_passes(real_runner(session, lut['model'], lut['input_size'], t.batch,
                                                     lp.real_samples, lut['feature_dtype'], cfg.device, cfg.seed,
-                                                    edge_threads(lut)))
+                                                    edge_threads(lut), lut_threads(lut, 'server')))
         combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = real_record
     else:
-        threads = (lut['server'].get('metadata') or {}).get('threads') or 0
         time_passes = pseudo_passes(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.rounds, cfg.seed,
-                                    int(threads))
+                                    lut_threads(lut, 'server') or 0)
         combine = pseudo_combine(t.batch)
     records = measure(plan, time_passes, combine, lp.passes, progress=label, keep_runs=True)
     records, adoption = confirm_choice(records, time_passes, combine, lp.confirm, lp.confirm_passes,

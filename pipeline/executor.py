@@ -70,11 +70,23 @@ def check_cluster_config(cfg: Config) -> None:
                           '(CUDA_VISIBLE_DEVICES); use --device cuda')
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity; os.cpu_count() counts the machine's).  A step pinned to one
+    core (the local stand-in device's server) that starts a torch thread per machine core runs two threads on one
+    core, which spin against each other: real-mode streams then flipped between ~1100 and ~1800 frames/s from one
+    stream to the next (bench_closed_loop 2026-12-07 20:57, step 3's domains; step 2, at one thread, did not)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this OS
+        return os.cpu_count() or 1
+
+
 def task_threads(cfg: Config, configured: int) -> int:
-    """torch CPU threads of a task: the step's own threads key if set, else the task's CPUs (ray) or every core."""
+    """torch CPU threads of a task: the step's own threads key if set, else the task's CPUs (ray) or every core it
+    may use."""
     if configured:
         return configured
-    return cfg.cluster.cpus_per_task if cfg.cluster.executor == 'ray' else (os.cpu_count() or 1)
+    return cfg.cluster.cpus_per_task if cfg.cluster.executor == 'ray' else usable_cpus()
 
 
 def task_gpus(cfg: Config) -> float:
@@ -165,7 +177,7 @@ def ray_session(cfg: Config) -> Iterator[Any]:
     if c.ray_address:
         kwargs['address'] = c.ray_address
     else:
-        kwargs['num_cpus'] = c.local_cpus or os.cpu_count() or 1
+        kwargs['num_cpus'] = c.local_cpus or usable_cpus()
         kwargs['_node_ip_address'] = '127.0.0.1'  # a local cluster stays on loopback
     try:
         ray.init(**kwargs)

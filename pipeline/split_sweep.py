@@ -431,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from data.datasets import dataset_stats
-    torch.set_num_threads(cfg.lut.threads or os.cpu_count() or 1)
+    from pipeline import executor
+    torch.set_num_threads(cfg.lut.threads or executor.usable_cpus())
     inp = _load_inputs(cfg, args)
     model, gammas, lam0, link = inp['model'], inp['gammas'], inp['lam0'], inp['link']
     mean, std = dataset_stats(cfg)

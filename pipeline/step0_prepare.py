@@ -18,7 +18,6 @@ if __package__ in (None, ''):  # run as a script, from the repo root or from ins
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
 from artifacts import COMMON_FIELDS, ArtifactError, load_artifact, write_artifact  # noqa: E402
@@ -180,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.model.checkpoint:  # a missing, refused or wrong-shape checkpoint fails here, before anything is written
         training.load_base_model(cfg)
     domains = parse_domains(args.domains, cfg.data.num_domains)
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.train.threads or executor.usable_cpus())
     cmd = command_line(argv)
     partition = make_partition(cfg)
     _write_partition(cfg, partition, cmd)

@@ -25,7 +25,6 @@ if __package__ in (None, ''):  # run as a script, from the repo root or from ins
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Dict, Optional, Sequence  # noqa: E402
 
@@ -153,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.mode == 'real' and cfg.cluster.executor != 'local':
         raise ConfigError('--mode real with --executor ray: the real-mode worker session is held by this process, '
                           'so real mode runs its domains here, one after another; use --executor local')
-    torch.set_num_threads(cfg.joint.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.joint.threads or executor.usable_cpus())
     lut_file = resolve_path(args.lut_file) if args.lut_file else cfg.path('hardware_lut_complete.json')
     inp = joint.prepare_inputs(cfg, lut_file, edge_profile_explicit=args.edge_profile is not None,
                                link_flag_given=args.link is not None)

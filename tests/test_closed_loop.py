@@ -144,6 +144,31 @@ def test_period_fps_is_the_streams_pace_without_the_pauses_that_steady_throughpu
     assert 'median period' in rec['how']
 
 
+def test_real_runner_streams_with_the_luts_server_threads_and_gives_the_process_its_own_back():
+    from timing.lut import model_spec
+    from config import Config
+    seen = []
+
+    class Session:  # what real_runner asks of comm.session.ServerSession
+        def deploy(self, model, gammas, lam, mean, std, feature_dtype='fp32', threads=0):
+            return {'threads': threads}
+
+        def run(self, server, images, labels, batch):
+            seen.append(torch.get_num_threads())
+            return {'throughput_fps': 1.0, 'predictions': [0]}
+    spec = model_spec(Config())
+    own = torch.get_num_threads()
+    want = 2 if own == 1 else 1
+    run = CL.real_runner(Session(), spec, 8, 1, 4, 'fp32', 'cpu', 0, threads=1, server_threads=want)
+    from timing import measure as M
+    n = len(M.random_model(spec, 0).plan)
+    res = run({'gammas': [0] * n, 'lam': 3})
+    assert seen == [want] and res['server_threads'] == want and res['worker_threads'] == 1
+    assert torch.get_num_threads() == own and 'predictions' not in res
+    assert CL.lut_threads({'server': {'metadata': {'threads': 3}}}, 'server') == 3
+    assert CL.lut_threads({'server': {}}, 'server') is None
+
+
 def test_loop_report_compares_the_chosen_with_the_best_measured_of_the_top_k():
     def rec(lam, roles, pred, meas):
         return {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': pred},

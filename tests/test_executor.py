@@ -189,3 +189,14 @@ def test_bench_accuracy_seeds_on_ray_give_the_local_cases(ray_cluster, tmp_path)
     shutil.copytree(tmp_path / 'local' / '_quick_source', tmp_path / 'ray' / '_quick_source')  # built once
     assert cases('ray', tmp_path / 'ray') == local and len(local[0]) == 1
     assert 'attempt started' in (tmp_path / 'ray' / 'logs' / 'bench_accuracy' / 'seed_1.log').read_text()
+
+
+def test_threads_follow_the_cores_this_process_may_use_not_the_machines():
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})  # pinned to one core (the local stand-in device's server)
+        assert executor.usable_cpus() == 1
+        assert executor.task_threads(Config(), 0) == 1 and executor.task_threads(Config(), 3) == 3
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert executor.usable_cpus() == len(cores)

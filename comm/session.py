@@ -23,9 +23,10 @@ Public API (step 1 and step 3 real mode are written against it; docs/design.md#r
             # plain network's blocks); threads > 0: the worker's torch threads (unless its --threads was given)
             # -> {'edge_weight_bytes', 'load_ms', 'round_trip_ms', 'lam', 'device', 'blocks', 'threads'}
         def run(self, server_part, images_uint8, labels, batch_size) -> dict
-            # uploads the images (untimed; skipped when the worker holds the same ones), then the pipelined run: the worker computes the edge part batch after
-            # batch and streams what crosses the link (uint8 images at lam 0, features, logits at lam N); a receiver
-            # thread here takes the frames while this thread runs server_part (None when lam == N).
+            # uploads the images (untimed; skipped when the worker holds the same ones), then the pipelined run:
+            # the worker computes the edge part batch after batch and streams what crosses the link (uint8 images
+            # at lam 0, features, logits at lam N); a receiver thread here takes the frames while this thread runs
+            # server_part (None when lam == N).
             # -> {'accuracy_pct', 'throughput_fps' (whole run), 'steady_throughput_fps' (after the first batch),
             #     'period_throughput_fps' (at the median period, period_fps), 'latency_ms', 'edge_ms', 'link_ms',
             #     'server_ms' (medians per batch), 'batches', 'samples', 'per_batch': [...], 'wall_s', 'predictions',
@@ -554,8 +555,8 @@ def _run_summary(per_batch: List[Dict[str, Any]], pred: torch.Tensor, labels: to
 def period_fps(per_batch: Sequence[Dict[str, Any]]) -> Optional[float]:
     """A stream's pace at its median period: the median over batches 2.. of samples / (done - previous done),
     frames/s; None with fewer than 3 batches.  The steady throughput (samples / span) also counts every pause that
-    other processes cause on the shared cores, which comes and goes in seconds and moves it 5-9 % stream to stream
-    on the local stand-in; the median gap is the pipeline's own period, as the LUT's per-call medians are its
+    other processes cause on the shared cores, which comes and goes in seconds (one stream's sd over passes on the
+    local stand-in, idle: 4.2 % as samples / span, 2.4 % at the median period); the median gap is the pipeline's own period, as the LUT's per-call medians are its
     parts' (docs/design.md "Closed loop": measured 2026-12-07)."""
     rows = list(per_batch)
     if len(rows) < 3:

@@ -125,6 +125,7 @@ class JointConfig:
     probes: int = 3  # train-split probes per solve: a solution's new prunes evaluated together, before fine-tuning, and their sensitivities scaled to it when it disagrees with their sum (0 = none; docs/design.md#surrogate)
     reference_finetune: bool = True  # step 3: also measure the domain model fine-tuned as a round, nothing pruned, as a centre of the surrogate (docs/design.md#surrogate)
     sweep_max_new_prunes: int = 2  # epsilon sweep / chain decision: at most this many branches pruned beyond the measured configuration the surrogate is centred on (0 = no limit)
+    sweep_rho_prior: float = 0.6  # epsilon sweep / chain decision: rho is the rounds' measured / predicted increments shrunk towards this prior (weight surrogate.RHO_PRIOR_WEIGHT_PCT points; 0 = the rounds' rho unchanged, 1 before any evidence; docs/design.md#surrogate)
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'joint.threads': (0, None, False), 'joint.finetune_samples': (0, None, False),
     'joint.min_saving_pct': (0, 100, False), 'joint.max_new_prunes': (0, None, False),
     'joint.probes': (0, None, False), 'joint.sweep_max_new_prunes': (0, None, False),
+    'joint.sweep_rho_prior': (0, None, False),
     'real.port': (0, 65535, False), 'real.connect_timeout_s': (0, None, True), 'real.io_timeout_s': (0, None, True),
     'real.max_frame_mb': (0, None, True), 'real.probe_sizes_kb': (0, None, False), 'real.run_samples': (0, None, False),
     'real.probe_repeats': (1, None, False), 'real.handshake_timeout_s': (0, None, True),

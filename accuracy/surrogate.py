@@ -28,6 +28,7 @@ from accuracy.pruning import correct_sensitivities
 RHO_RANGE = (0.25, 2.0)  # the calibration factor is clipped to this range
 RHO_MIN_EVIDENCE_PCT = 0.2  # predicted increments (points, summed) needed before rho moves from 1
 PROBE_TOLERANCE_PCT = 0.25  # a probe within this of the additive sum (points) leaves the sensitivities as they are
+RHO_PRIOR_WEIGHT_PCT = 2.0  # a prior for rho counts as this many points of predicted increments (calibration_factor)
 
 
 def recentre(fresh: np.ndarray, previous: np.ndarray, anchor_pruned: np.ndarray, anchor_loss_pct: float) -> np.ndarray:
@@ -49,11 +50,16 @@ def probe_corrected(sens: np.ndarray, new: np.ndarray, probe_pct: float) -> np.n
     return np.where(np.asarray(new, dtype=bool), out, sens)
 
 
-def calibration_factor(pairs: Sequence[Tuple[float, float]]) -> float:
+def calibration_factor(pairs: Sequence[Tuple[float, float]], prior: float = 0.0) -> float:
     """rho = sum(measured increments) / sum(predicted increments) over (predicted, measured) pairs in points, clipped
-    to RHO_RANGE; 1 until the predicted increments sum to RHO_MIN_EVIDENCE_PCT."""
+    to RHO_RANGE; 1 until the predicted increments sum to RHO_MIN_EVIDENCE_PCT.  With a `prior` > 0, the ratio is
+    shrunk towards it instead: (measured + prior x W) / (predicted + W), W = RHO_PRIOR_WEIGHT_PCT (the prior counts
+    as W points of predicted increments measured at that ratio), so that little evidence leaves rho near the prior
+    rather than at 1, and much evidence outweighs it."""
     pred = float(sum(max(0.0, p) for p, _ in pairs))
     meas = float(sum(max(0.0, m) for _, m in pairs))
+    if prior > 0:
+        return float(np.clip((meas + prior * RHO_PRIOR_WEIGHT_PCT) / (pred + RHO_PRIOR_WEIGHT_PCT), *RHO_RANGE))
     if pred < RHO_MIN_EVIDENCE_PCT:
         return 1.0
     return float(np.clip(meas / pred, *RHO_RANGE))

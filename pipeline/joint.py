@@ -61,7 +61,8 @@ def check_joint_config(cfg: Config) -> None:
     if not (j.epsilon >= 0 and all(e >= 0 for e in j.epsilon_sweep)):
         raise ConfigError('--epsilon / --epsilon_sweep: accuracy points must be >= 0')
     for name in ('throughput_target', 'edge_memory_budget_mb', 'roofline_weight', 'milp_time_limit_s',
-                 'importance_share', 'min_saving_pct', 'max_new_prunes', 'probes', 'sweep_max_new_prunes'):
+                 'importance_share', 'min_saving_pct', 'max_new_prunes', 'probes', 'sweep_max_new_prunes',
+                 'sweep_rho_prior'):
         if not getattr(j, name) >= 0:
             raise ConfigError(f'joint.{name}: expected a number >= 0, got {getattr(j, name)}')
     if not 0 < j.importance_share <= 1:
@@ -440,13 +441,14 @@ def _deploy(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: DomainData, g
     return model, hist
 
 
-def _budget(inp: Inputs, st: LoopState, ref: Reference, epsilon: float) -> Dict[str, float]:
-    """The solver's loss budget: epsilon less the confidence margin, and the calibration factor rho."""
+def _budget(inp: Inputs, st: LoopState, ref: Reference, epsilon: float, rho_prior: float = 0.0) -> Dict[str, float]:
+    """The solver's loss budget: epsilon less the confidence margin, and the calibration factor rho (fitted on the
+    rounds; shrunk towards `rho_prior` when > 0, surrogate.calibration_factor)."""
     from accuracy import stats
     margin = surrogate.margin_pct(epsilon, int(ref.val_correct.size), st.se_last, stats.one_sided_z()) \
         if inp.cfg.joint.acceptance == 'bound' else 0.0
     return {'epsilon': float(epsilon), 'margin_pct': margin, 'budget_pct': max(0.0, float(epsilon) - margin),
-            'rho': surrogate.calibration_factor(st.pairs)}
+            'rho': surrogate.calibration_factor(st.pairs, rho_prior)}
 
 
 def _anchor_pruned(inp: Inputs, st: LoopState) -> np.ndarray:
@@ -475,7 +477,7 @@ def probe_increment(inp: Inputs, st: LoopState, model0: HyperRepVGG, data: Domai
 
 def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: Any,
                   pruned_before: Optional[np.ndarray] = None, model0: Optional[HyperRepVGG] = None,
-                  data: Optional[DomainData] = None, step_limit: int = 0
+                  data: Optional[DomainData] = None, step_limit: int = 0, rho_prior: float = 0.0
                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Solve the goal program under the surrogate centred on a measured configuration (accuracy/surrogate.py,
     `centred`): first the one nearest the latest accepted round, then, while the solution is nearer another measured
@@ -486,12 +488,13 @@ def centred_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve:
     (`surrogate.probe_corrected`) and the program solved again (joint.probes probes at most).
     `solve(problem)` returns (its result, the solution's gammas); `pruned_before` given: a round (at most
     joint.max_new_prunes beyond it); else `step_limit` > 0: at most that many branches beyond the centre (a trust
-    region for the points solved after the rounds).  The solver's budget is epsilon less the margin: a measured gain
-    (negative drop) of the centre is predicted but never spent.  Returns (solve's result, budget record with the
+    region for the points solved after the rounds), and `rho_prior` > 0: rho shrunk towards it (`_budget`).  The
+    solver's budget is epsilon less the margin: a measured gain (negative drop) of the centre is predicted but never
+    spent.  Returns (solve's result, budget record with the
     centre, the probes and the prediction made for the solution, and 'sens': the sensitivities it used)."""
     masks = [m.pruned for m in st.measured]
     idx = surrogate.nearest(_anchor_pruned(inp, st), masks)
-    bud = _budget(inp, st, ref, eps)
+    bud = _budget(inp, st, ref, eps, rho_prior)
     sens = st.sens
     for new_, inc_ in st.probed:  # what earlier solves' probes found still holds for these sensitivities
         sens = surrogate.probe_corrected(sens, new_, inc_)
@@ -697,9 +700,11 @@ def point_solve(inp: Inputs, st: LoopState, ref: Reference, eps: float, solve: A
                 model0: Optional[HyperRepVGG] = None, data: Optional[DomainData] = None
                 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """A point solved after the rounds (a Pareto point, the chain's decision): centred_solve on the surrogate as it
-    stands (the rounds and the sweep's earlier points measured) with the margin-reduced budget for `eps`, no step
-    limit; (solve's dict, budget record)."""
-    out, bud = centred_solve(inp, st, ref, eps, solve, None, model0, data, inp.cfg.joint.sweep_max_new_prunes)
+    stands (the rounds and the sweep's earlier points measured) with the margin-reduced budget for `eps`, at most
+    joint.sweep_max_new_prunes branches beyond the centre, rho shrunk towards joint.sweep_rho_prior; (solve's dict,
+    budget record)."""
+    j = inp.cfg.joint
+    out, bud = centred_solve(inp, st, ref, eps, solve, None, model0, data, j.sweep_max_new_prunes, j.sweep_rho_prior)
     bud.pop('sens')
     return out, bud
 

@@ -116,6 +116,13 @@ def test_calibration_factor_needs_evidence_and_is_clipped():
     assert surrogate.calibration_factor([(1.0, 0.5), (1.0, 0.3)]) == pytest.approx(0.4)
     assert surrogate.calibration_factor([(1.0, 10.0)]) == surrogate.RHO_RANGE[1]
     assert surrogate.calibration_factor([(1.0, -1.0)]) == surrogate.RHO_RANGE[0]
+    # a prior: shrunk towards it, by RHO_PRIOR_WEIGHT_PCT points of pseudo-evidence, instead of 1 without evidence
+    w = surrogate.RHO_PRIOR_WEIGHT_PCT
+    assert surrogate.calibration_factor([], 0.6) == pytest.approx(0.6)
+    assert surrogate.calibration_factor([(0.1, 0.0)], 0.6) == pytest.approx(0.6 * w / (0.1 + w))
+    assert surrogate.calibration_factor([(1.0, 0.5), (1.0, 0.3)], 0.6) == pytest.approx((0.8 + 0.6 * w) / (2 + w))
+    assert surrogate.calibration_factor([(100.0, 100.0)], 0.6) == pytest.approx(1.0, abs=0.01)  # evidence outweighs
+    assert surrogate.calibration_factor([(1.0, -1.0)], 0.1) == surrogate.RHO_RANGE[0]  # still clipped
     summary = surrogate.error_summary([{'error_pct': 0.2}, {'error_pct': -1.0}, {'error_pct': None}])
     assert summary['n'] == 2 and summary['median_abs_error_pct'] == pytest.approx(0.6)
     assert summary['max_abs_error_pct'] == 1.0 and surrogate.error_summary([])['n'] == 0
@@ -132,7 +139,7 @@ def test_probe_corrected_replaces_the_sum_of_the_new_branches():
     assert surrogate.probe_corrected(sens, new, -1.0)[new].sum() == 0.0  # a probe gain prunes for free, no credit
 
 
-def _probe_setup(monkeypatch, probes, probe_pct):
+def _probe_setup(monkeypatch, probes, probe_pct, **joint_kw):
     """centred_solve on 4 blocks whose 3x3 branches cost 0.1 alone, with a stub solver that prunes every 3x3 branch
     cheaper than 0.3 points (within the budget) and a stub probe that says pruning >= 2 of them together costs
     `probe_pct`."""
@@ -142,7 +149,7 @@ def _probe_setup(monkeypatch, probes, probe_pct):
     from config import Config
     from pipeline import joint
     cfg = Config()
-    cfg = replace(cfg, joint=replace(cfg.joint, acceptance='point', probes=probes))
+    cfg = replace(cfg, joint=replace(cfg.joint, acceptance='point', probes=probes, **joint_kw))
     inp = SimpleNamespace(cfg=cfg, available=[frozenset('DOI')] * 4)
     monkeypatch.setattr(joint, '_pruned_of', lambda inp, g: np.asarray(g, dtype=bool))
     monkeypatch.setattr(joint, 'problem_for', lambda inp, spend, a, budget, before=None, max_new=None:
@@ -167,6 +174,7 @@ def _probe_setup(monkeypatch, probes, probe_pct):
                                                                              np.zeros((4, 3), dtype=bool), 0.0)])
     ref = SimpleNamespace(a_fit=95.0, val_correct=np.ones(1000, dtype=bool))
     out, bud = joint.centred_solve(inp, st, ref, 1.0, solve, None, object(), object())
+    bud['point'] = joint.point_solve(inp, st, ref, 1.0, solve)[1]  # the same solve as a sweep point would make it
     if probes:  # the next solve starts from what this one's probes found: no probe needed, nothing pruned
         st.remember(bud['probes'])
         _, again = joint.centred_solve(inp, st, ref, 1.0, solve, None, object(), object())
@@ -188,3 +196,13 @@ def test_a_probe_that_finds_an_interaction_changes_the_solution(monkeypatch):
     assert bud['predicted_drop_pct'] == pytest.approx(0.4) and calls == [4, 4] and len(bud['probes']) == 1
     # (remembered, the agreeing probe leaves the 4 branches at 0.125 each: the same solution, probed once more)
     assert bud['again']['predicted_drop_pct'] == pytest.approx(0.5)
+
+
+def test_the_sweep_shrinks_rho_towards_its_prior_and_the_rounds_do_not(monkeypatch):
+    """Without round evidence a round keeps rho = 1 while a sweep point (point_solve) takes joint.sweep_rho_prior:
+    fine-tuning recovers part of what the probes and sensitivities (before fine-tuning) predict."""
+    _, bud, _ = _probe_setup(monkeypatch, 0, 5.0)  # the default prior, 0.6: 4 x 0.1 x 0.6
+    assert bud['rho'] == 1.0 and bud['predicted_drop_pct'] == pytest.approx(0.4)
+    assert bud['point']['rho'] == pytest.approx(0.6) and bud['point']['predicted_drop_pct'] == pytest.approx(0.24)
+    _, bud, _ = _probe_setup(monkeypatch, 0, 5.0, sweep_rho_prior=0.0)  # 0: the rounds' rho, as before
+    assert bud['point']['rho'] == 1.0 and bud['point']['predicted_drop_pct'] == pytest.approx(0.4)

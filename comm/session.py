@@ -556,8 +556,8 @@ def period_fps(per_batch: Sequence[Dict[str, Any]]) -> Optional[float]:
     """A stream's pace at its median period: the median over batches 2.. of samples / (done - previous done),
     frames/s; None with fewer than 3 batches.  The steady throughput (samples / span) also counts every pause that
     other processes cause on the shared cores, which comes and goes in seconds (one stream's sd over passes on the
-    local stand-in, idle: 4.2 % as samples / span, 2.4 % at the median period); the median gap is the pipeline's own period, as the LUT's per-call medians are its
-    parts' (docs/design.md "Closed loop": measured 2026-12-07)."""
+    local stand-in, idle: 4.2 % as samples / span, 2.4 % at the median period); the median gap is the pipeline's
+    own period, as the LUT's per-call medians are its parts' (docs/design.md "Closed loop": measured 2026-12-07)."""
     rows = list(per_batch)
     if len(rows) < 3:
         return None

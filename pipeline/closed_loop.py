@@ -41,11 +41,12 @@ disagreement (`pass_to_pass_pct`) so a reader can tell a real difference from no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -281,6 +282,19 @@ def sequential_passes(run_one: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Ti
     return time_passes
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """This process's torch threads set to `threads` (> 0; 0: left as they are) inside the block, then given back."""
+    import torch
+    old = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def pseudo_passes(model_spec: Dict[str, Any], input_size: int, batch: int, device: str, rounds: int, seed: int,
                   threads: int = 0) -> TimePasses:
     """time_passes for measure() in pseudo mode: the server parts of all planned configurations (blocks [lam, N) +
@@ -289,18 +303,11 @@ def pseudo_passes(model_spec: Dict[str, Any], input_size: int, batch: int, devic
     validation, docs/design.md "Measurement protocol"), with `threads` torch threads (0: leave as is) as the
     LUT's server side.  One result per configuration and pass: the server part's stats in that pass."""
     def time_passes(plan: Sequence[Dict[str, Any]], passes: int, bar: Any) -> List[List[Dict[str, Any]]]:
-        import torch
-
         from timing import measure as M
         model = M.random_model(model_spec, seed)
-        old = torch.get_num_threads()
-        if threads > 0:
-            torch.set_num_threads(int(threads))
-        try:
+        with torch_threads(threads):
             res = M.measure_configurations(model, input_size, [{'gammas': r['gammas'], 'lam': r['lam']} for r in plan],
                                            batch, device, 1, rounds, passes, seed, sides=('server',))
-        finally:
-            torch.set_num_threads(old)
         if bar is not None:
             bar.update(passes * len(plan))
         return [[p['server'] for p in r['passes']] for r in res]
@@ -590,14 +597,9 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
         extra = {} if threads is None else {'threads': int(threads)}
         dep = session.deploy(model, list(row['gammas']), lam, mean, std, feature_dtype=feature_dtype, **extra)
         server = None if lam == model.num_blocks else deploy_part(model.split(lam)[1]).to(device).eval()
-        old = torch.get_num_threads()
-        if server_threads:
-            torch.set_num_threads(int(server_threads))
-        try:
+        with torch_threads(server_threads or 0):
             res = session.run(server, images, labels, batch)
             res['server_threads'] = torch.get_num_threads()
-        finally:
-            torch.set_num_threads(old)
         res = {k: v for k, v in res.items() if k not in ('predictions',)}
         res['worker_threads'] = dep.get('threads')
         return res

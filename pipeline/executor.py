@@ -71,10 +71,10 @@ def check_cluster_config(cfg: Config) -> None:
 
 
 def usable_cpus() -> int:
-    """The cores this process may run on (its affinity; os.cpu_count() counts the machine's).  A step pinned to one
-    core (the local stand-in device's server) that starts a torch thread per machine core runs two threads on one
-    core, which spin against each other: real-mode streams then flipped between ~1100 and ~1800 frames/s from one
-    stream to the next (bench_closed_loop 2026-12-07 20:57, step 3's domains; step 2, at one thread, did not)."""
+    """The cores this process may run on (its affinity; os.cpu_count() counts the machine's): a step pinned to one
+    core (the local stand-in device's server) that starts a torch thread per machine core runs two OpenMP threads
+    on one core.  (Suspected, 2026-12-07, of real-mode streams flipping between ~1100 and ~1800 frames/s; a rerun
+    with one thread showed the same flips: they are the machine's slow episodes, docs/design.md "Closed loop".)"""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # no affinity on this OS

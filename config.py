@@ -163,8 +163,9 @@ class LoopConfig:
     passes: int = 2  # interleaved measurement passes (the second in reverse order)
     real_samples: int = 240  # real mode: images streamed per measured configuration and pass
     confirm: int = 10  # at most this many top-k configurations race the predicted choice (fastest measured first; 10 = all of the default top-k; 0 = never adopt)
-    confirm_z: float = 2.0  # the race eliminates a configuration whose median paired per-pass log-difference to the leader lies below -this many standard errors (its own sd / sqrt(passes))
+    confirm_z: float = 2.0  # the race eliminates a configuration whose log-throughput over its passes (read at pace_quantile in real mode, else the median) lies below the leader's by more than this many bootstrap standard errors (whole passes drawn)
     confirm_passes: int = 8  # at most this many fresh interleaved passes of the race (one per round, over the configurations still in; docs/design.md "Closed loop")
+    pace_quantile: float = 90.0  # real mode: a configuration's throughput over its passes is this percentile of the passes' paces (interference only slows a stream; 50 = the median; docs/design.md "Closed loop")
     evaluate_passes: int = 0  # > 0: the decision, the optimizer's pick and the top-k measured again in this many fresh passes no decision saw (report.evaluation; bench_closed_loop)
 
 
@@ -290,6 +291,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool]] = {
     'loop.top_k': (1, None, False), 'loop.passes': (1, None, False), 'loop.real_samples': (1, None, False),
     'loop.confirm': (0, None, False), 'loop.confirm_passes': (1, None, False),
     'loop.confirm_z': (0, None, True), 'loop.evaluate_passes': (0, None, False),
+    'loop.pace_quantile': (0, 100, True),
 }
 NON_EMPTY = ('lut.batch_sizes', 'real.probe_sizes_kb')
 

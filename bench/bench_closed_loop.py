@@ -47,7 +47,9 @@ COLUMNS = ['step', 'mode', 'coin toss (splits in band)', 'chosen lambda', 'predi
            'evaluation: chosen / best %', 'evaluation: best lambda', "evaluation: optimizer's pick / best %",
            'evaluation: chosen / best picked on the other half %',
            'evaluation: chosen / best picked on the other half, 95 % interval over the passes',
-           "evaluation: optimizer's pick / best picked on the other half %", 'evaluation: passes disagree %']
+           "evaluation: optimizer's pick / best picked on the other half %", 'evaluation: passes disagree %',
+           'evaluation: percentile of the passes read',
+           'evaluation: chosen / best picked on the other half, read at the median of the passes %']
 
 
 def cell(row: Sequence[Any], column: str) -> Any:
@@ -116,12 +118,28 @@ def loop_row(label: str, loop: Optional[Dict[str, Any]], where: str) -> List[Any
 
 def _evaluation_cells(ev: Optional[Dict[str, Any]]) -> List[Any]:
     if not ev:
-        return [None] * 7
+        return [None] * 9
     from pipeline.closed_loop import evaluation_interval
     ci = ev.get('chosen_over_best_crossfit_ci95_pct') or evaluation_interval(ev)  # older records: from their passes
     return [ev['chosen_over_best_pct'], ev['best']['lam'], ev['optimizer_pick_over_best_pct'],
             ev.get('chosen_over_best_crossfit_pct'), [round(ci[0], 1), round(ci[1], 1)] if ci else None,
-            ev.get('optimizer_pick_over_best_crossfit_pct'), ev.get('pass_to_pass_median_pct')]
+            ev.get('optimizer_pick_over_best_crossfit_pct'), ev.get('pass_to_pass_median_pct'),
+            float(ev.get('pace_quantile', 50.0)), crossfit_at(ev, 50.0)]
+
+
+def crossfit_at(ev: Dict[str, Any], quantile: float) -> Optional[float]:
+    """The evaluation's cross-fitted share of the chosen configuration (pipeline.closed_loop.crossfit_share_pct)
+    with every configuration read at the `quantile` percentile of its passes in each half; None with < 2 passes.
+    The same passes read at the median: how much the judge's reading decides."""
+    import numpy as np
+
+    from pipeline.closed_loop import crossfit_share_pct
+    rows = ev.get('configurations') or []
+    x = np.array([r['passes_fps'] for r in rows], dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2:
+        return None
+    i = next(k for k, r in enumerate(rows) if 'chosen' in r['roles'])
+    return crossfit_share_pct([np.percentile(x[:, h::2], quantile, axis=1).tolist() for h in (0, 1)], i)
 
 
 def read_run(run: Path) -> List[List[Any]]:
@@ -162,6 +180,11 @@ def headline(rows: Sequence[Sequence[Any]]) -> List[List[Any]]:
                  sum(v < 95.0 and not _reaches(cell(r, 'evaluation: chosen / best picked on the other half, 95 % '
                                                       'interval over the passes'), 95.0)
                      for v, r in zip(cross, rows)), f'of {len(cross)}'],
+                ['evaluation, best picked on the other half, the same passes read at their median: steps whose '
+                 'choice reached >= 95 %',
+                 sum(v is not None and v >= 95.0 for v in (cell(r, 'evaluation: chosen / best picked on the other '
+                                                                'half, read at the median of the passes %')
+                                                           for r in rows)), f'of {len(rows)}'],
                 ["evaluation, best picked on the other half: steps whose optimizer's own pick reached >= 95 %",
                  sum(cell(r, "evaluation: optimizer's pick / best picked on the other half %") >= 95.0 for r in rows),
                  f'of {len(rows)}']]

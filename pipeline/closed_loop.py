@@ -239,15 +239,24 @@ def window_fps(per_batch: Sequence[Dict[str, Any]], windows: int = 5) -> List[fl
     return out
 
 
-def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def pass_pace(values: Sequence[float], quantile: float = 50.0) -> float:
+    """A configuration's throughput over its passes: the `quantile` percentile of the passes' figures (50: the
+    median).  Real mode reads it at loop.pace_quantile (90): the local stand-in's streams fall into episodes of
+    10-20 s in which every stream runs 20-45 % slower, clustered in time and not in configurations (docs/design.md
+    "Closed loop"); interference only slows a stream, so an upper percentile reads the configuration's own pace
+    (timeit's reason for its minimum) while the median follows whichever configurations an episode hit."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), float(quantile)))
+
+
+def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]], quantile: float = 50.0) -> Dict[str, Any]:
     """Measured throughput of one configuration in real mode from its runs (comm.session.ServerSession.run
-    results): the median over the runs of each one's pace at its median period (period_throughput_fps; runs
-    without it: the steady throughput), p10 / p90 over windows of all runs; 'steady_fps' keeps the median
-    steady-state throughput (samples / span, every pause included) beside it."""
+    results): the `quantile` percentile (pass_pace; 50: the median) over the runs of each one's pace at its median
+    period (period_throughput_fps; runs without it: the steady throughput), p10 / p90 over windows of all runs;
+    'steady_fps' keeps the median steady-state throughput (samples / span, every pause included) beside it."""
     pace = [r.get('period_throughput_fps') or r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
     steady = [r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
     wins = sorted(w for r in runs for w in window_fps(r.get('per_batch') or []))
-    med = float(statistics.median(pace))
+    med = pass_pace(pace, quantile)
     q = (lambda p: float(np.percentile(wins, p))) if wins else (lambda p: med)
 
     def stage(k: str) -> Optional[float]:
@@ -255,13 +264,21 @@ def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[st
         return float(statistics.median(vals)) if vals else None
     stages = {k: stage(f'{k}_ms') for k in ('edge', 'link', 'server')}
     known = {k: v for k, v in stages.items() if v is not None}
-    return {'kind': 'measured', 'how': REAL_LABEL, **{f'{k}_ms': v for k, v in stages.items()},
+    over = 'the median' if float(quantile) == 50.0 else f'the {float(quantile):g}th percentile'
+    return {'kind': 'measured', 'how': f'{REAL_LABEL}, {over} over the passes',
+            **{f'{k}_ms': v for k, v in stages.items()},
             'latency_ms': stage('latency_ms'), 'throughput_fps': med, 'steady_fps': float(statistics.median(steady)),
             'p10_fps': q(10), 'p90_fps': q(90),
             'bottleneck': max(known, key=lambda k: known[k]) if known else None, 'bottleneck_source': 'measured',
-            'runs_fps': pace, 'samples': int(runs[0].get('samples', 0)) if runs else 0,
+            'runs_fps': pace, 'pace_quantile': float(quantile),
+            'samples': int(runs[0].get('samples', 0)) if runs else 0,
             'worker_threads': runs[0].get('worker_threads') if runs else None,
             'server_threads': runs[0].get('server_threads') if runs else None}
+
+
+def real_combine(quantile: float) -> Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]]:
+    """combine for measure() in real mode: real_record at the `quantile` percentile of the passes."""
+    return lambda pred, runs: real_record(pred, runs, quantile)
 
 
 TimePasses = Callable[[Sequence[Dict[str, Any]], int, Any], List[List[Dict[str, Any]]]]
@@ -341,26 +358,33 @@ def measure(plan: Sequence[Dict[str, Any]], time_passes: TimePasses,
 
 
 RACE_MIN_PASSES = 3  # passes (first + fresh) a configuration has before it can be eliminated
-RACE_NOISE_FLOOR = 0.005  # smallest sd of paired log-throughput differences the race assumes (0.5 %)
+RACE_NOISE_FLOOR = 0.005  # smallest per-pass sd of log-throughput differences the race assumes (0.5 %)
+RACE_DRAWS = 400  # bootstrap draws of the passes behind each elimination's standard error
 
 
 def eliminated(passes_fps: Dict[int, Sequence[float]], leader: int, z: float,
-               floor: float = RACE_NOISE_FLOOR) -> List[int]:
-    """The configurations measured slower than `leader` beyond the race's noise: for each other one j, the paired
-    differences d_p = log(fps_j,p / fps_leader,p) over the passes both were measured in (the same pass: its common
-    shift cancels); j is out when median(d) < -z * s / sqrt(n), s the standard deviation of its own d's (at least
-    `floor`; its own, not pooled: a link-bound configuration's steady figures would make a pooled one too small for
-    the noisy ones), n the passes.  `passes_fps`: configuration -> its throughput per pass (equal lengths, >= 2, the
-    same passes in the same order)."""
+               floor: float = RACE_NOISE_FLOOR, quantile: float = 50.0) -> List[int]:
+    """The configurations measured slower than `leader` beyond the race's noise: for each other one j, the
+    difference of the paces D = log(pass_pace(j) / pass_pace(leader)) at `quantile` (50: the median; real mode:
+    loop.pace_quantile) over the passes both were measured in; j is out when D < -z * se, se the bootstrap standard
+    error of D (RACE_DRAWS draws of whole passes with replacement, j's and the leader's figure of a pass drawn
+    together, so that a pass's common shift cancels; at least `floor` / sqrt(n), n the passes).  Its own se, not a
+    pooled one: a link-bound configuration's steady figures would make a pooled one too small for the noisy ones.
+    `passes_fps`: configuration -> its throughput per pass (equal lengths, >= 2, the same passes in the same
+    order).  Seeded by n: the same figures give the same verdict."""
     lead = np.log(np.asarray(passes_fps[leader], dtype=np.float64))
     n = len(lead)
+    idx = np.random.default_rng(n).integers(0, n, (RACE_DRAWS, n))
+    q = float(quantile)
+    lead_draws = np.percentile(lead[idx], q, axis=1)
     out = []
     for j, v in passes_fps.items():
         if j == leader:
             continue
-        d = np.log(np.asarray(v, dtype=np.float64)) - lead
-        sd = max(float(floor), float(np.std(d, ddof=1)))
-        if float(np.median(d)) < -float(z) * sd / math.sqrt(n):
+        x = np.log(np.asarray(v, dtype=np.float64))
+        d = float(np.percentile(x, q) - np.percentile(lead, q))
+        se = max(float(floor) / math.sqrt(n), float(np.std(np.percentile(x[idx], q, axis=1) - lead_draws)))
+        if d < -float(z) * se:
             out.append(j)
     return out
 
@@ -368,15 +392,18 @@ def eliminated(passes_fps: Dict[int, Sequence[float]], leader: int, z: float,
 def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
                    combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], confirm: int,
                    passes: int, progress: Optional[str] = None,
-                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None, z: float = 2.0
-                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+                   eligible: Optional[Callable[[Dict[str, Any]], bool]] = None, z: float = 2.0,
+                   quantile: float = 50.0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Measured choice among the top-k (a race by successive elimination): the predicted choice and the top-k
     configurations (at most `confirm` of them, the fastest measured in measure()'s passes first; all of them by
     default, so none is picked for being lucky and their first passes count) race.  Each round adds one fresh
     interleaved pass of the configurations still in (alternating order); from RACE_MIN_PASSES passes on, the leader
-    is the best median over all its passes and any configuration measured slower than the leader beyond the race's
-    noise (`eliminated`: paired per pass, the median difference beyond `z` standard errors) is out.  The race ends when one
-    is left or after `passes` fresh passes; the leader then is the decision (ties keep the predicted choice).
+    is the best pace over all its passes (pass_pace at `quantile`: the median, or real mode's upper percentile) and
+    any configuration measured slower than the leader beyond the race's noise (`eliminated`: the paces' difference
+    beyond `z` bootstrap standard errors over the passes, drawn pass by pass) is out.  The race ends when one is left
+    or after `passes` fresh passes.  The predicted choice stays the decision unless it was eliminated (the model's
+    answer, overruled only by a measured difference beyond the noise: an upper percentile among near-ties favours
+    whichever had a lucky pass); then the leader of the ones still in is.
 
     Why (docs/design.md "Closed loop"): a stream's throughput moves 5-15 % pass to pass on the local stand-in and
     whole passes shift together; a shortlist cut on two passes left the truly fastest configuration out of the race
@@ -395,7 +422,7 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
     racing = sorted((i for i in top if i != pick and (eligible is None or eligible(recs[i]))),
                     key=lambda i: -fps(recs[i]))[:max(0, int(confirm))]
     out: Dict[str, Any] = {'adopted': False, 'source': 'predicted', 'confirm': int(confirm), 'passes': int(passes),
-                           'z': float(z)}
+                           'z': float(z), 'pace_quantile': float(quantile)}
     if not racing:
         out['why'] = 'no other top-k configuration may be adopted' if confirm > 0 else 'loop.confirm is 0'
         return recs, out
@@ -411,8 +438,8 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
     try:
         for rnd in range(max(0, int(passes)) + 1):
             if len(per_pass[alive[0]]) >= RACE_MIN_PASSES:
-                leader = _race_leader(alive, per_pass, pick)
-                for j in eliminated({i: per_pass[i] for i in alive}, leader, z):
+                leader = _race_leader(alive, per_pass, pick, quantile)
+                for j in eliminated({i: per_pass[i] for i in alive}, leader, z, quantile=quantile):
                     alive.remove(j)
                     out_after[j] = len(per_pass[j])
             if len(alive) == 1 or rnd == int(passes):
@@ -427,7 +454,7 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
     finally:
         if bar is not None:
             bar.close()
-    win = _race_leader(alive, per_pass, pick)
+    win = pick if pick in alive else _race_leader(alive, per_pass, pick, quantile)
     rows = []
     for i in short:
         pooled = combine(recs[i]['predicted'], first[i] + fresh[i])
@@ -449,14 +476,16 @@ def confirm_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
     out['shortlist'] = rows
     out['how'] = (f'the predicted choice and {len(racing)} top-k configurations raced by successive elimination: one '
                   f'fresh interleaved pass at a time (at most {int(passes)}), a configuration out once it measured '
-                  f'slower than the leader beyond {z:g} standard errors of the paired per-pass differences; the leader '
-                  '(best median over all its passes) is the choice')
+                  f'slower than the leader beyond {z:g} bootstrap standard errors (whole passes drawn, both figures of a '
+                  f'pass together) of the difference of their {quantile:g}th percentiles over the passes; the predicted '
+                  'choice stays unless it was eliminated, then the leader of the ones still in is the choice')
     return recs, out
 
 
-def _race_leader(alive: Sequence[int], per_pass: Dict[int, List[float]], pick: int) -> int:
-    """The configuration still in the race with the best median over its passes (ties: the predicted choice)."""
-    return max(alive, key=lambda i: (float(statistics.median(per_pass[i])), i == pick))
+def _race_leader(alive: Sequence[int], per_pass: Dict[int, List[float]], pick: int, quantile: float) -> int:
+    """The configuration still in the race with the best pace over its passes (pass_pace at `quantile`; ties: the
+    predicted choice)."""
+    return max(alive, key=lambda i: (pass_pace(per_pass[i], quantile), i == pick))
 
 
 def _bar(desc: Optional[str], total: int) -> Any:
@@ -472,11 +501,12 @@ def _bar(desc: Optional[str], total: int) -> Any:
 
 def evaluate_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
                     combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]], passes: int,
-                    progress: Optional[str] = None) -> Dict[str, Any]:
+                    progress: Optional[str] = None, quantile: float = 50.0) -> Dict[str, Any]:
     """The decision judged on measurements it never saw: the chosen configuration, the predicted choice and every
     top-k configuration measured again together in `passes` fresh interleaved passes (loop.evaluate_passes); the
     chosen one's and the optimizer's pick's throughput as a share of the best of them there.  Every configuration
-    meets the same passes, so no one of them is favoured by the passes that chose it."""
+    meets the same passes, so no one of them is favoured by the passes that chose it.  `quantile`: the percentile
+    `combine` reads a configuration's passes at (pass_pace), recorded for the judge's interval."""
     idx = [i for i, r in enumerate(records)
            if any(x.startswith('top') or x in ('chosen', 'predicted_choice') for x in r['roles'])]
     plan = [{k: records[i][k] for k in ('gammas', 'lam', 'predicted', 'roles')} for i in idx]
@@ -490,7 +520,7 @@ def evaluate_choice(records: Sequence[Dict[str, Any]], time_passes: TimePasses,
     chosen, pick = rows[chosen_i], rows[pi]
     halves = [[combine(p['predicted'], list(res)[h::2])['throughput_fps'] for p, res in zip(plan, raw)]
               for h in (0, 1)] if passes >= 2 else None
-    ev = {'kind': 'measured', 'passes': int(passes), 'configurations': rows,
+    ev = {'kind': 'measured', 'passes': int(passes), 'pace_quantile': float(quantile), 'configurations': rows,
             'best': {'lam': best['lam'], 'fps': best['fps']},
             'chosen_over_best_pct': 100.0 * chosen['fps'] / best['fps'],
             'optimizer_pick_over_best_pct': 100.0 * pick['fps'] / best['fps'],
@@ -512,7 +542,7 @@ def evaluation_interval(ev: Dict[str, Any]) -> Optional[List[float]]:
         return None
     i = next(k for k, r in enumerate(rows) if 'chosen' in r['roles'])
     return crossfit_interval_pct(np.array([r['passes_fps'] for r in rows], dtype=np.float64), i,
-                                 np.random.default_rng(int(ev['passes'])))
+                                 np.random.default_rng(int(ev['passes'])), quantile=float(ev.get('pace_quantile', 50.0)))
 
 
 def crossfit_share_pct(halves: Sequence[Sequence[float]], i: int) -> float:
@@ -528,20 +558,22 @@ def crossfit_share_pct(halves: Sequence[Sequence[float]], i: int) -> float:
     return float(statistics.mean(out))
 
 
-def crossfit_interval_pct(passes_fps: np.ndarray, i: int, rng: np.random.Generator, draws: int = 2000
-                          ) -> List[float]:
+def crossfit_interval_pct(passes_fps: np.ndarray, i: int, rng: np.random.Generator, draws: int = 2000,
+                          quantile: float = 50.0) -> List[float]:
     """The 95 % bootstrap interval of configuration i's cross-fitted share (crossfit_share_pct), percent: the judge's
     own noise.  `passes_fps` (configurations, passes): each configuration's throughput in each evaluation pass; the
     halves are the even and the odd passes, and each draw resamples whole passes (every configuration's figure of a
     pass together, so the pass's common shift stays paired) with replacement within each half, takes each
-    configuration's median over the drawn passes and computes the share.  Needs >= 2 passes per half."""
+    configuration's pace over the drawn passes (its `quantile` percentile, as the evaluation read it; 50: the median)
+    and computes the share.  Needs >= 2 passes per half."""
     x = np.asarray(passes_fps, dtype=np.float64)
     halves = [x[:, 0::2], x[:, 1::2]]
     if min(h.shape[1] for h in halves) < 2:
         raise ValueError(f'crossfit_interval_pct: needs >= 2 passes per half, got {x.shape[1]} passes')
     shares = []
     for _ in range(int(draws)):
-        drawn = [np.median(h[:, rng.integers(0, h.shape[1], h.shape[1])], axis=1) for h in halves]
+        drawn = [np.percentile(h[:, rng.integers(0, h.shape[1], h.shape[1])], float(quantile), axis=1)
+                 for h in halves]
         shares.append(crossfit_share_pct([d.tolist() for d in drawn], i))
     return [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
 
@@ -611,7 +643,8 @@ def real_runner(session: Any, model_spec: Dict[str, Any], input_size: int, batch
 # ----------------------------------------------------------------------------------------------------------
 
 CALIBRATION_SPLITS = (0.125, 0.25, 0.5, 0.75, 0.875)  # where the calibration configurations split, fractions of N
-CALIBRATION_PASSES = 3  # streams per calibration split, in alternating order; each one's period is their median
+CALIBRATION_PASSES = 6  # streams per calibration split, in alternating order (~25 s in all: longer than one of the
+# stand-in's 10-20 s slow episodes); each split's pace is their loop.pace_quantile percentile
 LINK_BOUND = 0.9  # a calibration stream whose link occupancy is this share of its period or more may be link-bound
 
 
@@ -677,7 +710,7 @@ def calibrate_runtime(session: Any, lut: Dict[str, Any], cfg: Any, batch: int) -
     plan = [{'gammas': gammas, 'lam': lam} for lam in lams]
     raw = sequential_passes(run)(plan, CALIBRATION_PASSES, None)
     records = [{'lam': row['lam'], 'gammas': gammas, 'predicted': C.describe(gammas, row['lam'], t),
-                'measured': real_record({}, runs)} for row, runs in zip(plan, raw)]
+                'measured': real_record({}, runs, cfg.loop.pace_quantile)} for row, runs in zip(plan, raw)]
     return dict(runtime_overhead(records, batch), passes=CALIBRATION_PASSES)
 
 
@@ -859,31 +892,32 @@ def run_closed_loop(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.nd
     fast, slow = spread_tables(lut, t)
     dec = decision(chosen, cands, fast, slow, *validation_uncertainty(validation_file))
     plan = plan_measurements(chosen, baselines, cands, lp.top_k)
+    q = float(lp.pace_quantile) if mode == 'real' else 50.0  # pseudo: fine-grained rounds, read at their median
     if mode == 'real':
         if session is None:
             raise ValueError('real mode needs a session')
         time_passes = sequential_passes(real_runner(session, lut['model'], lut['input_size'], t.batch,
                                                     lp.real_samples, lut['feature_dtype'], cfg.device, cfg.seed,
                                                     edge_threads(lut), lut_threads(lut, 'server')))
-        combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = real_record
+        combine: Callable[[Dict[str, Any], List[Dict[str, Any]]], Dict[str, Any]] = real_combine(q)
     else:
         time_passes = pseudo_passes(lut['model'], lut['input_size'], t.batch, cfg.device, cfg.lut.rounds, cfg.seed,
                                     lut_threads(lut, 'server') or 0)
         combine = pseudo_combine(t.batch)
     records = measure(plan, time_passes, combine, lp.passes, progress=label, keep_runs=True)
     records, adoption = confirm_choice(records, time_passes, combine, lp.confirm, lp.confirm_passes,
-                                       f'{label} race', eligible, lp.confirm_z)
+                                       f'{label} race', eligible, lp.confirm_z, q)
     for r in records:
         r.pop('_runs', None)
     report = dict(loop_report(records, mode, lp.top_k), decision_source=adoption['source'])
     if lp.evaluate_passes > 0:
         report['evaluation'] = evaluate_choice(records, time_passes, combine, lp.evaluate_passes,
-                                               f'{label} evaluation')
+                                               f'{label} evaluation', q)
     return {'decision': dec, 'measurements': records, 'adoption': adoption, 'report': report,
             'server_device': server_device(cfg.device),
             'settings': {'top_k': lp.top_k, 'passes': lp.passes, 'real_samples': lp.real_samples,
                          'confirm': lp.confirm, 'confirm_passes': lp.confirm_passes,
-                         'confirm_z': lp.confirm_z, 'evaluate_passes': lp.evaluate_passes}}
+                         'confirm_z': lp.confirm_z, 'evaluate_passes': lp.evaluate_passes, 'pace_quantile': q}}
 
 
 def closed_loop_or_skip(cfg: Any, lut: Dict[str, Any], t: C.CostTables, valid: np.ndarray, chosen: Dict[str, Any],

@@ -270,7 +270,7 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     row2 = B.loop_row('step 3 domain 1', loop2, 'x.json')
     assert row2[3] == 4 and row2[7] == pytest.approx(100.0) and row2[12] == 'measured'
     assert row2[13] == '90.0 (3)' and row2[14] == pytest.approx(90.0)
-    assert [B.cell(row2, c) for c in B.COLUMNS[15:]] == [None] * 7  # no evaluation in this run
+    assert [B.cell(row2, c) for c in B.COLUMNS[15:]] == [None] * 9  # no evaluation in this run
     head = {h[0]: h[1] for h in B.headline([row, row2])}
     assert not any(k.startswith('evaluation') for k in head)
     assert head['steps reaching >= 95 % of the best measured'] == 2
@@ -286,7 +286,19 @@ def test_bench_closed_loop_rows_and_headline_from_records():
     loop2['report'] = dict(loop2['report'], evaluation=dict(ev, chosen_over_best_pct=99.0,
                                                             chosen_over_best_crossfit_pct=101.0))
     r1, r2 = B.loop_row('step 2', loop, 'x.json'), B.loop_row('step 3 domain 1', loop2, 'x.json')
-    assert [B.cell(r1, c) for c in B.COLUMNS[15:]] == [93.0, 4, 97.0, 96.0, [91.0, 100.0], 94.0, 1.5]
+    assert [B.cell(r1, c) for c in B.COLUMNS[15:]] == [93.0, 4, 97.0, 96.0, [91.0, 100.0], 94.0, 1.5, 50.0, None]
+    # read at the 90th percentile, the chosen one's passes that an episode slowed (60) do not decide; the same passes
+    # read at the median make the steady lambda 4 the best on both halves
+    passes = {'pace_quantile': 90.0, 'configurations': [
+        {'lam': 3, 'roles': ['chosen', 'top1'], 'passes_fps': [100.0, 100.0, 60.0, 60.0, 60.0, 60.0]},
+        {'lam': 4, 'roles': ['top2'], 'passes_fps': [90.0] * 6}]}
+    assert B.crossfit_at(passes, 50.0) == pytest.approx(100.0 * 60.0 / 90.0)
+    assert B.crossfit_at(passes, 90.0) == pytest.approx(100.0)
+    r3 = B.loop_row('step 2', {'report': dict(loop['report'], evaluation=dict(ev, **passes)),
+                               'decision': loop['decision']}, 'x.json')
+    assert B.cell(r3, 'evaluation: percentile of the passes read') == 90.0
+    assert B.cell(r3, 'evaluation: chosen / best picked on the other half, read at the median of the passes %') == \
+        pytest.approx(100.0 * 60.0 / 90.0)
     # two misses below 95 %: one whose interval reaches 95 % (within the judge's noise), one beyond it
     miss = {'report': dict(loop['report'], evaluation=dict(ev, chosen_over_best_crossfit_pct=92.0,
                                                            chosen_over_best_crossfit_ci95_pct=[86.0, 97.5])),
@@ -504,3 +516,46 @@ def test_evaluate_choice_judges_the_decision_on_fresh_passes_it_never_saw():
     rep = CL.loop_report([{k: v for k, v in r.items() if k != '_runs'} for r in recs], 'real', 3)
     rep['evaluation'] = ev
     assert 'fresh evaluation passes no decision saw: chosen = 94.7 % of the best (lambda 2)' in CL.report_line(rep)
+
+
+def test_real_mode_reads_a_configuration_at_an_upper_percentile_so_a_slow_episode_does_not_decide():
+    # six passes at ~100 fps, three of them caught in one of the stand-in's slow episodes (~60): the median lands
+    # between the two states, the 90th percentile reads the configuration's own pace
+    def run(fps):
+        return {'period_throughput_fps': fps, 'steady_throughput_fps': fps, 'throughput_fps': fps, 'samples': 3,
+                'per_batch': []}
+    runs = [run(v) for v in (100.0, 60.0, 101.0, 59.0, 99.0, 61.0)]
+    assert CL.real_record({}, runs)['throughput_fps'] == pytest.approx(80.0)
+    rec = CL.real_combine(90.0)({}, runs)
+    assert rec['throughput_fps'] == pytest.approx(100.5) and rec['pace_quantile'] == 90.0
+    assert rec['runs_fps'] == [100.0, 60.0, 101.0, 59.0, 99.0, 61.0]
+    assert CL.pass_pace([3.0, 1.0, 2.0]) == 2.0
+
+
+def test_race_at_an_upper_percentile_keeps_a_configuration_that_an_episode_slowed_and_drops_a_slower_one():
+    lead = [100.0, 101.0, 99.0, 100.0, 100.0, 101.0, 99.0, 100.0]
+    hit = [100.0, 60.0, 101.0, 62.0, 61.0, 100.0, 63.0, 64.0]  # as fast, but slowed in five of the eight passes
+    slower = [90.0, 91.0, 89.0, 90.0, 90.0, 91.0, 89.0, 90.0]  # 10 % slower in every pass
+    assert CL.eliminated({0: lead, 1: hit, 2: slower}, 0, 2.0) == [1, 2]  # the median counts the episode
+    assert CL.eliminated({0: lead, 1: hit, 2: slower}, 0, 2.0, quantile=90.0) == [2]
+    # a common shift of whole passes cancels: drawn pass by pass, a constant 3 % deficit is beyond the noise
+    shift = np.array([1.0, 0.7, 1.3, 0.9])
+    assert CL.eliminated({0: list(100 * shift), 1: list(97 * shift)}, 0, 2.0, quantile=90.0) == [1]
+
+
+def test_race_keeps_the_predicted_choice_unless_it_is_measured_slower_beyond_the_noise():
+    # lambda 1 and 2 scatter alike around the same pace; lambda 2's 90th percentile is the higher one by one lucky
+    # pass (103), not beyond the noise, so the model's pick stays
+    one = [99.0, 101.0, 98.0, 102.0, 100.0, 99.0, 101.0, 100.0, 98.0, 102.0]
+    two = [100.0, 99.0, 101.0, 98.0, 103.0, 99.0, 100.0, 101.0, 99.0, 98.0]
+    recs, tp, _, _ = _fake_loop({1: one, 2: two, 3: [70.0], 4: [50.0]})
+
+    def combine(pred, res):
+        return {'throughput_fps': CL.pass_pace([r['v'] for r in res], 90.0), 'kind': 'measured', 'p10_fps': 0.0,
+                'p90_fps': 0.0, 'how': 'x', 'bottleneck_source': 'measured'}
+    out, ad = CL.confirm_choice(recs, tp, combine, confirm=4, passes=6, quantile=90.0)
+    rows = {r['lam']: r for r in ad['shortlist']}
+    assert rows[2]['pooled_fps'] > rows[1]['pooled_fps'] and rows[3]['eliminated_after_passes'] == 3
+    assert rows[1]['eliminated_after_passes'] is None and rows[2]['eliminated_after_passes'] is None
+    assert not ad['adopted'] and next(r for r in out if 'chosen' in r['roles'])['lam'] == 1
+    assert ad['pace_quantile'] == 90.0 and '90th percentiles' in ad['how']

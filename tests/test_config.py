@@ -41,6 +41,8 @@ def test_precedence_file_then_set_then_flags(tmp_path):
     (['--set', 'model.small_input=maybe'], 'model.small_input'),
     (['--set', 'model.width_multiplier=1,2'], 'expected 4 values'),
     (['--seed', 'x'], '--seed'),
+    (['--set', 'loop.pace_quantile=0'], 'loop.pace_quantile'),
+    (['--set', 'loop.pace_quantile=101'], 'loop.pace_quantile'),
 ])
 def test_unknown_keys_and_wrong_types_are_named(argv, needle):
     with pytest.raises(config.ConfigError, match=needle):

@@ -9,6 +9,7 @@ import pytest
 from artifacts import load_artifact
 from comm.localdevice import LocalDevice, LocalDeviceError, split_cores
 from conftest import REPO
+from pipeline import closed_loop as CL
 
 pytestmark = pytest.mark.network
 TINY = ['--dataset', 'synthetic', '--set', 'model.input_size=16', '--set', 'model.width_multiplier=0.25,0.25,0.25,0.25']
@@ -57,7 +58,7 @@ def test_steps_1_and_2_in_real_mode_through_the_local_device_measure_what_is_cho
     ov = lut['runtime_overhead']  # step 1 streamed 5 splits through the worker and measured the runtime's cost
     assert ov['kind'] == 'measured' and [c['lam'] for c in ov['configurations']] == [3, 6, 11, 16, 19]
     assert set(ov['from'].values()) <= {'period', 'stage'} and all(c['period_ms'] > 0 for c in ov['configurations'])
-    assert ov['passes'] == 3  # each split streamed 3 times; its period is their median
+    assert ov['passes'] == CL.CALIBRATION_PASSES == 6  # each split streamed 6 times, read at loop.pace_quantile
     assert ov['edge_ms'] >= 0 and ov['server_ms'] >= 0 and all(c['measured']['throughput_fps'] > 0
                                                                for c in ov['configurations'])
     obj = load_artifact(tmp_path / 'initial_throughput_config.json', 'initial_throughput_config')

@@ -506,13 +506,16 @@ def block_stats(lut: dict) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 def random_configurations(model: Dict[str, Any], count: int, rng: np.random.Generator) -> List[Dict[str, Any]]:
-    """`count` random valid configurations: a random measurable layout per block and a random split."""
+    """`count` random valid configurations drawn as the fit's are (timing.measure.sample_configuration: a random
+    measurable layout per block and a random split, every DEPLOY_HEAVY_EVERY-th deploy-heavy), so that the
+    validation also covers the configurations the optimizer picks."""
+    import random
+
+    from timing import measure
     plan = plan_of(model)
-    out = []
-    for _ in range(int(count)):
-        gammas = [int(rng.choice(F.measurable_layouts(s))) for s in plan]
-        out.append({'gammas': gammas, 'lam': int(rng.integers(0, len(plan) + 1))})
-    return out
+    rnd = random.Random(int(rng.integers(0, 2 ** 31)))
+    every = measure.DEPLOY_HEAVY_EVERY
+    return [measure.sample_configuration(plan, rnd, i % every == every - 1) for i in range(int(count))]
 
 
 def predict_parts(side: Dict[str, Any], gammas: Sequence[int], lam: int, batch: int) -> Dict[str, float]:

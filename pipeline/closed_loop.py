@@ -251,13 +251,14 @@ def pass_pace(values: Sequence[float], quantile: float = 50.0) -> float:
 def real_record(pred: Dict[str, Any], runs: Sequence[Dict[str, Any]], quantile: float = 50.0) -> Dict[str, Any]:
     """Measured throughput of one configuration in real mode from its runs (comm.session.ServerSession.run
     results): the `quantile` percentile (pass_pace; 50: the median) over the runs of each one's pace at its median
-    period (period_throughput_fps; runs without it: the steady throughput), p10 / p90 over windows of all runs;
-    'steady_fps' keeps the median steady-state throughput (samples / span, every pause included) beside it."""
+    period (period_throughput_fps; runs without it: the steady throughput); p10 / p90 over those paces (the
+    figure read lies among them), or over windows of the run when there is one; 'steady_fps' keeps the median
+    steady-state throughput (samples / span, every pause included) beside it."""
     pace = [r.get('period_throughput_fps') or r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
     steady = [r.get('steady_throughput_fps') or r['throughput_fps'] for r in runs]
-    wins = sorted(w for r in runs for w in window_fps(r.get('per_batch') or []))
+    spread = pace if len(pace) >= 2 else sorted(w for r in runs for w in window_fps(r.get('per_batch') or []))
     med = pass_pace(pace, quantile)
-    q = (lambda p: float(np.percentile(wins, p))) if wins else (lambda p: med)
+    q = (lambda p: float(np.percentile(spread, p))) if spread else (lambda p: med)
 
     def stage(k: str) -> Optional[float]:
         vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]

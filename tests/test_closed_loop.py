@@ -529,6 +529,8 @@ def test_real_mode_reads_a_configuration_at_an_upper_percentile_so_a_slow_episod
     rec = CL.real_combine(90.0)({}, runs)
     assert rec['throughput_fps'] == pytest.approx(100.5) and rec['pace_quantile'] == 90.0
     assert rec['runs_fps'] == [100.0, 60.0, 101.0, 59.0, 99.0, 61.0]
+    # its spread is that of the passes it is read from, so the figure lies within its own p10-p90
+    assert rec['p10_fps'] == pytest.approx(59.5) and rec['p90_fps'] == pytest.approx(100.5)
     assert CL.pass_pace([3.0, 1.0, 2.0]) == 2.0
 
 

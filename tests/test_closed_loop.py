@@ -561,3 +561,30 @@ def test_race_keeps_the_predicted_choice_unless_it_is_measured_slower_beyond_the
     assert rows[1]['eliminated_after_passes'] is None and rows[2]['eliminated_after_passes'] is None
     assert not ad['adopted'] and next(r for r in out if 'chosen' in r['roles'])['lam'] == 1
     assert ad['pace_quantile'] == 90.0 and '90th percentiles' in ad['how']
+
+
+def test_share_and_gain_compare_on_the_passes_both_configurations_ran():
+    # the chosen lambda 7 raced lambda 6 for seven passes, the last four in a slow episode; lambda 5 left the race
+    # after three and the plain split was measured in measure()'s two: pooled figures would set the episode against
+    # passes that never saw it (domain 0, fresh-clone pipeline 01:06: 78.6 % and x0.77)
+    def rec(lam, roles, passes, pred=1700.0):
+        return {'lam': lam, 'gammas': [0], 'roles': roles, 'predicted': {'throughput_fps': pred},
+                'measured': {'throughput_fps': float(np.median(passes)), 'passes_fps': passes, 'p10_fps': 0.0,
+                             'p90_fps': 0.0, 'how': 'x', 'pass_to_pass_pct': 1.0, 'bottleneck_source': 'measured',
+                             'load_average': None}}
+    chosen = rec(7, ['chosen', 'top1'], [1726.0, 1726.0, 1726.0, 1302.0, 1213.0, 1209.0, 1158.0])
+    six = rec(6, ['top2'], [1721.0, 1739.0, 1735.0, 1259.0, 1210.0, 1147.0, 1168.0])
+    five = rec(5, ['top3'], [1643.0, 1656.0, 1679.0])
+    plain = rec(7, ['best_plain_split'], [1677.0, 1685.0], pred=1668.0)
+    rep = CL.loop_report([chosen, six, five, plain], 'pseudo', 3)
+    assert CL.paired_ratio(chosen, five) == pytest.approx(1726.0 / 1656.0)
+    assert CL.paired_ratio(chosen, six) == pytest.approx(1302.0 / 1259.0)
+    # ahead of both on the passes it shared with each: the best of the top-k is the chosen one itself
+    assert rep['best_measured_of_top_k']['lam'] == 7 and rep['chosen_over_best_measured_pct'] == pytest.approx(100.0)
+    slower = rec(7, ['chosen', 'top1'], [1600.0, 1610.0, 1620.0, 1302.0, 1213.0, 1209.0, 1158.0])
+    rep2 = CL.loop_report([slower, six, five, plain], 'pseudo', 3)
+    # slower than lambda 5 in the three passes they shared: lambda 5 is the best, whatever the episode did later
+    assert rep2['best_measured_of_top_k']['lam'] == 5
+    assert rep2['chosen_over_best_measured_pct'] == pytest.approx(100.0 * 1610.0 / 1656.0)
+    assert rep['gain_over_best_plain_split']['measured_x'] == pytest.approx(1726.0 / 1681.0)
+    assert 'on the passes both ran' in CL.report_line(rep)

@@ -574,8 +574,9 @@ def summary_markdown(s: Summary, title: str = 'Results summary') -> str:
                 markdown_table(s.domains + s.aggregate, COLUMNS), '',
                 'pred. gain = predicted throughput of the joint configuration / predicted best split of the plain '
                 '(unpruned, fused) model on the same LUT and link; meas. gain = the same ratio of their measured '
-                'throughputs (closed loop: see below for what was measured); meas. % of best top-k = the chosen '
-                'configuration\'s measured throughput / the best measured among the top-k best-predicted (where the '
+                'throughputs on the passes both were measured in (closed loop: see below for what was measured); '
+                'meas. % of best top-k = the chosen configuration\'s measured throughput / the best measured among '
+                'the top-k best-predicted, each compared on the passes both ran (where the '
                 'closed loop\'s race on fresh passes chose another top-k configuration, that one is the '
                 'decision: λ and throughputs are its own, the optimizer\'s pick is the artifact\'s optimizer_choice); '
                 'splits in '

@@ -378,12 +378,13 @@ def eliminated(passes_fps: Dict[int, Sequence[float]], leader: int, z: float,
     idx = np.random.default_rng(n).integers(0, n, (RACE_DRAWS, n))
     q = float(quantile)
     lead_draws = np.percentile(lead[idx], q, axis=1)
+    lead_pace = float(np.percentile(lead, q))
     out = []
     for j, v in passes_fps.items():
         if j == leader:
             continue
         x = np.log(np.asarray(v, dtype=np.float64))
-        d = float(np.percentile(x, q) - np.percentile(lead, q))
+        d = float(np.percentile(x, q)) - lead_pace
         se = max(float(floor) / math.sqrt(n), float(np.std(np.percentile(x[idx], q, axis=1) - lead_draws)))
         if d < -float(z) * se:
             out.append(j)

@@ -509,13 +509,8 @@ def random_configurations(model: Dict[str, Any], count: int, rng: np.random.Gene
     """`count` random valid configurations drawn as the fit's are (timing.measure.sample_configuration: a random
     measurable layout per block and a random split, every DEPLOY_HEAVY_EVERY-th deploy-heavy), so that the
     validation also covers the configurations the optimizer picks."""
-    import random
-
     from timing import measure
-    plan = plan_of(model)
-    rnd = random.Random(int(rng.integers(0, 2 ** 31)))
-    every = measure.DEPLOY_HEAVY_EVERY
-    return [measure.sample_configuration(plan, rnd, i % every == every - 1) for i in range(int(count))]
+    return measure.random_fit_configurations(plan_of(model), count, int(rng.integers(0, 2 ** 31)))
 
 
 def predict_parts(side: Dict[str, Any], gammas: Sequence[int], lam: int, batch: int) -> Dict[str, float]:
